@@ -1,0 +1,448 @@
+//! Configuration: figment sources in precedence order → one resolved, validated
+//! [`Settings`] with nothing left to decide on the hot path.
+//!
+//! Precedence, lowest first: built-in defaults < config file `[default]` <
+//! the selected profile < the job spec's run settings < `BULKCALL_*`
+//! environment variables < command-line flags.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Profile};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// The config file used when none is given and it exists.
+pub const DEFAULT_CONFIG: &str = "config/bulkcall.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("profile `{profile}` is not defined in {file} (profiles there: {known})")]
+    UnknownProfile { profile: String, file: String, known: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Value(String),
+    #[error(
+        "{what} is `{url}`: bulkcall only sends credentials and PHI over https, except to loopback hosts; \
+         use an https:// URL or set allow_http = true"
+    )]
+    InsecureUrl { what: &'static str, url: String },
+    #[error("no client {what}: set the environment variable {var}{hint}")]
+    MissingCredential { what: &'static str, var: String, hint: &'static str },
+    #[error("could not read the client secret file {path}: {source}")]
+    SecretFile { path: PathBuf, source: std::io::Error },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Invalid(Box::new(e))
+    }
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthStyle {
+    /// A JSON body with `client_id`, `client_secret` and `grant_type` (Optum).
+    Json,
+    /// An `application/x-www-form-urlencoded` body (RFC 6749 §2.3.1).
+    Form,
+    /// HTTP Basic client authentication with a form body (RFC 6749 §2.3.1).
+    Basic,
+    /// No token: calls are sent without Authorization.
+    None,
+}
+
+/// Token endpoint settings as configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub style: AuthStyle,
+    pub token_url: Option<String>,
+    /// A client id is not secret and may sit in the config file.
+    pub client_id: Option<String>,
+    pub client_id_env: String,
+    pub client_secret_env: String,
+    pub client_secret_file: Option<PathBuf>,
+    /// Allowed, but a config file that others can read earns a warning.
+    #[serde(skip_serializing)]
+    pub client_secret: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    /// Extra fields sent in the token request body.
+    pub params: BTreeMap<String, String>,
+    #[serde(with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// The token lifetime assumed when the answer has no `expires_in`.
+    #[serde(with = "humantime_serde")]
+    pub default_lifetime: Duration,
+    pub cache: bool,
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            style: AuthStyle::Json,
+            token_url: None,
+            client_id: None,
+            client_id_env: "BULKCALL_CLIENT_ID".into(),
+            client_secret_env: "BULKCALL_CLIENT_SECRET".into(),
+            client_secret_file: None,
+            client_secret: None,
+            scope: None,
+            audience: None,
+            params: BTreeMap::new(),
+            refresh_before: Duration::from_secs(300),
+            default_lifetime: Duration::from_secs(600),
+            cache: true,
+            cache_dir: None,
+        }
+    }
+}
+
+/// Every setting a run needs, resolved from all sources.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub base_url: Option<String>,
+    pub allow_http: bool,
+    pub concurrency: usize,
+    /// Requests per second across all workers, every attempt counted; 0 = unlimited.
+    pub rate: f64,
+    pub burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    /// Statuses retried (besides connection errors and timeouts).
+    pub retry_on: Vec<u16>,
+    /// Base of the exponential backoff for transient errors.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Base of the exponential backoff after a 429 without Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub throttle_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A Retry-After longer than this fails the row as `throttled`.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_max: Duration,
+    pub headers: BTreeMap<String, String>,
+    pub max_response_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
+    /// Where run directories go: `<out_dir>/<job>/<timestamp>/`.
+    pub out_dir: PathBuf,
+    pub auth: AuthSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            base_url: None,
+            allow_http: false,
+            concurrency: 8,
+            rate: 20.0,
+            burst: 5,
+            timeout: Duration::from_secs(30),
+            max_attempts: 5,
+            retry_on: vec![408, 425, 429, 500, 502, 503, 504],
+            backoff_base: Duration::from_millis(100),
+            throttle_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(20),
+            retry_after_max: Duration::from_secs(300),
+            headers: BTreeMap::new(),
+            max_response_bytes: 1 << 20,
+            progress_interval: Duration::from_secs(30),
+            out_dir: PathBuf::from("out"),
+            auth: AuthSettings::default(),
+        }
+    }
+}
+
+/// Where the settings come from, besides the built-in defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// `--config`; when `None`, [`DEFAULT_CONFIG`] is read if it exists.
+    pub config_file: Option<PathBuf>,
+    /// `--profile`; `None` selects `[default]` alone.
+    pub profile: Option<String>,
+    /// Run settings from the job spec.
+    pub job: serde_json::Map<String, serde_json::Value>,
+    /// Command-line flags that were given.
+    pub flags: serde_json::Map<String, serde_json::Value>,
+    /// Read `BULKCALL_*` variables (tests turn this off).
+    pub env: bool,
+    /// Read no config file at all, not even the default one.
+    pub no_config: bool,
+}
+
+/// The result of loading: settings plus where they came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub config_file: Option<PathBuf>,
+    pub profile: String,
+}
+
+impl Sources {
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let config_file = match &self.config_file {
+            _ if self.no_config => None,
+            Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.clone())),
+            Some(path) => Some(path.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+        };
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = &config_file {
+            figment = figment.merge(Toml::file_exact(path).nested());
+        }
+        let profile = self.profile.clone().unwrap_or_else(|| "default".into());
+        if profile != "default" {
+            let known: Vec<String> = figment.profiles().map(|p| p.as_str().to_string()).collect();
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(&profile)) {
+                return Err(ConfigError::UnknownProfile {
+                    profile,
+                    file: config_file.map_or_else(|| "(no config file)".into(), |p| p.display().to_string()),
+                    known: known.into_iter().filter(|k| k != "default").collect::<Vec<_>>().join(", "),
+                });
+            }
+        }
+        figment = figment.merge(Serialized::globals(&self.job));
+        if self.env {
+            figment = figment.merge(
+                Env::prefixed("BULKCALL_")
+                    .ignore(&["profile", "config", "client_id", "client_secret", "log"])
+                    .split("__")
+                    .global(),
+            );
+        }
+        figment = figment.merge(Serialized::globals(&self.flags));
+        let settings: Settings = figment.select(Profile::new(&profile)).extract()?;
+        settings.validate()?;
+        let loopback_idp =
+            settings.auth.token_url.as_deref().and_then(|u| url::Url::parse(u).ok()).is_some_and(|u| is_loopback(&u));
+        if settings.auth.client_secret.is_some()
+            && !loopback_idp
+            && let Some(path) = &config_file
+        {
+            warn_if_readable_by_others(path);
+        }
+        Ok(Loaded { settings, config_file, profile })
+    }
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o044 != 0
+    {
+        tracing::warn!(
+            "{} holds a client secret and can be read by other users; \
+                 keep secrets in the environment or run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+}
+
+impl Settings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Value(msg));
+        if self.concurrency == 0 {
+            return bad("concurrency must be at least 1".into());
+        }
+        if self.burst == 0 {
+            return bad("burst must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1 (the first attempt counts)".into());
+        }
+        if !self.rate.is_finite() || self.rate < 0.0 {
+            return bad(format!("rate must be a number of requests per second, 0 for unlimited; got {}", self.rate));
+        }
+        if self.timeout.is_zero() {
+            return bad("timeout must be longer than 0".into());
+        }
+        if let Some(base) = &self.base_url {
+            self.check_url("base_url", base)?;
+        }
+        if self.auth.style != AuthStyle::None {
+            match &self.auth.token_url {
+                Some(url) => {
+                    self.check_url("auth.token_url", url)?;
+                }
+                None => {
+                    return bad("auth.token_url is not set: name the token endpoint in the profile, \
+                         or set auth.style = \"none\" for an API without OAuth"
+                        .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `https://` is required unless the host is loopback or `allow_http` is set.
+    pub fn check_url(&self, what: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
+        let url = url::Url::parse(raw).map_err(|e| ConfigError::Value(format!("{what} `{raw}` is not a URL: {e}")))?;
+        match url.scheme() {
+            "https" => Ok(url),
+            "http" if self.allow_http || is_loopback(&url) => Ok(url),
+            "http" => Err(ConfigError::InsecureUrl { what, url: raw.to_string() }),
+            other => Err(ConfigError::Value(format!("{what} `{raw}` has scheme `{other}`; use https://"))),
+        }
+    }
+}
+
+/// `127.0.0.0/8`, `::1` and `localhost`.
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+/// The client credentials, read from where the settings say.
+pub struct Credentials {
+    pub client_id: String,
+    pub client_secret: SecretString,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("client_id", &self.client_id).finish_non_exhaustive()
+    }
+}
+
+impl AuthSettings {
+    /// Reads the client id and secret: environment first, then the secret
+    /// file, then the config file.
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        let from_env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+        let client_id = from_env(&self.client_id_env).or_else(|| self.client_id.clone()).ok_or_else(|| {
+            ConfigError::MissingCredential {
+                what: "id",
+                var: self.client_id_env.clone(),
+                hint: " (or auth.client_id in the profile)",
+            }
+        })?;
+        let secret = match from_env(&self.client_secret_env) {
+            Some(s) => s,
+            None => match (&self.client_secret_file, &self.client_secret) {
+                (Some(path), _) => std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+                (None, Some(s)) => s.clone(),
+                (None, None) => {
+                    return Err(ConfigError::MissingCredential {
+                        what: "secret",
+                        var: self.client_secret_env.clone(),
+                        hint: " (or auth.client_secret_file in the profile)",
+                    });
+                }
+            },
+        };
+        Ok(Credentials { client_id, client_secret: SecretString::from(secret) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn config_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const CONFIG: &str = r#"
+        [default]
+        concurrency = 4
+        rate = 10
+        [default.auth]
+        style = "form"
+        token_url = "https://idp.example.com/token"
+
+        [sandbox]
+        base_url = "https://sandbox.example.com"
+        rate = 30
+        headers.environment = "sandbox"
+        auth.client_id_env = "SANDBOX_ID"
+    "#;
+
+    #[test]
+    fn profile_overrides_default_and_job_and_flags_override_profile() {
+        let file = config_file(CONFIG);
+        let mut sources = Sources {
+            config_file: Some(file.path().to_path_buf()),
+            profile: Some("sandbox".into()),
+            ..Default::default()
+        };
+        let loaded = sources.load().unwrap();
+        let s = &loaded.settings;
+        assert_eq!(s.concurrency, 4, "from [default]");
+        assert_eq!(s.rate, 30.0, "profile beats [default]");
+        assert_eq!(s.auth.style, AuthStyle::Form, "nested [default.auth] kept");
+        assert_eq!(s.auth.client_id_env, "SANDBOX_ID");
+        assert_eq!(s.headers["environment"], "sandbox");
+        assert_eq!(s.burst, 5, "built-in default");
+
+        sources.job.insert("rate".into(), 50.into());
+        sources.job.insert("concurrency".into(), 2.into());
+        sources.flags.insert("rate".into(), 70.into());
+        let s = sources.load().unwrap().settings;
+        assert_eq!(s.concurrency, 2, "job beats profile");
+        assert_eq!(s.rate, 70.0, "flag beats job");
+    }
+
+    #[test]
+    fn unknown_profile_names_the_known_ones() {
+        let file = config_file(CONFIG);
+        let sources = Sources {
+            config_file: Some(file.path().to_path_buf()),
+            profile: Some("prod".into()),
+            ..Default::default()
+        };
+        let err = sources.load().unwrap_err().to_string();
+        assert!(err.contains("`prod`") && err.contains("sandbox"), "{err}");
+    }
+
+    #[test]
+    fn http_is_refused_except_on_loopback() {
+        let file = config_file(
+            "[default]\nbase_url = \"http://api.example.com\"\nauth.token_url = \"http://127.0.0.1:9/token\"\n",
+        );
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let err = sources.load().unwrap_err();
+        assert!(matches!(err, ConfigError::InsecureUrl { what: "base_url", .. }), "{err}");
+
+        let file =
+            config_file("[default]\nbase_url = \"http://localhost:8787\"\nauth.token_url = \"http://[::1]:9/token\"\n");
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        sources.load().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let file = config_file("[default]\nauth.style = \"none\"\ntimeout = \"soon\"\n");
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let err = sources.load().unwrap_err().to_string();
+        assert!(err.contains("timeout"), "{err}");
+
+        let file = config_file("[default]\nauth.style = \"none\"\nconcurency = 3\n");
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let err = sources.load().unwrap_err().to_string();
+        assert!(err.contains("concurency"), "{err}");
+    }
+}

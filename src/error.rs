@@ -1,0 +1,68 @@
+//! The error of each layer meets here, and here alone errors become exit codes.
+
+use crate::{config::ConfigError, input::InputError, job::JobError, output::OutputError, token::TokenError};
+
+/// The process exit codes of the SPEC, decided in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// Every row succeeded.
+    Success = 0,
+    /// The run finished; some rows failed.
+    RowsFailed = 1,
+    /// Usage, config or input-file error: nothing was sent.
+    Usage = 2,
+    /// The token endpoint rejected the credentials, or calls keep failing with 401.
+    Auth = 3,
+    /// `--max-failures` was reached.
+    MaxFailures = 4,
+    /// The run directory could not be written (disk full, permissions).
+    Io = 74,
+    /// Another run of the same job holds its lock.
+    Locked = 75,
+    /// Stopped by SIGINT/SIGTERM after a graceful stop.
+    Interrupted = 130,
+}
+
+impl ExitCode {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Everything that can stop a command before or during a run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("aborted: {0}")]
+    Unauthorized(String),
+    #[error("aborted: {0}")]
+    MaxFailures(String),
+    #[error("could not start the sandbox on {addr}: {source}")]
+    Sandbox { addr: String, source: std::io::Error },
+}
+
+impl Error {
+    /// The exit code this error stops the process with.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Config(_) | Error::Job(_) | Error::Input(_) | Error::Usage(_) | Error::Sandbox { .. } => {
+                ExitCode::Usage
+            }
+            Error::Token(_) | Error::Unauthorized(_) => ExitCode::Auth,
+            Error::MaxFailures(_) => ExitCode::MaxFailures,
+            Error::Output(_) => ExitCode::Io,
+        }
+    }
+}

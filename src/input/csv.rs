@@ -1,0 +1,291 @@
+//! CSV: a header row, then data rows; UTF-8 with or without a BOM; `\n` or
+//! `\r\n`; quoted fields may hold delimiters and newlines.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Read;
+use std::sync::Arc;
+
+use super::{BadRow, FAILURE_COLUMNS, InputError, InputSpec, Item, Raw, Record, Row};
+
+/// The header of a CSV input: the kept column names and where they sit.
+#[derive(Debug)]
+pub struct CsvHeaders {
+    names: Vec<String>,
+    /// For each kept column, its position in the file's records.
+    positions: Vec<usize>,
+    /// How many columns a record of the file has.
+    width: usize,
+    by_name: HashMap<String, usize>,
+}
+
+impl CsvHeaders {
+    fn new(file_names: Vec<String>) -> Result<CsvHeaders, String> {
+        let width = file_names.len();
+        let mut names = Vec::with_capacity(width);
+        let mut positions = Vec::with_capacity(width);
+        let mut by_name = HashMap::with_capacity(width);
+        for (pos, name) in file_names.into_iter().enumerate() {
+            if FAILURE_COLUMNS.contains(&name.as_str()) {
+                continue;
+            }
+            if name.is_empty() {
+                return Err(format!("column {} of the header has no name", pos + 1));
+            }
+            if by_name.insert(name.clone(), names.len()).is_some() {
+                return Err(format!("the header names column `{name}` twice"));
+            }
+            names.push(name);
+            positions.push(pos);
+        }
+        Ok(CsvHeaders { names, positions, width, by_name })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(names: Vec<String>) -> CsvHeaders {
+        CsvHeaders::new(names).expect("valid test header")
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// The file, read through an index of where its newlines are, so each
+/// record's line is exact (the csv crate counts lines only between records).
+struct Lines {
+    file: File,
+    offset: u64,
+    /// Offsets of newlines read but not yet passed by the parser.
+    newlines: VecDeque<u64>,
+    passed: u64,
+}
+
+impl Read for Lines {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.newlines.extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|i| self.offset + i as u64));
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl Lines {
+    /// The 1-based line of the byte at `offset`.
+    fn line_of(&mut self, offset: u64) -> u64 {
+        while self.newlines.front().is_some_and(|&n| n < offset) {
+            self.newlines.pop_front();
+            self.passed += 1;
+        }
+        self.passed + 1
+    }
+}
+
+type Reader = csv::Reader<Lines>;
+
+fn reader(spec: &InputSpec, file: File) -> Reader {
+    csv::ReaderBuilder::new()
+        .delimiter(spec.delimiter)
+        .has_headers(true)
+        // A ragged row fails alone instead of stopping the file.
+        .flexible(true)
+        .buffer_capacity(256 * 1024)
+        .from_reader(Lines { file, offset: 0, newlines: VecDeque::new(), passed: 0 })
+}
+
+/// The line a record starts on: the line of its last byte (the reader's
+/// position is one past the first terminator byte), less the newlines
+/// inside its quoted values.
+fn record_line(rdr: &mut Reader, record: &csv::ByteRecord) -> u64 {
+    let end = rdr.position().byte();
+    let last_line = rdr.get_mut().line_of(end.saturating_sub(1));
+    let embedded: usize = record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum();
+    last_line.saturating_sub(embedded as u64)
+}
+
+fn read_headers(spec: &InputSpec, rdr: &mut Reader) -> Result<Arc<CsvHeaders>, InputError> {
+    let err = |message: String| InputError::Format { path: spec.path.clone(), message };
+    let raw = rdr.byte_headers().map_err(|e| err(format!("cannot read the header row: {e}")))?.clone();
+    if raw.is_empty() || (raw.len() == 1 && raw[0].is_empty()) {
+        return Err(err("the file is empty: a CSV input needs a header row naming its columns".into()));
+    }
+    let names = raw
+        .iter()
+        .map(|f| String::from_utf8(f.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| err("line 1: the header row is not valid UTF-8".into()))?;
+    let names: Vec<String> = names.into_iter().map(|n| n.trim().to_string()).collect();
+    CsvHeaders::new(names).map(Arc::new).map_err(|m| err(format!("line 1: {m}")))
+}
+
+pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> {
+    let mut rdr = reader(spec, file);
+    read_headers(spec, &mut rdr)?;
+    let mut record = csv::ByteRecord::new();
+    match rdr.read_byte_record(&mut record) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(InputError::Format {
+            path: spec.path.clone(),
+            message: "the file has a header row but no data rows".into(),
+        }),
+        Err(e) => Err(csv_error(spec, e)),
+    }
+}
+
+fn csv_error(spec: &InputSpec, e: csv::Error) -> InputError {
+    match e.position() {
+        Some(pos) => InputError::At { path: spec.path.clone(), line: pos.line(), column: 1, message: e.to_string() },
+        None => InputError::Format { path: spec.path.clone(), message: e.to_string() },
+    }
+}
+
+pub(super) fn read(
+    input: usize,
+    spec: &InputSpec,
+    file: File,
+    progress: &dyn Fn(u64),
+    sink: &mut dyn FnMut(Item) -> bool,
+) -> Result<bool, InputError> {
+    let mut rdr = reader(spec, file);
+    let headers = read_headers(spec, &mut rdr)?;
+    let mut record = csv::ByteRecord::new();
+    let mut number = 0u64;
+    loop {
+        match rdr.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            // Only I/O errors reach here: the reader is flexible and reads bytes.
+            Err(e) => return Err(csv_error(spec, e)),
+        }
+        number += 1;
+        let line = record_line(&mut rdr, &record);
+        if number.is_multiple_of(1024) {
+            progress(record.position().map_or(0, |p| p.byte()));
+        }
+        let item = to_row(input, number, line, &headers, &record);
+        if !sink(item) {
+            return Ok(false);
+        }
+    }
+    progress(rdr.position().byte());
+    Ok(true)
+}
+
+fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, record: &csv::ByteRecord) -> Item {
+    let mut values = Vec::with_capacity(headers.names.len());
+    let mut bad_utf8 = None;
+    for (i, &pos) in headers.positions.iter().enumerate() {
+        let field = record.get(pos).unwrap_or_default();
+        match std::str::from_utf8(field) {
+            Ok(s) => values.push(s.to_string()),
+            Err(_) => {
+                bad_utf8.get_or_insert(i);
+                values.push(String::from_utf8_lossy(field).into_owned());
+            }
+        }
+    }
+    let bad = |message: String, values: Vec<String>| BadRow {
+        input,
+        number,
+        line,
+        message,
+        raw: Raw::Csv { headers: headers.clone(), values },
+    };
+    if record.len() != headers.width {
+        let message = format!(
+            "line {line}: has {} fields but the header has {}{}",
+            record.len(),
+            headers.width,
+            if record.len() < headers.width { "" } else { " (an unquoted delimiter in a value?)" }
+        );
+        return Err(bad(message, values));
+    }
+    if let Some(i) = bad_utf8 {
+        let message = format!("line {line}: field `{}` is not valid UTF-8", headers.names[i]);
+        return Err(bad(message, values));
+    }
+    Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Format, read_all};
+    use super::*;
+    use std::io::Write;
+
+    fn read_text(bytes: &[u8], delimiter: u8) -> (Vec<Item>, Result<(), InputError>) {
+        let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Csv, delimiter };
+        let mut items = vec![];
+        let result = read_all(&[spec], &|_| {}, &mut |item| {
+            items.push(item);
+            true
+        });
+        (items, result)
+    }
+
+    fn fields(item: &Item) -> Vec<(String, String)> {
+        let row = item.as_ref().unwrap();
+        row.record.to_json().into_iter().map(|(k, v)| (k, v.as_str().unwrap().to_string())).collect()
+    }
+
+    #[test]
+    fn bom_crlf_and_quoted_newlines() {
+        let (items, result) =
+            read_text(b"\xEF\xBB\xBFid,note\r\n1,plain\r\n2,\"two\r\nlines, and a comma\"\r\n3,last\r\n", b',');
+        result.unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(fields(&items[0]), [("id".into(), "1".into()), ("note".into(), "plain".into())]);
+        assert_eq!(fields(&items[1])[1].1, "two\r\nlines, and a comma");
+        let third = items[2].as_ref().unwrap();
+        assert_eq!((third.number, third.line), (3, 5), "row 3 starts on line 5 after the two-line value");
+    }
+
+    #[test]
+    fn other_delimiters() {
+        let (items, result) = read_text(b"a;b\n1;2\n", b';');
+        result.unwrap();
+        assert_eq!(fields(&items[0]), [("a".into(), "1".into()), ("b".into(), "2".into())]);
+        let (items, _) = read_text(b"a\tb\n1\t2\n", b'\t');
+        assert_eq!(fields(&items[0])[1].1, "2");
+    }
+
+    #[test]
+    fn ragged_and_non_utf8_rows_fail_alone() {
+        let (items, result) = read_text(b"a,b\n1,2\n3\n4,5,6\n7,\xff\n8,9\n", b',');
+        result.unwrap();
+        assert_eq!(items.len(), 5);
+        let short = items[1].as_ref().unwrap_err();
+        assert_eq!((short.number, short.line), (2, 3));
+        assert!(short.message.contains("has 1 fields but the header has 2"), "{}", short.message);
+        assert!(items[2].as_ref().unwrap_err().message.contains("has 3 fields"));
+        let bad = items[3].as_ref().unwrap_err();
+        assert!(bad.message.contains("line 5: field `b` is not valid UTF-8"), "{}", bad.message);
+        assert_eq!(fields(&items[4])[0].1, "8");
+    }
+
+    #[test]
+    fn failure_columns_are_not_fields() {
+        let (items, _) =
+            read_text(b"id,_row,_key,_error,_status,_attempts,_message\n7,3,k,client_error,400,1,nope\n", b',');
+        assert_eq!(fields(&items[0]), [("id".into(), "7".into())]);
+    }
+
+    #[test]
+    fn empty_file_and_duplicate_columns_are_file_errors() {
+        let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Csv, delimiter: b',' };
+        let err = super::super::preflight(std::slice::from_ref(&spec)).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        f.write_all(b"a,b\n").unwrap();
+        let err = super::super::preflight(std::slice::from_ref(&spec)).unwrap_err().to_string();
+        assert!(err.contains("no data rows"), "{err}");
+        let (_, result) = read_text(b"a,a\n1,2\n", b',');
+        assert!(result.unwrap_err().to_string().contains("`a` twice"));
+    }
+}

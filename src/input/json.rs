@@ -1,0 +1,353 @@
+//! JSON: an array of objects, streamed one element at a time. JSON Lines:
+//! one object per line, blank lines skipped. Values keep their JSON types.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+
+use serde_json::Value;
+
+use super::{BadRow, InputError, InputSpec, Item, Raw, Record, Row};
+
+/// A byte cursor over a buffered file that knows its line and column.
+struct Cursor<R> {
+    r: R,
+    line: u64,
+    column: u64,
+    bytes: u64,
+}
+
+impl<R: BufRead> Cursor<R> {
+    fn new(r: R) -> Self {
+        Cursor { r, line: 1, column: 1, bytes: 0 }
+    }
+
+    fn peek(&mut self) -> std::io::Result<Option<u8>> {
+        Ok(self.r.fill_buf()?.first().copied())
+    }
+
+    fn bump(&mut self, b: u8) {
+        self.r.consume(1);
+        self.bytes += 1;
+        if b == b'\n' {
+            self.line += 1;
+            self.column = 1;
+        } else {
+            self.column += 1;
+        }
+    }
+
+    fn next(&mut self) -> std::io::Result<Option<u8>> {
+        let b = self.peek()?;
+        if let Some(b) = b {
+            self.bump(b);
+        }
+        Ok(b)
+    }
+
+    /// Skips whitespace and returns the next byte without consuming it.
+    fn skip_ws(&mut self) -> std::io::Result<Option<u8>> {
+        loop {
+            match self.peek()? {
+                Some(b @ (b' ' | b'\t' | b'\r' | b'\n')) => self.bump(b),
+                Some(0xEF) if self.bytes == 0 => {
+                    // A UTF-8 byte order mark at the start of the file.
+                    for _ in 0..3 {
+                        if let Some(b) = self.peek()? {
+                            self.bump(b);
+                        }
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Copies one JSON value into `buf` by matching brackets and quotes;
+    /// parsing is left to serde_json. Returns `false` at end of file inside
+    /// the value.
+    fn take_value(&mut self, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+        buf.clear();
+        let (mut depth, mut in_string, mut escape) = (0u32, false, false);
+        match self.peek()? {
+            Some(b'{' | b'[' | b'"') => loop {
+                let Some(b) = self.next()? else { return Ok(false) };
+                buf.push(b);
+                if in_string {
+                    match (escape, b) {
+                        (true, _) => escape = false,
+                        (false, b'\\') => escape = true,
+                        (false, b'"') => in_string = false,
+                        _ => {}
+                    }
+                } else {
+                    match b {
+                        b'"' => in_string = true,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => depth = depth.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+                if depth == 0 && !in_string {
+                    return Ok(true);
+                }
+            },
+            _ => loop {
+                match self.peek()? {
+                    None | Some(b',' | b']' | b'}' | b' ' | b'\t' | b'\r' | b'\n') => return Ok(true),
+                    Some(b) => {
+                        self.bump(b);
+                        buf.push(b);
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn open(file: File) -> Cursor<BufReader<File>> {
+    Cursor::new(BufReader::with_capacity(256 * 1024, file))
+}
+
+fn io_error(spec: &InputSpec, source: std::io::Error) -> InputError {
+    InputError::Open { path: spec.path.clone(), source }
+}
+
+pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> {
+    let mut cur = open(file);
+    let err = |message: &str| InputError::Format { path: spec.path.clone(), message: message.into() };
+    let first = cur.skip_ws().map_err(|e| io_error(spec, e))?;
+    match (spec.format, first) {
+        (_, None) => Err(err("the file is empty")),
+        (super::Format::Json, Some(b'[')) => {
+            cur.bump(b'[');
+            match cur.skip_ws().map_err(|e| io_error(spec, e))? {
+                Some(b']') => Err(err("the array is empty: there are no rows to send")),
+                _ => Ok(()),
+            }
+        }
+        (super::Format::Json, Some(_)) => Err(err(
+            "a .json input must be an array of objects ([{...}, {...}]); for one object per line, name the file .jsonl",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A JSON array of objects, one element at a time.
+pub(super) fn read_array(
+    input: usize,
+    spec: &InputSpec,
+    file: File,
+    progress: &dyn Fn(u64),
+    sink: &mut dyn FnMut(Item) -> bool,
+) -> Result<bool, InputError> {
+    let mut cur = open(file);
+    let at = |cur: &Cursor<_>, message: String| InputError::At {
+        path: spec.path.clone(),
+        line: cur.line,
+        column: cur.column,
+        message,
+    };
+    match cur.skip_ws().map_err(|e| io_error(spec, e))? {
+        Some(b'[') => cur.bump(b'['),
+        _ => return Err(at(&cur, "expected `[`: a .json input must be an array of objects".into())),
+    }
+    let mut buf = Vec::with_capacity(4096);
+    let mut number = 0u64;
+    if cur.skip_ws().map_err(|e| io_error(spec, e))? == Some(b']') {
+        cur.bump(b']');
+    } else {
+        loop {
+            cur.skip_ws().map_err(|e| io_error(spec, e))?;
+            let (line, column) = (cur.line, cur.column);
+            if !cur.take_value(&mut buf).map_err(|e| io_error(spec, e))? {
+                return Err(InputError::At {
+                    path: spec.path.clone(),
+                    line,
+                    column,
+                    message: "the file ends inside the element that starts here (is it cut short?)".into(),
+                });
+            }
+            if buf.is_empty() {
+                return Err(at(&cur, "expected an object".into()));
+            }
+            number += 1;
+            let item = parse_object(input, number, line, column, &buf);
+            if number.is_multiple_of(1024) {
+                progress(cur.bytes);
+            }
+            if !sink(item) {
+                return Ok(false);
+            }
+            match cur.skip_ws().map_err(|e| io_error(spec, e))? {
+                Some(b',') => cur.bump(b','),
+                Some(b']') => {
+                    cur.bump(b']');
+                    break;
+                }
+                None => return Err(at(&cur, "the file ends before the array's closing `]` (is it cut short?)".into())),
+                Some(b) => {
+                    return Err(at(
+                        &cur,
+                        format!("expected `,` or `]` after the element on line {line}, found `{}`", b as char),
+                    ));
+                }
+            }
+            if cur.skip_ws().map_err(|e| io_error(spec, e))? == Some(b']') {
+                return Err(at(&cur, "a trailing comma before `]` is not JSON".into()));
+            }
+        }
+    }
+    if cur.skip_ws().map_err(|e| io_error(spec, e))?.is_some() {
+        return Err(at(&cur, "unexpected data after the array's closing `]`".into()));
+    }
+    progress(cur.bytes);
+    Ok(true)
+}
+
+fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) -> Item {
+    let bad = |message: String| BadRow {
+        input,
+        number,
+        line,
+        message,
+        raw: Raw::Text(String::from_utf8_lossy(text).into_owned()),
+    };
+    match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map) }),
+        Ok(other) => Err(bad(format!("line {line}: expected an object, found {}", kind(&other)))),
+        Err(e) => {
+            let (l, c) = (
+                line + e.line() as u64 - 1,
+                if e.line() == 1 { column + e.column() as u64 - 1 } else { e.column() as u64 },
+            );
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg);
+            Err(bad(format!("line {l} column {c}: {msg}")))
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// JSON Lines: one object per line; blank lines are skipped and not counted.
+pub(super) fn read_lines(
+    input: usize,
+    spec: &InputSpec,
+    file: File,
+    progress: &dyn Fn(u64),
+    sink: &mut dyn FnMut(Item) -> bool,
+) -> Result<bool, InputError> {
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut buf = Vec::with_capacity(4096);
+    let (mut line, mut number, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| io_error(spec, e))?;
+        if n == 0 {
+            break;
+        }
+        line += 1;
+        bytes += n as u64;
+        let mut text = buf.trim_ascii();
+        if line == 1 {
+            text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+        }
+        if text.is_empty() {
+            continue;
+        }
+        number += 1;
+        if number % 1024 == 0 {
+            progress(bytes);
+        }
+        if !sink(parse_object(input, number, line, 1, text)) {
+            return Ok(false);
+        }
+    }
+    progress(bytes);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Format, read_all};
+    use super::*;
+    use std::io::Write;
+
+    fn read_text(text: &str, format: Format) -> (Vec<Item>, Result<(), InputError>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let spec = InputSpec { path: f.path().to_path_buf(), format, delimiter: b',' };
+        let mut items = vec![];
+        let result = read_all(&[spec], &|_| {}, &mut |item| {
+            items.push(item);
+            true
+        });
+        (items, result)
+    }
+
+    #[test]
+    fn array_elements_keep_their_types_and_lines() {
+        let text =
+            "[\n  {\"id\": 1, \"nested\": {\"a\": [1, 2.5, \"x]\"]}, \"ok\": true},\n  {\"id\": \"two\\\"}\"}\n]\n";
+        let (items, result) = read_text(text, Format::Json);
+        result.unwrap();
+        let first = items[0].as_ref().unwrap();
+        let Record::Json(map) = &first.record else { panic!("json record") };
+        assert_eq!(map["id"], 1);
+        assert_eq!(map["nested"]["a"][1], 2.5);
+        assert_eq!(map["ok"], true);
+        assert_eq!((first.number, first.line), (1, 2));
+        let second = items[1].as_ref().unwrap();
+        assert_eq!((second.number, second.line), (2, 3));
+        assert_eq!(second.record.get("id").unwrap(), "two\"}");
+    }
+
+    #[test]
+    fn a_bad_element_fails_alone_but_a_cut_file_stops() {
+        let (items, result) = read_text("[{\"a\": 1}, {\"a\": tru}, 7, {\"a\": 3}]", Format::Json);
+        result.unwrap();
+        assert_eq!(items.len(), 4);
+        assert!(items[1].as_ref().unwrap_err().message.contains("line 1 column"), "{:?}", items[1]);
+        assert!(items[2].as_ref().unwrap_err().message.contains("expected an object, found a number"));
+        assert!(items[3].is_ok());
+
+        let (items, result) = read_text("[{\"a\": 1},\n {\"a\": 2", Format::Json);
+        assert_eq!(items.len(), 1);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains(":2:2:") && err.contains("cut short"), "{err}");
+
+        let (_, result) = read_text("[{\"a\": 1} {\"a\": 2}]", Format::Json);
+        assert!(result.unwrap_err().to_string().contains("expected `,` or `]`"));
+    }
+
+    #[test]
+    fn json_lines_skip_blank_lines_and_report_bad_lines() {
+        let (items, result) = read_text("{\"a\": 1}\n\n  \r\n{\"a\": }\n{\"a\": {\"b\": [true]}}\n", Format::Jsonl);
+        result.unwrap();
+        assert_eq!(items.len(), 3);
+        let bad = items[1].as_ref().unwrap_err();
+        assert_eq!((bad.number, bad.line), (2, 4));
+        assert!(bad.message.starts_with("line 4 column"), "{}", bad.message);
+        let last = items[2].as_ref().unwrap();
+        assert_eq!((last.number, last.line), (3, 5));
+        assert_eq!(last.record.get("a").unwrap()["b"][0], true);
+    }
+
+    #[test]
+    fn not_an_array_is_a_file_error() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"{\"a\": 1}\n").unwrap();
+        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Json, delimiter: b',' };
+        let err = super::super::preflight(&[spec]).unwrap_err().to_string();
+        assert!(err.contains("array of objects") && err.contains(".jsonl"), "{err}");
+    }
+}

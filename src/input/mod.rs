@@ -1,0 +1,179 @@
+//! Input files → a stream of rows. Files are streamed: memory does not grow
+//! with the number of rows. A malformed row is a value ([`BadRow`]) that
+//! flows on to the failures file; a file that cannot be read at all is an
+//! [`InputError`] that stops the run.
+
+mod csv;
+mod json;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+pub use self::csv::CsvHeaders;
+
+/// The columns bulkcall adds to a failures file; ignored as fields when such
+/// a file is read back as input, so it can be fed straight back in.
+pub const FAILURE_COLUMNS: [&str; 7] = ["_row", "_key", "_error", "_status", "_attempts", "_message", "_raw"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Csv,
+    Json,
+    Jsonl,
+}
+
+impl Format {
+    /// The format an extension names, if any.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" | "tsv" | "txt" => Some(Format::Csv),
+            "json" => Some(Format::Json),
+            "jsonl" | "ndjson" => Some(Format::Jsonl),
+            _ => None,
+        }
+    }
+}
+
+/// How to read one input file.
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub path: PathBuf,
+    pub format: Format,
+    pub delimiter: u8,
+}
+
+/// One record of an input file.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Index of the input file in the run's list.
+    pub input: usize,
+    /// 1-based position among the file's records (the CSV header and blank
+    /// JSONL lines not counted).
+    pub number: u64,
+    /// The file line where the record starts.
+    pub line: u64,
+    pub record: Record,
+}
+
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// CSV values, aligned with the header's kept columns.
+    Csv {
+        headers: Arc<CsvHeaders>,
+        values: Vec<String>,
+    },
+    Json(Map<String, Value>),
+}
+
+impl Record {
+    /// The value of a field, as JSON.
+    pub fn get(&self, name: &str) -> Option<Value> {
+        match self {
+            Record::Csv { headers, values } => headers.index(name).map(|i| Value::String(values[i].clone())),
+            Record::Json(map) => map.get(name).cloned(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Record::Csv { headers, .. } => headers.index(name).is_some(),
+            Record::Json(map) => map.contains_key(name),
+        }
+    }
+
+    /// The whole record as a JSON object.
+    pub fn to_json(&self) -> Map<String, Value> {
+        match self {
+            Record::Csv { headers, values } => {
+                headers.names().iter().zip(values).map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()
+            }
+            Record::Json(map) => map.clone(),
+        }
+    }
+}
+
+/// A record that could not be read; it fails alone as `invalid_row`.
+#[derive(Debug, Clone)]
+pub struct BadRow {
+    pub input: usize,
+    pub number: u64,
+    pub line: u64,
+    pub message: String,
+    /// What could be kept of it, for the failures file.
+    pub raw: Raw,
+}
+
+#[derive(Debug, Clone)]
+pub enum Raw {
+    Csv { headers: Arc<CsvHeaders>, values: Vec<String> },
+    Text(String),
+}
+
+/// A file that cannot be read at all, or is not the format it claims.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("cannot read input {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    At { path: PathBuf, line: u64, column: u64, message: String },
+    #[error(
+        "cannot tell the format of {0} from its extension; name it .csv, .json, .jsonl or .ndjson, or set format in the job spec"
+    )]
+    UnknownFormat(PathBuf),
+}
+
+/// What a reader yields: a row, or a row that failed alone.
+pub type Item = Result<Row, BadRow>;
+
+/// Reads the inputs one after another, calling `sink` for every item.
+/// `sink` returns `false` to stop early. Blocking: run it on its own thread.
+pub fn read_all(
+    inputs: &[InputSpec],
+    progress: &dyn Fn(u64),
+    sink: &mut dyn FnMut(Item) -> bool,
+) -> Result<(), InputError> {
+    for (index, spec) in inputs.iter().enumerate() {
+        let file =
+            std::fs::File::open(&spec.path).map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
+        let keep_going = match spec.format {
+            Format::Csv => csv::read(index, spec, file, progress, sink)?,
+            Format::Json => json::read_array(index, spec, file, progress, sink)?,
+            Format::Jsonl => json::read_lines(index, spec, file, progress, sink)?,
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Checks every input can be opened and starts like its format, so a wrong
+/// path or an empty file stops the run before anything is sent.
+pub fn preflight(inputs: &[InputSpec]) -> Result<(), InputError> {
+    for spec in inputs {
+        let file =
+            std::fs::File::open(&spec.path).map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
+        match spec.format {
+            Format::Csv => csv::preflight(spec, file)?,
+            Format::Json | Format::Jsonl => json::preflight(spec, file)?,
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Csv => "csv",
+            Format::Json => "json",
+            Format::Jsonl => "jsonl",
+        })
+    }
+}

@@ -1,0 +1,709 @@
+//! The job spec (TOML) and its templates: a row in, a request out. Templates
+//! are compiled once when the job is loaded; rendering is pure.
+//!
+//! A body string that is exactly one expression (`"{{ row }}"`,
+//! `"{{ amount | float }}"`) keeps the value's type; other strings render as
+//! text. In request templates a missing input field is an error that names
+//! the field; in `success` and `[capture]` a missing response field is
+//! undefined, never an error.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use minijinja::value::{Enumerator, Object, ObjectRepr};
+use minijinja::{Environment, Expression, Template, UndefinedBehavior, Value as JValue};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use reqwest::Method;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::Settings;
+use crate::input::{Format, Record, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job spec {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("job spec {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The job spec file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    name: Option<String>,
+    input: Option<OneOrMany>,
+    format: Option<Format>,
+    delimiter: Option<String>,
+    method: Option<String>,
+    url: String,
+    key: Option<String>,
+    #[serde(default)]
+    headers: Map<String, Value>,
+    #[serde(default)]
+    query: Map<String, Value>,
+    body: Option<Value>,
+    success: Option<String>,
+    #[serde(default)]
+    capture: Map<String, Value>,
+    idempotency_key: Option<String>,
+    idempotency_header: Option<String>,
+    // Run settings, passed on to the configuration.
+    concurrency: Option<Value>,
+    rate: Option<Value>,
+    burst: Option<Value>,
+    max_attempts: Option<Value>,
+    timeout: Option<Value>,
+    retry_on: Option<Value>,
+    max_response_bytes: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+/// A loaded job spec with every template compiled.
+pub struct Job {
+    pub name: String,
+    pub path: PathBuf,
+    /// The spec's default inputs, resolved against the spec's folder.
+    pub inputs: Vec<PathBuf>,
+    pub format: Option<Format>,
+    pub delimiter: u8,
+    /// Run settings from the spec, for the configuration layer.
+    pub settings: Map<String, Value>,
+    method: Method,
+    url: Text,
+    key: Option<Text>,
+    headers: Vec<(HeaderName, Text)>,
+    query: Vec<(String, Text)>,
+    body: Option<Node>,
+    idempotency: Option<(HeaderName, Text)>,
+    success: Option<Expr>,
+    capture: Vec<(String, Node)>,
+}
+
+/// A text template and the input fields it uses.
+struct Text {
+    template: Template<'static, 'static>,
+    vars: Vec<String>,
+    place: String,
+}
+
+struct Expr {
+    expr: Expression<'static, 'static>,
+    vars: Vec<String>,
+    place: String,
+}
+
+/// A JSON body (or capture) template: a tree whose string leaves are templates.
+enum Node {
+    Object(Vec<(String, Node)>),
+    Array(Vec<Node>),
+    Text(Text),
+    Expr(Expr),
+    Literal(Value),
+}
+
+/// The three template environments, built once and kept for the whole process.
+struct Envs {
+    /// Request templates: a missing field is an error.
+    strict: Environment<'static>,
+    /// The URL: like `strict`, and every interpolated value is percent-encoded.
+    url: Environment<'static>,
+    /// `success` and `[capture]`: a missing response field is undefined.
+    lenient: Environment<'static>,
+}
+
+fn envs() -> &'static Envs {
+    static ENVS: std::sync::OnceLock<Envs> = std::sync::OnceLock::new();
+    ENVS.get_or_init(|| {
+        let mut strict = Environment::new();
+        strict.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut url = strict.clone();
+        url.set_formatter(|out, _state, value| {
+            // Path segments: everything but unreserved characters is encoded.
+            const SEGMENT: &AsciiSet = &CONTROLS
+                .add(b' ')
+                .add(b'"')
+                .add(b'#')
+                .add(b'%')
+                .add(b'/')
+                .add(b'<')
+                .add(b'>')
+                .add(b'?')
+                .add(b'`')
+                .add(b'{')
+                .add(b'}')
+                .add(b'&')
+                .add(b'+')
+                .add(b'=');
+            let text = value.to_string();
+            write!(out, "{}", utf8_percent_encode(&text, SEGMENT)).map_err(minijinja::Error::from)
+        });
+        let mut lenient = Environment::new();
+        lenient.set_undefined_behavior(UndefinedBehavior::Lenient);
+        Envs { strict, url, lenient }
+    })
+}
+
+/// Sources are leaked so compiled templates can live in the job: a job is
+/// loaded once per run.
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+/// `"{{ expr }}"` with nothing around it → `Some("expr")`.
+fn single_expression(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("{#") {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+struct Compiler<'a> {
+    path: &'a Path,
+}
+
+impl Compiler<'_> {
+    fn invalid(&self, message: String) -> JobError {
+        JobError::Invalid { path: self.path.to_path_buf(), message }
+    }
+
+    fn text(&self, env: &'static Environment<'static>, place: &str, source: &str) -> Result<Text, JobError> {
+        let template = env
+            .template_from_str(leak(source))
+            .map_err(|e| self.invalid(format!("{place}: bad template `{source}`: {e}")))?;
+        let vars = sorted(template.undeclared_variables(false));
+        Ok(Text { template, vars, place: place.to_string() })
+    }
+
+    fn expr(&self, env: &'static Environment<'static>, place: &str, source: &str) -> Result<Expr, JobError> {
+        let expr = env
+            .compile_expression(leak(source))
+            .map_err(|e| self.invalid(format!("{place}: bad expression `{source}`: {e}")))?;
+        let vars = sorted(expr.undeclared_variables(false));
+        Ok(Expr { expr, vars, place: place.to_string() })
+    }
+
+    fn node(&self, env: &'static Environment<'static>, place: &str, value: &Value) -> Result<Node, JobError> {
+        Ok(match value {
+            Value::Object(map) => Node::Object(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), self.node(env, &format!("{place}.{k}"), v)?)))
+                    .collect::<Result<_, JobError>>()?,
+            ),
+            Value::Array(items) => Node::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| self.node(env, &format!("{place}[{i}]"), v))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::String(s) => match single_expression(s) {
+                Some(expr) => Node::Expr(self.expr(env, place, expr)?),
+                None if s.contains("{{") || s.contains("{%") => Node::Text(self.text(env, place, s)?),
+                None => Node::Literal(value.clone()),
+            },
+            other => Node::Literal(other.clone()),
+        })
+    }
+
+    fn string_map(&self, what: &str, map: &Map<String, Value>) -> Result<Vec<(String, String)>, JobError> {
+        map.iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                Value::Number(n) => Ok((k.clone(), n.to_string())),
+                Value::Bool(b) => Ok((k.clone(), b.to_string())),
+                _ => Err(self.invalid(format!("{what}.{k} must be a string template"))),
+            })
+            .collect()
+    }
+}
+
+fn sorted(set: HashSet<String>) -> Vec<String> {
+    let mut v: Vec<String> = set.into_iter().collect();
+    v.sort();
+    v
+}
+
+fn header_name(c: &Compiler<'_>, name: &str) -> Result<HeaderName, JobError> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| c.invalid(format!("`{name}` is not a valid header name")))
+}
+
+impl Job {
+    /// Reads and compiles a job spec.
+    pub fn load(path: &Path) -> Result<Job, JobError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| JobError::Read { path: path.to_path_buf(), source })?;
+        Job::parse(path, &text)
+    }
+
+    /// Compiles a job spec from its text; `path` names it in errors and
+    /// anchors relative inputs.
+    pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
+        let c = Compiler { path };
+        let file: JobFile = toml::from_str(text).map_err(|e| c.invalid(e.to_string()))?;
+        let envs = envs();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = match file.name {
+            Some(n) => n,
+            None => path.file_stem().and_then(|s| s.to_str()).unwrap_or("job").to_string(),
+        };
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(c.invalid(format!("name `{name}` cannot be used as a folder name")));
+        }
+        let inputs = match file.input {
+            None => vec![],
+            Some(OneOrMany::One(p)) => vec![dir.join(p)],
+            Some(OneOrMany::Many(ps)) => ps.into_iter().map(|p| dir.join(p)).collect(),
+        };
+        let delimiter = match file.delimiter.as_deref() {
+            None => b',',
+            Some("\\t" | "tab" | "\t") => b'\t',
+            Some(d) if d.len() == 1 && d.is_ascii() => d.as_bytes()[0],
+            Some(d) => {
+                return Err(c.invalid(format!("delimiter `{d}` must be one ASCII character such as , ; | or \\t")));
+            }
+        };
+        let method_name = file.method.as_deref().unwrap_or("POST").to_ascii_uppercase();
+        let method = Method::from_bytes(method_name.as_bytes())
+            .map_err(|_| c.invalid(format!("method `{method_name}` is not an HTTP method")))?;
+
+        let headers = c
+            .string_map("headers", &file.headers)?
+            .into_iter()
+            .map(|(k, v)| Ok((header_name(&c, &k)?, c.text(&envs.strict, &format!("headers.{k}"), &v)?)))
+            .collect::<Result<_, JobError>>()?;
+        let query = c
+            .string_map("query", &file.query)?
+            .into_iter()
+            .map(|(k, v)| Ok((k.clone(), c.text(&envs.strict, &format!("query.{k}"), &v)?)))
+            .collect::<Result<_, JobError>>()?;
+        let idempotency = match file.idempotency_key {
+            Some(t) => {
+                let name = file.idempotency_header.as_deref().unwrap_or("Idempotency-Key");
+                Some((header_name(&c, name)?, c.text(&envs.strict, "idempotency_key", &t)?))
+            }
+            None => None,
+        };
+        let success = match file.success {
+            Some(s) => Some(c.expr(&envs.lenient, "success", single_expression(&s).unwrap_or(&s))?),
+            None => None,
+        };
+        let capture = file
+            .capture
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), c.node(&envs.lenient, &format!("capture.{k}"), v)?)))
+            .collect::<Result<_, JobError>>()?;
+
+        let mut settings = Map::new();
+        for (k, v) in [
+            ("concurrency", file.concurrency),
+            ("rate", file.rate),
+            ("burst", file.burst),
+            ("max_attempts", file.max_attempts),
+            ("timeout", file.timeout),
+            ("retry_on", file.retry_on),
+            ("max_response_bytes", file.max_response_bytes),
+        ] {
+            if let Some(v) = v {
+                settings.insert(k.to_string(), v);
+            }
+        }
+
+        Ok(Job {
+            name,
+            path: path.to_path_buf(),
+            inputs,
+            format: file.format,
+            delimiter,
+            settings,
+            method,
+            url: c.text(&envs.url, "url", &file.url)?,
+            key: file.key.map(|k| c.text(&envs.strict, "key", &k)).transpose()?,
+            headers,
+            query,
+            body: file.body.map(|b| c.node(&envs.strict, "body", &b)).transpose()?,
+            idempotency,
+            success,
+            capture,
+        })
+    }
+
+    /// Binds the job to the run's settings: base URL and static headers.
+    pub fn requests(self: &Arc<Self>, settings: &Settings) -> Result<Requests, JobError> {
+        let c = Compiler { path: &self.path };
+        let mut static_headers = HeaderMap::new();
+        for (name, value) in &settings.headers {
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                c.invalid(format!("header `{name}` from the configuration has a value that cannot be sent"))
+            })?;
+            static_headers.insert(header_name(&c, name)?, value);
+        }
+        if self.body.is_some() {
+            static_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        Ok(Requests {
+            job: self.clone(),
+            base_url: settings.base_url.as_deref().map(|b| b.trim_end_matches('/').to_string()),
+            static_headers,
+            allow_http: settings.allow_http,
+        })
+    }
+}
+
+/// One rendered call, ready to send (Authorization is added by the sender).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub key: String,
+    pub method: Method,
+    pub url: url::Url,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+}
+
+/// Why a row could not be turned into a request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct RenderError(pub String);
+
+/// A job bound to a run's settings: renders rows into requests.
+pub struct Requests {
+    job: Arc<Job>,
+    base_url: Option<String>,
+    static_headers: HeaderMap,
+    allow_http: bool,
+}
+
+/// The template context of one row: its fields by name, `row` (the whole
+/// record) and `row_number`.
+#[derive(Debug)]
+struct RowContext {
+    record: Record,
+    number: u64,
+}
+
+impl Object for RowContext {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
+        let key = key.as_str()?;
+        match &self.record {
+            Record::Csv { headers, values } => {
+                if let Some(i) = headers.index(key) {
+                    return Some(JValue::from(values[i].as_str()));
+                }
+            }
+            Record::Json(map) => {
+                if let Some(v) = map.get(key) {
+                    return Some(JValue::from_serialize(v));
+                }
+            }
+        }
+        match key {
+            "row" => Some(JValue::from_serialize(self.record.to_json())),
+            "row_number" => Some(JValue::from(self.number)),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let mut keys: Vec<JValue> = match &self.record {
+            Record::Csv { headers, .. } => headers.names().iter().map(|n| JValue::from(n.as_str())).collect(),
+            Record::Json(map) => map.keys().map(|n| JValue::from(n.as_str())).collect(),
+        };
+        keys.extend([JValue::from("row"), JValue::from("row_number")]);
+        Enumerator::Values(keys)
+    }
+}
+
+impl Requests {
+    /// Renders one row into a request.
+    pub fn render(&self, row: &Row) -> Result<Request, RenderError> {
+        let job = &self.job;
+        let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        let fail = |place: &str, vars: &[String], e: minijinja::Error| -> RenderError {
+            let missing: Vec<&str> = vars
+                .iter()
+                .map(String::as_str)
+                .filter(|v| !row.record.contains(v) && *v != "row" && *v != "row_number")
+                .collect();
+            match missing.as_slice() {
+                [] => RenderError(format!("{place}: {}", e.detail().unwrap_or(&e.to_string()))),
+                [one] => RenderError(format!("field `{one}` is missing (used in {place})")),
+                many => RenderError(format!("fields `{}` are missing (used in {place})", many.join("`, `"))),
+            }
+        };
+        let text = |t: &Text| t.template.render(&ctx).map_err(|e| fail(&t.place, &t.vars, e));
+
+        let key = match &job.key {
+            Some(t) => text(t)?,
+            None => row.number.to_string(),
+        };
+        let path = text(&job.url)?;
+        let full = if path.starts_with("http://") || path.starts_with("https://") {
+            path
+        } else {
+            match &self.base_url {
+                Some(base) if path.starts_with('/') => format!("{base}{path}"),
+                Some(base) => format!("{base}/{path}"),
+                None => {
+                    return Err(RenderError(format!(
+                        "url `{path}` is relative and no base_url is configured; set base_url in the profile"
+                    )));
+                }
+            }
+        };
+        let mut url = url::Url::parse(&full).map_err(|e| RenderError(format!("url `{full}` is not valid: {e}")))?;
+        if url.scheme() == "http" && !self.allow_http && !crate::config::is_loopback(&url) {
+            return Err(RenderError(format!("url `{full}` is http:// to a host that is not loopback; use https://")));
+        }
+        if !job.query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (name, t) in &job.query {
+                pairs.append_pair(name, &text(t)?);
+            }
+        }
+        let mut headers = self.static_headers.clone();
+        let header_value = |place: &str, v: String| {
+            HeaderValue::from_str(&v).map_err(|_| RenderError(format!("{place}: `{v}` cannot be sent in a header")))
+        };
+        for (name, t) in &job.headers {
+            headers.insert(name.clone(), header_value(&t.place, text(t)?)?);
+        }
+        if let Some((name, t)) = &job.idempotency {
+            headers.insert(name.clone(), header_value(&t.place, text(t)?)?);
+        }
+        let body = match &job.body {
+            Some(node) => {
+                let value = render_node(node, &ctx, true).map_err(|(place, vars, e)| fail(place, vars, e))?;
+                Some(Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes")))
+            }
+            None => None,
+        };
+        Ok(Request { key, method: job.method.clone(), url, headers, body })
+    }
+
+    /// Evaluates the job's `success` expression (default: any 2xx) and its
+    /// captures against an answer.
+    pub fn judge(&self, status: u16, response: &Value, row: &Row) -> (bool, Map<String, Value>) {
+        let ctx = minijinja::context! {
+            status => status,
+            response => JValue::from_serialize(response),
+            row => JValue::from_serialize(row.record.to_json()),
+            row_number => row.number,
+        };
+        let ok = match &self.job.success {
+            Some(e) => e.expr.eval(&ctx).map(|v| v.is_true()).unwrap_or(false),
+            None => (200..300).contains(&status),
+        };
+        let mut captured = Map::new();
+        for (name, node) in &self.job.capture {
+            if let Ok(v) = render_node(node, &ctx, false)
+                && !v.is_null()
+            {
+                captured.insert(name.clone(), v);
+            }
+        }
+        (ok, captured)
+    }
+
+    /// Whether the job has its own `success` expression.
+    pub fn has_success(&self) -> bool {
+        self.job.success.is_some()
+    }
+}
+
+type NodeError<'a> = (&'a str, &'a [String], minijinja::Error);
+
+fn render_node<'a>(node: &'a Node, ctx: &JValue, strict: bool) -> Result<Value, NodeError<'a>> {
+    Ok(match node {
+        Node::Object(fields) => {
+            let mut map = Map::with_capacity(fields.len());
+            for (k, n) in fields {
+                map.insert(k.clone(), render_node(n, ctx, strict)?);
+            }
+            Value::Object(map)
+        }
+        Node::Array(items) => {
+            Value::Array(items.iter().map(|n| render_node(n, ctx, strict)).collect::<Result<_, _>>()?)
+        }
+        Node::Text(t) => Value::String(t.template.render(ctx).map_err(|e| (t.place.as_str(), t.vars.as_slice(), e))?),
+        Node::Expr(e) => {
+            let v = e.expr.eval(ctx).map_err(|err| (e.place.as_str(), e.vars.as_slice(), err))?;
+            if v.is_undefined() {
+                if strict {
+                    let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
+                    return Err((e.place.as_str(), e.vars.as_slice(), err));
+                }
+                Value::Null
+            } else {
+                serde_json::to_value(&v).map_err(|err| {
+                    let err = minijinja::Error::new(minijinja::ErrorKind::BadSerialization, err.to_string());
+                    (e.place.as_str(), e.vars.as_slice(), err)
+                })?
+            }
+        }
+        Node::Literal(v) => v.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::CsvHeaders;
+
+    fn job(spec: &str) -> Requests {
+        let job = Arc::new(Job::parse(Path::new("jobs/test.toml"), spec).unwrap());
+        let settings = Settings { base_url: Some("https://api.example.com/".into()), ..Settings::default() };
+        job.requests(&settings).unwrap()
+    }
+
+    fn json_row(v: Value) -> Row {
+        let Value::Object(map) = v else { panic!("object") };
+        Row { input: 0, number: 7, line: 8, record: Record::Json(map) }
+    }
+
+    fn csv_row(pairs: &[(&str, &str)]) -> Row {
+        let headers = CsvHeaders::for_tests(pairs.iter().map(|(k, _)| k.to_string()).collect());
+        let values = pairs.iter().map(|(_, v)| v.to_string()).collect();
+        Row { input: 0, number: 3, line: 4, record: Record::Csv { headers: Arc::new(headers), values } }
+    }
+
+    fn body(r: &Request) -> Value {
+        serde_json::from_slice(r.body.as_ref().unwrap()).unwrap()
+    }
+
+    const ELIGIBILITY: &str = r#"
+        url = "/medicalnetwork/eligibility/v3"
+        key = "{{ control_number }}"
+        [headers]
+        x-request-id = "req-{{ control_number }}"
+        [body]
+        controlNumber = "{{ control_number }}"
+        provider = { organizationName = "{{ provider_name }}", npi = "{{ npi }}" }
+        subscriber = { memberId = "{{ member_id }}", dateOfBirth = "{{ dob }}" }
+        encounter = { serviceTypeCodes = ["30"] }
+        fixed = 3
+    "#;
+
+    #[test]
+    fn nested_body_from_a_csv_row() {
+        let requests = job(ELIGIBILITY);
+        let row = csv_row(&[
+            ("control_number", "000000001"),
+            ("provider_name", "Acme"),
+            ("npi", "0123456789"),
+            ("member_id", "M1"),
+            ("dob", "19800102"),
+        ]);
+        let r = requests.render(&row).unwrap();
+        assert_eq!(r.key, "000000001");
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.url.as_str(), "https://api.example.com/medicalnetwork/eligibility/v3");
+        assert_eq!(r.headers["x-request-id"], "req-000000001");
+        assert_eq!(r.headers[CONTENT_TYPE], "application/json");
+        assert_eq!(
+            body(&r),
+            serde_json::json!({
+                "controlNumber": "000000001",
+                "provider": {"organizationName": "Acme", "npi": "0123456789"},
+                "subscriber": {"memberId": "M1", "dateOfBirth": "19800102"},
+                "encounter": {"serviceTypeCodes": ["30"]},
+                "fixed": 3
+            })
+        );
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_its_place() {
+        let requests = job(ELIGIBILITY);
+        let row = csv_row(&[("control_number", "1"), ("provider_name", "A"), ("npi", "1"), ("member_id", "M")]);
+        let err = requests.render(&row).unwrap_err().to_string();
+        assert_eq!(err, "field `dob` is missing (used in body.subscriber.dateOfBirth)");
+    }
+
+    #[test]
+    fn single_expressions_keep_their_type() {
+        let requests = job(r#"
+            url = "https://other.example.com/claims"
+            body = "{{ row }}"
+        "#);
+        let record = serde_json::json!({"id": 5, "amount": 12.5, "tags": ["a"], "nested": {"ok": true, "none": null}});
+        let r = requests.render(&json_row(record.clone())).unwrap();
+        assert_eq!(body(&r), record);
+        assert_eq!(r.url.host_str(), Some("other.example.com"));
+        assert_eq!(r.key, "7", "the default key is the row number");
+
+        let requests = job(r#"
+            url = "/x"
+            [body]
+            amount = "{{ amount | float }}"
+            count = "{{- count | int -}}"
+            text = "n={{ count }}"
+            number = "{{ row_number }}"
+        "#);
+        let r = requests.render(&csv_row(&[("amount", "12.50"), ("count", "3")])).unwrap();
+        assert_eq!(body(&r), serde_json::json!({"amount": 12.5, "count": 3, "text": "n=3", "number": 3}));
+
+        let err = requests.render(&csv_row(&[("amount", "lots"), ("count", "3")])).unwrap_err().to_string();
+        assert!(err.starts_with("body.amount: "), "{err}");
+    }
+
+    #[test]
+    fn path_and_query_values_are_encoded() {
+        let requests = job(r#"
+            method = "get"
+            url = "/members/{{ id }}/claims"
+            [query]
+            q = "{{ name }}"
+        "#);
+        let r = requests.render(&csv_row(&[("id", "a/b c?"), ("name", "O'Brien & Sons")])).unwrap();
+        assert_eq!(r.method, Method::GET);
+        assert_eq!(r.url.path(), "/members/a%2Fb%20c%3F/claims");
+        assert_eq!(r.url.query(), Some("q=O%27Brien+%26+Sons"));
+        assert!(r.body.is_none());
+    }
+
+    #[test]
+    fn spec_errors_name_the_place() {
+        let err = Job::parse(Path::new("j.toml"), "url = \"/x\"\n[body]\na = \"{{ b \"\n").err().unwrap().to_string();
+        assert!(err.contains("body.a"), "{err}");
+        let err = Job::parse(Path::new("j.toml"), "url = \"/x\"\nbodyy = 1\n").err().unwrap().to_string();
+        assert!(err.contains("bodyy"), "{err}");
+        let err = Job::parse(Path::new("j.toml"), "url = \"/x\"\nmethod = \"P OST\"\n").err().unwrap().to_string();
+        assert!(err.contains("P OST"), "{err}");
+    }
+
+    #[test]
+    fn success_and_captures_treat_missing_response_fields_as_undefined() {
+        let requests = job(r#"
+            url = "/x"
+            success = "{{ status == 200 and not response.errors }}"
+            [capture]
+            plan = "{{ response.planStatus[0].status }}"
+            missing = "{{ response.nothing.here }}"
+            code = "{{ status }}"
+        "#);
+        let row = csv_row(&[("a", "1")]);
+        let ok = serde_json::json!({"planStatus": [{"status": "Active"}]});
+        let (success, captured) = requests.judge(200, &ok, &row);
+        assert!(success);
+        assert_eq!(captured, serde_json::json!({"plan": "Active", "code": 200}).as_object().unwrap().clone());
+        let (success, _) = requests.judge(200, &serde_json::json!({"errors": [{"code": "x"}]}), &row);
+        assert!(!success);
+    }
+}

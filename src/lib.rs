@@ -1,0 +1,30 @@
+//! bulkcall sends every row of CSV, JSON and JSON Lines files as an HTTP call
+//! through a rate-limited concurrent worker pool that shares one
+//! auto-refreshing OAuth 2.0 client-credentials token, and records every
+//! row's outcome in a results file or a failures file.
+//!
+//! Data flows one way: rows → requests → outcomes → files.
+//!
+//! - [`cli`]: the command line (clap) and the commands it dispatches to.
+//! - [`config`]: figment sources → one resolved, validated [`config::Settings`].
+//! - [`job`]: the job spec and its templates: a row in, a request out.
+//! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
+//! - [`token`]: the one shared access token: fetch, early refresh, 401 invalidation.
+//! - [`runner`]: rows → rate limiter → workers → outcomes.
+//! - [`outcome`]: what happened to one row, and the one function that classifies it.
+//! - [`output`]: the run directory; the only writer of files in it.
+//! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
+//! - [`sandbox`]: the built-in mock gateway (axum).
+//! - [`error`]: the error type of each layer and the exit codes.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod input;
+pub mod job;
+pub mod outcome;
+pub mod output;
+pub mod report;
+pub mod runner;
+pub mod sandbox;
+pub mod token;

@@ -1,0 +1,86 @@
+//! The bulkcall binary: parse flags, set up logging and signals, run the
+//! command, and turn its result into an exit code.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use bulkcall::cli::{Cli, Color, LogArgs, LogFormat};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulkcall: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        match bulkcall::cli::execute(cli, stop).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("bulkcall: error: {e}");
+                e.exit_code()
+            }
+        }
+    });
+    // Do not wait for a blocked reader thread on the way out.
+    runtime.shutdown_background();
+    ExitCode::from(code.code())
+}
+
+/// The first SIGINT or SIGTERM stops taking rows and lets calls in flight
+/// finish; a second one exits at once.
+async fn watch_signals(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return;
+    };
+    for n in 0.. {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        if n == 0 {
+            eprintln!("bulkcall: stopping: no new rows; calls in flight may finish (signal again to stop at once)");
+            stop.cancel();
+        } else {
+            eprintln!("bulkcall: stopped at once; calls that were in flight have no recorded outcome");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn init_logging(args: &LogArgs) {
+    let default = match (args.quiet, args.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = if args.quiet || args.verbose > 0 {
+        EnvFilter::new(format!("{default},hyper=info,reqwest=info,h2=info"))
+    } else {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+    };
+    let color = match args.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(bulkcall::report::LogWriter)
+        .with_target(false)
+        .with_ansi(color);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,294 @@
+//! Counting and showing: live counters, the statistics the collector keeps,
+//! `summary.json`'s shape, and the progress display (a bar at a terminal,
+//! a plain line at an interval otherwise).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::{ErrorKind, Outcome};
+use crate::token::TokenSource;
+
+/// Counters that workers and the collector bump and the display reads.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub bytes_read: AtomicU64,
+    pub done: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub retrying: AtomicU64,
+}
+
+impl Live {
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// The collector's statistics over all outcomes.
+pub struct Stats {
+    started: Instant,
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+    attempts: u64,
+    /// Rows that were sent at least once.
+    attempted: u64,
+    statuses: BTreeMap<u16, u64>,
+    errors: BTreeMap<ErrorKind, u64>,
+    /// Latency of each row's last attempt, in microseconds.
+    latency: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            attempts: 0,
+            attempted: 0,
+            statuses: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub in_doubt: u64,
+    pub attempts: u64,
+    pub retries: u64,
+    pub token_requests: u64,
+    pub duration_s: f64,
+    pub rows_per_s: f64,
+    pub latency_ms: Latency,
+    pub statuses: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub exit_code: u8,
+}
+
+impl Stats {
+    pub fn add(&mut self, outcome: &Outcome) {
+        self.total += 1;
+        self.attempts += u64::from(outcome.attempts);
+        if let Some(status) = outcome.status {
+            *self.statuses.entry(status).or_default() += 1;
+        }
+        match &outcome.result {
+            Ok(_) => self.succeeded += 1,
+            Err(f) => {
+                self.failed += 1;
+                *self.errors.entry(f.kind).or_default() += 1;
+            }
+        }
+        if outcome.attempts > 0 {
+            self.attempted += 1;
+            self.latency.saturating_record(outcome.latency.as_micros().max(1) as u64);
+        }
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    pub fn summary(&self, token_requests: u64, exit_code: u8) -> Summary {
+        let duration = self.started.elapsed().as_secs_f64();
+        let ms = |us: u64| (us as f64 / 1000.0 * 10.0).round() / 10.0;
+        let empty = self.latency.is_empty();
+        let q = |q: f64| if empty { 0.0 } else { ms(self.latency.value_at_quantile(q)) };
+        Summary {
+            total: self.total,
+            succeeded: self.succeeded,
+            failed: self.failed,
+            in_doubt: 0,
+            attempts: self.attempts,
+            retries: self.attempts - self.attempted,
+            token_requests,
+            duration_s: (duration * 1000.0).round() / 1000.0,
+            rows_per_s: if duration > 0.0 { (self.total as f64 / duration * 10.0).round() / 10.0 } else { 0.0 },
+            latency_ms: Latency {
+                p50: q(0.5),
+                p90: q(0.9),
+                p99: q(0.99),
+                max: if empty { 0.0 } else { ms(self.latency.max()) },
+            },
+            statuses: self.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            errors: self.errors.iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect(),
+            exit_code,
+        }
+    }
+}
+
+/// When to draw the progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// Only when stderr is a terminal.
+    Auto,
+    Always,
+    Never,
+}
+
+/// The bar being drawn, if any, so log lines can print above it.
+static ACTIVE_BAR: RwLock<Option<ProgressBar>> = RwLock::new(None);
+
+/// A `tracing` writer for stderr that prints above the progress bar.
+#[derive(Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE_BAR.read().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) if !bar.is_hidden() => bar.suspend(|| std::io::stderr().write_all(buf)).map(|()| buf.len()),
+            _ => std::io::stderr().write_all(buf).map(|()| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        LogWriter
+    }
+}
+
+/// The running progress display.
+pub struct Progress {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the display shows besides the counters.
+pub struct ProgressSource {
+    pub live: Arc<Live>,
+    pub total_bytes: u64,
+    pub tokens: Option<TokenSource>,
+    pub interval: Duration,
+}
+
+impl Progress {
+    pub fn start(mode: ProgressMode, source: ProgressSource) -> Progress {
+        let stop = CancellationToken::new();
+        let draw = match mode {
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+            ProgressMode::Auto => std::io::stderr().is_terminal(),
+        };
+        let task = if draw {
+            tokio::spawn(draw_bar(source, stop.clone()))
+        } else {
+            // No bar: a plain line at an interval, for logs and cron.
+            tokio::spawn(log_lines(source, stop.clone()))
+        };
+        Progress { stop, task }
+    }
+
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn counters(live: &Live, elapsed: Duration, tokens: Option<&TokenSource>) -> String {
+    let done = Live::get(&live.done);
+    let rate = if elapsed.as_secs_f64() > 0.0 { done as f64 / elapsed.as_secs_f64() } else { 0.0 };
+    let mut text = format!(
+        "{} rows · {rate:.0}/s · ok {} · failed {} · in flight {}",
+        done,
+        Live::get(&live.succeeded),
+        Live::get(&live.failed),
+        Live::get(&live.in_flight)
+    );
+    let retrying = Live::get(&live.retrying);
+    if retrying > 0 {
+        text.push_str(&format!(" · retrying {retrying}"));
+    }
+    if let Some(left) = tokens.and_then(TokenSource::time_left) {
+        text.push_str(&format!(" · token {}", short_duration(left)));
+    }
+    text
+}
+
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+async fn draw_bar(source: ProgressSource, stop: CancellationToken) {
+    let bar = ProgressBar::with_draw_target(Some(source.total_bytes.max(1)), ProgressDrawTarget::stderr_with_hz(10));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner:.cyan} {elapsed_precise} [{wide_bar:.cyan/blue}] {percent:>3}% eta {eta} \n  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    if let Ok(mut active) = ACTIVE_BAR.write() {
+        *active = Some(bar.clone());
+    }
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        bar.set_position(Live::get(&source.live.bytes_read));
+        bar.set_message(counters(&source.live, started.elapsed(), source.tokens.as_ref()));
+    }
+    bar.set_position(Live::get(&source.live.bytes_read));
+    bar.set_message(counters(&source.live, started.elapsed(), source.tokens.as_ref()));
+    bar.finish();
+    if let Ok(mut active) = ACTIVE_BAR.write() {
+        *active = None;
+    }
+}
+
+async fn log_lines(source: ProgressSource, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval_at(started + source.interval, source.interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let read = Live::get(&source.live.bytes_read);
+        let share = if source.total_bytes > 0 { read as f64 * 100.0 / source.total_bytes as f64 } else { 0.0 };
+        tracing::info!(
+            "progress: {} · {share:.0}% of input read",
+            counters(&source.live, started.elapsed(), source.tokens.as_ref())
+        );
+    }
+}

@@ -1,0 +1,613 @@
+//! The pool: rows → rate limiter → workers → outcomes → the one collector.
+//!
+//! A reader thread streams rows into a bounded channel; `concurrency`
+//! workers take one row at a time, render it, and send it, every attempt
+//! through the rate limiter and with the shared token; each row's outcome
+//! goes through a second bounded channel to the collector, which alone
+//! writes files and keeps statistics. A failed row is data, not an early
+//! return: only a fatal token error or a stream of 401s stops the pool.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng as _;
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::error::{Error, ExitCode};
+use crate::input::{InputSpec, Item, Row, read_all};
+use crate::job::{Request, Requests};
+use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
+use crate::output::{InputInfo, RequestsFile, Writer};
+use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
+use crate::token::{Token, TokenSource};
+
+/// Everything a run needs, resolved.
+pub struct Plan {
+    pub requests: Arc<Requests>,
+    pub inputs: Vec<InputSpec>,
+    pub settings: Settings,
+    /// Send only the first N rows.
+    pub limit: Option<u64>,
+    /// The run directory, already created.
+    pub dir: PathBuf,
+    pub progress: ProgressMode,
+    /// How long calls in flight may take to finish after a stop.
+    pub grace: Duration,
+    /// Abort (exit 4) once this many rows have failed.
+    pub max_failures: Option<MaxFailures>,
+}
+
+/// `--max-failures N` or `P%`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxFailures {
+    Count(u64),
+    /// A share of the rows done so far, judged once 100 rows are done.
+    Percent(f64),
+}
+
+impl std::str::FromStr for MaxFailures {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is neither a count (50) nor a percentage (5%)");
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(MaxFailures::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => s.trim().parse::<u64>().ok().filter(|n| *n > 0).map(MaxFailures::Count).ok_or_else(bad),
+        }
+    }
+}
+
+impl MaxFailures {
+    fn reached(self, failed: u64, done: u64) -> bool {
+        match self {
+            MaxFailures::Count(n) => failed >= n,
+            MaxFailures::Percent(p) => done >= 100 && failed as f64 * 100.0 >= p * done as f64,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub summary: Summary,
+    pub exit: ExitCode,
+    /// What stopped the run early, if anything did.
+    pub abort: Option<Error>,
+    pub failure_files: Vec<PathBuf>,
+}
+
+/// State every worker shares. Each field is here because every attempt of
+/// every row consults it.
+struct Shared {
+    requests: Arc<Requests>,
+    client: reqwest::Client,
+    tokens: Option<TokenSource>,
+    /// Every attempt passes it; `None` for `rate = 0`.
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// A Retry-After pauses the whole pool, not one worker.
+    gate: Gate,
+    settings: Settings,
+    live: Arc<Live>,
+    inputs: Vec<String>,
+    /// Cancelled on SIGINT/SIGTERM or abort: take no new rows.
+    stop: CancellationToken,
+    /// Cancelled when the grace period is over: drop calls in flight.
+    hard_stop: CancellationToken,
+    /// The first fatal error; it also cancels `stop`.
+    abort: Mutex<Option<Error>>,
+    /// Rows that failed with 401 on a fresh token, in a row without any
+    /// other answer in between.
+    auth_streak: AtomicU64,
+}
+
+impl Shared {
+    fn abort(&self, error: Error) {
+        let mut abort = self.abort.lock().unwrap_or_else(|e| e.into_inner());
+        if abort.is_none() {
+            tracing::error!("{error}");
+            *abort = Some(error);
+        }
+        self.stop.cancel();
+    }
+}
+
+/// Pauses every worker until a moment, set by a Retry-After.
+struct Gate {
+    base: Instant,
+    until_ms: AtomicU64,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate { base: Instant::now(), until_ms: AtomicU64::new(0) }
+    }
+
+    fn pause(&self, d: Duration) {
+        let until = (self.base.elapsed() + d).as_millis() as u64;
+        self.until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    async fn wait(&self) {
+        loop {
+            let until = Duration::from_millis(self.until_ms.load(Ordering::Relaxed));
+            let now = self.base.elapsed();
+            if until <= now {
+                return;
+            }
+            tokio::time::sleep(until - now).await;
+        }
+    }
+}
+
+fn limiter(rate: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_nanos(1));
+    let quota = Quota::with_period(period)?.allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+    Some(RateLimiter::direct(quota))
+}
+
+/// The HTTP client every call and the token requests share: connections are
+/// reused, the pool sized to the concurrency.
+pub fn http_client(settings: &Settings) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("bulkcall/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(settings.concurrency)
+        .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+        .timeout(settings.timeout)
+        .build()
+        .expect("the TLS backend initialises")
+}
+
+fn input_names(inputs: &[InputSpec]) -> Vec<String> {
+    inputs
+        .iter()
+        .map(|i| i.path.file_name().map_or_else(|| i.path.display().to_string(), |n| n.to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
+    input_names(inputs).into_iter().zip(inputs).map(|(name, i)| InputInfo { name, format: i.format }).collect()
+}
+
+/// Starts the reader thread: it feeds `tx` until the inputs end, `limit`
+/// rows were read, or `stop` is cancelled.
+fn spawn_reader(
+    inputs: Vec<InputSpec>,
+    limit: Option<u64>,
+    live: Arc<Live>,
+    stop: CancellationToken,
+    tx: async_channel::Sender<Item>,
+) -> tokio::task::JoinHandle<Result<(), crate::input::InputError>> {
+    tokio::task::spawn_blocking(move || {
+        let mut count = 0u64;
+        let progress = |bytes| live.bytes_read.store(bytes, Ordering::Relaxed);
+        read_all(&inputs, &progress, &mut |item| {
+            if stop.is_cancelled() || limit.is_some_and(|l| count >= l) {
+                return false;
+            }
+            count += 1;
+            tx.send_blocking(item).is_ok()
+        })
+    })
+}
+
+/// Sends every row and records every outcome in `plan.dir`.
+pub async fn run(
+    plan: Plan,
+    client: reqwest::Client,
+    tokens: Option<TokenSource>,
+    stop: CancellationToken,
+) -> Result<Finished, Error> {
+    let concurrency = plan.settings.concurrency;
+    let mut writer = Writer::create(&plan.dir, input_infos(&plan.inputs))?;
+    let live = Arc::new(Live::default());
+    let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
+    let progress = Progress::start(
+        plan.progress,
+        ProgressSource {
+            live: live.clone(),
+            total_bytes,
+            tokens: tokens.clone(),
+            interval: plan.settings.progress_interval,
+        },
+    );
+
+    let (row_tx, row_rx) = async_channel::bounded::<Item>(concurrency * 4);
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, live.clone(), stop.clone(), row_tx);
+
+    let shared = Arc::new(Shared {
+        requests: plan.requests.clone(),
+        client,
+        tokens: tokens.clone(),
+        limiter: limiter(plan.settings.rate, plan.settings.burst),
+        gate: Gate::new(),
+        settings: plan.settings.clone(),
+        live: live.clone(),
+        inputs: input_names(&plan.inputs),
+        stop: stop.clone(),
+        hard_stop: CancellationToken::new(),
+        abort: Mutex::new(None),
+        auth_streak: AtomicU64::new(0),
+    });
+
+    // After a stop, calls in flight get `grace` to finish.
+    let watchdog = {
+        let (stop, hard, grace) = (stop.clone(), shared.hard_stop.clone(), plan.grace);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hard.cancel();
+        })
+    };
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(concurrency * 4);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (shared, rows, out) = (shared.clone(), row_rx.clone(), out_tx.clone());
+        workers.spawn(async move {
+            while !shared.stop.is_cancelled() {
+                let Ok(item) = rows.recv().await else { break };
+                if shared.stop.is_cancelled() {
+                    break;
+                }
+                if let Some(outcome) = process(&shared, item).await
+                    && out.send(outcome).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop((row_rx, out_tx));
+
+    // The collector: the only writer of outcomes.
+    let mut stats = Stats::default();
+    let mut write_error = None;
+    while let Some(outcome) = out_rx.recv().await {
+        stats.add(&outcome);
+        live.done.fetch_add(1, Ordering::Relaxed);
+        let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = plan.max_failures {
+            let (failed, done) = (stats.failed(), live.done.load(Ordering::Relaxed));
+            if max.reached(failed, done) && !stop.is_cancelled() {
+                shared.abort(Error::MaxFailures(format!(
+                    "{failed} of {done} rows failed, reaching --max-failures; the rows not yet sent can be sent with `bulkcall resume`"
+                )));
+            }
+        }
+        if let Err(e) = writer.record(&outcome) {
+            // Without a place for outcomes, sending more would lose them.
+            shared.abort(Error::Output(e));
+            write_error = Some(());
+            break;
+        }
+        if out_rx.is_empty()
+            && let Err(e) = writer.flush()
+        {
+            shared.abort(Error::Output(e));
+            break;
+        }
+    }
+    drop(out_rx);
+    while workers.join_next().await.is_some() {}
+    watchdog.abort();
+    let read_result = reader.await.expect("the reader thread does not panic");
+    if write_error.is_none() {
+        writer.flush()?;
+    }
+    progress.finish().await;
+
+    let mut abort = shared.abort.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Err(e) = read_result
+        && abort.is_none()
+    {
+        abort = Some(Error::Input(e));
+    }
+    let exit = match &abort {
+        Some(e) => e.exit_code(),
+        None if stop.is_cancelled() => ExitCode::Interrupted,
+        None if stats.failed() > 0 => ExitCode::RowsFailed,
+        None => ExitCode::Success,
+    };
+    let summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
+    crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
+    Ok(Finished { summary, exit, abort, failure_files: writer.failure_files() })
+}
+
+/// One attempt's answer, read up to `max_response_bytes`.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+    /// The whole body's length.
+    total: u64,
+}
+
+async fn send(shared: &Shared, request: &Request, token: Option<&Token>) -> Result<Answer, reqwest::Error> {
+    let mut builder =
+        shared.client.request(request.method.clone(), request.url.clone()).headers(request.headers.clone());
+    if let Some(token) = token {
+        builder = builder.header(AUTHORIZATION, token.header().clone());
+    }
+    if let Some(body) = &request.body {
+        builder = builder.body(body.clone());
+    }
+    let mut response = builder.send().await?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| outcome::parse_retry_after(v, SystemTime::now()));
+    let cap = shared.settings.max_response_bytes;
+    let mut body = Vec::new();
+    let mut total = 0u64;
+    while let Some(chunk) = response.chunk().await? {
+        total += chunk.len() as u64;
+        let room = cap.saturating_sub(body.len()).min(chunk.len());
+        body.extend_from_slice(&chunk[..room]);
+    }
+    Ok(Answer { status, retry_after, body, total })
+}
+
+/// The answer as results keep it: JSON if it parses, else text.
+fn response_value(answer: &Answer) -> (Value, Option<u64>) {
+    if answer.total > answer.body.len() as u64 {
+        return (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), Some(answer.total));
+    }
+    if answer.body.is_empty() {
+        return (Value::Null, None);
+    }
+    match serde_json::from_slice(&answer.body) {
+        Ok(v) => (v, None),
+        Err(_) => (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), None),
+    }
+}
+
+/// A short text of an error answer for the failures file.
+fn answer_message(answer: &Answer) -> String {
+    let text = String::from_utf8_lossy(&answer.body);
+    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(500).collect();
+    let reason = answer.status.canonical_reason().unwrap_or("");
+    if text.is_empty() {
+        format!("HTTP {} {reason}", answer.status.as_u16())
+    } else {
+        format!("HTTP {} {reason}: {text}", answer.status.as_u16())
+    }
+}
+
+fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duration {
+    let base = if kind == ErrorKind::Throttled { shared.settings.throttle_base } else { shared.settings.backoff_base };
+    let ceiling = base.saturating_mul(1u32 << (attempt - 1).min(20)).min(shared.settings.backoff_max);
+    // Full jitter: uniform over [0, ceiling].
+    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+/// Takes one row to its outcome; `None` when the run stopped before it
+/// could be sent (it stays resumable).
+async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
+    let row = match item {
+        Ok(row) => row,
+        Err(bad) => {
+            let mut outcome = Outcome::bad_row(bad);
+            if let Err(message) = &mut outcome.result {
+                message.message = format!("{}: {}", shared.inputs[outcome.input], message.message);
+            }
+            return Some(outcome);
+        }
+    };
+    let request = match shared.requests.render(&row) {
+        Ok(r) => r,
+        Err(e) => {
+            let place = format!("{} line {}", shared.inputs[row.input], row.line);
+            return Some(Outcome::invalid(&row, row.number.to_string(), format!("{place}: {e}")));
+        }
+    };
+    let outcome = |attempts, latency, status, result| Outcome {
+        input: row.input,
+        number: row.number,
+        line: row.line,
+        key: request.key.clone(),
+        attempts,
+        latency,
+        status,
+        result,
+        source: Source::Record(row.record.clone()),
+    };
+    let fail = |kind, message| Err(Failure { kind, message });
+    let max_attempts = shared.settings.max_attempts;
+    let mut attempts = 0u32;
+    let mut refreshed = false;
+    let mut resend = false;
+    loop {
+        shared.gate.wait().await;
+        if let Some(limiter) = &shared.limiter {
+            limiter.until_ready().await;
+        }
+        let token = match &shared.tokens {
+            Some(tokens) => match tokens.get().await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    shared.abort(Error::Token(e));
+                    return None;
+                }
+            },
+            None => None,
+        };
+        if !resend {
+            attempts += 1;
+        }
+        resend = false;
+        shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = send(shared, &request, token.as_deref()) => Some(r),
+            _ = shared.hard_stop.cancelled() => None,
+        };
+        shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let latency = started.elapsed();
+        let Some(result) = result else {
+            tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
+            return None;
+        };
+        let (verdict, answer) = match result {
+            Ok(answer) => {
+                (outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after), Some(answer))
+            }
+            Err(e) => {
+                let verdict = outcome::classify_error(&e);
+                if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict
+                    && (attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)))
+                {
+                    return Some(outcome(attempts, latency, None, fail(kind, outcome::describe(&e))));
+                }
+                (verdict, None)
+            }
+        };
+        let status = answer.as_ref().map(|a| a.status.as_u16());
+        if verdict != Verdict::Unauthorized && answer.is_some() {
+            shared.auth_streak.store(0, Ordering::Relaxed);
+        }
+        match verdict {
+            Verdict::Unauthorized if !refreshed && token.is_some() => {
+                // The token was refused: forget exactly that one and resend once.
+                let (tokens, token) = (shared.tokens.as_ref()?, token.as_ref()?);
+                tokens.invalidate(token.generation);
+                refreshed = true;
+                resend = true;
+            }
+            Verdict::Unauthorized => {
+                let streak = shared.auth_streak.fetch_add(1, Ordering::Relaxed) + 1;
+                let limit = (shared.settings.concurrency as u64).max(10);
+                if streak >= limit {
+                    shared.abort(Error::Unauthorized(format!(
+                        "{streak} rows in a row were refused with 401 even with a fresh token; \
+                         the credentials may lack access to this API"
+                    )));
+                }
+                let message = answer.as_ref().map_or_else(String::new, answer_message);
+                return Some(outcome(attempts, latency, status, fail(ErrorKind::Auth, message)));
+            }
+            Verdict::Retry { kind, after } if attempts < max_attempts => {
+                if let Some(after) = after {
+                    if after > shared.settings.retry_after_max {
+                        let message = format!(
+                            "the server asked to wait {} (Retry-After), longer than retry_after_max",
+                            humantime::format_duration(after)
+                        );
+                        return Some(outcome(attempts, latency, status, fail(ErrorKind::Throttled, message)));
+                    }
+                    shared.gate.pause(after);
+                }
+                let delay = after.unwrap_or_else(|| backoff(shared, kind, attempts));
+                shared.live.retrying.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop.cancelled() => {}
+                }
+                shared.live.retrying.fetch_sub(1, Ordering::Relaxed);
+                if shared.stop.is_cancelled() {
+                    // Not retried: the answer so far is the outcome.
+                    let answer = answer.as_ref()?;
+                    return Some(outcome(attempts, latency, status, fail(kind, answer_message(answer))));
+                }
+            }
+            Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
+                let answer = answer.as_ref()?;
+                let (response, _) = response_value(answer);
+                let (ok, captured) = shared.requests.judge(answer.status.as_u16(), &response, &row);
+                let result = if ok && shared.requests.has_success() {
+                    Ok(Success { response, truncated: None, captured })
+                } else {
+                    fail(kind, answer_message(answer))
+                };
+                return Some(outcome(attempts, latency, status, result));
+            }
+            Verdict::Done => {
+                let answer = answer.as_ref()?;
+                let (response, truncated) = response_value(answer);
+                let (ok, captured) = shared.requests.judge(answer.status.as_u16(), &response, &row);
+                let result = if ok {
+                    Ok(Success { response, truncated, captured })
+                } else {
+                    fail(
+                        ErrorKind::Rejected,
+                        format!("the job's success expression refused the answer: {}", answer_message(answer)),
+                    )
+                };
+                return Some(outcome(attempts, latency, status, result));
+            }
+        }
+    }
+}
+
+/// A dry run: renders every row into `requests.jsonl`; fetches no token and
+/// sends nothing. Rows that cannot be rendered go to failures.
+pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
+    let live = Arc::new(Live::default());
+    let (tx, rx) = async_channel::bounded::<Item>(1024);
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, live, CancellationToken::new(), tx);
+    let mut writer = Writer::create(&plan.dir, input_infos(&plan.inputs))?;
+    let mut requests = RequestsFile::create(&plan.dir)?;
+    let names = input_names(&plan.inputs);
+    let mut stats = Stats::default();
+    while let Ok(item) = rx.recv().await {
+        let outcome = match item {
+            Err(bad) => Some(Outcome::bad_row(bad)),
+            Ok(row) => match plan.requests.render(&row) {
+                Ok(request) => {
+                    requests.write(&dry_request(&row, &request, authorized))?;
+                    None
+                }
+                Err(e) => {
+                    let message = format!("{} line {}: {e}", names[row.input], row.line);
+                    Some(Outcome::invalid(&row, row.number.to_string(), message))
+                }
+            },
+        };
+        if let Some(outcome) = outcome {
+            stats.add(&outcome);
+            writer.record(&outcome)?;
+        }
+    }
+    reader.await.expect("the reader thread does not panic")?;
+    requests.flush()?;
+    writer.flush()?;
+    let exit = if stats.failed() > 0 { ExitCode::RowsFailed } else { ExitCode::Success };
+    let summary = stats.summary(0, exit.code());
+    Ok(Finished { summary, exit, abort: None, failure_files: writer.failure_files() })
+}
+
+fn dry_request(row: &Row, request: &Request, authorized: bool) -> Value {
+    let mut headers = serde_json::Map::new();
+    if authorized {
+        headers.insert("authorization".into(), Value::from("Bearer <redacted>"));
+    }
+    for (name, value) in &request.headers {
+        headers.insert(name.as_str().to_string(), Value::from(value.to_str().unwrap_or("<binary>")));
+    }
+    let body = request.body.as_ref().map(|b| serde_json::from_slice::<Value>(b).unwrap_or(Value::Null));
+    serde_json::json!({
+        "row": row.number,
+        "key": request.key,
+        "method": request.method.as_str(),
+        "url": request.url.as_str(),
+        "headers": headers,
+        "body": body,
+    })
+}

@@ -1,0 +1,755 @@
+//! The built-in mock gateway behind `bulkcall sandbox`, `bulkcall demo` and the tests.
+//!
+//! It owns a small axum server that imitates the payer gateway: an OAuth 2.0
+//! client-credentials token endpoint (JSON body as Optum has it, form body or
+//! HTTP Basic as RFC 6749 has it) and three sample APIs (eligibility v3, claim
+//! status v2, professional claim submission v3) that require a bearer token it
+//! issued, the `environment: sandbox` header, and a plausible request body,
+//! and answer mock data in the real gateway's shape. Faults (slow or failing
+//! token requests, latency, revoked tokens) can be injected through
+//! [`SandboxConfig`] and observed through [`Stats`] and [`RecordedCall`].
+//! Every value it answers is synthetic; no request can make it panic.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Bytes, to_bytes};
+use axum::extract::{Request, State};
+use axum::http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::serve::ListenerExt;
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Path of the token endpoint, the same as the real gateway's.
+pub const TOKEN_PATH: &str = "/apip/auth/sntl/v1/token";
+
+/// Largest request body read from an API call; larger ones get 413.
+const MAX_API_BODY: usize = 4 << 20;
+/// Largest token request body read; larger ones get 400 `invalid_request`.
+const MAX_TOKEN_BODY: usize = 64 << 10;
+/// Tokens are forgotten this long after they expire (then they count as unknown),
+/// so a long-running sandbox fed by a client that fetches a token per call stays small.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Expired tokens are pruned every this many issued tokens.
+const PRUNE_EVERY: u64 = 4096;
+
+/// How the sandbox behaves; [`Default`] is a well-behaved gateway.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Lifetime of issued tokens (default 3600 s).
+    pub token_lifetime: Duration,
+    /// Answer `"expires_in": "3600"` instead of `3600`, as some gateways do.
+    pub expires_in_as_string: bool,
+    /// Delay before answering a token request.
+    pub token_delay: Duration,
+    /// The first N token requests answer 503 `temporarily_unavailable`.
+    pub fail_token_requests: u32,
+    /// Added before answering every API call.
+    pub latency: Duration,
+    /// API calls without `environment: sandbox` get 400.
+    pub require_environment_header: bool,
+    /// Keep every API call received (see [`Sandbox::recorded`]).
+    pub record: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            client_id: "sandbox-client".into(),
+            client_secret: SecretString::from("sandbox-secret"),
+            token_lifetime: Duration::from_secs(3600),
+            expires_in_as_string: false,
+            token_delay: Duration::ZERO,
+            fail_token_requests: 0,
+            latency: Duration::ZERO,
+            require_environment_header: true,
+            record: false,
+        }
+    }
+}
+
+/// What the sandbox has seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Every POST to the token endpoint, failed ones included.
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    /// Every call to a sample API, whatever the answer.
+    pub api_calls: u64,
+    /// 401 answers from the sample APIs.
+    pub unauthorized: u64,
+    /// Calls with a token this sandbox issued that had expired or was revoked.
+    pub expired_token_calls: u64,
+    /// Calls with no token or one this sandbox never issued.
+    pub unknown_token_calls: u64,
+}
+
+/// One API call as received, with the status it was answered.
+#[derive(Debug, Clone)]
+pub struct RecordedCall {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    /// Lower-case names, in the order received (repeated names grouped).
+    pub headers: Vec<(String, String)>,
+    /// `Null` if the body was empty or not JSON.
+    pub body: Value,
+    pub status: u16,
+}
+
+/// A running sandbox; dropping it without [`Sandbox::shutdown`] also stops the server.
+pub struct Sandbox {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Sandbox {
+    /// Binds `addr` (port 0 = ephemeral) and serves in a background tokio task.
+    pub async fn start(config: SandboxConfig, addr: SocketAddr) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(run(listener, shared.clone(), async {
+            // A dropped sender stops the server too.
+            let _ = stopped.await;
+        }));
+        Ok(Sandbox { addr, shared, stop, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`, with loopback in place of an unspecified bind address.
+    pub fn base_url(&self) -> String {
+        let ip = match self.addr.ip() {
+            ip if !ip.is_unspecified() => ip,
+            ip if ip.is_ipv4() => Ipv4Addr::LOCALHOST.into(),
+            _ => Ipv6Addr::LOCALHOST.into(),
+        };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    pub fn token_url(&self) -> String {
+        self.base_url() + TOKEN_PATH
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Every API call received so far (empty unless `record` was set).
+    pub fn recorded(&self) -> Vec<RecordedCall> {
+        self.shared
+            .recorded
+            .as_ref()
+            .map(|calls| calls.lock().unwrap_or_else(PoisonError::into_inner).clone())
+            .unwrap_or_default()
+    }
+
+    /// Every token issued so far is rejected with 401 from now on.
+    pub fn revoke_all_tokens(&self) {
+        self.shared.revoke_all();
+    }
+
+    /// Stops accepting connections, lets calls in flight finish and waits for the server task.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("sandbox server stopped with an error: {err}"),
+            Err(err) => tracing::warn!("sandbox server task failed: {err}"),
+        }
+    }
+}
+
+/// Serve on an existing listener until `shutdown` resolves (used by the `bulkcall sandbox` command).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: SandboxConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    run(listener, Arc::new(Shared::new(config)), shutdown).await
+}
+
+async fn run(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Small answers to many concurrent keep-alive clients: don't let Nagle hold them back.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::trace!("cannot set TCP_NODELAY: {err}");
+        }
+    });
+    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+}
+
+/// Answers a validated JSON object, or the field errors that made it invalid.
+type ApiFn = fn(&Value) -> Result<Value, Vec<Value>>;
+
+const APIS: [(&str, ApiFn); 3] = [
+    ("/medicalnetwork/eligibility/v3", eligibility),
+    ("/medicalnetwork/claimstatus/v2", claim_status),
+    ("/medicalnetwork/professionalclaims/v3/submission", professional_claim),
+];
+
+fn router(shared: Arc<Shared>) -> Router {
+    let router = Router::new()
+        .route(TOKEN_PATH, post(token))
+        .route("/_sandbox/stats", get(|State(s): State<Arc<Shared>>| async move { axum::Json(s.stats()) }))
+        .route(
+            "/_sandbox/revoke",
+            post(|State(s): State<Arc<Shared>>| async move {
+                s.revoke_all();
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|req: Request| async move {
+            let description = format!("no such API: {} {}", req.method(), req.uri().path());
+            gateway_errors(StatusCode::NOT_FOUND, vec![json!({ "description": description })])
+        });
+    APIS.into_iter()
+        .fold(router, |router, (path, answer)| {
+            router.route(path, any(move |State(s): State<Arc<Shared>>, req: Request| api_call(s, req, answer)))
+        })
+        .with_state(shared)
+}
+
+/// State shared by every connection task; counters are atomics and the token
+/// table a read-mostly lock so that 64 concurrent clients don't serialize.
+struct Shared {
+    config: SandboxConfig,
+    /// Issued tokens: read on every API call, written once per token request.
+    tokens: RwLock<HashMap<String, Issued>>,
+    /// Bumped by a revocation: tokens issued in an earlier epoch are rejected.
+    /// This makes revoking O(1) and keeps revoked tokens recognisable as ours.
+    epoch: AtomicU64,
+    /// Token requests still to fail with 503 (`fail_token_requests` counting down).
+    failures_left: AtomicU32,
+    counters: Counters,
+    /// Only allocated when `record` is set, so the hot path takes no lock otherwise.
+    recorded: Option<Mutex<Vec<RecordedCall>>>,
+}
+
+struct Issued {
+    expires_at: Instant,
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicU64,
+    tokens_issued: AtomicU64,
+    api_calls: AtomicU64,
+    unauthorized: AtomicU64,
+    expired_token_calls: AtomicU64,
+    unknown_token_calls: AtomicU64,
+}
+
+/// Why a bearer token was refused.
+enum Refused {
+    Unknown(&'static str),
+    Expired(&'static str),
+}
+
+impl Shared {
+    fn new(config: SandboxConfig) -> Self {
+        Self {
+            failures_left: AtomicU32::new(config.fail_token_requests),
+            recorded: config.record.then(Mutex::default),
+            config,
+            tokens: RwLock::default(),
+            epoch: AtomicU64::new(0),
+            counters: Counters::default(),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            token_requests: c.token_requests.load(Relaxed),
+            tokens_issued: c.tokens_issued.load(Relaxed),
+            api_calls: c.api_calls.load(Relaxed),
+            unauthorized: c.unauthorized.load(Relaxed),
+            expired_token_calls: c.expired_token_calls.load(Relaxed),
+            unknown_token_calls: c.unknown_token_calls.load(Relaxed),
+        }
+    }
+
+    fn revoke_all(&self) {
+        self.epoch.fetch_add(1, Relaxed);
+    }
+
+    /// True while `fail_token_requests` failures are still owed.
+    fn take_failure(&self) -> bool {
+        self.failures_left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+
+    fn issue_token(&self) -> String {
+        let token = URL_SAFE_NO_PAD.encode(rand::rng().random::<[u8; 32]>());
+        let now = Instant::now();
+        let issued = Issued { expires_at: now + self.config.token_lifetime, epoch: self.epoch.load(Relaxed) };
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        tokens.insert(token.clone(), issued);
+        if self.counters.tokens_issued.fetch_add(1, Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            tokens.retain(|_, t| now < t.expires_at + FORGET_AFTER);
+        }
+        token
+    }
+
+    fn check_bearer(&self, headers: &HeaderMap) -> Result<(), Refused> {
+        let token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(Refused::Unknown("missing bearer token"))?;
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        let issued = tokens.get(token).ok_or(Refused::Unknown("token was not issued by this sandbox"))?;
+        if issued.epoch != self.epoch.load(Relaxed) {
+            Err(Refused::Expired("token was revoked"))
+        } else if Instant::now() >= issued.expires_at {
+            Err(Refused::Expired("token expired"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Client authentication; Basic credentials are form-encoded before base64
+    /// (RFC 6749 §2.3.1) but many clients skip that, so both forms are accepted.
+    fn client_matches(&self, id: &str, secret: &str, maybe_form_encoded: bool) -> bool {
+        let expected = (self.config.client_id.as_bytes(), self.config.client_secret.expose_secret().as_bytes());
+        let matches = |id: &str, secret: &str| ct_eq(id.as_bytes(), expected.0) & ct_eq(secret.as_bytes(), expected.1);
+        matches(id, secret) || (maybe_form_encoded && matches(&form_decode(id), &form_decode(secret)))
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn form_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------- token endpoint
+
+async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    shared.counters.token_requests.fetch_add(1, Relaxed);
+    if !shared.config.token_delay.is_zero() {
+        tokio::time::sleep(shared.config.token_delay).await;
+    }
+    if shared.take_failure() {
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the sandbox was told to fail this token request",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let params = match to_bytes(body, MAX_TOKEN_BODY).await {
+        Ok(bytes) => token_params(&parts, &bytes),
+        Err(err) => Err(format!("cannot read the request body: {err}")),
+    };
+    let params = match params {
+        Ok(params) => params,
+        Err(description) => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &description);
+        }
+    };
+
+    let basic = parts.headers.get(AUTHORIZATION).map(|value| {
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .and_then(|(_, b64)| STANDARD.decode(b64.trim()).ok())
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .and_then(|pair| pair.split_once(':').map(|(id, secret)| (id.to_owned(), secret.to_owned())))
+    });
+    let authenticated = match &basic {
+        Some(_) if params.contains_key("client_secret") => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "use one client authentication method, not both Basic and client_secret",
+            );
+        }
+        Some(Some((id, secret))) => shared.client_matches(id, secret, true),
+        Some(None) => false,
+        None => match (params.get("client_id"), params.get("client_secret")) {
+            (Some(id), Some(secret)) => shared.client_matches(id, secret, false),
+            _ => false,
+        },
+    };
+    if !authenticated {
+        let mut response = oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed: unknown client_id, wrong client_secret, or no credentials",
+        );
+        if basic.is_some() {
+            // RFC 6749 §5.2: required when the client tried the Authorization header.
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"bulkcall-sandbox\""));
+        }
+        return response;
+    }
+
+    match params.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => {}
+        Some(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            );
+        }
+        None => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "missing grant_type");
+        }
+    }
+
+    let lifetime = shared.config.token_lifetime.as_secs();
+    let expires_in = if shared.config.expires_in_as_string { json!(lifetime.to_string()) } else { json!(lifetime) };
+    let mut answer = json!({
+        "access_token": shared.issue_token(),
+        "token_type": "bearer",
+        "expires_in": expires_in,
+    });
+    if let Some(scope) = params.get("scope").filter(|s| !s.is_empty()) {
+        answer["scope"] = json!(scope);
+    }
+    (StatusCode::OK, no_store(), axum::Json(answer)).into_response()
+}
+
+/// The token request's parameters, from a JSON body (Optum) or a form body (RFC 6749).
+/// A body without Content-Type that looks like JSON is read as JSON, so that a
+/// forgotten header is not misreported as missing credentials.
+fn token_params(parts: &Parts, body: &Bytes) -> Result<HashMap<String, String>, String> {
+    let is_json = match parts.headers.get(CONTENT_TYPE) {
+        Some(ct) => ct.to_str().is_ok_and(|ct| ct.to_ascii_lowercase().contains("json")),
+        None => body.trim_ascii_start().starts_with(b"{"),
+    };
+    if !is_json {
+        return Ok(url::form_urlencoded::parse(body).into_owned().collect());
+    }
+    let object: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|err| format!("body is not a JSON object: {err}"))?;
+    object
+        .into_iter()
+        .filter_map(|(key, value)| match value {
+            Value::String(s) => Some(Ok((key, s))),
+            _ if ["client_id", "client_secret", "grant_type", "scope"].contains(&key.as_str()) => {
+                Some(Err(format!("{key} must be a string")))
+            }
+            _ => None, // extra parameters (audience, ...) of any type are accepted and ignored
+        })
+        .collect()
+}
+
+fn no_store() -> [(axum::http::HeaderName, &'static str); 2] {
+    [(CACHE_CONTROL, "no-store"), (PRAGMA, "no-cache")]
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (status, no_store(), axum::Json(json!({ "error": error, "error_description": description }))).into_response()
+}
+
+// ---------------------------------------------------------------- sample APIs
+
+async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
+    shared.counters.api_calls.fetch_add(1, Relaxed);
+    if !shared.config.latency.is_zero() {
+        tokio::time::sleep(shared.config.latency).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = to_bytes(body, MAX_API_BODY).await;
+    let json = match &body {
+        Ok(bytes) if !bytes.is_empty() => serde_json::from_slice::<Value>(bytes).map_err(|err| err.to_string()),
+        Ok(_) => Err("the body is empty".to_owned()),
+        Err(err) => Err(err.to_string()),
+    };
+    let response = match body {
+        Err(err) => gateway_errors(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            vec![json!({ "description": format!("cannot read the request body: {err}") })],
+        ),
+        Ok(_) => api_answer(&shared, &parts, &json, answer),
+    };
+    if let Some(recorded) = &shared.recorded {
+        let call = RecordedCall {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+                .collect(),
+            body: json.unwrap_or(Value::Null),
+            status: response.status().as_u16(),
+        };
+        recorded.lock().unwrap_or_else(PoisonError::into_inner).push(call);
+    }
+    response
+}
+
+fn api_answer(shared: &Shared, parts: &Parts, json: &Result<Value, String>, answer: ApiFn) -> Response {
+    if parts.method != Method::POST {
+        let description = format!("method {} is not allowed here; use POST", parts.method);
+        let mut response = gateway_errors(StatusCode::METHOD_NOT_ALLOWED, vec![json!({ "description": description })]);
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    if let Err(refused) = shared.check_bearer(&parts.headers) {
+        let c = &shared.counters;
+        c.unauthorized.fetch_add(1, Relaxed);
+        let (counter, description) = match refused {
+            Refused::Unknown(why) => (&c.unknown_token_calls, why),
+            Refused::Expired(why) => (&c.expired_token_calls, why),
+        };
+        counter.fetch_add(1, Relaxed);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)],
+            axum::Json(json!({ "error": "invalid_token", "error_description": description })),
+        )
+            .into_response();
+    }
+    let environment_ok =
+        parts.headers.get("environment").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"sandbox"));
+    if shared.config.require_environment_header && !environment_ok {
+        let description = "the sandbox answers mock data only to requests with the header `environment: sandbox`";
+        return gateway_errors(
+            StatusCode::BAD_REQUEST,
+            vec![json!({ "field": "environment", "description": description })],
+        );
+    }
+    let request = match json {
+        Ok(request @ Value::Object(_)) => request,
+        Ok(_) => {
+            return gateway_errors(
+                StatusCode::BAD_REQUEST,
+                vec![json!({ "description": "request body must be a JSON object" })],
+            );
+        }
+        Err(err) => {
+            return gateway_errors(
+                StatusCode::BAD_REQUEST,
+                vec![json!({ "description": format!("request body is not JSON: {err}") })],
+            );
+        }
+    };
+    match answer(request) {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(field_errors) => gateway_errors(StatusCode::BAD_REQUEST, field_errors),
+    }
+}
+
+/// The gateway's error style: `{"errors":[{"field":..,"description":..}]}`.
+fn gateway_errors(status: StatusCode, errors: Vec<Value>) -> Response {
+    (status, axum::Json(json!({ "errors": errors }))).into_response()
+}
+
+fn field_error(field: &str, description: &str) -> Value {
+    json!({ "field": field, "description": description })
+}
+
+fn check_control_number(request: &Value, errors: &mut Vec<Value>) {
+    let ok = request["controlNumber"].as_str().is_some_and(|n| n.len() == 9 && n.bytes().all(|b| b.is_ascii_digit()));
+    if !ok {
+        errors.push(field_error("controlNumber", "controlNumber must be a string of exactly 9 digits"));
+    }
+}
+
+/// The request's value at `pointer`, or null.
+fn echo(request: &Value, pointer: &str) -> Value {
+    request.pointer(pointer).cloned().unwrap_or(Value::Null)
+}
+
+/// `YYYYMMDD` as `YYYY-MM-DD` when it looks like a date; anything else unchanged.
+fn iso_date(value: Value) -> Value {
+    let Some(s) = value.as_str().filter(|s| s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit())) else {
+        return value;
+    };
+    let (year, month, day) = (&s[..4], &s[4..6], &s[6..]);
+    match (month.parse::<u8>(), day.parse::<u8>()) {
+        (Ok(1..=12), Ok(1..=31)) => json!(format!("{year}-{month}-{day}")),
+        _ => value,
+    }
+}
+
+fn eligibility(request: &Value) -> Result<Value, Vec<Value>> {
+    let mut errors = Vec::new();
+    check_control_number(request, &mut errors);
+    match &request["subscriber"] {
+        Value::Object(subscriber) => {
+            let member_id = subscriber.get("memberId").and_then(Value::as_str);
+            if member_id.is_none_or(|id| id.trim().is_empty()) {
+                errors.push(field_error("subscriber.memberId", "subscriber.memberId must be a non-empty string"));
+            }
+        }
+        _ => errors.push(field_error("subscriber", "subscriber must be an object with a memberId")),
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let control_number = echo(request, "/controlNumber");
+    let payer_id = echo(request, "/tradingPartnerServiceId");
+    let benefit_dates = |kind: &str| json!({ kind: "20160818-20160818" });
+    // The fixture's shape and synthetic values, with the request's identifiers echoed.
+    Ok(json!({
+        "benefitsInformation": [
+            {
+                "benefitsDateInformation": benefit_dates("benefit"),
+                "code": "1",
+                "coverageLevel": "Individual",
+                "coverageLevelCode": "IND",
+                "insuranceType": "Qualified Medicare Beneficiary",
+                "insuranceTypeCode": "QM",
+                "name": "Active Coverage",
+                "planCoverage": "QMB",
+                "serviceTypeCodes": ["30"],
+                "serviceTypes": ["Health Benefit Plan Coverage"],
+            },
+            {
+                "benefitsDateInformation": benefit_dates("plan"),
+                "code": "R",
+                "coverageLevel": "Individual",
+                "coverageLevelCode": "IND",
+                "insuranceTypeCode": "WA",
+                "name": "Other or Additional Payor",
+                "planCoverage": "MEDICARE PART A",
+                "serviceTypeCodes": ["30"],
+                "serviceTypes": ["Health Benefit Plan Coverage"],
+            },
+            {
+                "benefitsDateInformation": benefit_dates("plan"),
+                "code": "R",
+                "coverageLevel": "Individual",
+                "coverageLevelCode": "IND",
+                "insuranceType": "Medicare Part B",
+                "insuranceTypeCode": "MB",
+                "name": "Other or Additional Payor",
+                "planCoverage": "MEDICARE PART B",
+                "serviceTypeCodes": ["30"],
+                "serviceTypes": ["Health Benefit Plan Coverage"],
+            },
+        ],
+        "controlNumber": control_number,
+        "payer": {
+            "entityIdentifier": "Payer",
+            "entityType": "Non-Person Entity",
+            "name": "Sandbox Payer",
+            "payorIdentification": payer_id,
+        },
+        "planDateInformation": { "plan": "20160818-20160818" },
+        "planInformation": { "socialSecurityNumber": "111111111" },
+        "planStatus": [{ "planDetails": "QMB", "serviceTypeCodes": ["30"], "status": "Active Coverage", "statusCode": "1" }],
+        "provider": {
+            "entityIdentifier": "Provider",
+            "entityType": "Non-Person Entity",
+            "npi": echo(request, "/provider/npi"),
+            "providerName": echo(request, "/provider/organizationName"),
+        },
+        "reassociationKey": control_number,
+        "subscriber": {
+            "dateOfBirth": iso_date(echo(request, "/subscriber/dateOfBirth")),
+            "entityIdentifier": "Insured or Subscriber",
+            "entityType": "Person",
+            "firstName": echo(request, "/subscriber/firstName"),
+            "gender": "M",
+            "lastName": echo(request, "/subscriber/lastName"),
+            "memberId": echo(request, "/subscriber/memberId"),
+            "provider": {},
+            "ssn": "111111111",
+        },
+        "subscriberTraceNumbers": [{
+            "originatingCompanyIdentifier": "9EMDEON999",
+            "referenceIdentification": control_number,
+            "traceType": "Current Transaction Trace Numbers",
+            "traceTypeCode": "1",
+        }],
+        "tradingPartnerServiceId": payer_id,
+    }))
+}
+
+fn claim_status(request: &Value) -> Result<Value, Vec<Value>> {
+    let mut errors = Vec::new();
+    check_control_number(request, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let dates = ["/encounter/beginningDateOfService", "/encounter/endDateOfService"]
+        .map(|pointer| request.pointer(pointer).and_then(Value::as_str).unwrap_or_default());
+    let service_date = match dates {
+        ["", ""] => Value::Null,
+        [begin, ""] | ["", begin] => json!(begin),
+        [begin, end] => json!(format!("{begin}-{end}")),
+    };
+    let account = ["/patientControlNumber", "/claimId"]
+        .iter()
+        .find_map(|pointer| request.pointer(pointer))
+        .cloned()
+        .unwrap_or(Value::Null);
+    Ok(json!({
+        "controlNumber": echo(request, "/controlNumber"),
+        "tradingPartnerServiceId": echo(request, "/tradingPartnerServiceId"),
+        "claims": [{
+            "claimStatus": {
+                "statusCategoryCode": "F1",
+                "statusCategoryCodeValue": "Finalized/Payment-The claim/line has been paid.",
+                "claimServiceDate": service_date,
+                "totalClaimChargeAmount": "100.00",
+                "claimPaymentAmount": "80.00",
+                "patientAccountNumber": account,
+            }
+        }],
+    }))
+}
+
+fn professional_claim(request: &Value) -> Result<Value, Vec<Value>> {
+    let mut errors = Vec::new();
+    check_control_number(request, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let correlation_id: String = rand::rng().random::<[u8; 10]>().iter().map(|b| format!("{b:02X}")).collect();
+    let mut reference = json!({ "correlationId": correlation_id });
+    if let Some(pcn) = request.pointer("/claimInformation/patientControlNumber") {
+        reference["patientControlNumber"] = pcn.clone();
+    }
+    Ok(json!({
+        "status": "SUCCESS",
+        "controlNumber": echo(request, "/controlNumber"),
+        "tradingPartnerServiceId": echo(request, "/tradingPartnerServiceId"),
+        "claimReference": reference,
+        "editStatus": "SUCCESS",
+    }))
+}

@@ -1,0 +1,431 @@
+//! The one shared access token. Only this module calls the token endpoint.
+//!
+//! Every worker asks [`TokenSource::get`] before each attempt. The read path
+//! is one atomic load and a clock comparison. A token has two windows
+//! before its expiry, drawn once when it arrives:
+//!
+//! - advisory: one background refresh starts; workers keep the current token;
+//! - mandatory: workers wait, all on the same single token request.
+//!
+//! A token is never handed out inside its mandatory window, so an expired
+//! token is never sent. A 401 invalidates exactly the token that call used
+//! (compare-and-swap on its generation), so many simultaneous 401s cause one
+//! refresh.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
+use rand::Rng as _;
+use reqwest::header::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::config::{AuthSettings, AuthStyle, Credentials};
+use crate::outcome::{describe, parse_retry_after};
+
+/// Token endpoint attempts for one refresh before giving up.
+const FETCH_ATTEMPTS: u32 = 5;
+/// Lifetimes outside this range are clamped.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "the token endpoint {url} rejected the credentials ({status}{error}); \
+         check the client id and secret for this profile"
+    )]
+    Rejected { url: String, status: u16, error: String },
+    #[error("the token endpoint {url} could not give a token after {attempts} attempts: {last}")]
+    Unavailable { url: String, attempts: u32, last: String },
+    #[error("the token endpoint {url} answered something that is not a usable token: {message}")]
+    BadAnswer { url: String, message: String },
+}
+
+/// An access token and the moments that matter for it.
+pub struct Token {
+    /// `Bearer <token>`, built once, marked sensitive.
+    header: HeaderValue,
+    secret: SecretString,
+    pub generation: u64,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_at: Instant,
+    /// Wall-clock expiry, for display.
+    pub expires_at_wall: SystemTime,
+    advisory_at: Instant,
+    mandatory_at: Instant,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("token_type", &self.token_type)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// The token itself, for `bulkcall token --print`.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+/// Where the advisory and mandatory windows start for a token that lives
+/// `lifetime` from `sent`; `jitter` in [0, 1) is drawn once per token.
+fn windows(sent: Instant, lifetime: Duration, refresh_before: Duration, jitter: f64) -> (Instant, Instant) {
+    let advisory = refresh_before.min(lifetime / 2).mul_f64(0.75 + 0.25 * jitter);
+    let mandatory = (advisory / 2).min(Duration::from_secs(30));
+    let expires = sent + lifetime;
+    (expires - advisory, expires - mandatory)
+}
+
+struct Inner {
+    client: reqwest::Client,
+    url: String,
+    style: AuthStyle,
+    credentials: Credentials,
+    settings: AuthSettings,
+    /// The token workers use; swapped whole, read without a lock.
+    current: ArcSwapOption<Token>,
+    /// Held while a token request is in flight, so there is only ever one.
+    fetching: tokio::sync::Mutex<()>,
+    /// True while a background refresh task exists, so there is at most one.
+    refreshing: AtomicBool,
+    generation: AtomicU64,
+    /// Token requests sent, for the summary.
+    requests: AtomicU64,
+    warned_no_expiry: AtomicBool,
+}
+
+/// The shared token; cheap to clone.
+#[derive(Clone)]
+pub struct TokenSource {
+    inner: Arc<Inner>,
+}
+
+impl TokenSource {
+    pub fn new(client: reqwest::Client, settings: &AuthSettings, credentials: Credentials) -> TokenSource {
+        TokenSource {
+            inner: Arc::new(Inner {
+                client,
+                url: settings.token_url.clone().unwrap_or_default(),
+                style: settings.style,
+                credentials,
+                settings: settings.clone(),
+                current: ArcSwapOption::empty(),
+                fetching: tokio::sync::Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                warned_no_expiry: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Token requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Time left on the current token, if there is one.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.inner.current.load().as_ref().map(|t| t.expires_at.saturating_duration_since(Instant::now()))
+    }
+
+    /// A token that is valid now and will not expire in transit.
+    pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
+        let seen = self.inner.current.load_full();
+        if let Some(token) = &seen {
+            let now = Instant::now();
+            if now < token.advisory_at {
+                return Ok(token.clone());
+            }
+            if now < token.mandatory_at {
+                self.refresh_in_background(token.generation);
+                return Ok(token.clone());
+            }
+        }
+        self.inner.refresh(seen.map(|t| t.generation)).await
+    }
+
+    /// Forgets `generation` if it is still the current token: a call
+    /// carrying it got a 401. Later generations are left alone.
+    pub fn invalidate(&self, generation: u64) {
+        self.inner.current.rcu(|current| match current {
+            Some(t) if t.generation == generation => None,
+            other => other.clone(),
+        });
+    }
+
+    fn refresh_in_background(&self, generation: u64) {
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.refresh(Some(generation)).await {
+                // The current token stays in use until its mandatory window;
+                // wait before the next background try.
+                let left = inner
+                    .current
+                    .load()
+                    .as_ref()
+                    .map_or(Duration::ZERO, |t| t.mandatory_at.saturating_duration_since(Instant::now()));
+                let pause = (left / 3).min(Duration::from_secs(30)).mul_f64(rand::rng().random_range(0.5..1.0));
+                tracing::warn!("background token refresh failed, keeping the current token: {e}");
+                tokio::time::sleep(pause).await;
+            }
+            inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl Inner {
+    /// Replaces the token, unless another task already replaced the one
+    /// the caller saw (`seen`), in which case that newer token is returned.
+    async fn refresh(&self, seen: Option<u64>) -> Result<Arc<Token>, TokenError> {
+        let _guard = self.fetching.lock().await;
+        if let Some(token) = self.current.load_full()
+            && Some(token.generation) != seen
+            && Instant::now() < token.mandatory_at
+        {
+            return Ok(token);
+        }
+        let token = Arc::new(self.fetch().await?);
+        self.current.store(Some(token.clone()));
+        Ok(token)
+    }
+
+    /// Asks the token endpoint, retrying transient failures with backoff.
+    async fn fetch(&self) -> Result<Token, TokenError> {
+        let mut last = String::new();
+        for attempt in 1..=FETCH_ATTEMPTS {
+            match self.fetch_once().await {
+                Ok(token) => return Ok(token),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Transient { message, retry_after }) => {
+                    tracing::warn!("token request {attempt}/{FETCH_ATTEMPTS} to {} failed: {message}", self.url);
+                    last = message;
+                    if attempt < FETCH_ATTEMPTS {
+                        let backoff = Duration::from_millis(250 << attempt.min(6))
+                            .min(Duration::from_secs(10))
+                            .mul_f64(rand::rng().random_range(0.5..1.0));
+                        tokio::time::sleep(retry_after.unwrap_or(backoff).min(Duration::from_secs(60))).await;
+                    }
+                }
+            }
+        }
+        Err(TokenError::Unavailable { url: self.url.clone(), attempts: FETCH_ATTEMPTS, last })
+    }
+
+    async fn fetch_once(&self) -> Result<Token, Attempt> {
+        let s = &self.settings;
+        let mut fields: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        if self.style != AuthStyle::Basic {
+            fields.push(("client_id", &self.credentials.client_id));
+            fields.push(("client_secret", self.credentials.client_secret.expose_secret()));
+        }
+        if let Some(scope) = &s.scope {
+            fields.push(("scope", scope));
+        }
+        if let Some(audience) = &s.audience {
+            fields.push(("audience", audience));
+        }
+        fields.extend(s.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+
+        let mut request = self.client.post(&self.url).header(reqwest::header::ACCEPT, "application/json");
+        request = match self.style {
+            AuthStyle::Json => {
+                let body: serde_json::Map<String, Value> =
+                    fields.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+                request.json(&body)
+            }
+            AuthStyle::Form | AuthStyle::None => request.form(&fields),
+            AuthStyle::Basic => request
+                .basic_auth(
+                    form_encode(&self.credentials.client_id),
+                    Some(form_encode(self.credentials.client_secret.expose_secret())),
+                )
+                .form(&fields),
+        };
+
+        let sent = Instant::now();
+        let sent_wall = SystemTime::now();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Attempt::Transient { message: self.mask(&describe(&e)), retry_after: None })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Attempt::Transient { message: self.mask(&describe(&e)), retry_after: None })?;
+        let json: Option<Value> = serde_json::from_slice(&body).ok();
+        let oauth_error = json.as_ref().and_then(|j| j.get("error")).and_then(Value::as_str).map(str::to_string);
+        let description = json
+            .as_ref()
+            .and_then(|j| j.get("error_description"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+
+        if !status.is_success() {
+            let fatal_error = matches!(
+                oauth_error.as_deref(),
+                Some(
+                    "invalid_client"
+                        | "invalid_grant"
+                        | "invalid_scope"
+                        | "unauthorized_client"
+                        | "unsupported_grant_type"
+                )
+            );
+            let shown = match &oauth_error {
+                Some(e) => format!(" {e}: {}", self.mask(&description)),
+                None => format!(": {}", self.mask(&description)),
+            };
+            if fatal_error || matches!(status.as_u16(), 400 | 401 | 403) {
+                return Err(Attempt::Fatal(TokenError::Rejected {
+                    url: self.url.clone(),
+                    status: status.as_u16(),
+                    error: shown,
+                }));
+            }
+            return Err(Attempt::Transient { message: format!("HTTP {}{shown}", status.as_u16()), retry_after });
+        }
+        let bad =
+            |message: &str| Attempt::Fatal(TokenError::BadAnswer { url: self.url.clone(), message: message.into() });
+        let json = json.ok_or_else(|| bad("the body is not JSON"))?;
+        let access = json.get("access_token").and_then(Value::as_str).filter(|t| !t.is_empty());
+        let access = access.ok_or_else(|| bad("no access_token in the answer"))?;
+        let token_type = json.get("token_type").and_then(Value::as_str).unwrap_or("Bearer");
+        if !token_type.eq_ignore_ascii_case("bearer") {
+            return Err(bad(&format!("token_type `{token_type}` is not supported; bulkcall sends Bearer tokens")));
+        }
+        let lifetime = self.lifetime(&json, access, sent_wall);
+        let (advisory_at, mandatory_at) = windows(sent, lifetime, s.refresh_before, rand::rng().random_range(0.0..1.0));
+        let mut header = HeaderValue::from_str(&format!("Bearer {access}"))
+            .map_err(|_| bad("the access token holds characters that cannot be sent in a header"))?;
+        header.set_sensitive(true);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(generation, lifetime_s = lifetime.as_secs_f64(), "got a token");
+        Ok(Token {
+            header,
+            secret: SecretString::from(access.to_string()),
+            generation,
+            token_type: token_type.to_string(),
+            scope: json.get("scope").and_then(Value::as_str).map(str::to_string),
+            expires_at: sent + lifetime,
+            expires_at_wall: sent_wall + lifetime,
+            advisory_at,
+            mandatory_at,
+        })
+    }
+
+    /// `expires_in` (an integer or a numeric string), clamped; the
+    /// configured default when absent; a JWT's `exp` when it comes sooner.
+    fn lifetime(&self, json: &Value, access: &str, sent: SystemTime) -> Duration {
+        let expires_in = match json.get("expires_in") {
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        let mut lifetime = match expires_in {
+            Some(secs) if secs.is_finite() => Duration::from_secs_f64(secs.max(0.0).min(MAX_LIFETIME.as_secs_f64())),
+            _ => {
+                if !self.warned_no_expiry.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the token endpoint {} gave no expires_in; assuming tokens live {} (auth.default_lifetime)",
+                        self.url,
+                        humantime::format_duration(self.settings.default_lifetime)
+                    );
+                }
+                self.settings.default_lifetime
+            }
+        };
+        if let Some(exp) = jwt_expiry(access) {
+            lifetime = lifetime.min(exp.duration_since(sent).unwrap_or(Duration::ZERO));
+        }
+        lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME)
+    }
+
+    /// Trims a token endpoint's text and masks the secret if it echoes it.
+    fn mask(&self, text: &str) -> String {
+        let secret = self.credentials.client_secret.expose_secret();
+        let mut text: String = text.chars().take(300).collect();
+        if !secret.is_empty() {
+            text = text.replace(secret, "***");
+        }
+        text.trim().to_string()
+    }
+}
+
+enum Attempt {
+    Fatal(TokenError),
+    Transient { message: String, retry_after: Option<Duration> },
+}
+
+/// RFC 6749 §2.3.1: client id and secret are form-encoded before Basic.
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The `exp` claim of a JWT, if the token is one.
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let exp = serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_f64()?;
+    (exp.is_finite() && exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_capped_at_half_the_lifetime() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let (advisory, mandatory) = windows(t0, hour, Duration::from_secs(300), 1.0);
+        assert_eq!(t0 + hour - advisory, Duration::from_secs(300));
+        assert_eq!(t0 + hour - mandatory, Duration::from_secs(30));
+        let (advisory, _) = windows(t0, hour, Duration::from_secs(300), 0.0);
+        assert_eq!(t0 + hour - advisory, Duration::from_secs(225), "jitter shortens the window by up to a quarter");
+
+        let two = Duration::from_secs(2);
+        let (advisory, mandatory) = windows(t0, two, Duration::from_secs(300), 1.0);
+        assert_eq!(t0 + two - advisory, Duration::from_secs(1), "never more than half the lifetime");
+        assert_eq!(t0 + two - mandatory, Duration::from_millis(500));
+        assert!(mandatory > advisory && mandatory < t0 + two);
+    }
+
+    #[test]
+    fn jwt_exp_is_read() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp": 2000000000}"#);
+        let token = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
+        assert_eq!(jwt_expiry(&token), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)));
+        assert_eq!(jwt_expiry("opaque-token"), None);
+        assert_eq!(jwt_expiry("a.b.c.d"), None);
+    }
+}
