@@ -184,7 +184,7 @@ impl Compiler<'_> {
         let template = env
             .template_from_str(leak(source))
             .map_err(|e| self.invalid(format!("{place}: bad template `{source}`: {e}")))?;
-        let vars = sorted(template.undeclared_variables(false));
+        let vars = sorted(template.undeclared_variables(true));
         Ok(Text { template, vars, place: place.to_string() })
     }
 
@@ -192,7 +192,7 @@ impl Compiler<'_> {
         let expr = env
             .compile_expression(leak(source))
             .map_err(|e| self.invalid(format!("{place}: bad expression `{source}`: {e}")))?;
-        let vars = sorted(expr.undeclared_variables(false));
+        let vars = sorted(expr.undeclared_variables(true));
         Ok(Expr { expr, vars, place: place.to_string() })
     }
 
@@ -436,11 +436,7 @@ impl Requests {
         let job = &self.job;
         let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
         let fail = |place: &str, vars: &[String], e: minijinja::Error| -> RenderError {
-            let missing: Vec<&str> = vars
-                .iter()
-                .map(String::as_str)
-                .filter(|v| !row.record.contains(v) && *v != "row" && *v != "row_number")
-                .collect();
+            let missing: Vec<&str> = vars.iter().map(String::as_str).filter(|v| !resolves(&row.record, v)).collect();
             match missing.as_slice() {
                 [] => RenderError(format!("{place}: {}", e.detail().unwrap_or(&e.to_string()))),
                 [one] => RenderError(format!("field `{one}` is missing (used in {place})")),
@@ -525,6 +521,27 @@ impl Requests {
     pub fn has_success(&self) -> bool {
         self.job.success.is_some()
     }
+}
+
+/// Whether a dotted variable path such as `member.last` exists in a record.
+fn resolves(record: &Record, path: &str) -> bool {
+    let mut parts = path.split('.');
+    let first = parts.next().unwrap_or_default();
+    if first == "row" || first == "row_number" {
+        return true;
+    }
+    let Some(mut value) = record.get(first) else { return false };
+    for part in parts {
+        match value {
+            Value::Object(mut map) => match map.remove(part) {
+                Some(v) => value = v,
+                None => return false,
+            },
+            // Attributes of strings and numbers (methods, filters) are not fields.
+            _ => return true,
+        }
+    }
+    true
 }
 
 type NodeError<'a> = (&'a str, &'a [String], minijinja::Error);

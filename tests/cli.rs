@@ -1,0 +1,126 @@
+//! The real binary: exit codes, messages on stderr, and secrets kept out of
+//! everything it prints and writes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+
+async fn bulkcall(dir: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("the binary runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[tokio::test]
+async fn help_lists_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bulkcall(dir.path(), &["--help"]).await;
+    assert!(output.status.success());
+    let help = text(&output);
+    for command in ["run", "validate", "token", "sandbox", "demo"] {
+        assert!(help.contains(command), "{command} in --help");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_exits_3_and_never_shows_the_secret() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let wrong = "WrOnG-sEcReT-9b2d";
+    gw.config(wrong, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    let config = gw.path("bulkcall.toml");
+    let args =
+        ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test", "-vv"];
+    let output = bulkcall(gw.dir.path(), &args).await;
+    assert_eq!(output.status.code(), Some(3));
+    let all = text(&output);
+    assert!(all.contains(&gw.sandbox.token_url()), "names the token URL: {all}");
+    assert!(all.contains("invalid_client"), "names the OAuth error: {all}");
+    assert!(!all.contains(wrong), "the secret never appears, even at trace level");
+    assert!(!all.contains("panicked"));
+    assert_eq!(gw.sandbox.stats().api_calls, 0);
+
+    let output = bulkcall(gw.dir.path(), &["token", "-c", config.to_str().unwrap(), "-p", "test"]).await;
+    assert_eq!(output.status.code(), Some(3));
+    assert!(!text(&output).contains(wrong));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_shows_the_expiry_and_prints_the_token_only_when_asked() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    let output = bulkcall(gw.dir.path(), &["token", "-c", config.to_str().unwrap(), "-p", "test"]).await;
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = text(&output);
+    assert!(shown.contains("expires"), "{shown}");
+    assert!(output.stdout.is_empty(), "no token on stdout without --print");
+
+    let output = bulkcall(gw.dir.path(), &["token", "-c", config.to_str().unwrap(), "-p", "test", "--print"]).await;
+    let token = String::from_utf8(output.stdout).unwrap();
+    assert!(token.trim().len() >= 32, "the token itself: {token}");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains(token.trim()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_exit_2_with_the_file_named() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let cases: Vec<(&str, &[u8], &str)> = vec![
+        ("empty.csv", b"", "empty"),
+        ("header-only.csv", b"control_number,npi\n", "no data rows"),
+        ("object.json", b"{\"a\": 1}", "array of objects"),
+        ("missing.csv", b"", "cannot read input"),
+        ("rows.xml", b"<rows/>", "cannot tell the format"),
+    ];
+    for (name, content, expected) in cases {
+        if name != "missing.csv" {
+            gw.write(name, std::str::from_utf8(content).unwrap());
+        }
+        let input = gw.path(name);
+        let args =
+            ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"];
+        let output = bulkcall(gw.dir.path(), &args).await;
+        let all = text(&output);
+        assert_eq!(output.status.code(), Some(2), "{name}: {all}");
+        assert!(all.contains(name) && all.contains(expected), "{name}: {all}");
+        assert!(!all.contains("panicked"), "{name}: {all}");
+    }
+    assert_eq!(gw.sandbox.stats().api_calls + gw.sandbox.stats().token_requests, 0, "nothing sent");
+
+    let broken_job = gw.write("broken.toml", "url = \"/x\"\n[body]\na = \"{{ b \"\n");
+    let input = gw.write("ok.csv", "b\n1\n");
+    let args =
+        ["run", broken_job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"];
+    let output = bulkcall(gw.dir.path(), &args).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output).contains("broken.toml") && text(&output).contains("body.a"), "{}", text(&output));
+}
+
+#[tokio::test]
+async fn http_to_a_remote_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[default]\nbase_url = \"http://api.example.com\"\nauth.token_url = \"http://idp.example.com/token\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("j.toml"), "url = \"/x\"\n").unwrap();
+    std::fs::write(dir.path().join("r.csv"), "a\n1\n").unwrap();
+    let output = bulkcall(dir.path(), &["run", "j.toml", "r.csv", "-c", "c.toml"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output).contains("https"), "{}", text(&output));
+}

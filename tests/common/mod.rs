@@ -1,0 +1,143 @@
+//! Shared by the integration tests: an in-process sandbox, a fresh folder
+//! per test, and the real command line run in-process.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bulkcall::cli::Cli;
+use bulkcall::error::ExitCode;
+use bulkcall::sandbox::{RecordedCall, Sandbox, SandboxConfig};
+use clap::Parser;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const CLIENT_ID: &str = "test-client";
+pub const SECRET: &str = "s3cr3t-Do-Not-Leak-7f1e";
+
+/// A sandbox gateway and a folder for one test's files.
+pub struct Gateway {
+    pub sandbox: Sandbox,
+    pub dir: tempfile::TempDir,
+}
+
+/// Sandbox settings for tests: recording on, the test credentials.
+pub fn sandbox_config() -> SandboxConfig {
+    SandboxConfig {
+        client_id: CLIENT_ID.into(),
+        client_secret: SECRET.to_string().into(),
+        record: true,
+        ..SandboxConfig::default()
+    }
+}
+
+impl Gateway {
+    pub async fn start(config: SandboxConfig) -> Gateway {
+        let sandbox = Sandbox::start(config, "127.0.0.1:0".parse().unwrap()).await.expect("sandbox starts");
+        Gateway { sandbox, dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    /// A config file with a `test` profile pointing at the sandbox.
+    /// `extra` lines go into that profile.
+    pub fn config(&self, secret: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"
+[default]
+rate = 0
+concurrency = 16
+
+[test]
+base_url = "{base}"
+auth.token_url = "{token}"
+auth.client_id = "{CLIENT_ID}"
+auth.client_secret = "{secret}"
+auth.cache = false
+headers.environment = "sandbox"
+{extra}
+"#,
+            base = self.sandbox.base_url(),
+            token = self.sandbox.token_url(),
+        );
+        self.write("bulkcall.toml", &text)
+    }
+
+    /// Runs `bulkcall <args>` in-process with `-c <config> -p test`.
+    pub async fn run(&self, args: &[&str]) -> ExitCode {
+        self.run_until(args, CancellationToken::new()).await
+    }
+
+    pub async fn run_until(&self, args: &[&str], stop: CancellationToken) -> ExitCode {
+        let config = self.path("bulkcall.toml");
+        if !config.exists() {
+            self.config(SECRET, "");
+        }
+        let mut argv: Vec<String> = vec!["bulkcall".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend(["-c".into(), config.display().to_string(), "-p".into(), "test".into()]);
+        if args[0] == "run" {
+            argv.extend(["--progress".into(), "never".into()]);
+        }
+        let cli = Cli::try_parse_from(&argv).expect("valid arguments");
+        match bulkcall::cli::execute(cli, stop).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        }
+    }
+
+    /// The bodies the gateway received, by `controlNumber`.
+    pub fn received_by_control_number(&self) -> HashMap<String, Vec<RecordedCall>> {
+        let mut map: HashMap<String, Vec<RecordedCall>> = HashMap::new();
+        for call in self.sandbox.recorded() {
+            let key = call.body["controlNumber"].as_str().unwrap_or("").to_string();
+            map.entry(key).or_default().push(call);
+        }
+        map
+    }
+}
+
+/// The lines of a JSON Lines file.
+pub fn jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("whole JSON line in {path:?}: {e}: {l}")))
+        .collect()
+}
+
+pub fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A CSV of `n` eligibility rows with 9-digit control numbers from `first`.
+pub fn eligibility_csv(first: u64, n: u64) -> String {
+    let mut text = String::from("control_number,payer_id,provider_name,npi,member_id,first_name,last_name,dob\n");
+    for i in first..first + n {
+        text.push_str(&format!("{i:09},000050,\"Clinic {i}, LLC\",0123456789,M{i},Pat,Doe{i},19800102\n"));
+    }
+    text
+}
+
+pub const ELIGIBILITY_JOB: &str = r#"
+url = "/medicalnetwork/eligibility/v3"
+key = "{{ control_number }}"
+[headers]
+x-request-id = "req-{{ control_number }}"
+[body]
+controlNumber = "{{ control_number }}"
+tradingPartnerServiceId = "{{ payer_id }}"
+provider = { organizationName = "{{ provider_name }}", npi = "{{ npi }}" }
+subscriber = { memberId = "{{ member_id }}", firstName = "{{ first_name }}", lastName = "{{ last_name }}", dateOfBirth = "{{ dob }}" }
+"#;
