@@ -18,7 +18,7 @@ use crate::job::Job;
 use crate::report::ProgressMode;
 use crate::runner::{self, Finished, MaxFailures, Plan};
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::token::TokenSource;
+use crate::token::{Origin, TokenSource};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -191,6 +191,9 @@ pub struct TokenArgs {
     /// Print the token itself on stdout (for curl: -H "Authorization: Bearer $(bulkcall token --print)").
     #[arg(long)]
     pub print: bool,
+    /// Fetch a new token even if the cache holds a valid one (and cache the new one).
+    #[arg(long)]
+    pub refresh: bool,
 }
 
 #[derive(Debug, Args)]
@@ -225,6 +228,9 @@ pub struct SandboxArgs {
     /// Answer calls without the `environment: sandbox` header too.
     #[arg(long)]
     pub no_environment_header: bool,
+    /// Revoke every token issued so far this long after the start (tests 401 recovery).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub revoke_after: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -560,9 +566,15 @@ async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
     }
     let client = runner::http_client(&loaded.settings);
     let tokens = TokenSource::new(client, auth, auth.credentials()?);
-    let token = tokens.get().await?;
+    let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
     let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());
-    eprintln!("token from {} (fetched now, profile {})", auth.token_url.as_deref().unwrap_or(""), loaded.profile);
+    let url = auth.token_url.as_deref().unwrap_or("");
+    match &token.origin {
+        Origin::Fetched => eprintln!("token fetched now from {url} (profile {})", loaded.profile),
+        Origin::Cache(path) => {
+            eprintln!("token from the cache {} (profile {}, no token request)", path.display(), loaded.profile)
+        }
+    }
     eprintln!("  type: {}", token.token_type);
     if let Some(scope) = &token.scope {
         eprintln!("  scope: {scope}");
@@ -593,6 +605,7 @@ async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Result<ExitCode,
         latency: args.latency,
         require_environment_header: !args.no_environment_header,
         record: false,
+        revoke_after: args.revoke_after,
     };
     eprintln!("bulkcall sandbox listening on http://{local}");
     eprintln!("  token URL: http://{local}{}  (client id `{}`)", crate::sandbox::TOKEN_PATH, args.client_id);

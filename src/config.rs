@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::{Figment, Profile};
+use figment::{Figment, Profile, Provider};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -200,19 +200,20 @@ impl Sources {
             None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
         };
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        let mut known = vec![];
         if let Some(path) = &config_file {
-            figment = figment.merge(Toml::file_exact(path).nested());
+            let file = Toml::file_exact(path).nested();
+            // Parse now, so a TOML error is reported as such (with its line).
+            known = file.data()?.into_keys().map(|p| p.as_str().to_string()).collect();
+            figment = figment.merge(file);
         }
         let profile = self.profile.clone().unwrap_or_else(|| "default".into());
-        if profile != "default" {
-            let known: Vec<String> = figment.profiles().map(|p| p.as_str().to_string()).collect();
-            if !known.iter().any(|k| k.eq_ignore_ascii_case(&profile)) {
-                return Err(ConfigError::UnknownProfile {
-                    profile,
-                    file: config_file.map_or_else(|| "(no config file)".into(), |p| p.display().to_string()),
-                    known: known.into_iter().filter(|k| k != "default").collect::<Vec<_>>().join(", "),
-                });
-            }
+        if profile != "default" && !known.iter().any(|k| k.eq_ignore_ascii_case(&profile)) {
+            return Err(ConfigError::UnknownProfile {
+                profile,
+                file: config_file.map_or_else(|| "(no config file)".into(), |p| p.display().to_string()),
+                known: known.into_iter().filter(|k| k != "default").collect::<Vec<_>>().join(", "),
+            });
         }
         figment = figment.merge(Serialized::globals(&self.job));
         if self.env {
@@ -439,6 +440,11 @@ mod tests {
         let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
         let err = sources.load().unwrap_err().to_string();
         assert!(err.contains("timeout"), "{err}");
+
+        let file = config_file("[default]\nauth.style = \"none\"\nrate = 1\nrate = 2\n");
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let err = sources.load().unwrap_err().to_string();
+        assert!(err.contains("duplicate key") && err.contains("line 4"), "{err}");
 
         let file = config_file("[default]\nauth.style = \"none\"\nconcurency = 3\n");
         let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };

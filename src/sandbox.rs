@@ -65,6 +65,8 @@ pub struct SandboxConfig {
     pub require_environment_header: bool,
     /// Keep every API call received (see [`Sandbox::recorded`]).
     pub record: bool,
+    /// Revoke every token issued so far this long after the start.
+    pub revoke_after: Option<Duration>,
 }
 
 impl Default for SandboxConfig {
@@ -79,6 +81,7 @@ impl Default for SandboxConfig {
             latency: Duration::ZERO,
             require_environment_header: true,
             record: false,
+            revoke_after: None,
         }
     }
 }
@@ -165,6 +168,11 @@ impl Sandbox {
             .unwrap_or_default()
     }
 
+    /// When each token request arrived, measured from the sandbox's start.
+    pub fn token_request_times(&self) -> Vec<Duration> {
+        self.shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// Every token issued so far is rejected with 401 from now on.
     pub fn revoke_all_tokens(&self) {
         self.shared.revoke_all();
@@ -201,6 +209,13 @@ async fn run(
             tracing::trace!("cannot set TCP_NODELAY: {err}");
         }
     });
+    if let Some(after) = shared.config.revoke_after {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            shared.revoke_all();
+        });
+    }
     axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
 }
 
@@ -250,6 +265,9 @@ struct Shared {
     counters: Counters,
     /// Only allocated when `record` is set, so the hot path takes no lock otherwise.
     recorded: Option<Mutex<Vec<RecordedCall>>>,
+    started: Instant,
+    /// Arrival of each token request since `started`; token requests are rare.
+    token_times: Mutex<Vec<Duration>>,
 }
 
 struct Issued {
@@ -282,6 +300,8 @@ impl Shared {
             tokens: RwLock::default(),
             epoch: AtomicU64::new(0),
             counters: Counters::default(),
+            started: Instant::now(),
+            token_times: Mutex::default(),
         }
     }
 
@@ -359,6 +379,7 @@ fn form_decode(s: &str) -> String {
 
 async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     shared.counters.token_requests.fetch_add(1, Relaxed);
+    shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).push(shared.started.elapsed());
     if !shared.config.token_delay.is_zero() {
         tokio::time::sleep(shared.config.token_delay).await;
     }

@@ -48,7 +48,8 @@ impl Gateway {
         path
     }
 
-    /// A config file with a `test` profile pointing at the sandbox.
+    /// A config file with a `test` profile pointing at the sandbox, with a
+    /// token cache of its own.
     /// `extra` lines go into that profile.
     pub fn config(&self, secret: &str, extra: &str) -> PathBuf {
         let text = format!(
@@ -62,12 +63,13 @@ base_url = "{base}"
 auth.token_url = "{token}"
 auth.client_id = "{CLIENT_ID}"
 auth.client_secret = "{secret}"
-auth.cache = false
+auth.cache_dir = "{cache}"
 headers.environment = "sandbox"
 {extra}
 "#,
             base = self.sandbox.base_url(),
             token = self.sandbox.token_url(),
+            cache = self.path("token-cache").display(),
         );
         self.write("bulkcall.toml", &text)
     }

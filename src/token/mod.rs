@@ -10,7 +10,8 @@
 //! A token is never handed out inside its mandatory window, so an expired
 //! token is never sent. A 401 invalidates exactly the token that call used
 //! (compare-and-swap on its generation), so many simultaneous 401s cause one
-//! refresh.
+//! refresh. With `auth.cache` a still-valid token is shared with later runs
+//! through [`DiskCache`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,9 @@ use tokio::time::Instant;
 
 use crate::config::{AuthSettings, AuthStyle, Credentials};
 use crate::outcome::{describe, parse_retry_after};
+
+mod cache;
+pub use cache::DiskCache;
 
 /// Token endpoint attempts for one refresh before giving up.
 const FETCH_ATTEMPTS: u32 = 5;
@@ -57,8 +61,19 @@ pub struct Token {
     pub expires_at: Instant,
     /// Wall-clock expiry, for display.
     pub expires_at_wall: SystemTime,
+    pub lifetime: Duration,
+    pub origin: Origin,
     advisory_at: Instant,
     mandatory_at: Instant,
+}
+
+/// Where a token came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Fetched from the token endpoint by this process.
+    Fetched,
+    /// Read from the disk cache, written by an earlier run.
+    Cache(std::path::PathBuf),
 }
 
 impl std::fmt::Debug for Token {
@@ -67,6 +82,7 @@ impl std::fmt::Debug for Token {
             .field("generation", &self.generation)
             .field("token_type", &self.token_type)
             .field("expires_at", &self.expires_at)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +113,7 @@ struct Inner {
     style: AuthStyle,
     credentials: Credentials,
     settings: AuthSettings,
+    cache: Option<DiskCache>,
     /// The token workers use; swapped whole, read without a lock.
     current: ArcSwapOption<Token>,
     /// Held while a token request is in flight, so there is only ever one.
@@ -119,6 +136,7 @@ impl TokenSource {
     pub fn new(client: reqwest::Client, settings: &AuthSettings, credentials: Credentials) -> TokenSource {
         TokenSource {
             inner: Arc::new(Inner {
+                cache: DiskCache::new(settings, &credentials.client_id),
                 client,
                 url: settings.token_url.clone().unwrap_or_default(),
                 style: settings.style,
@@ -157,16 +175,25 @@ impl TokenSource {
                 return Ok(token.clone());
             }
         }
-        self.inner.refresh(seen.map(|t| t.generation)).await
+        self.inner.refresh(seen.map(|t| t.generation), false).await
+    }
+
+    /// A new token from the endpoint, whatever the cache holds (`token --refresh`).
+    pub async fn get_fresh(&self) -> Result<Arc<Token>, TokenError> {
+        self.inner.refresh(None, true).await
     }
 
     /// Forgets `generation` if it is still the current token: a call
-    /// carrying it got a 401. Later generations are left alone.
+    /// carrying it got a 401. Later generations are left alone, and the
+    /// disk cache drops the token too.
     pub fn invalidate(&self, generation: u64) {
-        self.inner.current.rcu(|current| match current {
-            Some(t) if t.generation == generation => None,
-            other => other.clone(),
-        });
+        let current = self.inner.current.load_full();
+        let Some(token) = current.as_ref().filter(|t| t.generation == generation) else { return };
+        let previous = self.inner.current.compare_and_swap(&current, None::<Arc<Token>>);
+        let swapped = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token));
+        if swapped && let Some(cache) = &self.inner.cache {
+            cache.remove_if(token.expose());
+        }
     }
 
     fn refresh_in_background(&self, generation: u64) {
@@ -175,7 +202,7 @@ impl TokenSource {
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(e) = inner.refresh(Some(generation)).await {
+            if let Err(e) = inner.refresh(Some(generation), false).await {
                 // The current token stays in use until its mandatory window;
                 // wait before the next background try.
                 let left = inner
@@ -195,17 +222,112 @@ impl TokenSource {
 impl Inner {
     /// Replaces the token, unless another task already replaced the one
     /// the caller saw (`seen`), in which case that newer token is returned.
-    async fn refresh(&self, seen: Option<u64>) -> Result<Arc<Token>, TokenError> {
+    /// With a disk cache, another run's newer token is adopted instead of
+    /// fetching; `force` fetches regardless.
+    async fn refresh(self: &Arc<Self>, seen: Option<u64>, force: bool) -> Result<Arc<Token>, TokenError> {
         let _guard = self.fetching.lock().await;
-        if let Some(token) = self.current.load_full()
+        let current = self.current.load_full();
+        if let Some(token) = &current
+            && !force
             && Some(token.generation) != seen
             && Instant::now() < token.mandatory_at
         {
-            return Ok(token);
+            return Ok(token.clone());
         }
-        let token = Arc::new(self.fetch().await?);
+        let token = match &self.cache {
+            None => self.fetch().await?,
+            Some(cache) => {
+                let inner = self.clone();
+                // Held until this function returns: one fetch across processes.
+                let _lock = tokio::task::spawn_blocking(move || inner.cache.as_ref().and_then(DiskCache::lock))
+                    .await
+                    .unwrap_or(None);
+                match self.adopt_cached(cache, current.as_deref(), force) {
+                    Some(token) => token,
+                    None => {
+                        let token = self.fetch().await?;
+                        cache.store(&cache::Entry {
+                            access_token: token.expose().to_string(),
+                            token_type: token.token_type.clone(),
+                            scope: token.scope.clone(),
+                            expires_at: token
+                                .expires_at_wall
+                                .duration_since(SystemTime::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .as_secs_f64(),
+                            lifetime_s: token.lifetime.as_secs_f64(),
+                        });
+                        token
+                    }
+                }
+            }
+        };
+        let token = Arc::new(token);
         self.current.store(Some(token.clone()));
         Ok(token)
+    }
+
+    /// A token from the disk cache that is not the one being replaced and
+    /// has time left: before its advisory window when replacing a token,
+    /// before its mandatory window when there is none.
+    fn adopt_cached(&self, cache: &DiskCache, current: Option<&Token>, force: bool) -> Option<Token> {
+        if force {
+            return None;
+        }
+        let entry = cache.load()?;
+        if current.is_some_and(|t| t.expose() == entry.access_token) {
+            return None;
+        }
+        let left = entry.expires_at().duration_since(SystemTime::now()).ok()?;
+        let lifetime = Duration::from_secs_f64(entry.lifetime_s.max(0.0)).clamp(MIN_LIFETIME, MAX_LIFETIME).max(left);
+        let now = Instant::now();
+        let sent = (now + left).checked_sub(lifetime)?;
+        let token = self
+            .make_token(
+                &entry.access_token,
+                &entry.token_type,
+                entry.scope.clone(),
+                sent,
+                lifetime,
+                Origin::Cache(cache.path().into()),
+            )
+            .ok()?;
+        let usable_until = if current.is_some() { token.advisory_at } else { token.mandatory_at };
+        (now < usable_until).then(|| {
+            tracing::debug!(generation = token.generation, "reusing the cached token from {}", cache.path().display());
+            token
+        })
+    }
+
+    /// A token with its refresh windows, jitter drawn once.
+    fn make_token(
+        &self,
+        access: &str,
+        token_type: &str,
+        scope: Option<String>,
+        sent: Instant,
+        lifetime: Duration,
+        origin: Origin,
+    ) -> Result<Token, String> {
+        let (advisory_at, mandatory_at) =
+            windows(sent, lifetime, self.settings.refresh_before, rand::rng().random_range(0.0..1.0));
+        let mut header = HeaderValue::from_str(&format!("Bearer {access}"))
+            .map_err(|_| "the access token holds characters that cannot be sent in a header".to_string())?;
+        header.set_sensitive(true);
+        let expires_in = (sent + lifetime).saturating_duration_since(Instant::now());
+        Ok(Token {
+            header,
+            secret: SecretString::from(access.to_string()),
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            token_type: token_type.to_string(),
+            scope,
+            expires_at: sent + lifetime,
+            expires_at_wall: SystemTime::now() + expires_in,
+            lifetime,
+            origin,
+            advisory_at,
+            mandatory_at,
+        })
     }
 
     /// Asks the token endpoint, retrying transient failures with backoff.
@@ -321,23 +443,10 @@ impl Inner {
             return Err(bad(&format!("token_type `{token_type}` is not supported; bulkcall sends Bearer tokens")));
         }
         let lifetime = self.lifetime(&json, access, sent_wall);
-        let (advisory_at, mandatory_at) = windows(sent, lifetime, s.refresh_before, rand::rng().random_range(0.0..1.0));
-        let mut header = HeaderValue::from_str(&format!("Bearer {access}"))
-            .map_err(|_| bad("the access token holds characters that cannot be sent in a header"))?;
-        header.set_sensitive(true);
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::debug!(generation, lifetime_s = lifetime.as_secs_f64(), "got a token");
-        Ok(Token {
-            header,
-            secret: SecretString::from(access.to_string()),
-            generation,
-            token_type: token_type.to_string(),
-            scope: json.get("scope").and_then(Value::as_str).map(str::to_string),
-            expires_at: sent + lifetime,
-            expires_at_wall: sent_wall + lifetime,
-            advisory_at,
-            mandatory_at,
-        })
+        let scope = json.get("scope").and_then(Value::as_str).map(str::to_string);
+        let token = self.make_token(access, token_type, scope, sent, lifetime, Origin::Fetched).map_err(|m| bad(&m))?;
+        tracing::debug!(generation = token.generation, lifetime_s = lifetime.as_secs_f64(), "got a token");
+        Ok(token)
     }
 
     /// `expires_in` (an integer or a numeric string), clamped; the
