@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Profile, Provider};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// The config file used when none is given and it exists.
@@ -72,7 +72,7 @@ pub struct AuthSettings {
     pub client_secret_file: Option<PathBuf>,
     /// Allowed, but a config file that others can read earns a warning.
     #[serde(skip_serializing)]
-    pub client_secret: Option<String>,
+    pub client_secret: Option<SecretString>,
     pub scope: Option<String>,
     pub audience: Option<String>,
     /// Extra fields sent in the token request body.
@@ -342,7 +342,7 @@ impl AuthSettings {
                     .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })?
                     .trim_end_matches(['\n', '\r'])
                     .to_string(),
-                (None, Some(s)) => s.clone(),
+                (None, Some(s)) => s.expose_secret().to_string(),
                 (None, None) => {
                     return Err(ConfigError::MissingCredential {
                         what: "secret",
@@ -405,6 +405,20 @@ mod tests {
         let s = sources.load().unwrap().settings;
         assert_eq!(s.concurrency, 2, "job beats profile");
         assert_eq!(s.rate, 70.0, "flag beats job");
+    }
+
+    #[test]
+    fn a_secret_in_the_file_never_shows_in_debug_output() {
+        let file = config_file(
+            "[default]\nauth.token_url = \"https://idp.example.com/t\"\nauth.client_id = \"id\"\nauth.client_secret = \"hunter2-abc\"\n",
+        );
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let settings = sources.load().unwrap().settings;
+        assert!(!format!("{settings:?}").contains("hunter2-abc"));
+        assert!(!serde_json::to_string(&settings).unwrap().contains("hunter2-abc"));
+        let credentials = settings.auth.credentials().unwrap();
+        assert!(!format!("{credentials:?}").contains("hunter2-abc"));
+        assert_eq!(credentials.client_secret.expose_secret(), "hunter2-abc");
     }
 
     #[test]
