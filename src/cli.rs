@@ -8,15 +8,15 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthStyle, Credentials, Loaded, Sources};
 use crate::error::{Error, ExitCode};
 use crate::input::{self, Format, InputSpec};
 use crate::job::Job;
+use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
-use crate::runner::{self, Finished, MaxFailures, Plan};
+use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::token::{Origin, TokenSource};
 
@@ -76,6 +76,11 @@ pub enum Command {
     ///
     /// Example: bulkcall run jobs/eligibility.toml -p sandbox --rate 10
     Run(RunArgs),
+    /// Finish an interrupted or crashed run into the same run directory.
+    ///
+    /// Job, inputs, config and profile come from the run's run.json; an input that changed since is refused.
+    /// Rows with a recorded outcome are never sent again. Example: bulkcall resume out/eligibility/2026-11-28T181355Z
+    Resume(ResumeArgs),
     /// Parse every row and render every request; send nothing.
     ///
     /// Reports each row that cannot be rendered with its file, line and field.
@@ -175,6 +180,35 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The run directory of the run to finish.
+    pub run_dir: PathBuf,
+    /// Rows that were sent but have no recorded outcome: send them again, or write them to failures as `in_doubt`.
+    #[arg(long, value_enum, default_value_t = InDoubt::Resend)]
+    pub in_doubt: InDoubt,
+    #[command(flatten)]
+    pub settings: SettingArgs,
+    /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
+    #[arg(long)]
+    pub max_failures: Option<MaxFailures>,
+    /// How long calls in flight may take to finish after Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub grace: Duration,
+    /// Progress bar; `auto` = only when stderr is a terminal.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Print summary.json to stdout at the end (logs stay on stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InDoubt {
+    Resend,
+    Fail,
+}
+
+#[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// The job spec (TOML).
     pub job: PathBuf,
@@ -250,6 +284,7 @@ pub struct DemoArgs {
 pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Run(args) => run(args, stop).await,
+        Command::Resume(args) => resume(args, stop).await,
         Command::Validate(args) => validate(args).await,
         Command::Token(args) => token(args).await,
         Command::Sandbox(args) => sandbox(args, stop).await,
@@ -324,46 +359,27 @@ fn default_run_dir(out_dir: &Path, job: &str) -> PathBuf {
         .expect("a free name")
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
 /// `run.json`: what `resume` needs, written before the first call goes out.
 async fn write_run_json(dir: &Path, r: &Resolved, limit: Option<u64>) -> Result<(), Error> {
     let inputs = r.inputs.clone();
     let inputs = tokio::task::spawn_blocking(move || {
-        inputs
-            .iter()
-            .map(|i| {
-                let meta = std::fs::metadata(&i.path)?;
-                Ok(serde_json::json!({
-                    "path": absolute(&i.path),
-                    "format": i.format,
-                    "delimiter": (i.delimiter as char).to_string(),
-                    "size": meta.len(),
-                    "sha256": sha256_file(&i.path)?,
-                }))
-            })
-            .collect::<std::io::Result<Vec<Value>>>()
+        inputs.iter().map(|i| InputFingerprint::of(&i.path, i.format, i.delimiter)).collect::<std::io::Result<Vec<_>>>()
     })
     .await
     .expect("hashing does not panic")
     .map_err(|e| Error::Usage(format!("cannot read an input to fingerprint it: {e}")))?;
-    let info = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "job": absolute(&r.job.path),
-        "job_name": r.job.name,
-        "inputs": inputs,
-        "profile": r.loaded.profile,
-        "config": r.loaded.config_file.as_deref().map(absolute),
-        "settings": r.loaded.settings,
-        "limit": limit,
-        "started_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        "pid": std::process::id(),
-    });
+    let info = RunInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        job: absolute(&r.job.path),
+        job_name: r.job.name.clone(),
+        inputs,
+        profile: r.loaded.profile.clone(),
+        config: r.loaded.config_file.as_deref().map(absolute),
+        settings: serde_json::to_value(&r.loaded.settings).expect("serializable"),
+        limit,
+        started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        pid: std::process::id(),
+    };
     crate::output::write_json(&dir.join("run.json"), &info)?;
     Ok(())
 }
@@ -401,7 +417,7 @@ async fn run(args: RunArgs, stop: CancellationToken) -> Result<ExitCode, Error> 
         json: args.json,
         rerun,
     };
-    run_resolved(resolved, None, options, stop).await
+    run_resolved(resolved, None, options, None, stop).await
 }
 
 /// Runs a resolved job: token first (bad credentials stop here, before any
@@ -410,13 +426,16 @@ async fn run_resolved(
     r: Resolved,
     credentials: Option<Credentials>,
     options: RunOptions,
+    resume: Option<Resume>,
     stop: CancellationToken,
 ) -> Result<ExitCode, Error> {
     let settings = r.loaded.settings.clone();
     let requests = Arc::new(r.job.requests(&settings)?);
     let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
     let authorized = settings.auth.style != AuthStyle::None;
-    let plan = |dir: PathBuf| Plan {
+    let resuming = resume.is_some();
+    let mut resume = resume;
+    let mut plan = |dir: PathBuf| Plan {
         requests: requests.clone(),
         inputs: r.inputs.clone(),
         settings: settings.clone(),
@@ -425,6 +444,7 @@ async fn run_resolved(
         progress: options.progress,
         grace: options.grace,
         max_failures: options.max_failures,
+        resume: resume.take(),
     };
 
     if options.dry_run {
@@ -434,6 +454,9 @@ async fn run_resolved(
         return Ok(close(&finished, &dir, &options));
     }
 
+    // One run per job: a second one stops here, before any token request.
+    let folder = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let _lock = crate::output::lock_job(folder, &r.job.name)?;
     let client = runner::http_client(&settings);
     let tokens = if authorized {
         let credentials = match credentials {
@@ -446,10 +469,13 @@ async fn run_resolved(
     } else {
         None
     };
-    crate::output::create_run_dir(&dir)?;
-    write_run_json(&dir, &r, options.limit).await?;
+    if !resuming {
+        crate::output::create_run_dir(&dir)?;
+        write_run_json(&dir, &r, options.limit).await?;
+    }
     tracing::info!(
-        "running {} ({} input{}) into {}",
+        "{} {} ({} input{}) into {}",
+        if resuming { "resuming" } else { "running" },
         r.job.name,
         r.inputs.len(),
         if r.inputs.len() == 1 { "" } else { "s" },
@@ -457,6 +483,103 @@ async fn run_resolved(
     );
     let finished = runner::run(plan(dir.clone()), client, tokens, stop).await?;
     Ok(close(&finished, &dir, &options))
+}
+
+async fn resume(args: ResumeArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let dir = args.run_dir;
+    let info_path = dir.join("run.json");
+    let text = std::fs::read_to_string(&info_path).map_err(|e| {
+        Error::Usage(format!(
+            "cannot read {}: {e}; resume needs the run directory of a run that started (it writes run.json first)",
+            info_path.display()
+        ))
+    })?;
+    let info: RunInfo = serde_json::from_str(&text)
+        .map_err(|e| Error::Usage(format!("{} is not a run.json bulkcall wrote: {e}", info_path.display())))?;
+
+    let recorded = info.inputs.clone();
+    let changed = tokio::task::spawn_blocking(move || {
+        recorded
+            .iter()
+            .filter_map(|was| {
+                let delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+                match InputFingerprint::of(&was.path, was.format, delimiter) {
+                    Ok(now) if now.size == was.size && now.sha256 == was.sha256 => None,
+                    Ok(now) => Some(format!(
+                        "{} changed since the run started ({} bytes then, {} now; the SHA-256 differs)",
+                        was.path.display(),
+                        was.size,
+                        now.size
+                    )),
+                    Err(e) => Some(format!("{} cannot be read: {e}", was.path.display())),
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("hashing does not panic");
+    if !changed.is_empty() {
+        return Err(Error::Usage(format!(
+            "resume refuses: {}; rows are matched by position, so a changed input could send the wrong rows. Start a new run instead",
+            changed.join("; ")
+        )));
+    }
+
+    let job = Job::load(&info.job)?;
+    let mut flags = match info.settings {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    flags.extend(args.settings.to_map());
+    let sources = Sources {
+        config_file: info.config.clone(),
+        no_config: info.config.is_none(),
+        profile: Some(info.profile.clone()).filter(|p| p != "default"),
+        job: job.settings.clone(),
+        flags,
+        env: true,
+    };
+    let loaded = sources.load()?;
+    let inputs: Vec<PathBuf> = info.inputs.iter().map(|i| i.path.clone()).collect();
+    let mut resolved = resolve_inputs(job, loaded, &inputs)?;
+    for (spec, was) in resolved.inputs.iter_mut().zip(&info.inputs) {
+        spec.format = was.format;
+        spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+    }
+
+    let (mut done, started) = crate::output::Ledger::read(&dir)?;
+    let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
+    let names: Vec<String> =
+        info.inputs.iter().map(|i| i.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    for (input, row, outcome) in crate::output::last_outcomes(&dir) {
+        let matches: Vec<(usize, u64)> = in_doubt
+            .iter()
+            .copied()
+            .filter(|&(i, r)| r == row && input.as_deref().is_none_or(|name| names[i] == name))
+            .collect();
+        if let [key] = matches.as_slice() {
+            in_doubt.remove(key);
+            done.insert(*key, outcome);
+        }
+    }
+    tracing::info!(
+        "{} rows already have an outcome; {} were in flight when the run stopped ({})",
+        done.len(),
+        in_doubt.len(),
+        if args.in_doubt == InDoubt::Fail { "written to failures as in_doubt" } else { "sending them again" }
+    );
+    let options = RunOptions {
+        out: Some(dir.clone()),
+        limit: info.limit,
+        dry_run: false,
+        max_failures: args.max_failures,
+        grace: args.grace,
+        progress: args.progress,
+        json: args.json,
+        rerun: format!("bulkcall run {}", info.job.display()),
+    };
+    let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail };
+    run_resolved(resolved, None, options, Some(resume), stop).await
 }
 
 fn print_dry_run(dir: &Path) {
@@ -668,7 +791,7 @@ async fn demo(args: DemoArgs, stop: CancellationToken) -> Result<ExitCode, Error
         json: args.json,
         rerun: format!("bulkcall run {}", job_path.display()),
     };
-    let exit = run_resolved(resolved, Some(credentials), options, stop).await;
+    let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;
     if exit.is_ok() {
         eprintln!(

@@ -62,6 +62,8 @@ impl Error {
             }
             Error::Token(_) | Error::Unauthorized(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
+            Error::Output(crate::output::OutputError::Locked { .. }) => ExitCode::Locked,
+            Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
             Error::Output(_) => ExitCode::Io,
         }
     }

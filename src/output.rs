@@ -3,8 +3,11 @@
 //! `summary.json` and `run.json`.
 //!
 //! Files hold PHI: the directory is created 0700 and every file 0600. Each
-//! record is serialized whole before it is handed to the file, so a line is
-//! written by one `write` and is never torn.
+//! record is serialized whole and handed to the operating system at once by
+//! one `write`, so a line is never torn and `kill -9` loses no outcome that
+//! was recorded. `journal` is the ledger that makes `resume` exact: a row is
+//! marked started before its first attempt goes out, and done after its
+//! outcome is written.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +30,8 @@ pub enum OutputError {
         "{0} already holds a run (it has a run.json); choose another --out, or finish that run with `bulkcall resume {0}`"
     )]
     Occupied(PathBuf),
+    #[error("another run of job `{job}` is going on (pid {pid}, lock {path}); wait for it, or stop it first")]
+    Locked { job: String, pid: String, path: PathBuf },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -52,6 +57,15 @@ fn create_file(path: &Path) -> Result<File, OutputError> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))
 }
 
+/// Opens a file for appending (resume) or creates it empty (a new run).
+fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
+    if append {
+        OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))
+    } else {
+        create_file(path)
+    }
+}
+
 /// Writes a JSON document whole: to a temporary file, then renamed.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
     let tmp = path.with_extension("json.tmp");
@@ -62,6 +76,110 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// `run.json`: what `resume` needs, written before the first call goes out.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    pub version: String,
+    pub job: PathBuf,
+    pub job_name: String,
+    pub inputs: Vec<InputFingerprint>,
+    pub profile: String,
+    pub config: Option<PathBuf>,
+    /// The resolved settings, secrets left out.
+    pub settings: Value,
+    pub limit: Option<u64>,
+    pub started_at: String,
+    pub pid: u32,
+}
+
+/// An input as it was when the run started.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct InputFingerprint {
+    pub path: PathBuf,
+    pub format: Format,
+    pub delimiter: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl InputFingerprint {
+    /// Reads the whole file to fingerprint it. Blocking.
+    pub fn of(path: &Path, format: Format, delimiter: u8) -> std::io::Result<InputFingerprint> {
+        use sha2::Digest;
+        let mut file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok(InputFingerprint {
+            path: std::path::absolute(path)?,
+            format,
+            delimiter: (delimiter as char).to_string(),
+            size,
+            sha256: format!("{:x}", hasher.finalize()),
+        })
+    }
+}
+
+/// The last record of each outcome file: a crash between writing an
+/// outcome and its ledger mark leaves at most that one row unmarked.
+/// Returns (input name if recorded, row, outcome).
+pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
+    let mut found = vec![];
+    let tail = |name: &str| -> Option<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = File::open(dir.join(name)).ok()?;
+        let len = file.metadata().ok()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(4 << 20))).ok()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        text.trim_end_matches('\n').rsplit('\n').next().map(str::to_string)
+    };
+    let num = |v: &Value| v.as_u64();
+    if let Some(line) = tail("results.jsonl").and_then(|l| serde_json::from_str::<Value>(&l).ok())
+        && let Some(row) = num(&line["row"])
+    {
+        let done = Done {
+            status: num(&line["status"]).map(|s| s as u16),
+            error: None,
+            attempts: num(&line["attempts"]).unwrap_or(1) as u32,
+            latency_us: num(&line["latency_ms"]).unwrap_or(0) * 1000,
+        };
+        found.push((line["input"].as_str().map(str::to_string), row, done));
+    }
+    if let Some(line) = tail("failures.jsonl").and_then(|l| serde_json::from_str::<Value>(&l).ok())
+        && let Some(row) = num(&line["_row"])
+    {
+        let done = Done {
+            status: num(&line["_status"]).map(|s| s as u16),
+            error: line["_error"].as_str().map(str::to_string),
+            attempts: num(&line["_attempts"]).unwrap_or(0) as u32,
+            latency_us: 0,
+        };
+        found.push((None, row, done));
+    }
+    if let Some(text) = std::fs::read_dir(dir).ok().into_iter().flatten().flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (name.starts_with("failures") && name.ends_with(".csv")).then(|| tail(&name)).flatten()
+    }) {
+        let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(text.as_bytes());
+        if let Some(Ok(record)) = reader.records().next()
+            && record.len() >= 6
+        {
+            let field = |back: usize| record.get(record.len() - back).unwrap_or_default();
+            if let Ok(row) = field(6).parse() {
+                let done = Done {
+                    status: field(3).parse().ok(),
+                    error: Some(field(4).to_string()),
+                    attempts: field(2).parse().unwrap_or(0),
+                    latency_us: 0,
+                };
+                found.push((None, row, done));
+            }
+        }
+    }
+    found
+}
+
 /// What the writer needs to know about each input.
 #[derive(Debug, Clone)]
 pub struct InputInfo {
@@ -69,17 +187,17 @@ pub struct InputInfo {
     pub format: Format,
 }
 
-/// A JSON Lines file written one whole line at a time.
+/// A JSON Lines file written one whole line at a time, straight to the
+/// operating system.
 struct Lines {
     path: PathBuf,
-    file: BufWriter<File>,
+    file: File,
     line: Vec<u8>,
 }
 
 impl Lines {
-    fn create(path: PathBuf) -> Result<Lines, OutputError> {
-        let file = BufWriter::with_capacity(64 * 1024, create_file(&path)?);
-        Ok(Lines { path, file, line: Vec::with_capacity(1024) })
+    fn open(path: PathBuf, append: bool) -> Result<Lines, OutputError> {
+        Ok(Lines { file: open_file(&path, append)?, path, line: Vec::with_capacity(1024) })
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<(), OutputError> {
@@ -88,16 +206,12 @@ impl Lines {
         self.line.push(b'\n');
         self.file.write_all(&self.line).map_err(io(&self.path))
     }
-
-    fn flush(&mut self) -> Result<(), OutputError> {
-        self.file.flush().map_err(io(&self.path))
-    }
 }
 
 /// A failures CSV: the input's columns, then the six failure columns.
 struct CsvFailures {
     path: PathBuf,
-    file: BufWriter<File>,
+    file: File,
     /// One record's bytes, reused.
     record: Vec<u8>,
 }
@@ -105,11 +219,12 @@ struct CsvFailures {
 const ERROR_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
 
 impl CsvFailures {
-    fn create(path: PathBuf, headers: &CsvHeaders) -> Result<CsvFailures, OutputError> {
-        let file = BufWriter::with_capacity(64 * 1024, create_file(&path)?);
-        let mut this = CsvFailures { path, file, record: Vec::with_capacity(1024) };
-        let columns = headers.names().iter().map(String::as_str).chain(ERROR_COLUMNS);
-        this.write(columns)?;
+    fn open(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFailures, OutputError> {
+        let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        let mut this = CsvFailures { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024) };
+        if !has_header {
+            this.write(headers.names().iter().map(String::as_str).chain(ERROR_COLUMNS))?;
+        }
         Ok(this)
     }
 
@@ -146,6 +261,8 @@ struct ResultLine<'a> {
 /// Writes outcomes as they arrive.
 pub struct Writer {
     dir: PathBuf,
+    /// Resuming: files are appended to, CSV headers not repeated.
+    append: bool,
     inputs: Vec<InputInfo>,
     results: Lines,
     failures_jsonl: Option<Lines>,
@@ -156,11 +273,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn create(dir: &Path, inputs: Vec<InputInfo>) -> Result<Writer, OutputError> {
+    pub fn open(dir: &Path, inputs: Vec<InputInfo>, append: bool) -> Result<Writer, OutputError> {
         Ok(Writer {
             dir: dir.to_path_buf(),
+            append,
             inputs,
-            results: Lines::create(dir.join("results.jsonl"))?,
+            results: Lines::open(dir.join("results.jsonl"), append)?,
             failures_jsonl: None,
             failures_csv: HashMap::new(),
             csv_headers: Vec::new(),
@@ -223,7 +341,7 @@ impl Writer {
 
     fn jsonl_file(&mut self) -> Result<&mut Lines, OutputError> {
         if self.failures_jsonl.is_none() {
-            self.failures_jsonl = Some(Lines::create(self.dir.join("failures.jsonl"))?);
+            self.failures_jsonl = Some(Lines::open(self.dir.join("failures.jsonl"), self.append)?);
         }
         Ok(self.failures_jsonl.as_mut().expect("just created"))
     }
@@ -237,23 +355,11 @@ impl Writer {
                 let stem = Path::new(&self.inputs[input].name).file_stem().and_then(|s| s.to_str()).unwrap_or("input");
                 format!("failures.{stem}.csv")
             };
-            let file = CsvFailures::create(self.dir.join(name), headers)?;
+            let file = CsvFailures::open(self.dir.join(name), headers, self.append)?;
             self.failures_csv.insert(id, file);
             self.csv_headers.push(headers.clone());
         }
         Ok(self.failures_csv.get_mut(&id).expect("just inserted"))
-    }
-
-    /// Hands buffered lines to the operating system.
-    pub fn flush(&mut self) -> Result<(), OutputError> {
-        self.results.flush()?;
-        if let Some(f) = &mut self.failures_jsonl {
-            f.flush()?;
-        }
-        for f in self.failures_csv.values_mut() {
-            f.file.flush().map_err(io(&f.path))?;
-        }
-        Ok(())
     }
 
     /// The failures files written, for the closing message.
@@ -274,19 +380,145 @@ fn add_error_fields(map: &mut Map<String, Value>, errors: &[&str; 6], status: Op
     map.insert("_message".into(), Value::from(errors[5]));
 }
 
-/// `requests.jsonl` of a dry run.
-pub struct RequestsFile(Lines);
+/// `requests.jsonl` of a dry run (buffered: a dry run has nothing to lose).
+pub struct RequestsFile {
+    path: PathBuf,
+    file: BufWriter<File>,
+}
 
 impl RequestsFile {
     pub fn create(dir: &Path) -> Result<RequestsFile, OutputError> {
-        Lines::create(dir.join("requests.jsonl")).map(RequestsFile)
+        let path = dir.join("requests.jsonl");
+        Ok(RequestsFile { file: BufWriter::new(create_file(&path)?), path })
     }
 
     pub fn write(&mut self, value: &impl Serialize) -> Result<(), OutputError> {
-        self.0.write(value)
+        serde_json::to_writer(&mut self.file, value)
+            .map_err(|e| OutputError::Io { path: self.path.clone(), source: e.into() })?;
+        self.file.write_all(b"\n").map_err(io(&self.path))
     }
 
     pub fn flush(&mut self) -> Result<(), OutputError> {
-        self.0.flush()
+        self.file.flush().map_err(io(&self.path))
+    }
+}
+
+/// The ledger of a run (`journal`): `S` when a row's first attempt is
+/// about to go out, `D` with its outcome once that is written. Rows with `S`
+/// and no `D` were in flight when the run stopped: in doubt.
+pub struct Ledger {
+    path: PathBuf,
+    /// Opened for appending: each line is one `write`, whole even when
+    /// workers write at the same moment.
+    file: File,
+}
+
+/// Rows (input, row) with a recorded outcome, and rows started without one.
+pub type LedgerState = (HashMap<(usize, u64), Done>, Vec<(usize, u64)>);
+
+/// What the ledger knows of one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    pub status: Option<u16>,
+    /// `None` for a success.
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub latency_us: u64,
+}
+
+impl Ledger {
+    pub fn open(dir: &Path, append: bool) -> Result<Ledger, OutputError> {
+        let path = dir.join("journal");
+        Ok(Ledger { file: open_file(&path, append)?, path })
+    }
+
+    pub fn started(&self, input: usize, row: u64) -> Result<(), OutputError> {
+        (&self.file).write_all(format!("S\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
+    }
+
+    pub fn done(&self, outcome: &Outcome) -> Result<(), OutputError> {
+        let status = outcome.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let error = match &outcome.result {
+            Ok(_) => "ok",
+            Err(f) => f.kind.as_str(),
+        };
+        let line = format!(
+            "D\t{}\t{}\t{status}\t{error}\t{}\t{}\n",
+            outcome.input,
+            outcome.number,
+            outcome.attempts,
+            outcome.latency.as_micros()
+        );
+        (&self.file).write_all(line.as_bytes()).map_err(io(&self.path))
+    }
+
+    /// Reads a run's ledger: the rows done (with their outcome) and the rows
+    /// started but not done.
+    pub fn read(dir: &Path) -> Result<LedgerState, OutputError> {
+        let path = dir.join("journal");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut done = HashMap::new();
+        let mut started = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let key = |f: &[&str]| Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
+            match (f.first(), key(&f)) {
+                (Some(&"S"), Some(k)) => started.push(k),
+                (Some(&"D"), Some(k)) if f.len() == 7 => {
+                    done.insert(
+                        k,
+                        Done {
+                            status: f[3].parse().ok(),
+                            error: (f[4] != "ok").then(|| f[4].to_string()),
+                            attempts: f[5].parse().unwrap_or(0),
+                            latency_us: f[6].parse().unwrap_or(0),
+                        },
+                    );
+                }
+                // A line cut by a crash (only ever the last one) is ignored.
+                _ => {}
+            }
+        }
+        started.retain(|k| !done.contains_key(k));
+        started.sort_unstable();
+        started.dedup();
+        Ok((done, started))
+    }
+}
+
+/// Holds the one-run-per-job lock for as long as it lives.
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+/// Takes the job's lock in its output folder, or says who holds it.
+pub fn lock_job(folder: &Path, job: &str) -> Result<JobLock, OutputError> {
+    std::fs::create_dir_all(folder).map_err(io(folder))?;
+    let path = folder.join(format!(".{job}.lock"));
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)
+                .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+                .map_err(io(&path))?;
+            Ok(JobLock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            Err(OutputError::Locked { job: job.to_string(), pid: holder, path })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
     }
 }

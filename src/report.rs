@@ -44,7 +44,9 @@ pub struct Stats {
     /// Rows that were sent at least once.
     attempted: u64,
     statuses: BTreeMap<u16, u64>,
-    errors: BTreeMap<ErrorKind, u64>,
+    errors: BTreeMap<String, u64>,
+    /// Rows sent with no recorded answer when the run stopped.
+    in_doubt: u64,
     /// Latency of each row's last attempt, in microseconds.
     latency: Histogram<u64>,
 }
@@ -60,6 +62,7 @@ impl Default for Stats {
             attempted: 0,
             statuses: BTreeMap::new(),
             errors: BTreeMap::new(),
+            in_doubt: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
         }
     }
@@ -93,22 +96,37 @@ pub struct Summary {
 
 impl Stats {
     pub fn add(&mut self, outcome: &Outcome) {
+        let error = outcome.result.as_ref().err().map(|f| f.kind.as_str());
+        self.add_recorded(outcome.status, error, outcome.attempts, outcome.latency.as_micros() as u64);
+    }
+
+    /// Counts an outcome: this run's, or one an earlier part of a resumed
+    /// run left in the ledger.
+    pub fn add_recorded(&mut self, status: Option<u16>, error: Option<&str>, attempts: u32, latency_us: u64) {
         self.total += 1;
-        self.attempts += u64::from(outcome.attempts);
-        if let Some(status) = outcome.status {
+        self.attempts += u64::from(attempts);
+        if let Some(status) = status {
             *self.statuses.entry(status).or_default() += 1;
         }
-        match &outcome.result {
-            Ok(_) => self.succeeded += 1,
-            Err(f) => {
+        match error {
+            None => self.succeeded += 1,
+            Some(kind) => {
                 self.failed += 1;
-                *self.errors.entry(f.kind).or_default() += 1;
+                *self.errors.entry(kind.to_string()).or_default() += 1;
+                if kind == ErrorKind::InDoubt.as_str() {
+                    self.in_doubt += 1;
+                }
             }
         }
-        if outcome.attempts > 0 {
+        if attempts > 0 {
             self.attempted += 1;
-            self.latency.saturating_record(outcome.latency.as_micros().max(1) as u64);
+            self.latency.saturating_record(latency_us.max(1));
         }
+    }
+
+    /// A row abandoned in flight at the end of the grace period.
+    pub fn add_abandoned(&mut self) {
+        self.in_doubt += 1;
     }
 
     pub fn failed(&self) -> u64 {
@@ -124,7 +142,7 @@ impl Stats {
             total: self.total,
             succeeded: self.succeeded,
             failed: self.failed,
-            in_doubt: 0,
+            in_doubt: self.in_doubt,
             attempts: self.attempts,
             retries: self.attempts - self.attempted,
             token_requests,
@@ -137,7 +155,7 @@ impl Stats {
                 max: if empty { 0.0 } else { ms(self.latency.max()) },
             },
             statuses: self.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-            errors: self.errors.iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect(),
+            errors: self.errors.clone(),
             exit_code,
         }
     }

@@ -7,6 +7,7 @@
 //! writes files and keeps statistics. A failed row is data, not an early
 //! return: only a fatal token error or a stream of 401s stops the pool.
 
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
-use crate::output::{InputInfo, RequestsFile, Writer};
+use crate::output::{Done, InputInfo, Ledger, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
 use crate::token::{Token, TokenSource};
 
@@ -45,6 +46,19 @@ pub struct Plan {
     pub grace: Duration,
     /// Abort (exit 4) once this many rows have failed.
     pub max_failures: Option<MaxFailures>,
+    /// Continuing an earlier run into the same directory.
+    pub resume: Option<Resume>,
+}
+
+/// What the ledger of an interrupted run says.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// Rows with a recorded outcome: never sent again.
+    pub done: HashMap<(usize, u64), Done>,
+    /// Rows sent with no recorded outcome.
+    pub in_doubt: HashSet<(usize, u64)>,
+    /// Write in-doubt rows to failures as `in_doubt` instead of resending them.
+    pub fail_in_doubt: bool,
 }
 
 /// `--max-failures N` or `P%`.
@@ -110,6 +124,12 @@ struct Shared {
     /// Rows that failed with 401 on a fresh token, in a row without any
     /// other answer in between.
     auth_streak: AtomicU64,
+    /// Marks each row started before its first attempt goes out.
+    ledger: Arc<Ledger>,
+    /// Resuming with `--in-doubt fail`: these rows are not sent again.
+    fail_in_doubt: HashSet<(usize, u64)>,
+    /// Rows dropped in flight at the end of the grace period.
+    abandoned: AtomicU64,
 }
 
 impl Shared {
@@ -184,10 +204,11 @@ fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
 }
 
 /// Starts the reader thread: it feeds `tx` until the inputs end, `limit`
-/// rows were read, or `stop` is cancelled.
+/// rows were read, or `stop` is cancelled. Rows in `skip` are not sent.
 fn spawn_reader(
     inputs: Vec<InputSpec>,
     limit: Option<u64>,
+    skip: HashSet<(usize, u64)>,
     live: Arc<Live>,
     stop: CancellationToken,
     tx: async_channel::Sender<Item>,
@@ -200,7 +221,11 @@ fn spawn_reader(
                 return false;
             }
             count += 1;
-            tx.send_blocking(item).is_ok()
+            let key = match &item {
+                Ok(row) => (row.input, row.number),
+                Err(bad) => (bad.input, bad.number),
+            };
+            skip.contains(&key) || tx.send_blocking(item).is_ok()
         })
     })
 }
@@ -213,7 +238,14 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<Finished, Error> {
     let concurrency = plan.settings.concurrency;
-    let mut writer = Writer::create(&plan.dir, input_infos(&plan.inputs))?;
+    let resume = plan.resume.unwrap_or_default();
+    let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append)?;
+    let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
+    let mut stats = Stats::default();
+    for done in resume.done.values() {
+        stats.add_recorded(done.status, done.error.as_deref(), done.attempts, done.latency_us);
+    }
     let live = Arc::new(Live::default());
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
     let progress = Progress::start(
@@ -227,7 +259,8 @@ pub async fn run(
     );
 
     let (row_tx, row_rx) = async_channel::bounded::<Item>(concurrency * 4);
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, live.clone(), stop.clone(), row_tx);
+    let skip = resume.done.keys().copied().collect();
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), row_tx);
 
     let shared = Arc::new(Shared {
         requests: plan.requests.clone(),
@@ -242,6 +275,9 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         abort: Mutex::new(None),
         auth_streak: AtomicU64::new(0),
+        ledger: ledger.clone(),
+        fail_in_doubt: if resume.fail_in_doubt { resume.in_doubt } else { HashSet::new() },
+        abandoned: AtomicU64::new(0),
     });
 
     // After a stop, calls in flight get `grace` to finish.
@@ -275,8 +311,6 @@ pub async fn run(
     drop((row_rx, out_tx));
 
     // The collector: the only writer of outcomes.
-    let mut stats = Stats::default();
-    let mut write_error = None;
     while let Some(outcome) = out_rx.recv().await {
         stats.add(&outcome);
         live.done.fetch_add(1, Ordering::Relaxed);
@@ -286,19 +320,15 @@ pub async fn run(
             let (failed, done) = (stats.failed(), live.done.load(Ordering::Relaxed));
             if max.reached(failed, done) && !stop.is_cancelled() {
                 shared.abort(Error::MaxFailures(format!(
-                    "{failed} of {done} rows failed, reaching --max-failures; the rows not yet sent can be sent with `bulkcall resume`"
+                    "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
+                    plan.dir.display()
                 )));
             }
         }
-        if let Err(e) = writer.record(&outcome) {
+        // The outcome first, then the ledger's mark: a crash between the two
+        // leaves the row in doubt, never lost.
+        if let Err(e) = writer.record(&outcome).and_then(|()| ledger.done(&outcome)) {
             // Without a place for outcomes, sending more would lose them.
-            shared.abort(Error::Output(e));
-            write_error = Some(());
-            break;
-        }
-        if out_rx.is_empty()
-            && let Err(e) = writer.flush()
-        {
             shared.abort(Error::Output(e));
             break;
         }
@@ -307,10 +337,10 @@ pub async fn run(
     while workers.join_next().await.is_some() {}
     watchdog.abort();
     let read_result = reader.await.expect("the reader thread does not panic");
-    if write_error.is_none() {
-        writer.flush()?;
-    }
     progress.finish().await;
+    for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
+        stats.add_abandoned();
+    }
 
     let mut abort = shared.abort.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Err(e) = read_result
@@ -418,6 +448,22 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             return Some(Outcome::invalid(&row, row.number.to_string(), format!("{place}: {e}")));
         }
     };
+    let fail = |kind, message| Err(Failure { kind, message });
+    if shared.fail_in_doubt.contains(&(row.input, row.number)) {
+        let message =
+            "sent before the run stopped, with no recorded answer; check on the server before sending it again";
+        return Some(Outcome {
+            input: row.input,
+            number: row.number,
+            line: row.line,
+            key: request.key.clone(),
+            attempts: 0,
+            latency: Duration::ZERO,
+            status: None,
+            result: fail(ErrorKind::InDoubt, message.to_string()),
+            source: Source::Record(row.record.clone()),
+        });
+    }
     let outcome = |attempts, latency, status, result| Outcome {
         input: row.input,
         number: row.number,
@@ -429,7 +475,6 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         result,
         source: Source::Record(row.record.clone()),
     };
-    let fail = |kind, message| Err(Failure { kind, message });
     let max_attempts = shared.settings.max_attempts;
     let mut attempts = 0u32;
     let mut refreshed = false;
@@ -452,6 +497,14 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         if !resend {
             attempts += 1;
         }
+        if attempts == 1
+            && !resend
+            && !refreshed
+            && let Err(e) = shared.ledger.started(row.input, row.number)
+        {
+            shared.abort(Error::Output(e));
+            return None;
+        }
         resend = false;
         shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -463,6 +516,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         let latency = started.elapsed();
         let Some(result) = result else {
             tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
+            shared.abandoned.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         let (verdict, answer) = match result {
@@ -561,8 +615,8 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
 pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
     let (tx, rx) = async_channel::bounded::<Item>(1024);
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, live, CancellationToken::new(), tx);
-    let mut writer = Writer::create(&plan.dir, input_infos(&plan.inputs))?;
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, HashSet::new(), live, CancellationToken::new(), tx);
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
     let mut stats = Stats::default();
@@ -587,7 +641,6 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     }
     reader.await.expect("the reader thread does not panic")?;
     requests.flush()?;
-    writer.flush()?;
     let exit = if stats.failed() > 0 { ExitCode::RowsFailed } else { ExitCode::Success };
     let summary = stats.summary(0, exit.code());
     Ok(Finished { summary, exit, abort: None, failure_files: writer.failure_files() })

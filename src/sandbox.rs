@@ -506,6 +506,13 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 
 async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
     shared.counters.api_calls.fetch_add(1, Relaxed);
+    // Like a real gateway, finish a call that arrived even if the client goes
+    // away meanwhile: the call happened, whether or not its answer is read.
+    let handled = tokio::spawn(handle_api_call(shared, req, answer));
+    handled.await.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }

@@ -131,11 +131,13 @@ async fn the_next_run_reuses_the_cached_token() {
 async fn two_runs_refreshing_at_once_fetch_one_token() {
     let gw = Gateway::start(SandboxConfig { token_delay: Duration::from_millis(300), ..quiet_sandbox() }).await;
     let input = gw.write("rows.csv", &eligibility_csv(1, 20));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    // Two different jobs: one run per job at a time, but jobs share tokens.
+    let job_a = gw.write("a.toml", ELIGIBILITY_JOB);
+    let job_b = gw.write("b.toml", ELIGIBILITY_JOB);
     let (a, b) = (gw.path("a"), gw.path("b"));
-    let (job, input) = (job.to_str().unwrap(), input.to_str().unwrap());
-    let args_a = ["run", job, input, "-o", a.to_str().unwrap()];
-    let args_b = ["run", job, input, "-o", b.to_str().unwrap()];
+    let input = input.to_str().unwrap();
+    let args_a = ["run", job_a.to_str().unwrap(), input, "-o", a.to_str().unwrap()];
+    let args_b = ["run", job_b.to_str().unwrap(), input, "-o", b.to_str().unwrap()];
     let (code_a, code_b) = tokio::join!(gw.run(&args_a), gw.run(&args_b));
     assert_eq!((code_a, code_b), (ExitCode::Success, ExitCode::Success));
     assert_eq!(gw.sandbox.stats().token_requests, 1, "the second run waited for the first one's token");

@@ -1,0 +1,152 @@
+//! Crash safety: a run killed with SIGKILL is finished by `resume` without
+//! sending a recorded row again; one run per job at a time.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bulkcall::sandbox::SandboxConfig;
+use common::*;
+
+fn bulkcall() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    command.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+}
+
+fn keys_in_results(path: &std::path::Path) -> Vec<String> {
+    jsonl(path).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect()
+}
+
+async fn wait_for_calls(gw: &Gateway, n: u64) {
+    while gw.sandbox.stats().api_calls < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_is_resumed_without_resending_recorded_rows() {
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(20), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 3000));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let mut child = bulkcall()
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "16"])
+        .spawn()
+        .unwrap();
+    wait_for_calls(&gw, 1000).await;
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    let before: HashSet<String> = keys_in_results(&out.join("results.jsonl")).into_iter().collect();
+    assert!(before.len() >= 900, "outcomes were recorded as they happened: {}", before.len());
+    let sent_before = gw.sandbox.stats().api_calls;
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let keys = keys_in_results(&out.join("results.jsonl"));
+    let unique: HashSet<&String> = keys.iter().collect();
+    assert_eq!((keys.len(), unique.len()), (3000, 3000), "every row exactly once in results");
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for call in gw.sandbox.recorded() {
+        *sent.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    for key in &before {
+        assert_eq!(sent[key], 1, "{key} was recorded before the kill and not sent again");
+    }
+    let twice = sent.values().filter(|&&n| n > 1).count();
+    assert!(twice <= 16, "at most `concurrency` rows were in doubt and sent again: {twice}");
+    assert_eq!(gw.sandbox.stats().api_calls, 3000 + twice as u64);
+    assert!(gw.sandbox.stats().api_calls > sent_before);
+    let summary = json(&out.join("summary.json"));
+    assert_eq!((summary["total"].as_u64(), summary["succeeded"].as_u64()), (Some(3000), Some(3000)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_rows_can_be_failed_instead_of_resent() {
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(200), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let mut child = bulkcall()
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "8"])
+        .spawn()
+        .unwrap();
+    wait_for_calls(&gw, 20).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // Calls that arrived are answered by the gateway even though nobody reads the answer.
+    while gw.sandbox.recorded().len() as u64 != gw.sandbox.stats().api_calls {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent_before: HashSet<String> =
+        gw.sandbox.recorded().iter().map(|c| c.body["controlNumber"].as_str().unwrap().to_string()).collect();
+    let recorded: HashSet<String> = keys_in_results(&out.join("results.jsonl")).into_iter().collect();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap(), "--in-doubt", "fail"]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    let mut reader = csv::Reader::from_reader(failures.as_bytes());
+    let in_doubt: HashSet<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+    let expected: HashSet<String> = sent_before.difference(&recorded).cloned().collect();
+    assert!(!expected.is_empty(), "the kill left rows in flight");
+    assert!(in_doubt.is_superset(&expected), "every row the gateway saw without a recorded answer is in doubt");
+    assert!(in_doubt.is_disjoint(&recorded), "a recorded row is never in doubt");
+    // A row marked started may have been killed before it reached the gateway.
+    assert!(in_doubt.len() <= 8, "no more rows in doubt than calls in flight: {}", in_doubt.len());
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for call in gw.sandbox.recorded() {
+        *sent.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert!(sent.values().all(|&n| n == 1), "nothing was sent twice");
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["in_doubt"].as_u64(), Some(in_doubt.len() as u64));
+    assert_eq!(summary["total"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_refuses_a_changed_input_and_a_second_run_of_a_job_exits_75() {
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(100), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 400));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let runs = gw.path("runs");
+    let args = |out: &str| {
+        let mut command = bulkcall();
+        command.args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o"]).arg(runs.join(out)).args([
+            "-c",
+            config.to_str().unwrap(),
+            "-p",
+            "test",
+            "-j",
+            "4",
+        ]);
+        command
+    };
+    let mut first = args("a").spawn().unwrap();
+    wait_for_calls(&gw, 4).await;
+    let second = args("b").output().await.unwrap();
+    assert_eq!(second.status.code(), Some(75));
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(message.contains(&format!("pid {}", first.id().unwrap())), "{message}");
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    gw.write("rows.csv", &eligibility_csv(1, 401));
+    let output = bulkcall().args(["resume", runs.join("a").to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("rows.csv") && message.contains("changed"), "{message}");
+
+    let output = bulkcall().args(["resume", gw.path("nowhere").to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("run.json"));
+}
