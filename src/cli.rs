@@ -17,7 +17,7 @@ use crate::job::Job;
 use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
 use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
-use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sandbox::{Faults, Sandbox, SandboxConfig};
 use crate::token::{Origin, TokenSource};
 
 #[derive(Debug, Parser)]
@@ -265,6 +265,74 @@ pub struct SandboxArgs {
     /// Revoke every token issued so far this long after the start (tests 401 recovery).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub revoke_after: Option<Duration>,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+/// Faults injected into API calls, decided per row key (`controlNumber`) so
+/// the same rows meet the same faults in every run. Shares are fractions (0.05 = 5%).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Fault injection")]
+pub struct FaultArgs {
+    /// Share of keys whose first call(s) answer 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_500: f64,
+    /// Share of keys whose first call(s) answer 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_429: f64,
+    /// Share of keys whose first call(s) lose the connection mid-answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_reset: f64,
+    /// Share of keys whose first call(s) are answered after --slow-delay.
+    #[arg(long, default_value_t = 0.0)]
+    pub slow: f64,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub slow_delay: Duration,
+    /// Share of keys always answered 400.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_400_always: f64,
+    /// Share of keys always answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_500_always: f64,
+    /// How many calls of a key with a transient fault fail before it succeeds.
+    #[arg(long, default_value_t = 1)]
+    pub transient_attempts: u32,
+    /// Retry-After of a 429, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after: u64,
+    /// Send Retry-After as an HTTP date instead of seconds.
+    #[arg(long)]
+    pub retry_after_date: bool,
+    /// A server-side limit in calls per second; calls over it get 429 (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Changes which keys get which fault.
+    #[arg(long, default_value_t = 0)]
+    pub fault_seed: u64,
+}
+
+impl FaultArgs {
+    fn to_faults(&self) -> Result<Faults, Error> {
+        let shares =
+            [self.fail_500, self.fail_429, self.fail_reset, self.slow, self.fail_400_always, self.fail_500_always];
+        if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
+            return Err(Error::Usage("fault shares are fractions between 0 and 1 that add up to 1 at most".into()));
+        }
+        Ok(Faults {
+            server_errors: self.fail_500,
+            throttles: self.fail_429,
+            resets: self.fail_reset,
+            slow: self.slow,
+            slow_delay: self.slow_delay,
+            bad_requests: self.fail_400_always,
+            broken: self.fail_500_always,
+            transient_attempts: self.transient_attempts,
+            retry_after: Duration::from_secs(self.retry_after),
+            retry_after_date: self.retry_after_date,
+            rate_limit: self.rate_limit,
+            seed: self.fault_seed,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -729,6 +797,7 @@ async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Result<ExitCode,
         require_environment_header: !args.no_environment_header,
         record: false,
         revoke_after: args.revoke_after,
+        faults: args.faults.to_faults()?,
     };
     eprintln!("bulkcall sandbox listening on http://{local}");
     eprintln!("  token URL: http://{local}{}  (client id `{}`)", crate::sandbox::TOKEN_PATH, args.client_id);

@@ -10,6 +10,7 @@
 //! - [`job`]: the job spec and its templates: a row in, a request out.
 //! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
 //! - [`token`]: the one shared access token: fetch, early refresh, 401 invalidation.
+//! - [`limiter`]: the rate limit, Retry-After pauses, adaptive rate and retry budget.
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod input;
 pub mod job;
+pub mod limiter;
 pub mod outcome;
 pub mod output;
 pub mod report;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::limiter::Limiter;
 use crate::outcome::{ErrorKind, Outcome};
 use crate::token::TokenSource;
 
@@ -91,6 +92,9 @@ pub struct Summary {
     pub latency_ms: Latency,
     pub statuses: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
+    /// The lowest sending rate the server's 429s brought the run down to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled_rate: Option<f64>,
     pub exit_code: u8,
 }
 
@@ -156,6 +160,7 @@ impl Stats {
             },
             statuses: self.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             errors: self.errors.clone(),
+            throttled_rate: None,
             exit_code,
         }
     }
@@ -209,6 +214,7 @@ pub struct ProgressSource {
     pub live: Arc<Live>,
     pub total_bytes: u64,
     pub tokens: Option<TokenSource>,
+    pub limiter: Option<Arc<Limiter>>,
     pub interval: Duration,
 }
 
@@ -235,7 +241,8 @@ impl Progress {
     }
 }
 
-fn counters(live: &Live, elapsed: Duration, tokens: Option<&TokenSource>) -> String {
+fn counters(source: &ProgressSource, elapsed: Duration) -> String {
+    let (live, tokens) = (&source.live, source.tokens.as_ref());
     let done = Live::get(&live.done);
     let rate = if elapsed.as_secs_f64() > 0.0 { done as f64 / elapsed.as_secs_f64() } else { 0.0 };
     let mut text = format!(
@@ -248,6 +255,9 @@ fn counters(live: &Live, elapsed: Duration, tokens: Option<&TokenSource>) -> Str
     let retrying = Live::get(&live.retrying);
     if retrying > 0 {
         text.push_str(&format!(" · retrying {retrying}"));
+    }
+    if let Some(rate) = source.limiter.as_ref().and_then(|l| l.effective_rate()) {
+        text.push_str(&format!(" · throttled to {rate:.1}/s"));
     }
     if let Some(left) = tokens.and_then(TokenSource::time_left) {
         text.push_str(&format!(" · token {}", short_duration(left)));
@@ -284,10 +294,10 @@ async fn draw_bar(source: ProgressSource, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         bar.set_position(Live::get(&source.live.bytes_read));
-        bar.set_message(counters(&source.live, started.elapsed(), source.tokens.as_ref()));
+        bar.set_message(counters(&source, started.elapsed()));
     }
     bar.set_position(Live::get(&source.live.bytes_read));
-    bar.set_message(counters(&source.live, started.elapsed(), source.tokens.as_ref()));
+    bar.set_message(counters(&source, started.elapsed()));
     bar.finish();
     if let Ok(mut active) = ACTIVE_BAR.write() {
         *active = None;
@@ -304,9 +314,6 @@ async fn log_lines(source: ProgressSource, stop: CancellationToken) {
         }
         let read = Live::get(&source.live.bytes_read);
         let share = if source.total_bytes > 0 { read as f64 * 100.0 / source.total_bytes as f64 } else { 0.0 };
-        tracing::info!(
-            "progress: {} · {share:.0}% of input read",
-            counters(&source.live, started.elapsed(), source.tokens.as_ref())
-        );
+        tracing::info!("progress: {} · {share:.0}% of input read", counters(&source, started.elapsed()));
     }
 }

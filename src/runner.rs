@@ -8,13 +8,11 @@
 //! return: only a fatal token error or a stream of 401s stops the pool.
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng as _;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
@@ -27,6 +25,7 @@ use crate::config::Settings;
 use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
+use crate::limiter::Limiter;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{Done, InputInfo, Ledger, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
@@ -108,10 +107,8 @@ struct Shared {
     requests: Arc<Requests>,
     client: reqwest::Client,
     tokens: Option<TokenSource>,
-    /// Every attempt passes it; `None` for `rate = 0`.
-    limiter: Option<DefaultDirectRateLimiter>,
-    /// A Retry-After pauses the whole pool, not one worker.
-    gate: Gate,
+    /// Every attempt passes it; a Retry-After pauses it for everyone.
+    limiter: Arc<Limiter>,
     settings: Settings,
     live: Arc<Live>,
     inputs: Vec<String>,
@@ -141,43 +138,6 @@ impl Shared {
         }
         self.stop.cancel();
     }
-}
-
-/// Pauses every worker until a moment, set by a Retry-After.
-struct Gate {
-    base: Instant,
-    until_ms: AtomicU64,
-}
-
-impl Gate {
-    fn new() -> Gate {
-        Gate { base: Instant::now(), until_ms: AtomicU64::new(0) }
-    }
-
-    fn pause(&self, d: Duration) {
-        let until = (self.base.elapsed() + d).as_millis() as u64;
-        self.until_ms.fetch_max(until, Ordering::Relaxed);
-    }
-
-    async fn wait(&self) {
-        loop {
-            let until = Duration::from_millis(self.until_ms.load(Ordering::Relaxed));
-            let now = self.base.elapsed();
-            if until <= now {
-                return;
-            }
-            tokio::time::sleep(until - now).await;
-        }
-    }
-}
-
-fn limiter(rate: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
-    if rate <= 0.0 {
-        return None;
-    }
-    let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_nanos(1));
-    let quota = Quota::with_period(period)?.allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-    Some(RateLimiter::direct(quota))
 }
 
 /// The HTTP client every call and the token requests share: connections are
@@ -247,6 +207,7 @@ pub async fn run(
         stats.add_recorded(done.status, done.error.as_deref(), done.attempts, done.latency_us);
     }
     let live = Arc::new(Live::default());
+    let limiter = Arc::new(Limiter::new(plan.settings.rate, plan.settings.burst));
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
     let progress = Progress::start(
         plan.progress,
@@ -254,6 +215,7 @@ pub async fn run(
             live: live.clone(),
             total_bytes,
             tokens: tokens.clone(),
+            limiter: Some(limiter.clone()),
             interval: plan.settings.progress_interval,
         },
     );
@@ -266,8 +228,7 @@ pub async fn run(
         requests: plan.requests.clone(),
         client,
         tokens: tokens.clone(),
-        limiter: limiter(plan.settings.rate, plan.settings.burst),
-        gate: Gate::new(),
+        limiter: limiter.clone(),
         settings: plan.settings.clone(),
         live: live.clone(),
         inputs: input_names(&plan.inputs),
@@ -354,7 +315,8 @@ pub async fn run(
         None if stats.failed() > 0 => ExitCode::RowsFailed,
         None => ExitCode::Success,
     };
-    let summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
+    let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
+    summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
     Ok(Finished { summary, exit, abort, failure_files: writer.failure_files() })
 }
@@ -480,10 +442,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
     let mut refreshed = false;
     let mut resend = false;
     loop {
-        shared.gate.wait().await;
-        if let Some(limiter) = &shared.limiter {
-            limiter.until_ready().await;
-        }
+        shared.limiter.until_ready().await;
         let token = match &shared.tokens {
             Some(tokens) => match tokens.get().await {
                 Ok(t) => Some(t),
@@ -497,13 +456,12 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         if !resend {
             attempts += 1;
         }
-        if attempts == 1
-            && !resend
-            && !refreshed
-            && let Err(e) = shared.ledger.started(row.input, row.number)
-        {
-            shared.abort(Error::Output(e));
-            return None;
+        if attempts == 1 && !resend && !refreshed {
+            if let Err(e) = shared.ledger.started(row.input, row.number) {
+                shared.abort(Error::Output(e));
+                return None;
+            }
+            shared.limiter.earn_retry();
         }
         resend = false;
         shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -534,6 +492,9 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             }
         };
         let status = answer.as_ref().map(|a| a.status.as_u16());
+        if let Some(status) = status {
+            shared.limiter.answered(status == 429);
+        }
         if verdict != Verdict::Unauthorized && answer.is_some() {
             shared.auth_streak.store(0, Ordering::Relaxed);
         }
@@ -558,6 +519,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 return Some(outcome(attempts, latency, status, fail(ErrorKind::Auth, message)));
             }
             Verdict::Retry { kind, after } if attempts < max_attempts => {
+                let last = || answer.as_ref().map_or_else(String::new, answer_message);
                 if let Some(after) = after {
                     if after > shared.settings.retry_after_max {
                         let message = format!(
@@ -566,7 +528,12 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                         );
                         return Some(outcome(attempts, latency, status, fail(ErrorKind::Throttled, message)));
                     }
-                    shared.gate.pause(after);
+                    shared.limiter.pause(after);
+                }
+                if !shared.limiter.spend_retry() {
+                    let message =
+                        format!("{}; not retried: the retry budget is spent (too many calls are failing)", last());
+                    return Some(outcome(attempts, latency, status, fail(kind, message)));
                 }
                 let delay = after.unwrap_or_else(|| backoff(shared, kind, attempts));
                 shared.live.retrying.fetch_add(1, Ordering::Relaxed);

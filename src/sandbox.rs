@@ -67,6 +67,103 @@ pub struct SandboxConfig {
     pub record: bool,
     /// Revoke every token issued so far this long after the start.
     pub revoke_after: Option<Duration>,
+    /// Faults injected into API calls, decided per row key.
+    pub faults: Faults,
+}
+
+/// Faults for testing retries, decided by the call's row key (its
+/// `controlNumber`) so every run of the same rows meets the same faults.
+/// Shares are fractions of keys; together they may not exceed 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Faults {
+    /// Keys whose first `transient_attempts` calls answer 500.
+    pub server_errors: f64,
+    /// Keys whose first `transient_attempts` calls answer 429 with Retry-After.
+    pub throttles: f64,
+    /// Keys whose first `transient_attempts` calls lose their connection mid-answer.
+    pub resets: f64,
+    /// Keys whose first `transient_attempts` calls are answered after `slow_delay`.
+    pub slow: f64,
+    pub slow_delay: Duration,
+    /// Keys always answered 400.
+    pub bad_requests: f64,
+    /// Keys always answered 500.
+    pub broken: f64,
+    /// How many calls of a transient key fail before it succeeds.
+    pub transient_attempts: u32,
+    /// The Retry-After of a 429, in seconds or (`retry_after_date`) as an HTTP date.
+    pub retry_after: Duration,
+    pub retry_after_date: bool,
+    /// A server-side limit in calls per second; calls over it get 429 (0 = none).
+    pub rate_limit: u32,
+    /// Changes which keys get which fault.
+    pub seed: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            server_errors: 0.0,
+            throttles: 0.0,
+            resets: 0.0,
+            slow: 0.0,
+            slow_delay: Duration::from_secs(5),
+            bad_requests: 0.0,
+            broken: 0.0,
+            transient_attempts: 1,
+            retry_after: Duration::from_secs(1),
+            retry_after_date: false,
+            rate_limit: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// The fault a key meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    ServerError,
+    Throttle,
+    Reset,
+    Slow,
+    BadRequest,
+    Broken,
+}
+
+impl Faults {
+    fn any(&self) -> bool {
+        *self != Faults { seed: self.seed, ..Faults::default() }
+    }
+
+    /// The fault `key` meets, if any: deterministic for a key and seed.
+    pub fn fault_for(&self, key: &str) -> Option<Fault> {
+        // FNV-1a: stable across builds, so a key's fault can be documented.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ self.seed;
+        for b in key.bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // Finish with murmur3's mixer: FNV alone spreads similar keys badly.
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        hash ^= hash >> 33;
+        let mut point = (hash >> 11) as f64 / (1u64 << 53) as f64;
+        for (share, fault) in [
+            (self.bad_requests, Fault::BadRequest),
+            (self.broken, Fault::Broken),
+            (self.server_errors, Fault::ServerError),
+            (self.throttles, Fault::Throttle),
+            (self.resets, Fault::Reset),
+            (self.slow, Fault::Slow),
+        ] {
+            if point < share {
+                return Some(fault);
+            }
+            point -= share;
+        }
+        None
+    }
 }
 
 impl Default for SandboxConfig {
@@ -82,6 +179,7 @@ impl Default for SandboxConfig {
             require_environment_header: true,
             record: false,
             revoke_after: None,
+            faults: Faults::default(),
         }
     }
 }
@@ -113,6 +211,8 @@ pub struct RecordedCall {
     /// `Null` if the body was empty or not JSON.
     pub body: Value,
     pub status: u16,
+    /// When the call arrived, measured from the sandbox's start.
+    pub at: Duration,
 }
 
 /// A running sandbox; dropping it without [`Sandbox::shutdown`] also stops the server.
@@ -268,6 +368,10 @@ struct Shared {
     started: Instant,
     /// Arrival of each token request since `started`; token requests are rare.
     token_times: Mutex<Vec<Duration>>,
+    /// Calls seen per row key, for transient faults (only used with faults).
+    attempts: Mutex<HashMap<String, u32>>,
+    /// The server-side rate limit's current second and its count of calls.
+    rate_window: Mutex<(u64, u32)>,
 }
 
 struct Issued {
@@ -302,6 +406,8 @@ impl Shared {
             counters: Counters::default(),
             started: Instant::now(),
             token_times: Mutex::default(),
+            attempts: Mutex::default(),
+            rate_window: Mutex::default(),
         }
     }
 
@@ -513,6 +619,7 @@ async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response 
 }
 
 async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
+    let at = shared.started.elapsed();
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }
@@ -528,7 +635,17 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
             StatusCode::PAYLOAD_TOO_LARGE,
             vec![json!({ "description": format!("cannot read the request body: {err}") })],
         ),
-        Ok(_) => api_answer(&shared, &parts, &json, answer),
+        Ok(_) => match check_call(&shared, &parts, &json) {
+            Err(refused) => refused,
+            Ok(request) => match shared.fault(request) {
+                Some(Injected::Answer(response)) => response,
+                Some(Injected::Delay(delay)) => {
+                    tokio::time::sleep(delay).await;
+                    mock_answer(request, answer)
+                }
+                None => mock_answer(request, answer),
+            },
+        },
     };
     if let Some(recorded) = &shared.recorded {
         let call = RecordedCall {
@@ -542,18 +659,22 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
                 .collect(),
             body: json.unwrap_or(Value::Null),
             status: response.status().as_u16(),
+            at,
         };
         recorded.lock().unwrap_or_else(PoisonError::into_inner).push(call);
     }
     response
 }
 
-fn api_answer(shared: &Shared, parts: &Parts, json: &Result<Value, String>, answer: ApiFn) -> Response {
+/// Checks what every API call needs (method, token, environment header, a
+/// JSON object) and gives the object back, or the answer refusing the call.
+#[allow(clippy::result_large_err)] // built once per call and answered at once
+fn check_call<'a>(shared: &Shared, parts: &Parts, json: &'a Result<Value, String>) -> Result<&'a Value, Response> {
     if parts.method != Method::POST {
         let description = format!("method {} is not allowed here; use POST", parts.method);
         let mut response = gateway_errors(StatusCode::METHOD_NOT_ALLOWED, vec![json!({ "description": description })]);
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
-        return response;
+        return Err(response);
     }
     if let Err(refused) = shared.check_bearer(&parts.headers) {
         let c = &shared.counters;
@@ -563,40 +684,119 @@ fn api_answer(shared: &Shared, parts: &Parts, json: &Result<Value, String>, answ
             Refused::Expired(why) => (&c.expired_token_calls, why),
         };
         counter.fetch_add(1, Relaxed);
-        return (
+        return Err((
             StatusCode::UNAUTHORIZED,
             [(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)],
             axum::Json(json!({ "error": "invalid_token", "error_description": description })),
         )
-            .into_response();
+            .into_response());
     }
     let environment_ok =
         parts.headers.get("environment").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"sandbox"));
     if shared.config.require_environment_header && !environment_ok {
         let description = "the sandbox answers mock data only to requests with the header `environment: sandbox`";
-        return gateway_errors(
+        return Err(gateway_errors(
             StatusCode::BAD_REQUEST,
             vec![json!({ "field": "environment", "description": description })],
-        );
+        ));
     }
-    let request = match json {
-        Ok(request @ Value::Object(_)) => request,
-        Ok(_) => {
-            return gateway_errors(
-                StatusCode::BAD_REQUEST,
-                vec![json!({ "description": "request body must be a JSON object" })],
-            );
-        }
-        Err(err) => {
-            return gateway_errors(
-                StatusCode::BAD_REQUEST,
-                vec![json!({ "description": format!("request body is not JSON: {err}") })],
-            );
-        }
-    };
+    match json {
+        Ok(request @ Value::Object(_)) => Ok(request),
+        Ok(_) => Err(gateway_errors(
+            StatusCode::BAD_REQUEST,
+            vec![json!({ "description": "request body must be a JSON object" })],
+        )),
+        Err(err) => Err(gateway_errors(
+            StatusCode::BAD_REQUEST,
+            vec![json!({ "description": format!("request body is not JSON: {err}") })],
+        )),
+    }
+}
+
+fn mock_answer(request: &Value, answer: ApiFn) -> Response {
     match answer(request) {
         Ok(body) => axum::Json(body).into_response(),
         Err(field_errors) => gateway_errors(StatusCode::BAD_REQUEST, field_errors),
+    }
+}
+
+/// What an injected fault does to a call.
+enum Injected {
+    Answer(Response),
+    Delay(Duration),
+}
+
+impl Shared {
+    /// The fault this call meets: the server-side rate limit first, then the
+    /// fault of its key (transient ones only for its first attempts).
+    fn fault(&self, request: &Value) -> Option<Injected> {
+        let faults = &self.config.faults;
+        if faults.rate_limit > 0 {
+            let second = self.started.elapsed().as_secs();
+            let mut window = self.rate_window.lock().unwrap_or_else(PoisonError::into_inner);
+            if window.0 != second {
+                *window = (second, 0);
+            }
+            window.1 += 1;
+            if window.1 > faults.rate_limit {
+                return Some(Injected::Answer(self.throttled()));
+            }
+        }
+        if !faults.any() {
+            return None;
+        }
+        let key = request["controlNumber"].as_str()?;
+        let fault = faults.fault_for(key)?;
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = attempts.entry(key.to_string()).or_default();
+            *n += 1;
+            *n
+        };
+        let transient = attempt <= faults.transient_attempts;
+        let error = |status, description: &str| gateway_errors(status, vec![json!({ "description": description })]);
+        Some(match fault {
+            Fault::BadRequest => {
+                Injected::Answer(error(StatusCode::BAD_REQUEST, "the sandbox was told to refuse this key (400)"))
+            }
+            Fault::Broken => Injected::Answer(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the sandbox was told to always fail this key",
+            )),
+            _ if !transient => return None,
+            Fault::ServerError => Injected::Answer(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the sandbox was told to fail this call once",
+            )),
+            Fault::Throttle => Injected::Answer(self.throttled()),
+            Fault::Slow => Injected::Delay(faults.slow_delay),
+            Fault::Reset => {
+                // Headers go out, then the connection drops mid-body.
+                let body = axum::body::Body::from_stream(futures::stream::once(async {
+                    Err::<Bytes, _>(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset"))
+                }));
+                Injected::Answer((StatusCode::OK, body).into_response())
+            }
+        })
+    }
+
+    fn throttled(&self) -> Response {
+        let faults = &self.config.faults;
+        let value = if faults.retry_after_date {
+            // An HTTP date has whole seconds: round up so the wait is never shorter.
+            let at = std::time::SystemTime::now() + faults.retry_after + Duration::from_secs(1);
+            httpdate::fmt_http_date(at)
+        } else {
+            faults.retry_after.as_secs().max(1).to_string()
+        };
+        let mut response = gateway_errors(
+            StatusCode::TOO_MANY_REQUESTS,
+            vec![json!({ "description": "too many requests; retry after the time in Retry-After" })],
+        );
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        response
     }
 }
 
@@ -780,4 +980,19 @@ fn professional_claim(request: &Value) -> Result<Value, Vec<Value>> {
         "claimReference": reference,
         "editStatus": "SUCCESS",
     }))
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_spread_over_keys_by_their_shares() {
+        let faults = Faults { server_errors: 0.05, bad_requests: 0.01, ..Faults::default() };
+        let hits = (1..=10_000).filter(|n| faults.fault_for(&format!("{n:09}")).is_some()).count();
+        assert!((500..=700).contains(&hits), "{hits}");
+        assert_eq!(faults.fault_for("000000042"), faults.fault_for("000000042"), "deterministic");
+        let reseeded = Faults { seed: 7, ..faults.clone() };
+        assert!((1..=200).any(|n| faults.fault_for(&format!("{n:09}")) != reseeded.fault_for(&format!("{n:09}"))));
+    }
 }

@@ -1,0 +1,308 @@
+//! How fast calls may go out: every attempt of every row passes [`Limiter`].
+//!
+//! Three gates, in order:
+//! - a pause set by `Retry-After`, which holds the whole pool, not one worker;
+//! - governor's limiter at the configured rate and burst (the ceiling);
+//! - an adaptive gate, off until the server throttles: when more than a
+//!   fifth of recent answers are 429s, each wave of them cuts the rate to
+//!   70% (AWS SDK's adaptive mode), and it climbs back once the throttling
+//!   stops, until it reaches the ceiling and turns off again. A few 429s
+//!   among many answers only pause the pool for their `Retry-After`.
+//!
+//! And the retry budget, which keeps retries from piling onto a failing
+//! server: each first attempt earns a fifth of a retry, time earns ten per
+//! second, and a retry spends one.
+
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+
+/// A wave of 429s cuts the rate once: cuts are at least this far apart.
+const CUT_EVERY: Duration = Duration::from_millis(500);
+/// The rate climbs again after this long without a 429, one step a second.
+const CALM: Duration = Duration::from_secs(2);
+/// The adaptive rate never goes below this.
+const FLOOR: f64 = 0.5;
+/// The share of 429s among recent answers above which the rate is lowered.
+const THROTTLED_SHARE: f64 = 0.2;
+/// Weight of one answer in that share (about the last 20 answers count).
+const SHARE_WEIGHT: f64 = 0.05;
+
+pub struct Limiter {
+    started: Instant,
+    /// The end of a `Retry-After` pause, in ms since `started`.
+    paused_until_ms: AtomicU64,
+    /// The configured rate; `None` for `rate = 0`.
+    fixed: Option<DefaultDirectRateLimiter>,
+    ceiling: f64,
+    adaptive: Mutex<Adaptive>,
+    /// The adaptive gate's spacing between calls in ns (0 = off) and its
+    /// next free slot, read on every attempt without the mutex.
+    period_ns: AtomicU64,
+    next_ns: AtomicU64,
+    budget: Mutex<Budget>,
+}
+
+/// The adaptive gate's slow-changing state.
+struct Adaptive {
+    rate: f64,
+    /// The lowest rate it came down to, for the summary.
+    lowest: Option<f64>,
+    /// The rate when the first 429 arrived; with no ceiling the gate turns
+    /// off again above twice this.
+    first: Option<f64>,
+    last_cut: Option<Instant>,
+    last_throttle: Option<Instant>,
+    last_raise: Option<Instant>,
+    /// Moving share of 429s among answers.
+    share: f64,
+    /// Calls sent in the current second, and in the last whole one.
+    second: u64,
+    count: u64,
+    measured: f64,
+}
+
+struct Budget {
+    balance: f64,
+    refilled: Instant,
+}
+
+// The budget counts fifths of a retry, so a call's share adds up exactly.
+const BUDGET_MAX: f64 = 5000.0;
+const BUDGET_PER_CALL: f64 = 1.0;
+const BUDGET_PER_RETRY: f64 = 5.0;
+const BUDGET_PER_SECOND: f64 = 50.0;
+
+impl Limiter {
+    pub fn new(rate: f64, burst: u32) -> Limiter {
+        let fixed = (rate > 0.0).then(|| {
+            let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_nanos(1));
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::with_period(period).expect("a positive period").allow_burst(burst))
+        });
+        let now = Instant::now();
+        Limiter {
+            started: now,
+            paused_until_ms: AtomicU64::new(0),
+            fixed,
+            ceiling: rate,
+            adaptive: Mutex::new(Adaptive {
+                rate,
+                lowest: None,
+                first: None,
+                last_cut: None,
+                last_throttle: None,
+                last_raise: None,
+                share: 0.0,
+                second: 0,
+                count: 0,
+                measured: 0.0,
+            }),
+            period_ns: AtomicU64::new(0),
+            next_ns: AtomicU64::new(0),
+            budget: Mutex::new(Budget { balance: BUDGET_PER_SECOND, refilled: now }),
+        }
+    }
+
+    /// Waits until one more call may go out.
+    pub async fn until_ready(&self) {
+        loop {
+            let until = Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
+            let now = self.started.elapsed();
+            if until <= now {
+                break;
+            }
+            tokio::time::sleep(until - now).await;
+        }
+        if let Some(fixed) = &self.fixed {
+            fixed.until_ready().await;
+        }
+        self.adaptive_slot().await;
+        self.count_sent();
+    }
+
+    /// A `Retry-After`: no call goes out before `d` from now.
+    pub fn pause(&self, d: Duration) {
+        let until = (self.started.elapsed() + d).as_millis() as u64;
+        self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    async fn adaptive_slot(&self) {
+        loop {
+            let period = self.period_ns.load(Ordering::Relaxed);
+            if period == 0 {
+                return;
+            }
+            let now = self.started.elapsed().as_nanos() as u64;
+            let next = self.next_ns.load(Ordering::Relaxed);
+            let slot = next.max(now);
+            if self.next_ns.compare_exchange(next, slot + period, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                if slot > now {
+                    tokio::time::sleep(Duration::from_nanos(slot - now)).await;
+                }
+                return;
+            }
+        }
+    }
+
+    fn set_rate(&self, a: &mut Adaptive, rate: Option<f64>) {
+        match rate {
+            Some(rate) => {
+                a.rate = rate;
+                self.period_ns.store((1e9 / rate) as u64, Ordering::Relaxed);
+            }
+            None => {
+                a.rate = self.ceiling;
+                self.period_ns.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn count_sent(&self) {
+        let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let second = self.started.elapsed().as_secs();
+        if second != a.second {
+            a.measured = if second == a.second + 1 { a.count as f64 } else { 0.0 };
+            a.second = second;
+            a.count = 0;
+        }
+        a.count += 1;
+        // Climb back once the server has been calm for a while.
+        let calm = a.last_throttle.is_some_and(|t| now - t >= CALM);
+        let due = a.last_raise.is_none_or(|t| now - t >= Duration::from_secs(1));
+        if self.period_ns.load(Ordering::Relaxed) != 0 && calm && due {
+            a.last_raise = Some(now);
+            let raised = a.rate * 1.2 + 1.0;
+            let off =
+                if self.ceiling > 0.0 { raised >= self.ceiling } else { a.first.is_some_and(|f| raised >= 2.0 * f) };
+            self.set_rate(&mut a, (!off).then_some(raised));
+        }
+    }
+
+    /// Every answer from the server: a run of 429s lowers the rate (once
+    /// per wave of them).
+    pub fn answered(&self, throttled: bool) {
+        let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        a.share = a.share * (1.0 - SHARE_WEIGHT) + if throttled { SHARE_WEIGHT } else { 0.0 };
+        if !throttled {
+            return;
+        }
+        let now = Instant::now();
+        a.last_throttle = Some(now);
+        if a.share < THROTTLED_SHARE || a.last_cut.is_some_and(|t| now - t < CUT_EVERY) {
+            return;
+        }
+        a.last_cut = Some(now);
+        let current = if self.period_ns.load(Ordering::Relaxed) != 0 {
+            a.rate
+        } else {
+            // First 429: start from what was really sent, under the ceiling.
+            let measured = if a.measured > 0.0 { a.measured } else { a.count.max(1) as f64 };
+            let current = if self.ceiling > 0.0 { measured.min(self.ceiling) } else { measured };
+            a.first.get_or_insert(current);
+            current
+        };
+        let cut = (current * 0.7).max(FLOOR);
+        a.lowest = Some(a.lowest.map_or(cut, |l: f64| l.min(cut)));
+        self.next_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.set_rate(&mut a, Some(cut));
+        tracing::debug!(rate = cut, "throttled by the server: lowering the sending rate");
+    }
+
+    /// The adaptive rate now, while it is lowering the rate.
+    pub fn effective_rate(&self) -> Option<f64> {
+        (self.period_ns.load(Ordering::Relaxed) != 0)
+            .then(|| self.adaptive.lock().unwrap_or_else(|e| e.into_inner()).rate)
+    }
+
+    /// The lowest rate the server's 429s brought the run down to.
+    pub fn lowest_rate(&self) -> Option<f64> {
+        self.adaptive.lock().unwrap_or_else(|e| e.into_inner()).lowest
+    }
+
+    /// A first attempt went out: it earns part of a retry.
+    pub fn earn_retry(&self) {
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        b.balance = (b.balance + BUDGET_PER_CALL).min(BUDGET_MAX);
+    }
+
+    /// Spends one retry, if the budget has one.
+    pub fn spend_retry(&self) -> bool {
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        b.balance = (b.balance + (now - b.refilled).as_secs_f64() * BUDGET_PER_SECOND).min(BUDGET_MAX);
+        b.refilled = now;
+        if b.balance >= BUDGET_PER_RETRY {
+            b.balance -= BUDGET_PER_RETRY;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_pauses_everyone() {
+        let limiter = Limiter::new(0.0, 1);
+        limiter.pause(Duration::from_secs(3));
+        let start = Instant::now();
+        limiter.until_ready().await;
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_cuts_the_rate_and_calm_restores_it() {
+        let limiter = Limiter::new(100.0, 1);
+        for _ in 0..50 {
+            limiter.until_ready().await;
+            limiter.answered(false);
+        }
+        limiter.answered(true);
+        assert_eq!(limiter.effective_rate(), None, "one 429 among many answers does not lower the rate");
+        for _ in 0..4 {
+            limiter.answered(true);
+        }
+        let cut = limiter.effective_rate().expect("throttled");
+        assert!((0.5..=70.0).contains(&cut), "{cut}");
+        limiter.answered(true);
+        assert_eq!(limiter.effective_rate(), Some(cut), "one cut per wave of 429s");
+        tokio::time::advance(CUT_EVERY).await;
+        limiter.answered(true);
+        assert!(limiter.effective_rate().unwrap() < cut, "a later wave cuts again");
+        assert!(limiter.lowest_rate().unwrap() < cut);
+
+        // Calm: the rate climbs back and the gate turns off at the ceiling.
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            limiter.until_ready().await;
+        }
+        assert_eq!(limiter.effective_rate(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_runs_out_and_refills() {
+        let limiter = Limiter::new(0.0, 1);
+        let mut spent = 0;
+        while limiter.spend_retry() {
+            spent += 1;
+        }
+        assert_eq!(spent, 10, "a reserve of ten retries");
+        for _ in 0..10 {
+            limiter.earn_retry();
+        }
+        assert!(limiter.spend_retry(), "ten calls earn two retries");
+        assert!(limiter.spend_retry());
+        assert!(!limiter.spend_retry());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(limiter.spend_retry(), "time earns ten a second");
+    }
+}
