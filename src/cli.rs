@@ -408,7 +408,26 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolv
             Ok(InputSpec { path, format, delimiter })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    input::preflight(&specs)?;
+    let headers = input::preflight(&specs)?;
+    // A field no column of a CSV input has would fail every row: say so once.
+    for (spec, columns) in specs.iter().zip(&headers) {
+        let Some(columns) = columns else { continue };
+        let missing: Vec<String> = job
+            .fields()
+            .into_iter()
+            .filter(|(field, _)| !columns.contains(field))
+            .map(|(field, place)| format!("`{field}` (used in {place})"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} uses {} but {} has no such column; its columns are: {}",
+                job.path.display(),
+                missing.join(", "),
+                spec.path.display(),
+                columns.join(", ")
+            )));
+        }
+    }
     Ok(Resolved { job: Arc::new(job), loaded, inputs: specs })
 }
 
@@ -527,6 +546,7 @@ async fn run_resolved(
     let _lock = crate::output::lock_job(folder, &r.job.name)?;
     let client = runner::http_client(&settings);
     let tokens = if authorized {
+        r.loaded.token_url()?;
         let credentials = match credentials {
             Some(c) => c,
             None => settings.auth.credentials()?,

@@ -35,6 +35,16 @@ pub enum ConfigError {
     InsecureUrl { what: &'static str, url: String },
     #[error("no client {what}: set the environment variable {var}{hint}")]
     MissingCredential { what: &'static str, var: String, hint: &'static str },
+    #[error(
+        "auth.token_url is not set for profile `{profile}`{file}: name the token endpoint there, \
+         or set auth.style = \"none\" for an API without OAuth"
+    )]
+    NoTokenUrl { profile: String, file: String },
+    #[error(
+        "no config file: looked for {DEFAULT_CONFIG} in {cwd}; name one with -c FILE or BULKCALL_CONFIG \
+         (profile `{profile}` was asked for)"
+    )]
+    NoConfigFile { profile: String, cwd: String },
     #[error("could not read the client secret file {path}: {source}")]
     SecretFile { path: PathBuf, source: std::io::Error },
 }
@@ -191,6 +201,19 @@ pub struct Loaded {
     pub profile: String,
 }
 
+impl Loaded {
+    /// The token endpoint, which a run that sends calls with a token needs.
+    pub fn token_url(&self) -> Result<&str, ConfigError> {
+        self.settings.auth.token_url.as_deref().ok_or_else(|| ConfigError::NoTokenUrl {
+            profile: self.profile.clone(),
+            file: self
+                .config_file
+                .as_ref()
+                .map_or_else(|| " (no config file)".into(), |f| format!(" in {}", f.display())),
+        })
+    }
+}
+
 impl Sources {
     pub fn load(&self) -> Result<Loaded, ConfigError> {
         let config_file = match &self.config_file {
@@ -208,6 +231,10 @@ impl Sources {
             figment = figment.merge(file);
         }
         let profile = self.profile.clone().unwrap_or_else(|| "default".into());
+        if profile != "default" && config_file.is_none() {
+            let cwd = std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string());
+            return Err(ConfigError::NoConfigFile { profile, cwd });
+        }
         if profile != "default" && !known.iter().any(|k| k.eq_ignore_ascii_case(&profile)) {
             return Err(ConfigError::UnknownProfile {
                 profile,
@@ -274,17 +301,8 @@ impl Settings {
         if let Some(base) = &self.base_url {
             self.check_url("base_url", base)?;
         }
-        if self.auth.style != AuthStyle::None {
-            match &self.auth.token_url {
-                Some(url) => {
-                    self.check_url("auth.token_url", url)?;
-                }
-                None => {
-                    return bad("auth.token_url is not set: name the token endpoint in the profile, \
-                         or set auth.style = \"none\" for an API without OAuth"
-                        .into());
-                }
-            }
+        if let Some(url) = &self.auth.token_url {
+            self.check_url("auth.token_url", url)?;
         }
         Ok(())
     }

@@ -81,6 +81,7 @@ pub struct Job {
     pub settings: Map<String, Value>,
     method: Method,
     url: Text,
+    url_source: String,
     key: Option<Text>,
     headers: Vec<(HeaderName, Text)>,
     query: Vec<(String, Text)>,
@@ -331,6 +332,7 @@ impl Job {
             settings,
             method,
             url: c.text(&envs.url, "url", &file.url)?,
+            url_source: file.url.clone(),
             key: file.key.map(|k| c.text(&envs.strict, "key", &k)).transpose()?,
             headers,
             query,
@@ -344,6 +346,13 @@ impl Job {
     /// Binds the job to the run's settings: base URL and static headers.
     pub fn requests(self: &Arc<Self>, settings: &Settings) -> Result<Requests, JobError> {
         let c = Compiler { path: &self.path };
+        let absolute = ["http://", "https://", "{{", "{%"].iter().any(|p| self.url_source.trim_start().starts_with(p));
+        if settings.base_url.is_none() && !absolute {
+            return Err(c.invalid(format!(
+                "url `{}` is relative and no base_url is configured; set base_url in the profile (-p) or write an absolute URL",
+                self.url_source
+            )));
+        }
         let mut static_headers = HeaderMap::new();
         for (name, value) in &settings.headers {
             let value = HeaderValue::from_str(value).map_err(|_| {
@@ -360,6 +369,40 @@ impl Job {
             static_headers,
             allow_http: settings.allow_http,
         })
+    }
+}
+
+impl Job {
+    /// The input fields the request templates use, each with the first
+    /// place it is used in.
+    pub fn fields(&self) -> Vec<(String, String)> {
+        let mut texts: Vec<(&[String], &str)> = vec![(&self.url.vars, &self.url.place)];
+        texts.extend(self.key.iter().map(|t| (t.vars.as_slice(), t.place.as_str())));
+        texts.extend(self.headers.iter().map(|(_, t)| (t.vars.as_slice(), t.place.as_str())));
+        texts.extend(self.query.iter().map(|(_, t)| (t.vars.as_slice(), t.place.as_str())));
+        texts.extend(self.idempotency.iter().map(|(_, t)| (t.vars.as_slice(), t.place.as_str())));
+        fn walk<'a>(node: &'a Node, out: &mut Vec<(&'a [String], &'a str)>) {
+            match node {
+                Node::Object(fields) => fields.iter().for_each(|(_, n)| walk(n, out)),
+                Node::Array(items) => items.iter().for_each(|n| walk(n, out)),
+                Node::Text(t) => out.push((&t.vars, &t.place)),
+                Node::Expr(e) => out.push((&e.vars, &e.place)),
+                Node::Literal(_) => {}
+            }
+        }
+        if let Some(body) = &self.body {
+            walk(body, &mut texts);
+        }
+        let mut fields: Vec<(String, String)> = Vec::new();
+        for (vars, place) in texts {
+            for var in vars {
+                let name = var.split('.').next().unwrap_or(var);
+                if name != "row" && name != "row_number" && !fields.iter().any(|(f, _)| f == name) {
+                    fields.push((name.to_string(), place.to_string()));
+                }
+            }
+        }
+        fields
     }
 }
 
@@ -515,6 +558,12 @@ impl Requests {
             }
         }
         (ok, captured)
+    }
+
+    /// The row's key alone, when the whole request cannot be rendered.
+    pub fn key(&self, row: &Row) -> String {
+        let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        self.job.key.as_ref().and_then(|t| t.template.render(&ctx).ok()).unwrap_or_else(|| row.number.to_string())
     }
 
     /// Whether the job has its own `success` expression.

@@ -223,12 +223,12 @@ impl CsvFailures {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut this = CsvFailures { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024) };
         if !has_header {
-            this.write(headers.names().iter().map(String::as_str).chain(ERROR_COLUMNS))?;
+            this.write(headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes)))?;
         }
         Ok(this)
     }
 
-    fn write<'a>(&mut self, fields: impl IntoIterator<Item = &'a str>) -> Result<(), OutputError> {
+    fn write<'a>(&mut self, fields: impl IntoIterator<Item = &'a [u8]>) -> Result<(), OutputError> {
         let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(std::mem::take(&mut self.record));
         let written = w.write_record(fields).map_err(std::io::Error::other);
         self.record = w.into_inner().map_err(|e| std::io::Error::other(e.to_string())).map_err(io(&self.path))?;
@@ -319,9 +319,13 @@ impl Writer {
                     failure.message.as_str(),
                 ];
                 match &outcome.source {
-                    Source::Record(Record::Csv { headers, values }) | Source::Raw(Raw::Csv { headers, values }) => {
+                    Source::Record(Record::Csv { headers, values }) => {
                         let file = self.csv_file(outcome.input, headers)?;
-                        file.write(values.iter().map(String::as_str).chain(errors))
+                        file.write(values.iter().map(String::as_bytes).chain(errors.map(str::as_bytes)))
+                    }
+                    Source::Raw(Raw::Csv { headers, values }) => {
+                        let file = self.csv_file(outcome.input, headers)?;
+                        file.write(values.iter().map(Vec::as_slice).chain(errors.map(str::as_bytes)))
                     }
                     Source::Record(Record::Json(map)) => {
                         let mut map = map.clone();

@@ -407,7 +407,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         Ok(r) => r,
         Err(e) => {
             let place = format!("{} line {}", shared.inputs[row.input], row.line);
-            return Some(Outcome::invalid(&row, row.number.to_string(), format!("{place}: {e}")));
+            return Some(Outcome::invalid(&row, shared.requests.key(&row), format!("{place}: {e}")));
         }
     };
     let fail = |kind, message| Err(Failure { kind, message });
@@ -597,7 +597,7 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
                 }
                 Err(e) => {
                     let message = format!("{} line {}: {e}", names[row.input], row.line);
-                    Some(Outcome::invalid(&row, row.number.to_string(), message))
+                    Some(Outcome::invalid(&row, plan.requests.key(&row), message))
                 }
             },
         };

@@ -122,12 +122,13 @@ fn read_headers(spec: &InputSpec, rdr: &mut Reader) -> Result<Arc<CsvHeaders>, I
     CsvHeaders::new(names).map(Arc::new).map_err(|m| err(format!("line 1: {m}")))
 }
 
-pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> {
+/// Checks the header and that a data row follows; returns the column names.
+pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<Vec<String>, InputError> {
     let mut rdr = reader(spec, file);
-    read_headers(spec, &mut rdr)?;
+    let headers = read_headers(spec, &mut rdr)?;
     let mut record = csv::ByteRecord::new();
     match rdr.read_byte_record(&mut record) {
-        Ok(true) => Ok(()),
+        Ok(true) => Ok(headers.names.clone()),
         Ok(false) => Err(InputError::Format {
             path: spec.path.clone(),
             message: "the file has a header row but no data rows".into(),
@@ -176,24 +177,17 @@ pub(super) fn read(
 }
 
 fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, record: &csv::ByteRecord) -> Item {
-    let mut values = Vec::with_capacity(headers.names.len());
-    let mut bad_utf8 = None;
-    for (i, &pos) in headers.positions.iter().enumerate() {
-        let field = record.get(pos).unwrap_or_default();
-        match std::str::from_utf8(field) {
-            Ok(s) => values.push(s.to_string()),
-            Err(_) => {
-                bad_utf8.get_or_insert(i);
-                values.push(String::from_utf8_lossy(field).into_owned());
-            }
-        }
-    }
-    let bad = |message: String, values: Vec<String>| BadRow {
+    let field = |pos: usize| record.get(pos).unwrap_or_default();
+    // The bytes as they are, so the failures file keeps them unchanged.
+    let bad = |message: String| BadRow {
         input,
         number,
         line,
         message,
-        raw: Raw::Csv { headers: headers.clone(), values },
+        raw: Raw::Csv {
+            headers: headers.clone(),
+            values: headers.positions.iter().map(|&p| field(p).to_vec()).collect(),
+        },
     };
     if record.len() != headers.width {
         let message = format!(
@@ -202,11 +196,14 @@ fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, recor
             headers.width,
             if record.len() < headers.width { "" } else { " (an unquoted delimiter in a value?)" }
         );
-        return Err(bad(message, values));
+        return Err(bad(message));
     }
-    if let Some(i) = bad_utf8 {
-        let message = format!("line {line}: field `{}` is not valid UTF-8", headers.names[i]);
-        return Err(bad(message, values));
+    let mut values = Vec::with_capacity(headers.names.len());
+    for (i, &pos) in headers.positions.iter().enumerate() {
+        match std::str::from_utf8(field(pos)) {
+            Ok(s) => values.push(s.to_string()),
+            Err(_) => return Err(bad(format!("line {line}: field `{}` is not valid UTF-8", headers.names[i]))),
+        }
     }
     Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values } })
 }

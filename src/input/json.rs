@@ -122,7 +122,10 @@ pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> 
             cur.bump(b'[');
             match cur.skip_ws().map_err(|e| io_error(spec, e))? {
                 Some(b']') => Err(err("the array is empty: there are no rows to send")),
-                _ => Ok(()),
+                _ => {
+                    let file = File::open(&spec.path).map_err(|e| io_error(spec, e))?;
+                    scan_array(spec, file)
+                }
             }
         }
         (super::Format::Json, Some(_)) => Err(err(
@@ -140,6 +143,36 @@ pub(super) fn read_array(
     progress: &dyn Fn(u64),
     sink: &mut dyn FnMut(Item) -> bool,
 ) -> Result<bool, InputError> {
+    let mut number = 0u64;
+    walk_array(spec, file, &mut |line, column, text, bytes| {
+        number += 1;
+        if number.is_multiple_of(64) {
+            progress(bytes);
+        }
+        sink(parse_object(input, number, line, column, text))
+    })
+    .map(|read| match read {
+        Some(bytes) => {
+            progress(bytes);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Checks a whole JSON array's structure without parsing its elements, so
+/// a file cut short stops the run before anything is sent.
+pub(super) fn scan_array(spec: &InputSpec, file: File) -> Result<(), InputError> {
+    walk_array(spec, file, &mut |_, _, _, _| true).map(|_| ())
+}
+
+/// Called with an element's line, column and text, and the bytes read so far.
+type OnElement<'a> = dyn FnMut(u64, u64, &[u8], u64) -> bool + 'a;
+
+/// Walks the elements of a JSON array, handing each one's line, column,
+/// text and the bytes read so far to `element`, which returns `false` to
+/// stop. Returns the bytes read, or `None` when stopped.
+fn walk_array(spec: &InputSpec, file: File, element: &mut OnElement<'_>) -> Result<Option<u64>, InputError> {
     let mut cur = open(file);
     let at = |cur: &Cursor<_>, message: String| InputError::At {
         path: spec.path.clone(),
@@ -152,7 +185,6 @@ pub(super) fn read_array(
         _ => return Err(at(&cur, "expected `[`: a .json input must be an array of objects".into())),
     }
     let mut buf = Vec::with_capacity(4096);
-    let mut number = 0u64;
     if cur.skip_ws().map_err(|e| io_error(spec, e))? == Some(b']') {
         cur.bump(b']');
     } else {
@@ -170,13 +202,8 @@ pub(super) fn read_array(
             if buf.is_empty() {
                 return Err(at(&cur, "expected an object".into()));
             }
-            number += 1;
-            let item = parse_object(input, number, line, column, &buf);
-            if number.is_multiple_of(1024) {
-                progress(cur.bytes);
-            }
-            if !sink(item) {
-                return Ok(false);
+            if !element(line, column, &buf, cur.bytes) {
+                return Ok(None);
             }
             match cur.skip_ws().map_err(|e| io_error(spec, e))? {
                 Some(b',') => cur.bump(b','),
@@ -200,8 +227,7 @@ pub(super) fn read_array(
     if cur.skip_ws().map_err(|e| io_error(spec, e))?.is_some() {
         return Err(at(&cur, "unexpected data after the array's closing `]`".into()));
     }
-    progress(cur.bytes);
-    Ok(true)
+    Ok(Some(cur.bytes))
 }
 
 fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) -> Item {
@@ -265,7 +291,7 @@ pub(super) fn read_lines(
             continue;
         }
         number += 1;
-        if number % 1024 == 0 {
+        if number.is_multiple_of(64) {
             progress(bytes);
         }
         if !sink(parse_object(input, number, line, 1, text)) {
@@ -324,6 +350,11 @@ mod tests {
         assert_eq!(items.len(), 1);
         let err = result.unwrap_err().to_string();
         assert!(err.contains(":2:2:") && err.contains("cut short"), "{err}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"[{\"a\": 1},\n {\"a\": 2").unwrap();
+        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Json, delimiter: b',' };
+        let err = super::super::preflight(&[spec]).unwrap_err().to_string();
+        assert!(err.contains("cut short"), "the preflight finds it before anything is sent: {err}");
 
         let (_, result) = read_text("[{\"a\": 1} {\"a\": 2}]", Format::Json);
         assert!(result.unwrap_err().to_string().contains("expected `,` or `]`"));

@@ -110,7 +110,11 @@ pub struct BadRow {
 
 #[derive(Debug, Clone)]
 pub enum Raw {
-    Csv { headers: Arc<CsvHeaders>, values: Vec<String> },
+    /// The record's bytes, column by column, as the file has them.
+    Csv {
+        headers: Arc<CsvHeaders>,
+        values: Vec<Vec<u8>>,
+    },
     Text(String),
 }
 
@@ -154,18 +158,22 @@ pub fn read_all(
     Ok(())
 }
 
-/// Checks every input can be opened and starts like its format, so a wrong
-/// path or an empty file stops the run before anything is sent.
-pub fn preflight(inputs: &[InputSpec]) -> Result<(), InputError> {
-    for spec in inputs {
-        let file =
-            std::fs::File::open(&spec.path).map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
-        match spec.format {
-            Format::Csv => csv::preflight(spec, file)?,
-            Format::Json | Format::Jsonl => json::preflight(spec, file)?,
-        }
-    }
-    Ok(())
+/// Checks every input can be opened and is the format it claims (a JSON
+/// array is checked whole), so a wrong path, an empty file or a file cut
+/// short stops the run before anything is sent. Returns each CSV input's
+/// column names.
+pub fn preflight(inputs: &[InputSpec]) -> Result<Vec<Option<Vec<String>>>, InputError> {
+    inputs
+        .iter()
+        .map(|spec| {
+            let file = std::fs::File::open(&spec.path)
+                .map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
+            match spec.format {
+                Format::Csv => csv::preflight(spec, file).map(Some),
+                Format::Json | Format::Jsonl => json::preflight(spec, file).map(|()| None),
+            }
+        })
+        .collect()
 }
 
 impl fmt::Display for Format {
