@@ -5,7 +5,8 @@
 //!
 //! Data flows one way: rows → requests → outcomes → files.
 //!
-//! - [`cli`]: the command line (clap) and the commands it dispatches to.
+//! - [`cli`]: the command line (clap).
+//! - [`commands`]: what each command does, from flags to a finished run.
 //! - [`config`]: figment sources → one resolved, validated [`config::Settings`].
 //! - [`job`]: the job spec and its templates: a row in, a request out.
 //! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
@@ -19,6 +20,7 @@
 //! - [`error`]: the error type of each layer and the exit codes.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod input;

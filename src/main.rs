@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         let stop = CancellationToken::new();
         tokio::spawn(watch_signals(stop.clone()));
-        match bulkcall::cli::execute(cli, stop).await {
+        match bulkcall::commands::execute(cli, stop).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("bulkcall: error: {e}");
@@ -48,7 +48,8 @@ async fn watch_signals(stop: CancellationToken) {
             _ = term.recv() => {}
         }
         if n == 0 {
-            eprintln!("bulkcall: stopping: no new rows; calls in flight may finish (signal again to stop at once)");
+            // Through the log, so it prints above a progress bar.
+            tracing::warn!("stopping: no new rows; calls in flight may finish (signal again to stop at once)");
             stop.cancel();
         } else {
             eprintln!("bulkcall: stopped at once; calls that were in flight have no recorded outcome");

@@ -264,7 +264,8 @@ pub struct Writer {
     /// Resuming: files are appended to, CSV headers not repeated.
     append: bool,
     inputs: Vec<InputInfo>,
-    results: Lines,
+    /// Created on first use in dry runs, which write no results.
+    results: Option<Lines>,
     failures_jsonl: Option<Lines>,
     /// One failures CSV per distinct header (normally one: `failures.csv`).
     failures_csv: HashMap<usize, CsvFailures>,
@@ -273,12 +274,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn open(dir: &Path, inputs: Vec<InputInfo>, append: bool) -> Result<Writer, OutputError> {
+    /// Opens the outcome files of `dir`; `results` creates `results.jsonl`
+    /// now, even if no row succeeds.
+    pub fn open(dir: &Path, inputs: Vec<InputInfo>, append: bool, results: bool) -> Result<Writer, OutputError> {
         Ok(Writer {
             dir: dir.to_path_buf(),
             append,
             inputs,
-            results: Lines::open(dir.join("results.jsonl"), append)?,
+            results: if results { Some(Lines::open(dir.join("results.jsonl"), append)?) } else { None },
             failures_jsonl: None,
             failures_csv: HashMap::new(),
             csv_headers: Vec::new(),
@@ -304,7 +307,10 @@ impl Writer {
                     response_bytes: success.truncated,
                     capture: &success.captured,
                 };
-                self.results.write(&line)
+                if self.results.is_none() {
+                    self.results = Some(Lines::open(self.dir.join("results.jsonl"), self.append)?);
+                }
+                self.results.as_mut().expect("just opened").write(&line)
             }
             Err(failure) => {
                 let status = outcome.status.map(|s| s.to_string()).unwrap_or_default();

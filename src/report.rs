@@ -169,9 +169,11 @@ impl Stats {
 /// When to draw the progress bar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProgressMode {
-    /// Only when stderr is a terminal.
+    /// A bar when stderr is a terminal, a progress line at an interval otherwise.
     Auto,
+    /// A bar even when stderr is not a terminal.
     Always,
+    /// No bar: a progress line at an interval.
     Never,
 }
 
@@ -206,6 +208,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 /// The running progress display.
 pub struct Progress {
     stop: CancellationToken,
+    /// Set when every row is done, so the bar ends full; otherwise it stays where it is.
+    completed: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -221,21 +225,30 @@ pub struct ProgressSource {
 impl Progress {
     pub fn start(mode: ProgressMode, source: ProgressSource) -> Progress {
         let stop = CancellationToken::new();
+        let completed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let draw = match mode {
             ProgressMode::Always => true,
             ProgressMode::Never => false,
             ProgressMode::Auto => std::io::stderr().is_terminal(),
         };
         let task = if draw {
-            tokio::spawn(draw_bar(source, stop.clone()))
+            let target = if mode == ProgressMode::Always {
+                // Drawn even where stderr is no terminal.
+                ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 10)
+            } else {
+                ProgressDrawTarget::stderr_with_hz(10)
+            };
+            tokio::spawn(draw_bar(source, target, stop.clone(), completed.clone()))
         } else {
             // No bar: a plain line at an interval, for logs and cron.
             tokio::spawn(log_lines(source, stop.clone()))
         };
-        Progress { stop, task }
+        Progress { stop, completed, task }
     }
 
-    pub async fn finish(self) {
+    /// Stops the display; `completed` when every row was done.
+    pub async fn finish(self, completed: bool) {
+        self.completed.store(completed, Ordering::Relaxed);
         self.stop.cancel();
         let _ = self.task.await;
     }
@@ -274,8 +287,13 @@ fn short_duration(d: Duration) -> String {
     }
 }
 
-async fn draw_bar(source: ProgressSource, stop: CancellationToken) {
-    let bar = ProgressBar::with_draw_target(Some(source.total_bytes.max(1)), ProgressDrawTarget::stderr_with_hz(10));
+async fn draw_bar(
+    source: ProgressSource,
+    target: ProgressDrawTarget,
+    stop: CancellationToken,
+    completed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let bar = ProgressBar::with_draw_target(Some(source.total_bytes.max(1)), target);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner:.cyan} {elapsed_precise} [{wide_bar:.cyan/blue}] {percent:>3}% eta {eta} \n  {msg}",
@@ -298,7 +316,11 @@ async fn draw_bar(source: ProgressSource, stop: CancellationToken) {
     }
     bar.set_position(Live::get(&source.live.bytes_read));
     bar.set_message(counters(&source, started.elapsed()));
-    bar.finish();
+    if completed.load(Ordering::Relaxed) {
+        bar.finish();
+    } else {
+        bar.abandon();
+    }
     if let Ok(mut active) = ACTIVE_BAR.write() {
         *active = None;
     }

@@ -74,8 +74,9 @@ impl std::str::FromStr for MaxFailures {
         let bad = || format!("`{s}` is neither a count (50) nor a percentage (5%)");
         match s.trim().strip_suffix('%') {
             Some(p) => match p.trim().parse::<f64>() {
-                Ok(p) if (0.0..=100.0).contains(&p) => Ok(MaxFailures::Percent(p)),
-                _ => Err(bad()),
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MaxFailures::Percent(p)),
+                Ok(_) => Err(format!("`{s}`: a percentage of failed rows is above 0% and at most 100%")),
+                Err(_) => Err(bad()),
             },
             None => s.trim().parse::<u64>().ok().filter(|n| *n > 0).map(MaxFailures::Count).ok_or_else(bad),
         }
@@ -99,6 +100,19 @@ pub struct Finished {
     /// What stopped the run early, if anything did.
     pub abort: Option<Error>,
     pub failure_files: Vec<PathBuf>,
+    /// The first few failures, one line each, to show at the end.
+    pub first_failures: Vec<String>,
+    /// Dry runs: the requests rendered into `requests.jsonl`.
+    pub rendered: u64,
+}
+
+/// How many failures the closing lines show.
+const SHOWN_FAILURES: usize = 3;
+
+fn describe_failure(outcome: &Outcome) -> Option<String> {
+    let failure = outcome.result.as_ref().err()?;
+    let message: String = failure.message.chars().take(160).collect();
+    Some(format!("row {} (key {}): {}: {message}", outcome.number, outcome.key, failure.kind.as_str()))
 }
 
 /// State every worker shares. Each field is here because every attempt of
@@ -200,7 +214,7 @@ pub async fn run(
     let concurrency = plan.settings.concurrency;
     let resume = plan.resume.unwrap_or_default();
     let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append)?;
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true)?;
     let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
     let mut stats = Stats::default();
     for done in resume.done.values() {
@@ -272,8 +286,12 @@ pub async fn run(
     drop((row_rx, out_tx));
 
     // The collector: the only writer of outcomes.
+    let mut first_failures = Vec::new();
     while let Some(outcome) = out_rx.recv().await {
         stats.add(&outcome);
+        if first_failures.len() < SHOWN_FAILURES {
+            first_failures.extend(describe_failure(&outcome));
+        }
         live.done.fetch_add(1, Ordering::Relaxed);
         let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -298,7 +316,7 @@ pub async fn run(
     while workers.join_next().await.is_some() {}
     watchdog.abort();
     let read_result = reader.await.expect("the reader thread does not panic");
-    progress.finish().await;
+    progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }
@@ -318,7 +336,7 @@ pub async fn run(
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
-    Ok(Finished { summary, exit, abort, failure_files: writer.failure_files() })
+    Ok(Finished { summary, exit, abort, failure_files: writer.failure_files(), first_failures, rendered: 0 })
 }
 
 /// One attempt's answer, read up to `max_response_bytes`.
@@ -583,16 +601,18 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
     let (tx, rx) = async_channel::bounded::<Item>(1024);
     let reader = spawn_reader(plan.inputs.clone(), plan.limit, HashSet::new(), live, CancellationToken::new(), tx);
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false)?;
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
     let mut stats = Stats::default();
+    let (mut rendered, mut first_failures) = (0u64, Vec::new());
     while let Ok(item) = rx.recv().await {
         let outcome = match item {
             Err(bad) => Some(Outcome::bad_row(bad)),
             Ok(row) => match plan.requests.render(&row) {
                 Ok(request) => {
                     requests.write(&dry_request(&row, &request, authorized))?;
+                    rendered += 1;
                     None
                 }
                 Err(e) => {
@@ -603,6 +623,9 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
         };
         if let Some(outcome) = outcome {
             stats.add(&outcome);
+            if first_failures.len() < SHOWN_FAILURES {
+                first_failures.extend(describe_failure(&outcome));
+            }
             writer.record(&outcome)?;
         }
     }
@@ -610,7 +633,7 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     requests.flush()?;
     let exit = if stats.failed() > 0 { ExitCode::RowsFailed } else { ExitCode::Success };
     let summary = stats.summary(0, exit.code());
-    Ok(Finished { summary, exit, abort: None, failure_files: writer.failure_files() })
+    Ok(Finished { summary, exit, abort: None, failure_files: writer.failure_files(), first_failures, rendered })
 }
 
 fn dry_request(row: &Row, request: &Request, authorized: bool) -> Value {

@@ -164,7 +164,7 @@ pub(super) fn read(
         }
         number += 1;
         let line = record_line(&mut rdr, &record);
-        if number.is_multiple_of(1024) {
+        if number.is_multiple_of(64) {
             progress(record.position().map_or(0, |p| p.byte()));
         }
         let item = to_row(input, number, line, &headers, &record);

@@ -91,7 +91,7 @@ headers.environment = "sandbox"
             argv.extend(["--progress".into(), "never".into()]);
         }
         let cli = Cli::try_parse_from(&argv).expect("valid arguments");
-        match bulkcall::cli::execute(cli, stop).await {
+        match bulkcall::commands::execute(cli, stop).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");

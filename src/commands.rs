@@ -1,0 +1,614 @@
+//! The commands: resolve the job, its configuration and inputs, fetch the
+//! first token, create the run directory, hand a plan to the runner, and
+//! print the closing lines.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::*;
+use crate::config::{AuthStyle, Credentials, Loaded, Sources};
+use crate::error::{Error, ExitCode};
+use crate::input::{self, Format, InputSpec};
+use crate::job::Job;
+use crate::output::{InputFingerprint, RunInfo};
+use crate::report::ProgressMode;
+use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::token::{Origin, TokenSource};
+
+/// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM.
+pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let log = cli.log;
+    match cli.command {
+        Command::Run(args) => run(args, log, stop).await,
+        Command::Resume(args) => resume(args, log, stop).await,
+        Command::Validate(args) => validate(args).await,
+        Command::Token(args) => token(args).await,
+        Command::Sandbox(args) => sandbox(args, stop).await,
+        Command::Demo(args) => demo(args, log, stop).await,
+    }
+}
+
+/// The job, its settings and its inputs, resolved.
+struct Resolved {
+    job: Arc<Job>,
+    loaded: Loaded,
+    inputs: Vec<InputSpec>,
+}
+
+fn resolve(
+    job_path: &Path,
+    inputs: &[PathBuf],
+    config: &ConfigArgs,
+    settings: &SettingArgs,
+) -> Result<Resolved, Error> {
+    let job = Job::load(job_path)?;
+    let sources = Sources {
+        config_file: config.config.clone(),
+        profile: config.profile.clone(),
+        job: job.settings.clone(),
+        flags: settings.to_map(),
+        env: true,
+        ..Sources::default()
+    };
+    let loaded = sources.load()?;
+    resolve_inputs(job, loaded, inputs)
+}
+
+fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolved, Error> {
+    let paths = if inputs.is_empty() { job.inputs.clone() } else { inputs.to_vec() };
+    if paths.is_empty() {
+        return Err(Error::Usage(format!(
+            "no input: give INPUT files after the job, or set `input` in {}",
+            job.path.display()
+        )));
+    }
+    let specs = paths
+        .into_iter()
+        .map(|path| {
+            let format = match (job.format, Format::from_path(&path)) {
+                // A failures file fed back keeps its own format.
+                (_, Some(f)) if is_failures_file(&path) => f,
+                (Some(f), _) | (None, Some(f)) => f,
+                (None, None) => return Err(Error::Input(input::InputError::UnknownFormat(path))),
+            };
+            let is_tsv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+            let delimiter = if is_tsv && job.delimiter == b',' { b'\t' } else { job.delimiter };
+            Ok(InputSpec { path, format, delimiter })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let headers = input::preflight(&specs)?;
+    // A field no column of a CSV input has would fail every row: say so once.
+    for (spec, columns) in specs.iter().zip(&headers) {
+        let Some(columns) = columns else { continue };
+        let missing: Vec<String> = job
+            .fields()
+            .into_iter()
+            .filter(|(field, _)| !columns.contains(field))
+            .map(|(field, place)| format!("`{field}` (used in {place})"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} uses {} but {} has no such column; its columns are: {}",
+                job.path.display(),
+                missing.join(", "),
+                spec.path.display(),
+                columns.join(", ")
+            )));
+        }
+    }
+    Ok(Resolved { job: Arc::new(job), loaded, inputs: specs })
+}
+
+fn is_failures_file(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("failures."))
+}
+
+/// The default run directory: `<out_dir>/<job>/<UTC timestamp>/`, with a
+/// suffix when two runs start in the same second.
+fn default_run_dir(out_dir: &Path, job: &str) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+    let base = out_dir.join(job).join(&stamp);
+    (1..)
+        .map(|n| if n == 1 { base.clone() } else { out_dir.join(job).join(format!("{stamp}-{n}")) })
+        .find(|p| !p.exists())
+        .expect("a free name")
+}
+
+/// `run.json`: what `resume` needs, written before the first call goes out.
+async fn write_run_json(dir: &Path, r: &Resolved, limit: Option<u64>) -> Result<(), Error> {
+    let inputs = r.inputs.clone();
+    let inputs = tokio::task::spawn_blocking(move || {
+        inputs.iter().map(|i| InputFingerprint::of(&i.path, i.format, i.delimiter)).collect::<std::io::Result<Vec<_>>>()
+    })
+    .await
+    .expect("hashing does not panic")
+    .map_err(|e| Error::Usage(format!("cannot read an input to fingerprint it: {e}")))?;
+    let info = RunInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        job: absolute(&r.job.path),
+        job_name: r.job.name.clone(),
+        inputs,
+        profile: r.loaded.profile.clone(),
+        config: r.loaded.config_file.as_deref().map(absolute),
+        settings: serde_json::to_value(&r.loaded.settings).expect("serializable"),
+        limit,
+        started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        pid: std::process::id(),
+    };
+    crate::output::write_json(&dir.join("run.json"), &info)?;
+    Ok(())
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Options of a run that are not settings.
+struct RunOptions {
+    log: LogArgs,
+    out: Option<PathBuf>,
+    limit: Option<u64>,
+    dry_run: bool,
+    max_failures: Option<MaxFailures>,
+    grace: Duration,
+    progress: ProgressMode,
+    json: bool,
+    /// How the user would run this job again (for the closing hint).
+    rerun: String,
+}
+
+async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let resolved = resolve(&args.job, &args.inputs, &args.config, &args.settings)?;
+    let mut rerun = format!("bulkcall run {}", args.job.display());
+    if let Some(p) = &args.config.profile {
+        rerun.push_str(&format!(" -p {p}"));
+    }
+    let options = RunOptions {
+        log,
+        out: args.out,
+        limit: args.limit,
+        dry_run: args.dry_run,
+        max_failures: args.max_failures,
+        grace: args.grace,
+        progress: args.progress,
+        json: args.json,
+        rerun,
+    };
+    run_resolved(resolved, None, options, None, stop).await
+}
+
+/// Runs a resolved job: token first (bad credentials stop here, before any
+/// file is written), then the run directory and `run.json`, then the pool.
+async fn run_resolved(
+    r: Resolved,
+    credentials: Option<Credentials>,
+    options: RunOptions,
+    resume: Option<Resume>,
+    stop: CancellationToken,
+) -> Result<ExitCode, Error> {
+    let settings = r.loaded.settings.clone();
+    let requests = Arc::new(r.job.requests(&settings)?);
+    let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
+    let authorized = settings.auth.style != AuthStyle::None;
+    let resuming = resume.is_some();
+    let mut resume = resume;
+    let mut plan = |dir: PathBuf| Plan {
+        requests: requests.clone(),
+        inputs: r.inputs.clone(),
+        settings: settings.clone(),
+        limit: options.limit,
+        dir,
+        progress: options.progress,
+        grace: options.grace,
+        max_failures: options.max_failures,
+        resume: resume.take(),
+    };
+
+    if options.dry_run {
+        crate::output::create_run_dir(&dir)?;
+        let finished = runner::dry_run(plan(dir.clone()), authorized).await?;
+        print_dry_run(&dir);
+        return Ok(close(&finished, &dir, &options));
+    }
+
+    // One run per job: a second one stops here, before any token request.
+    let folder = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let _lock = crate::output::lock_job(folder, &r.job.name)?;
+    let client = runner::http_client(&settings);
+    let tokens = if authorized {
+        r.loaded.token_url()?;
+        let credentials = match credentials {
+            Some(c) => c,
+            None => settings.auth.credentials()?,
+        };
+        let tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
+        tokens.get().await?;
+        Some(tokens)
+    } else {
+        None
+    };
+    if !resuming {
+        crate::output::create_run_dir(&dir)?;
+        write_run_json(&dir, &r, options.limit).await?;
+    }
+    tracing::info!(
+        "{} {} ({} input{}) into {}",
+        if resuming { "resuming" } else { "running" },
+        r.job.name,
+        r.inputs.len(),
+        if r.inputs.len() == 1 { "" } else { "s" },
+        dir.display()
+    );
+    let finished = runner::run(plan(dir.clone()), client, tokens, stop).await?;
+    Ok(close(&finished, &dir, &options))
+}
+
+async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let dir = args.run_dir;
+    let info_path = dir.join("run.json");
+    let text = std::fs::read_to_string(&info_path).map_err(|e| {
+        Error::Usage(format!(
+            "cannot read {}: {e}; resume needs the run directory of a run that started (it writes run.json first)",
+            info_path.display()
+        ))
+    })?;
+    let info: RunInfo = serde_json::from_str(&text)
+        .map_err(|e| Error::Usage(format!("{} is not a run.json bulkcall wrote: {e}", info_path.display())))?;
+
+    let recorded = info.inputs.clone();
+    let changed = tokio::task::spawn_blocking(move || {
+        recorded
+            .iter()
+            .filter_map(|was| {
+                let delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+                match InputFingerprint::of(&was.path, was.format, delimiter) {
+                    Ok(now) if now.size == was.size && now.sha256 == was.sha256 => None,
+                    Ok(now) => Some(format!(
+                        "{} changed since the run started ({} bytes then, {} now; the SHA-256 differs)",
+                        was.path.display(),
+                        was.size,
+                        now.size
+                    )),
+                    Err(e) => Some(format!("{} cannot be read: {e}", was.path.display())),
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("hashing does not panic");
+    if !changed.is_empty() {
+        return Err(Error::Usage(format!(
+            "resume refuses: {}; rows are matched by position, so a changed input could send the wrong rows. Start a new run instead",
+            changed.join("; ")
+        )));
+    }
+
+    let job = Job::load(&info.job)?;
+    let mut flags = match info.settings {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    flags.extend(args.settings.to_map());
+    let sources = Sources {
+        config_file: info.config.clone(),
+        no_config: info.config.is_none(),
+        profile: Some(info.profile.clone()).filter(|p| p != "default"),
+        job: job.settings.clone(),
+        flags,
+        env: true,
+    };
+    let loaded = sources.load()?;
+    let inputs: Vec<PathBuf> = info.inputs.iter().map(|i| i.path.clone()).collect();
+    let mut resolved = resolve_inputs(job, loaded, &inputs)?;
+    for (spec, was) in resolved.inputs.iter_mut().zip(&info.inputs) {
+        spec.format = was.format;
+        spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+    }
+
+    let (mut done, started) = crate::output::Ledger::read(&dir)?;
+    let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
+    let names: Vec<String> =
+        info.inputs.iter().map(|i| i.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    for (input, row, outcome) in crate::output::last_outcomes(&dir) {
+        let matches: Vec<(usize, u64)> = in_doubt
+            .iter()
+            .copied()
+            .filter(|&(i, r)| r == row && input.as_deref().is_none_or(|name| names[i] == name))
+            .collect();
+        if let [key] = matches.as_slice() {
+            in_doubt.remove(key);
+            done.insert(*key, outcome);
+        }
+    }
+    tracing::info!(
+        "{} rows already have an outcome; {} were in flight when the run stopped ({})",
+        done.len(),
+        in_doubt.len(),
+        if args.in_doubt == InDoubt::Fail { "written to failures as in_doubt" } else { "sending them again" }
+    );
+    let options = RunOptions {
+        log,
+        out: Some(dir.clone()),
+        limit: info.limit,
+        dry_run: false,
+        max_failures: args.max_failures,
+        grace: args.grace,
+        progress: args.progress,
+        json: args.json,
+        rerun: format!("bulkcall run {}", info.job.display()),
+    };
+    let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail };
+    run_resolved(resolved, None, options, Some(resume), stop).await
+}
+
+fn print_dry_run(dir: &Path) {
+    let path = dir.join("requests.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        for line in text.lines().take(3) {
+            println!("{line}");
+        }
+    }
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
+}
+
+/// Prints the closing lines and returns the exit code. `-q` keeps only the
+/// first line; `--log-format json` prints one JSON object instead.
+fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
+    let s = &finished.summary;
+    if options.log.log_format == LogFormat::Json {
+        let line = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            "level": if finished.exit == ExitCode::Success { "INFO" } else { "WARN" },
+            "message": "finished",
+            "run_dir": dir,
+            "summary": s,
+        });
+        eprintln!("{line}");
+    } else if options.dry_run {
+        eprintln!(
+            "bulkcall: dry run: {} rendered into {} (nothing sent); {} cannot be sent",
+            plural(finished.rendered, "request"),
+            dir.join("requests.jsonl").display(),
+            plural(s.failed, "row"),
+        );
+    } else {
+        let how = match finished.exit {
+            ExitCode::Interrupted => "interrupted after",
+            ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage => "aborted after",
+            _ => "finished",
+        };
+        let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let errors = if errors.is_empty() { String::new() } else { format!(" ({})", errors.join(", ")) };
+        eprintln!(
+            "bulkcall: {how} {} in {:.1}s ({:.1} rows/s): {} succeeded, {} failed{errors}",
+            plural(s.total, "row"),
+            s.duration_s,
+            s.rows_per_s,
+            s.succeeded,
+            s.failed,
+        );
+    }
+    if !options.log.quiet && options.log.log_format == LogFormat::Text {
+        if !options.dry_run {
+            let throttled = s.throttled_rate.map(|r| format!("; throttled down to {r}/s")).unwrap_or_default();
+            eprintln!(
+                "  latency p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}, {}, {}{throttled}",
+                s.latency_ms.p50,
+                s.latency_ms.p90,
+                s.latency_ms.p99,
+                s.latency_ms.max,
+                plural(s.attempts, "attempt"),
+                plural(s.retries, "retry").replace("retrys", "retries"),
+                plural(s.token_requests, "token request"),
+            );
+        }
+        if !finished.first_failures.is_empty() {
+            eprintln!("  first failures:");
+            for line in &finished.first_failures {
+                eprintln!("    {line}");
+            }
+        }
+        eprintln!("  run directory: {}", dir.display());
+        for file in &finished.failure_files {
+            eprintln!("  send the failures again: {} {}", options.rerun, file.display());
+        }
+        if s.in_doubt > 0 {
+            eprintln!(
+                "  {} sent without a recorded answer (in doubt)",
+                plural(s.in_doubt, "row was").replace("rows was", "rows were")
+            );
+        }
+        if matches!(finished.exit, ExitCode::Interrupted | ExitCode::MaxFailures | ExitCode::Auth | ExitCode::Io)
+            && !options.dry_run
+        {
+            eprintln!("  rows not yet sent are in neither file; send them with: bulkcall resume {}", dir.display());
+        }
+    }
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(s).expect("serializable"));
+    }
+    finished.exit
+}
+
+async fn validate(args: ValidateArgs) -> Result<ExitCode, Error> {
+    let r = resolve(&args.job, &args.inputs, &args.config, &SettingArgs::default())?;
+    let requests = r.job.requests(&r.loaded.settings)?;
+    let names: Vec<String> = r.inputs.iter().map(|i| i.path.display().to_string()).collect();
+    let inputs = r.inputs.clone();
+    let (rows, bad) = tokio::task::spawn_blocking(move || {
+        let (mut rows, mut bad) = (0u64, Vec::new());
+        let result = input::read_all(&inputs, &|_| {}, &mut |item| {
+            rows += 1;
+            match item {
+                Err(b) => bad.push(format!("{} row {}: {}", names[b.input], b.number, b.message)),
+                Ok(row) => {
+                    if let Err(e) = requests.render(&row) {
+                        bad.push(format!("{} line {} (row {}): {e}", names[row.input], row.line, row.number));
+                    }
+                }
+            }
+            true
+        });
+        result.map(|()| (rows, bad))
+    })
+    .await
+    .expect("validation does not panic")?;
+    const SHOWN: usize = 50;
+    for line in bad.iter().take(SHOWN) {
+        eprintln!("{line}");
+    }
+    if bad.len() > SHOWN {
+        eprintln!("... and {} more", bad.len() - SHOWN);
+    }
+    eprintln!("bulkcall: {rows} rows read: {} ready to send, {} cannot be sent", rows - bad.len() as u64, bad.len());
+    Ok(if bad.is_empty() { ExitCode::Success } else { ExitCode::RowsFailed })
+}
+
+async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
+    let sources = Sources {
+        config_file: args.config.config.clone(),
+        profile: args.config.profile.clone(),
+        env: true,
+        ..Sources::default()
+    };
+    let loaded = sources.load()?;
+    let auth = &loaded.settings.auth;
+    if auth.style == AuthStyle::None {
+        return Err(Error::Usage(format!(
+            "profile `{}` has auth.style = \"none\": there is no token to get",
+            loaded.profile
+        )));
+    }
+    let client = runner::http_client(&loaded.settings);
+    let tokens = TokenSource::new(client, auth, auth.credentials()?);
+    let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
+    let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());
+    let url = auth.token_url.as_deref().unwrap_or("");
+    match &token.origin {
+        Origin::Fetched => eprintln!("token fetched now from {url} (profile {})", loaded.profile),
+        Origin::Cache(path) => {
+            eprintln!("token from the cache {} (profile {}, no token request)", path.display(), loaded.profile)
+        }
+    }
+    eprintln!("  type: {}", token.token_type);
+    if let Some(scope) = &token.scope {
+        eprintln!("  scope: {scope}");
+    }
+    eprintln!(
+        "  expires: {} (in {})",
+        humantime::format_rfc3339_seconds(token.expires_at_wall),
+        humantime::format_duration(Duration::from_secs(left.as_secs()))
+    );
+    if args.print {
+        println!("{}", token.expose());
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.map_err(|source| Error::Sandbox { addr: addr.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| Error::Sandbox { addr: addr.clone(), source })?;
+    let config = SandboxConfig {
+        client_id: args.client_id.clone(),
+        client_secret: SecretString::from(args.client_secret),
+        token_lifetime: args.token_lifetime,
+        expires_in_as_string: args.expires_in_string,
+        token_delay: args.token_delay,
+        fail_token_requests: args.fail_token_requests,
+        latency: args.latency,
+        require_environment_header: !args.no_environment_header,
+        record: false,
+        revoke_after: args.revoke_after,
+        faults: args.faults.to_faults()?,
+    };
+    eprintln!("bulkcall sandbox listening on http://{local}");
+    eprintln!("  token URL: http://{local}{}  (client id `{}`)", crate::sandbox::TOKEN_PATH, args.client_id);
+    eprintln!(
+        "  APIs: POST /medicalnetwork/eligibility/v3, /medicalnetwork/claimstatus/v2, /medicalnetwork/professionalclaims/v3/submission"
+    );
+    eprintln!("  stats: GET /_sandbox/stats   revoke all tokens: POST /_sandbox/revoke   Ctrl-C stops");
+    crate::sandbox::serve(listener, config, async move { stop.cancelled().await })
+        .await
+        .map_err(|source| Error::Sandbox { addr, source })?;
+    Ok(ExitCode::Success)
+}
+
+/// The example job, built in, so `bulkcall demo` works from anywhere.
+const DEMO_JOB: &str = include_str!("../jobs/eligibility.toml");
+const DEMO_INPUT: &[u8] = include_bytes!("../jobs/eligibility.csv");
+
+async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let secret = "demo-secret";
+    let sandbox_config = SandboxConfig {
+        client_id: "demo-client".into(),
+        client_secret: SecretString::from(secret),
+        latency: Duration::from_millis(40),
+        ..SandboxConfig::default()
+    };
+    let addr = "127.0.0.1:0";
+    let sandbox = Sandbox::start(sandbox_config, addr.parse().expect("valid address"))
+        .await
+        .map_err(|source| Error::Sandbox { addr: addr.into(), source })?;
+    let folder = args.out_dir.join("demo");
+    std::fs::create_dir_all(&folder).map_err(|e| Error::Usage(format!("cannot create {}: {e}", folder.display())))?;
+    let job_path = folder.join("eligibility.toml");
+    for (path, bytes) in [(&job_path, DEMO_JOB.as_bytes()), (&folder.join("eligibility.csv"), DEMO_INPUT)] {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
+    }
+    let job = Job::parse(&job_path, DEMO_JOB)?;
+    let mut flags = Map::new();
+    flags.insert("base_url".into(), Value::from(sandbox.base_url()));
+    flags.insert("concurrency".into(), Value::from(16));
+    flags.insert("rate".into(), Value::from(250));
+    flags.insert("burst".into(), Value::from(16));
+    flags.insert("out_dir".into(), Value::from(args.out_dir.display().to_string()));
+    flags.insert("headers".into(), serde_json::json!({"environment": "sandbox"}));
+    flags.insert("auth".into(), serde_json::json!({"style": "json", "token_url": sandbox.token_url(), "cache": false}));
+    let loaded = Sources { job: job.settings.clone(), flags, no_config: true, ..Sources::default() }.load()?;
+    let resolved = resolve_inputs(job, loaded, &[])?;
+    eprintln!(
+        "bulkcall demo: the built-in sandbox is at {}; sending {} with 16 workers at 250 calls/s",
+        sandbox.base_url(),
+        resolved.inputs[0].path.display()
+    );
+    let credentials = Credentials { client_id: "demo-client".into(), client_secret: SecretString::from(secret) };
+    let options = RunOptions {
+        log: log.clone(),
+        out: None,
+        limit: None,
+        dry_run: false,
+        max_failures: None,
+        grace: Duration::from_secs(30),
+        progress: args.progress,
+        json: args.json,
+        rerun: format!("bulkcall run {}", job_path.display()),
+    };
+    let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
+    sandbox.shutdown().await;
+    if exit.is_ok() && !log.quiet {
+        eprintln!(
+            "next: `bulkcall sandbox` in one terminal, then `bulkcall run jobs/eligibility.toml -p local` in another"
+        );
+    }
+    exit
+}
