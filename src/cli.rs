@@ -89,6 +89,18 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Run the example eligibility job against an in-process sandbox, with progress.
     Demo(DemoArgs),
+    /// (Re)write a run's report.html: summary, throughput, latency, statuses, first failures.
+    ///
+    /// Example: bulkcall report out/eligibility/2026-11-28T181355Z
+    Report(ReportArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: bulkcall completions bash > /etc/bash_completion.d/bulkcall
+    Completions(CompletionArgs),
+    /// Print the man page (roff), generated from these flags.
+    ///
+    /// Example: bulkcall man > /usr/local/share/man/man1/bulkcall.1
+    Man,
 }
 
 /// Where the configuration comes from.
@@ -326,6 +338,17 @@ impl FaultArgs {
             seed: self.fault_seed,
         })
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run directory.
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

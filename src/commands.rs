@@ -31,6 +31,23 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
         Command::Token(args) => token(args).await,
         Command::Sandbox(args) => sandbox(args, stop).await,
         Command::Demo(args) => demo(args, log, stop).await,
+        Command::Report(args) => {
+            let path = write_report(&args.run_dir)?;
+            eprintln!("bulkcall: wrote {}", path.display());
+            Ok(ExitCode::Success)
+        }
+        Command::Completions(args) => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(args.shell, &mut Cli::command(), "bulkcall", &mut std::io::stdout());
+            Ok(ExitCode::Success)
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Error::Usage(format!("cannot print the man page: {e}")))?;
+            Ok(ExitCode::Success)
+        }
     }
 }
 
@@ -246,6 +263,9 @@ async fn run_resolved(
         dir.display()
     );
     let finished = runner::run(plan(dir.clone()), client, tokens, stop).await?;
+    if let Err(e) = write_report(&dir) {
+        tracing::warn!("could not write report.html: {e}");
+    }
     Ok(close(&finished, &dir, &options))
 }
 
@@ -354,6 +374,12 @@ fn print_dry_run(dir: &Path) {
             println!("{line}");
         }
     }
+}
+
+/// Builds and writes a run's `report.html`.
+fn write_report(dir: &Path) -> Result<PathBuf, Error> {
+    let html = crate::report::html::render(dir)?;
+    Ok(crate::output::write_report(dir, &html)?)
 }
 
 fn plural(n: u64, word: &str) -> String {

@@ -49,6 +49,8 @@ pub enum Error {
     Unauthorized(String),
     #[error("aborted: {0}")]
     MaxFailures(String),
+    #[error(transparent)]
+    Report(#[from] crate::report::html::ReportError),
     #[error("could not start the sandbox on {addr}: {source}")]
     Sandbox { addr: String, source: std::io::Error },
 }
@@ -57,9 +59,12 @@ impl Error {
     /// The exit code this error stops the process with.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Config(_) | Error::Job(_) | Error::Input(_) | Error::Usage(_) | Error::Sandbox { .. } => {
-                ExitCode::Usage
-            }
+            Error::Config(_)
+            | Error::Job(_)
+            | Error::Input(_)
+            | Error::Usage(_)
+            | Error::Sandbox { .. }
+            | Error::Report(_) => ExitCode::Usage,
             Error::Token(_) | Error::Unauthorized(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Output(crate::output::OutputError::Locked { .. }) => ExitCode::Locked,

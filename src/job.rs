@@ -52,6 +52,8 @@ struct JobFile {
     capture: Map<String, Value>,
     idempotency_key: Option<String>,
     idempotency_header: Option<String>,
+    #[serde(default)]
+    results_csv: bool,
     // Run settings, passed on to the configuration.
     concurrency: Option<Value>,
     rate: Option<Value>,
@@ -89,6 +91,8 @@ pub struct Job {
     idempotency: Option<(HeaderName, Text)>,
     success: Option<Expr>,
     capture: Vec<(String, Node)>,
+    /// Also write `results.csv` (row, key, status and the captured values).
+    results_csv: bool,
 }
 
 /// A text template and the input fields it uses.
@@ -340,6 +344,7 @@ impl Job {
             idempotency,
             success,
             capture,
+            results_csv: file.results_csv,
         })
     }
 
@@ -564,6 +569,11 @@ impl Requests {
     pub fn key(&self, row: &Row) -> String {
         let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
         self.job.key.as_ref().and_then(|t| t.template.render(&ctx).ok()).unwrap_or_else(|| row.number.to_string())
+    }
+
+    /// The captured values' names, when the job asks for `results.csv`.
+    pub fn results_csv(&self) -> Option<Vec<String>> {
+        self.job.results_csv.then(|| self.job.capture.iter().map(|(name, _)| name.clone()).collect())
     }
 
     /// Whether the job has its own `success` expression.

@@ -76,6 +76,16 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// Writes `report.html` whole (temporary file, then renamed), mode 0600.
+pub fn write_report(dir: &Path, html: &str) -> Result<PathBuf, OutputError> {
+    let path = dir.join("report.html");
+    let tmp = dir.join("report.html.tmp");
+    let mut file = create_file(&tmp)?;
+    file.write_all(html.as_bytes()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
 /// `run.json`: what `resume` needs, written before the first call goes out.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct RunInfo {
@@ -143,6 +153,7 @@ pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
             error: None,
             attempts: num(&line["attempts"]).unwrap_or(1) as u32,
             latency_us: num(&line["latency_ms"]).unwrap_or(0) * 1000,
+            at_ms: 0,
         };
         found.push((line["input"].as_str().map(str::to_string), row, done));
     }
@@ -154,6 +165,7 @@ pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
             error: line["_error"].as_str().map(str::to_string),
             attempts: num(&line["_attempts"]).unwrap_or(0) as u32,
             latency_us: 0,
+            at_ms: 0,
         };
         found.push((None, row, done));
     }
@@ -172,6 +184,7 @@ pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
                     error: Some(field(4).to_string()),
                     attempts: field(2).parse().unwrap_or(0),
                     latency_us: 0,
+                    at_ms: 0,
                 };
                 found.push((None, row, done));
             }
@@ -208,8 +221,8 @@ impl Lines {
     }
 }
 
-/// A failures CSV: the input's columns, then the six failure columns.
-struct CsvFailures {
+/// A CSV file written one whole record at a time.
+struct CsvFile {
     path: PathBuf,
     file: File,
     /// One record's bytes, reused.
@@ -218,14 +231,25 @@ struct CsvFailures {
 
 const ERROR_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
 
-impl CsvFailures {
-    fn open(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFailures, OutputError> {
+impl CsvFile {
+    /// Opens the file and writes its header, unless resuming a file that has one.
+    fn open<'a>(
+        path: PathBuf,
+        header: impl IntoIterator<Item = &'a [u8]>,
+        append: bool,
+    ) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
-        let mut this = CsvFailures { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024) };
+        let mut this = CsvFile { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024) };
         if !has_header {
-            this.write(headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes)))?;
+            this.write(header)?;
         }
         Ok(this)
+    }
+
+    /// A failures CSV: the input's columns, then the six failure columns.
+    fn failures(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFile, OutputError> {
+        let columns = headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes));
+        CsvFile::open(path, columns, append)
     }
 
     fn write<'a>(&mut self, fields: impl IntoIterator<Item = &'a [u8]>) -> Result<(), OutputError> {
@@ -268,16 +292,33 @@ pub struct Writer {
     results: Option<Lines>,
     failures_jsonl: Option<Lines>,
     /// One failures CSV per distinct header (normally one: `failures.csv`).
-    failures_csv: HashMap<usize, CsvFailures>,
+    failures_csv: HashMap<usize, CsvFile>,
     /// Keeps the headers alive while their address is a key above.
     csv_headers: Vec<Arc<CsvHeaders>>,
+    /// `results.csv` and the captures it has columns for, when asked for.
+    results_csv: Option<(CsvFile, Vec<String>)>,
 }
 
 impl Writer {
     /// Opens the outcome files of `dir`; `results` creates `results.jsonl`
     /// now, even if no row succeeds.
-    pub fn open(dir: &Path, inputs: Vec<InputInfo>, append: bool, results: bool) -> Result<Writer, OutputError> {
+    pub fn open(
+        dir: &Path,
+        inputs: Vec<InputInfo>,
+        append: bool,
+        results: bool,
+        results_csv: Option<Vec<String>>,
+    ) -> Result<Writer, OutputError> {
+        let results_csv = match results_csv {
+            Some(captures) => {
+                let columns = ["row", "key", "status", "attempts", "latency_ms"].into_iter().map(str::as_bytes);
+                let columns = columns.chain(captures.iter().map(String::as_bytes));
+                Some((CsvFile::open(dir.join("results.csv"), columns, append)?, captures))
+            }
+            None => None,
+        };
         Ok(Writer {
+            results_csv,
             dir: dir.to_path_buf(),
             append,
             inputs,
@@ -310,7 +351,24 @@ impl Writer {
                 if self.results.is_none() {
                     self.results = Some(Lines::open(self.dir.join("results.jsonl"), self.append)?);
                 }
-                self.results.as_mut().expect("just opened").write(&line)
+                self.results.as_mut().expect("just opened").write(&line)?;
+                if let Some((file, captures)) = &mut self.results_csv {
+                    let text = |v: Option<&Value>| match v {
+                        None | Some(Value::Null) => String::new(),
+                        Some(Value::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                    };
+                    let fixed = [
+                        outcome.number.to_string(),
+                        outcome.key.clone(),
+                        outcome.status.map(|s| s.to_string()).unwrap_or_default(),
+                        outcome.attempts.to_string(),
+                        line.latency_ms.to_string(),
+                    ];
+                    let captured: Vec<String> = captures.iter().map(|c| text(success.captured.get(c))).collect();
+                    file.write(fixed.iter().chain(&captured).map(String::as_bytes))?;
+                }
+                Ok(())
             }
             Err(failure) => {
                 let status = outcome.status.map(|s| s.to_string()).unwrap_or_default();
@@ -356,7 +414,7 @@ impl Writer {
         Ok(self.failures_jsonl.as_mut().expect("just created"))
     }
 
-    fn csv_file(&mut self, input: usize, headers: &Arc<CsvHeaders>) -> Result<&mut CsvFailures, OutputError> {
+    fn csv_file(&mut self, input: usize, headers: &Arc<CsvHeaders>) -> Result<&mut CsvFile, OutputError> {
         let id = Arc::as_ptr(headers) as usize;
         if !self.failures_csv.contains_key(&id) {
             let name = if self.failures_csv.is_empty() {
@@ -365,7 +423,7 @@ impl Writer {
                 let stem = Path::new(&self.inputs[input].name).file_stem().and_then(|s| s.to_str()).unwrap_or("input");
                 format!("failures.{stem}.csv")
             };
-            let file = CsvFailures::open(self.dir.join(name), headers, self.append)?;
+            let file = CsvFile::failures(self.dir.join(name), headers, self.append)?;
             self.failures_csv.insert(id, file);
             self.csv_headers.push(headers.clone());
         }
@@ -434,6 +492,8 @@ pub struct Done {
     pub error: Option<String>,
     pub attempts: u32,
     pub latency_us: u64,
+    /// When the outcome was recorded, in ms since the Unix epoch (0 if unknown).
+    pub at_ms: u64,
 }
 
 impl Ledger {
@@ -452,8 +512,9 @@ impl Ledger {
             Ok(_) => "ok",
             Err(f) => f.kind.as_str(),
         };
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let line = format!(
-            "D\t{}\t{}\t{status}\t{error}\t{}\t{}\n",
+            "D\t{}\t{}\t{status}\t{error}\t{}\t{}\t{at_ms}\n",
             outcome.input,
             outcome.number,
             outcome.attempts,
@@ -478,7 +539,7 @@ impl Ledger {
             let key = |f: &[&str]| Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
             match (f.first(), key(&f)) {
                 (Some(&"S"), Some(k)) => started.push(k),
-                (Some(&"D"), Some(k)) if f.len() == 7 => {
+                (Some(&"D"), Some(k)) if f.len() == 8 => {
                     done.insert(
                         k,
                         Done {
@@ -486,6 +547,7 @@ impl Ledger {
                             error: (f[4] != "ok").then(|| f[4].to_string()),
                             attempts: f[5].parse().unwrap_or(0),
                             latency_us: f[6].parse().unwrap_or(0),
+                            at_ms: f[7].parse().unwrap_or(0),
                         },
                     );
                 }

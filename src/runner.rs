@@ -199,6 +199,7 @@ fn spawn_reader(
                 Ok(row) => (row.input, row.number),
                 Err(bad) => (bad.input, bad.number),
             };
+            live.current_input.store(key.0 as u64, Ordering::Relaxed);
             skip.contains(&key) || tx.send_blocking(item).is_ok()
         })
     })
@@ -214,7 +215,8 @@ pub async fn run(
     let concurrency = plan.settings.concurrency;
     let resume = plan.resume.unwrap_or_default();
     let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true)?;
+    let results_csv = plan.requests.results_csv();
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true, results_csv)?;
     let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
     let mut stats = Stats::default();
     for done in resume.done.values() {
@@ -230,6 +232,7 @@ pub async fn run(
             total_bytes,
             tokens: tokens.clone(),
             limiter: Some(limiter.clone()),
+            inputs: input_names(&plan.inputs),
             interval: plan.settings.progress_interval,
         },
     );
@@ -601,7 +604,7 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
     let (tx, rx) = async_channel::bounded::<Item>(1024);
     let reader = spawn_reader(plan.inputs.clone(), plan.limit, HashSet::new(), live, CancellationToken::new(), tx);
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false)?;
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false, None)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
     let mut stats = Stats::default();

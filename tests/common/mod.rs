@@ -86,7 +86,9 @@ headers.environment = "sandbox"
         }
         let mut argv: Vec<String> = vec!["bulkcall".into()];
         argv.extend(args.iter().map(|a| a.to_string()));
-        argv.extend(["-c".into(), config.display().to_string(), "-p".into(), "test".into()]);
+        if matches!(args[0], "run" | "validate" | "token") {
+            argv.extend(["-c".into(), config.display().to_string(), "-p".into(), "test".into()]);
+        }
         if args[0] == "run" {
             argv.extend(["--progress".into(), "never".into()]);
         }

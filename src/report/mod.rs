@@ -1,6 +1,8 @@
 //! Counting and showing: live counters, the statistics the collector keeps,
-//! `summary.json`'s shape, and the progress display (a bar at a terminal,
-//! a plain line at an interval otherwise).
+//! `summary.json`'s shape, the progress display (a bar at a terminal, a
+//! plain line at an interval otherwise) and `report.html` ([`html`]).
+
+pub mod html;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -22,6 +24,8 @@ use crate::token::TokenSource;
 #[derive(Debug, Default)]
 pub struct Live {
     pub bytes_read: AtomicU64,
+    /// The input being read, by index, when there are several.
+    pub current_input: AtomicU64,
     pub done: AtomicU64,
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
@@ -219,6 +223,8 @@ pub struct ProgressSource {
     pub total_bytes: u64,
     pub tokens: Option<TokenSource>,
     pub limiter: Option<Arc<Limiter>>,
+    /// The inputs' names; with several, the current one is shown.
+    pub inputs: Vec<String>,
     pub interval: Duration,
 }
 
@@ -256,10 +262,16 @@ impl Progress {
 
 fn counters(source: &ProgressSource, elapsed: Duration) -> String {
     let (live, tokens) = (&source.live, source.tokens.as_ref());
+    let current = if source.inputs.len() > 1 {
+        let i = Live::get(&live.current_input) as usize;
+        source.inputs.get(i).map(|name| format!("{name} ({}/{}) · ", i + 1, source.inputs.len())).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let done = Live::get(&live.done);
     let rate = if elapsed.as_secs_f64() > 0.0 { done as f64 / elapsed.as_secs_f64() } else { 0.0 };
     let mut text = format!(
-        "{} rows · {rate:.0}/s · ok {} · failed {} · in flight {}",
+        "{current}{} rows · {rate:.0}/s · ok {} · failed {} · in flight {}",
         done,
         Live::get(&live.succeeded),
         Live::get(&live.failed),

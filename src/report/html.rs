@@ -1,0 +1,324 @@
+//! `report.html`: a self-contained page about one run, built from the files
+//! of its run directory alone (`summary.json`, `run.json`, the ledger and
+//! the failures files), so `bulkcall report RUN_DIR` can rebuild it at any
+//! time. Nothing is loaded from the network: styles and charts (SVG) are
+//! inline. It shows no row data beyond what the failures file holds: row,
+//! key, error kind, status and message.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::Summary;
+
+/// Failures listed on the page.
+const LISTED_FAILURES: usize = 20;
+/// Bars in the throughput chart at most.
+const MAX_BARS: usize = 240;
+
+/// Latency histogram buckets: upper bounds in ms.
+const BUCKETS_MS: [(f64, &str); 14] = [
+    (1.0, "<1 ms"),
+    (2.0, "1–2"),
+    (5.0, "2–5"),
+    (10.0, "5–10"),
+    (20.0, "10–20"),
+    (50.0, "20–50"),
+    (100.0, "50–100"),
+    (200.0, "100–200"),
+    (500.0, "200–500"),
+    (1000.0, "0.5–1 s"),
+    (2000.0, "1–2 s"),
+    (5000.0, "2–5 s"),
+    (10000.0, "5–10 s"),
+    (f64::INFINITY, ">10 s"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{0} has no summary.json: the run has not ended yet, or this is not a run directory")]
+    NoSummary(std::path::PathBuf),
+    #[error("cannot read {path}: {message}")]
+    Read { path: std::path::PathBuf, message: String },
+}
+
+/// What the ledger tells about the run's pace and latencies.
+#[derive(Default)]
+struct Timeline {
+    /// Outcomes per second, keyed by Unix second.
+    per_second: BTreeMap<u64, u64>,
+    latency: [u64; BUCKETS_MS.len()],
+}
+
+fn read_timeline(dir: &Path) -> Timeline {
+    let mut t = Timeline::default();
+    let Ok(file) = std::fs::File::open(dir.join("journal")) else { return t };
+    for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 8 || f[0] != "D" {
+            continue;
+        }
+        let (attempts, latency_us, at_ms) =
+            (f[5].parse::<u32>().unwrap_or(0), f[6].parse::<u64>().unwrap_or(0), f[7].parse::<u64>().unwrap_or(0));
+        if at_ms > 0 {
+            *t.per_second.entry(at_ms / 1000).or_default() += 1;
+        }
+        if attempts > 0 {
+            let ms = latency_us as f64 / 1000.0;
+            let bucket = BUCKETS_MS.iter().position(|(max, _)| ms < *max).unwrap_or(BUCKETS_MS.len() - 1);
+            t.latency[bucket] += 1;
+        }
+    }
+    t
+}
+
+/// The first failures: row, key, error, status, message.
+fn read_failures(dir: &Path) -> Vec<[String; 5]> {
+    let mut found = Vec::new();
+    let mut files: Vec<std::path::PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    files.sort();
+    for path in files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.starts_with("failures") {
+            continue;
+        }
+        if name.ends_with(".jsonl") {
+            let Ok(file) = std::fs::File::open(&path) else { continue };
+            for line in std::io::BufReader::new(file).lines().map_while(Result::ok).take(LISTED_FAILURES) {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                let text = |k: &str| match &v[k] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                found.push([text("_row"), text("_key"), text("_error"), text("_status"), text("_message")]);
+            }
+        } else if name.ends_with(".csv") {
+            let Ok(mut reader) = csv::Reader::from_path(&path) else { continue };
+            let Ok(headers) = reader.headers().cloned() else { continue };
+            let at = |k: &str| headers.iter().position(|h| h == k);
+            let columns = ["_row", "_key", "_error", "_status", "_message"].map(at);
+            for record in reader.records().flatten().take(LISTED_FAILURES) {
+                found.push(columns.map(|c| c.and_then(|i| record.get(i)).unwrap_or("").to_string()));
+            }
+        }
+        if found.len() >= LISTED_FAILURES {
+            break;
+        }
+    }
+    found.truncate(LISTED_FAILURES);
+    found
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A bar chart in SVG: one bar per value, labels under some of them.
+fn bars(values: &[u64], labels: &[String], every: usize, title: &str, unit: &str) -> String {
+    let (width, height, pad) = (760.0, 200.0, 30.0);
+    let max = values.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let n = values.len().max(1) as f64;
+    let step = (width - pad) / n;
+    let mut svg = format!(
+        r#"<svg role="img" aria-label="{}" viewBox="0 0 {width} {}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
+        escape(title),
+        height + 40.0
+    );
+    let _ = write!(svg, r#"<text x="0" y="12" class="axis">{} {}</text>"#, max as u64, escape(unit));
+    let _ = write!(svg, r#"<line x1="{pad}" y1="{height}" x2="{width}" y2="{height}" class="base"/>"#);
+    for (i, v) in values.iter().enumerate() {
+        let h = (*v as f64 / max) * (height - 20.0);
+        let x = pad + i as f64 * step;
+        let _ = write!(
+            svg,
+            r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" class="bar"><title>{}: {v}</title></rect>"#,
+            height - h,
+            (step * 0.85).max(0.5),
+            escape(labels.get(i).map_or("", String::as_str)),
+        );
+        if every > 0 && i % every == 0 {
+            let _ = write!(
+                svg,
+                r#"<text x="{x:.1}" y="{}" class="axis">{}</text>"#,
+                height + 16.0,
+                escape(labels.get(i).map_or("", String::as_str))
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn throughput_chart(t: &Timeline) -> String {
+    let (Some(&first), Some(&last)) = (t.per_second.keys().next(), t.per_second.keys().next_back()) else {
+        return "<p>No outcomes were recorded.</p>".into();
+    };
+    let seconds = (last - first + 1) as usize;
+    let width = seconds.div_ceil(MAX_BARS).max(1);
+    let mut values = vec![0u64; seconds.div_ceil(width)];
+    for (s, n) in &t.per_second {
+        values[((s - first) as usize) / width] += n;
+    }
+    let per_second: Vec<u64> = values.iter().map(|v| v / width as u64).collect();
+    let labels: Vec<String> = (0..values.len()).map(|i| format!("{} s", i * width)).collect();
+    let every = (values.len() / 8).max(1);
+    bars(&per_second, &labels, every, "rows per second over the run", "rows/s")
+}
+
+fn latency_chart(t: &Timeline) -> String {
+    let labels: Vec<String> = BUCKETS_MS.iter().map(|(_, l)| l.to_string()).collect();
+    bars(&t.latency, &labels, 1, "latency of each row's last attempt", "rows")
+}
+
+fn table(rows: &[(String, String)]) -> String {
+    let mut html = String::from("<table>");
+    for (k, v) in rows {
+        let _ = write!(html, "<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v));
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// Builds the page from the run directory's files.
+pub fn render(dir: &Path) -> Result<String, ReportError> {
+    let summary_path = dir.join("summary.json");
+    let text = std::fs::read_to_string(&summary_path).map_err(|_| ReportError::NoSummary(dir.to_path_buf()))?;
+    let s: Summary = serde_json::from_str(&text)
+        .map_err(|e| ReportError::Read { path: summary_path.clone(), message: e.to_string() })?;
+    let run: Value = std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let job = run["job_name"].as_str().unwrap_or("dry run");
+    let started = run["started_at"].as_str().unwrap_or("");
+    let timeline = read_timeline(dir);
+    let failures = read_failures(dir);
+
+    let outcome = match s.exit_code {
+        0 => "every row succeeded",
+        1 => "finished; some rows failed",
+        3 => "aborted: credentials rejected or calls refused with 401",
+        4 => "aborted: --max-failures reached",
+        74 => "aborted: the run directory could not be written",
+        130 => "interrupted; `bulkcall resume` finishes it",
+        _ => "ended",
+    };
+    let mut overview = vec![
+        ("Rows".to_string(), s.total.to_string()),
+        ("Succeeded".into(), s.succeeded.to_string()),
+        ("Failed".into(), s.failed.to_string()),
+        ("In doubt".into(), s.in_doubt.to_string()),
+        ("Attempts".into(), format!("{} ({} retries)", s.attempts, s.retries)),
+        ("Token requests".into(), s.token_requests.to_string()),
+        ("Duration".into(), format!("{:.1} s", s.duration_s)),
+        ("Rows per second".into(), format!("{:.1}", s.rows_per_s)),
+        (
+            "Latency".into(),
+            format!(
+                "p50 {} ms · p90 {} ms · p99 {} ms · max {} ms",
+                s.latency_ms.p50, s.latency_ms.p90, s.latency_ms.p99, s.latency_ms.max
+            ),
+        ),
+        ("Exit code".into(), format!("{} ({outcome})", s.exit_code)),
+    ];
+    if let Some(rate) = s.throttled_rate {
+        overview.push(("Throttled down to".into(), format!("{rate} calls/s")));
+    }
+    let statuses: Vec<(String, String)> = s.statuses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    let errors: Vec<(String, String)> = s.errors.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+
+    let mut html = String::with_capacity(16 * 1024);
+    let _ = write!(
+        html,
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bulkcall · {job}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 820px; padding: 0 1rem; color: #1d2330; }}
+h1 {{ font-size: 1.5rem; margin-bottom: .2rem; }} h2 {{ font-size: 1.1rem; margin-top: 2rem; border-bottom: 1px solid #dde; }}
+.sub {{ color: #5a6270; margin-top: 0; }}
+table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .2rem .8rem .2rem 0; vertical-align: top; }}
+th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, monospace; font-size: 13px; word-break: break-word; }}
+.bar {{ fill: #3b6fd8; }} .base {{ stroke: #99a; }} .axis {{ font-size: 11px; fill: #5a6270; }}
+.ok {{ color: #1b7f3a; }} .bad {{ color: #b3261e; }}
+</style></head><body>
+<h1>{job}</h1>
+<p class="sub">Run directory <code>{dir}</code>{started}</p>
+<p class="{class}"><strong>{outcome}</strong></p>
+<h2>Summary</h2>{overview}
+<h2>Throughput</h2>{throughput}
+<h2>Latency</h2>{latency}
+<h2>Statuses</h2>{statuses}
+<h2>Errors</h2>{errors}
+<h2>First failures</h2>"#,
+        job = escape(job),
+        dir = escape(&dir.display().to_string()),
+        started = if started.is_empty() { String::new() } else { format!(" · started {}", escape(started)) },
+        class = if s.exit_code == 0 { "ok" } else { "bad" },
+        overview = table(&overview),
+        throughput = throughput_chart(&timeline),
+        latency = latency_chart(&timeline),
+        statuses = if statuses.is_empty() { "<p>None.</p>".into() } else { table(&statuses) },
+        errors = if errors.is_empty() { "<p>None.</p>".into() } else { table(&errors) },
+    );
+    if failures.is_empty() {
+        html.push_str("<p>None.</p>");
+    } else {
+        html.push_str("<table><tr><th>Row</th><th>Key</th><th>Error</th><th>Status</th><th>Message</th></tr>");
+        for [row, key, error, status, message] in &failures {
+            let _ = write!(
+                html,
+                r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="msg">{}</td></tr>"#,
+                escape(row),
+                escape(key),
+                escape(error),
+                escape(status),
+                escape(message)
+            );
+        }
+        html.push_str("</table>");
+        if s.failed as usize > failures.len() {
+            let _ = write!(html, "<p>… and {} more in the failures file.</p>", s.failed as usize - failures.len());
+        }
+    }
+    html.push_str("\n</body></html>\n");
+    Ok(html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped() {
+        assert_eq!(escape(r#"<script>alert("x")</script>&"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;");
+    }
+
+    #[test]
+    fn the_throughput_chart_folds_long_runs() {
+        let mut t = Timeline::default();
+        for s in 0..1000u64 {
+            t.per_second.insert(1_000_000 + s, 10);
+        }
+        let svg = throughput_chart(&t);
+        assert!(svg.matches("<rect").count() <= MAX_BARS);
+        assert!(svg.contains("10 rows/s"), "the scale says the pace: {svg:.300}");
+    }
+}
