@@ -24,21 +24,29 @@ fn main() {
         None => {
             let path = dir.path().join("rows.csv");
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-            writeln!(f, "control_number,payer_id,provider_name,npi,member_id,first_name,last_name,dob,service_type").unwrap();
+            writeln!(f, "control_number,payer_id,provider_name,npi,member_id,first_name,last_name,dob,service_type")
+                .unwrap();
             for i in 1..=100_000 {
-                writeln!(f, "{i:09},000050,Clinic {},0123456789,SYN{i:08},Pat,Doe{},19800102,30", i % 97, i % 1000).unwrap();
+                writeln!(f, "{i:09},000050,Clinic {},0123456789,SYN{i:08},Pat,Doe{},19800102,30", i % 97, i % 1000)
+                    .unwrap();
             }
             path
         }
     };
     let spec = InputSpec { path: path.clone(), format: Format::Csv, delimiter: b',' };
-    let job = Arc::new(Job::parse(std::path::Path::new("jobs/eligibility.toml"), include_str!("../jobs/eligibility.toml")).unwrap());
+    let job = Arc::new(
+        Job::parse(std::path::Path::new("jobs/eligibility.toml"), include_str!("../jobs/eligibility.toml")).unwrap(),
+    );
     let settings = Settings { base_url: Some("http://127.0.0.1:1".into()), ..Settings::default() };
     let requests = job.requests(&settings).unwrap();
 
     let report = |stage: &str, rows: u64, took: Duration| {
         let per_row = took.as_secs_f64() * 1e6 / rows.max(1) as f64;
-        println!("{stage:<28} {rows} rows in {:.3} s: {:>9.0} rows/s, {per_row:.2} µs/row", took.as_secs_f64(), rows as f64 / took.as_secs_f64());
+        println!(
+            "{stage:<28} {rows} rows in {:.3} s: {:>9.0} rows/s, {per_row:.2} µs/row",
+            took.as_secs_f64(),
+            rows as f64 / took.as_secs_f64()
+        );
     };
 
     // Read only.
@@ -66,7 +74,9 @@ fn main() {
     // Read, render, judge the answer and record it (ledger and results).
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
-    let mut writer = Writer::open(&out, vec![InputInfo { name: "rows.csv".into(), format: Format::Csv }], false, true, None).unwrap();
+    let mut writer =
+        Writer::open(&out, vec![InputInfo { name: "rows.csv".into(), format: Format::Csv }], false, true, None)
+            .unwrap();
     let ledger = Ledger::open(&out, false).unwrap();
     let started = Instant::now();
     read_all(std::slice::from_ref(&spec), &|_| {}, &mut |item| {
@@ -74,8 +84,9 @@ fn main() {
         let request = requests.render(&row).unwrap();
         ledger.started(row.input, row.number).unwrap();
         let response: serde_json::Value = serde_json::from_slice(ANSWER).unwrap();
-        let (ok, captured) = requests.judge(200, &response, &row);
-        assert!(ok);
+        let judged = requests.judge(200, response, &row);
+        assert!(judged.ok);
+        let (response, captured) = (judged.response, judged.captured);
         let outcome = Outcome {
             input: row.input,
             number: row.number,
@@ -88,7 +99,8 @@ fn main() {
             source: Source::Record(row.record),
         };
         writer.record(&outcome).unwrap();
-        ledger.done(&outcome).unwrap();
+        writer.flush().unwrap();
+        ledger.done([&outcome]).unwrap();
         true
     })
     .unwrap();

@@ -100,6 +100,124 @@ struct Text {
     template: Template<'static, 'static>,
     vars: Vec<String>,
     place: String,
+    /// Literals and plain field references, when the template is only
+    /// that: rendered without the template engine.
+    parts: Option<Vec<Part>>,
+    /// Interpolated values are percent-encoded (the URL).
+    encode: bool,
+}
+
+enum Part {
+    Literal(String),
+    Field(Vec<String>),
+}
+
+/// `member.id` → `["member", "id"]`, if the expression is only a field path.
+fn field_path(expr: &str) -> Option<Vec<String>> {
+    const KEYWORDS: [&str; 11] = ["true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is"];
+    let parts: Vec<String> = expr.trim().split('.').map(str::to_string).collect();
+    let ident = |p: &String| {
+        let mut chars = p.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !KEYWORDS.contains(&p.as_str())
+    };
+    parts.iter().all(ident).then_some(parts)
+}
+
+/// Splits `a {{ x }} b` into parts, if it holds nothing but field references.
+fn plain_parts(source: &str) -> Option<Vec<Part>> {
+    if source.contains("{%") || source.contains("{#") {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        if start > 0 {
+            parts.push(Part::Literal(rest[..start].to_string()));
+        }
+        let end = rest[start..].find("}}")? + start;
+        let inner = &rest[start + 2..end];
+        if inner.starts_with('-') || inner.ends_with('-') {
+            return None;
+        }
+        parts.push(Part::Field(field_path(inner)?));
+        rest = &rest[end + 2..];
+    }
+    if rest.contains("}}") {
+        return None;
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Literal(rest.to_string()));
+    }
+    Some(parts)
+}
+
+/// The value at a field path of a row: an input field, `row` or `row_number`.
+fn lookup(row: &Row, path: &[String]) -> Option<Value> {
+    let (first, rest) = path.split_first()?;
+    let mut value = match row.record.get(first) {
+        Some(v) => v,
+        None if first == "row" => Value::Object(row.record.to_json()),
+        None if first == "row_number" => Value::from(row.number),
+        None => return None,
+    };
+    for part in rest {
+        value = match value {
+            Value::Object(mut map) => map.remove(part)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+impl Text {
+    /// Renders against a row: the plain parts directly when every value is
+    /// a string or an integer (as the engine would print them), else the engine.
+    fn render(&self, row: Option<&Row>, ctx: &Lazy<'_>) -> Result<String, minijinja::Error> {
+        if let (Some(parts), Some(row)) = (&self.parts, row) {
+            let mut out = String::new();
+            let mut plain = true;
+            for part in parts {
+                match part {
+                    Part::Literal(text) => out.push_str(text),
+                    Part::Field(path) => match lookup(row, path) {
+                        Some(Value::String(s)) => self.push(&mut out, &s),
+                        Some(Value::Number(n)) if !n.is_f64() => self.push(&mut out, &n.to_string()),
+                        // Missing, or printed differently: the engine decides.
+                        _ => {
+                            plain = false;
+                            break;
+                        }
+                    },
+                }
+            }
+            if plain {
+                return Ok(out);
+            }
+        }
+        self.template.render(ctx.get())
+    }
+
+    fn push(&self, out: &mut String, value: &str) {
+        if self.encode {
+            out.extend(utf8_percent_encode(value, SEGMENT));
+        } else {
+            out.push_str(value);
+        }
+    }
+}
+
+/// The template context, built only when the engine is needed.
+struct Lazy<'a> {
+    cell: std::cell::OnceCell<JValue>,
+    make: &'a dyn Fn() -> JValue,
+}
+
+impl Lazy<'_> {
+    fn get(&self) -> &JValue {
+        self.cell.get_or_init(self.make)
+    }
 }
 
 struct Expr {
@@ -114,8 +232,31 @@ enum Node {
     Array(Vec<Node>),
     Text(Text),
     Expr(Expr),
+    /// `"{{ member.id }}"` in a request body: the value itself, its type kept.
+    Field {
+        path: Vec<String>,
+        vars: Vec<String>,
+        place: String,
+    },
     Literal(Value),
 }
+
+/// Path segments: everything but unreserved characters is encoded.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'&')
+    .add(b'+')
+    .add(b'=');
 
 /// The three template environments, built once and kept for the whole process.
 struct Envs {
@@ -134,22 +275,6 @@ fn envs() -> &'static Envs {
         strict.set_undefined_behavior(UndefinedBehavior::Strict);
         let mut url = strict.clone();
         url.set_formatter(|out, _state, value| {
-            // Path segments: everything but unreserved characters is encoded.
-            const SEGMENT: &AsciiSet = &CONTROLS
-                .add(b' ')
-                .add(b'"')
-                .add(b'#')
-                .add(b'%')
-                .add(b'/')
-                .add(b'<')
-                .add(b'>')
-                .add(b'?')
-                .add(b'`')
-                .add(b'{')
-                .add(b'}')
-                .add(b'&')
-                .add(b'+')
-                .add(b'=');
             let text = value.to_string();
             write!(out, "{}", utf8_percent_encode(&text, SEGMENT)).map_err(minijinja::Error::from)
         });
@@ -190,7 +315,10 @@ impl Compiler<'_> {
             .template_from_str(leak(source))
             .map_err(|e| self.invalid(format!("{place}: bad template `{source}`: {e}")))?;
         let vars = sorted(template.undeclared_variables(true));
-        Ok(Text { template, vars, place: place.to_string() })
+        let envs = envs();
+        let (strict, encode) = (std::ptr::eq(env, &envs.strict), std::ptr::eq(env, &envs.url));
+        let parts = if strict || encode { plain_parts(source) } else { None };
+        Ok(Text { template, vars, place: place.to_string(), parts, encode })
     }
 
     fn expr(&self, env: &'static Environment<'static>, place: &str, source: &str) -> Result<Expr, JobError> {
@@ -216,7 +344,12 @@ impl Compiler<'_> {
                     .collect::<Result<_, _>>()?,
             ),
             Value::String(s) => match single_expression(s) {
-                Some(expr) => Node::Expr(self.expr(env, place, expr)?),
+                Some(expr) => match field_path(expr) {
+                    Some(path) if std::ptr::eq(env, &envs().strict) => {
+                        Node::Field { vars: vec![path.join(".")], path, place: place.to_string() }
+                    }
+                    _ => Node::Expr(self.expr(env, place, expr)?),
+                },
                 None if s.contains("{{") || s.contains("{%") => Node::Text(self.text(env, place, s)?),
                 None => Node::Literal(value.clone()),
             },
@@ -392,6 +525,7 @@ impl Job {
                 Node::Array(items) => items.iter().for_each(|n| walk(n, out)),
                 Node::Text(t) => out.push((&t.vars, &t.place)),
                 Node::Expr(e) => out.push((&e.vars, &e.place)),
+                Node::Field { vars, place, .. } => out.push((vars, place)),
                 Node::Literal(_) => {}
             }
         }
@@ -419,6 +553,63 @@ pub struct Request {
     pub url: url::Url,
     pub headers: HeaderMap,
     pub body: Option<Bytes>,
+}
+
+/// An answer judged by the job: success or not, the captured values, and
+/// the answer itself, handed back.
+pub struct Judged {
+    pub ok: bool,
+    pub captured: Map<String, Value>,
+    pub response: Value,
+}
+
+/// A JSON value as the template engine sees it; objects and arrays are
+/// wrapped, not converted, so only the parts an expression reads are.
+fn json_value(value: &Arc<Value>) -> JValue {
+    match &**value {
+        Value::Object(_) | Value::Array(_) => JValue::from_object(Json(value.clone())),
+        other => scalar(other),
+    }
+}
+
+fn scalar(value: &Value) -> JValue {
+    match value {
+        Value::Null => JValue::from(()),
+        Value::Bool(b) => JValue::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => JValue::from(i),
+            (None, Some(u)) => JValue::from(u),
+            _ => JValue::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => JValue::from(s.as_str()),
+        Value::Object(_) | Value::Array(_) => JValue::from_object(Json(Arc::new(value.clone()))),
+    }
+}
+
+#[derive(Debug)]
+struct Json(Arc<Value>);
+
+impl Object for Json {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        if self.0.is_array() { ObjectRepr::Seq } else { ObjectRepr::Map }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
+        let child = match &*self.0 {
+            Value::Object(map) => map.get(key.as_str()?)?,
+            Value::Array(items) => items.get(key.as_usize()?)?,
+            _ => return None,
+        };
+        Some(scalar(child))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        match &*self.0 {
+            Value::Object(map) => Enumerator::Values(map.keys().map(|k| JValue::from(k.as_str())).collect()),
+            Value::Array(items) => Enumerator::Seq(items.len()),
+            _ => Enumerator::Empty,
+        }
+    }
 }
 
 /// Why a row could not be turned into a request.
@@ -482,7 +673,8 @@ impl Requests {
     /// Renders one row into a request.
     pub fn render(&self, row: &Row) -> Result<Request, RenderError> {
         let job = &self.job;
-        let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        let make = || JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        let ctx = Lazy { cell: std::cell::OnceCell::new(), make: &make };
         let fail = |place: &str, vars: &[String], e: minijinja::Error| -> RenderError {
             let missing: Vec<&str> = vars.iter().map(String::as_str).filter(|v| !resolves(&row.record, v)).collect();
             match missing.as_slice() {
@@ -491,7 +683,7 @@ impl Requests {
                 many => RenderError(format!("fields `{}` are missing (used in {place})", many.join("`, `"))),
             }
         };
-        let text = |t: &Text| t.template.render(&ctx).map_err(|e| fail(&t.place, &t.vars, e));
+        let text = |t: &Text| t.render(Some(row), &ctx).map_err(|e| fail(&t.place, &t.vars, e));
 
         let key = match &job.key {
             Some(t) => text(t)?,
@@ -533,7 +725,8 @@ impl Requests {
         }
         let body = match &job.body {
             Some(node) => {
-                let value = render_node(node, &ctx, true).map_err(|(place, vars, e)| fail(place, vars, e))?;
+                let value =
+                    render_node(node, Some(row), &ctx, true).map_err(|(place, vars, e)| fail(place, vars, e))?;
                 Some(Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes")))
             }
             None => None,
@@ -543,26 +736,37 @@ impl Requests {
 
     /// Evaluates the job's `success` expression (default: any 2xx) and its
     /// captures against an answer.
-    pub fn judge(&self, status: u16, response: &Value, row: &Row) -> (bool, Map<String, Value>) {
-        let ctx = minijinja::context! {
-            status => status,
-            response => JValue::from_serialize(response),
-            row => JValue::from_serialize(row.record.to_json()),
-            row_number => row.number,
+    pub fn judge(&self, status: u16, response: Value, row: &Row) -> Judged {
+        let job = &self.job;
+        if job.success.is_none() && job.capture.is_empty() {
+            return Judged { ok: (200..300).contains(&status), captured: Map::new(), response };
+        }
+        // The answer is looked into lazily: only what the expressions touch is converted.
+        let response = Arc::new(response);
+        let make = || {
+            minijinja::context! {
+                status => status,
+                response => json_value(&response),
+                row => JValue::from_object(RowContext { record: row.record.clone(), number: row.number }),
+                row_number => row.number,
+            }
         };
-        let ok = match &self.job.success {
-            Some(e) => e.expr.eval(&ctx).map(|v| v.is_true()).unwrap_or(false),
+        let ctx = Lazy { cell: std::cell::OnceCell::new(), make: &make };
+        let ok = match &job.success {
+            Some(e) => e.expr.eval(ctx.get()).map(|v| v.is_true()).unwrap_or(false),
             None => (200..300).contains(&status),
         };
         let mut captured = Map::new();
-        for (name, node) in &self.job.capture {
-            if let Ok(v) = render_node(node, &ctx, false)
+        for (name, node) in &job.capture {
+            if let Ok(v) = render_node(node, None, &ctx, false)
                 && !v.is_null()
             {
                 captured.insert(name.clone(), v);
             }
         }
-        (ok, captured)
+        drop(ctx);
+        let response = Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone());
+        Judged { ok, captured, response }
     }
 
     /// The row's key alone, when the whole request cannot be rendered.
@@ -605,21 +809,28 @@ fn resolves(record: &Record, path: &str) -> bool {
 
 type NodeError<'a> = (&'a str, &'a [String], minijinja::Error);
 
-fn render_node<'a>(node: &'a Node, ctx: &JValue, strict: bool) -> Result<Value, NodeError<'a>> {
+fn render_node<'a>(node: &'a Node, row: Option<&Row>, ctx: &Lazy<'_>, strict: bool) -> Result<Value, NodeError<'a>> {
     Ok(match node {
         Node::Object(fields) => {
             let mut map = Map::with_capacity(fields.len());
             for (k, n) in fields {
-                map.insert(k.clone(), render_node(n, ctx, strict)?);
+                map.insert(k.clone(), render_node(n, row, ctx, strict)?);
             }
             Value::Object(map)
         }
         Node::Array(items) => {
-            Value::Array(items.iter().map(|n| render_node(n, ctx, strict)).collect::<Result<_, _>>()?)
+            Value::Array(items.iter().map(|n| render_node(n, row, ctx, strict)).collect::<Result<_, _>>()?)
         }
-        Node::Text(t) => Value::String(t.template.render(ctx).map_err(|e| (t.place.as_str(), t.vars.as_slice(), e))?),
+        Node::Text(t) => Value::String(t.render(row, ctx).map_err(|e| (t.place.as_str(), t.vars.as_slice(), e))?),
+        Node::Field { path, vars, place } => match row.and_then(|row| lookup(row, path)) {
+            Some(value) => value,
+            None => {
+                let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
+                return Err((place.as_str(), vars.as_slice(), err));
+            }
+        },
         Node::Expr(e) => {
-            let v = e.expr.eval(ctx).map_err(|err| (e.place.as_str(), e.vars.as_slice(), err))?;
+            let v = e.expr.eval(ctx.get()).map_err(|err| (e.place.as_str(), e.vars.as_slice(), err))?;
             if v.is_undefined() {
                 if strict {
                     let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
@@ -776,10 +987,11 @@ mod tests {
         "#);
         let row = csv_row(&[("a", "1")]);
         let ok = serde_json::json!({"planStatus": [{"status": "Active"}]});
-        let (success, captured) = requests.judge(200, &ok, &row);
-        assert!(success);
-        assert_eq!(captured, serde_json::json!({"plan": "Active", "code": 200}).as_object().unwrap().clone());
-        let (success, _) = requests.judge(200, &serde_json::json!({"errors": [{"code": "x"}]}), &row);
-        assert!(!success);
+        let judged = requests.judge(200, ok.clone(), &row);
+        assert!(judged.ok);
+        assert_eq!(judged.captured, serde_json::json!({"plan": "Active", "code": 200}).as_object().unwrap().clone());
+        assert_eq!(judged.response, ok, "the answer is handed back unchanged");
+        assert!(!requests.judge(200, serde_json::json!({"errors": [{"code": "x"}]}), &row).ok);
+        assert!(requests.judge(200, serde_json::json!({"errors": []}), &row).ok, "an empty list is falsy");
     }
 }

@@ -2,10 +2,10 @@
 //! `results.jsonl`, `failures.csv` / `failures.jsonl`, `requests.jsonl`,
 //! `summary.json` and `run.json`.
 //!
-//! Files hold PHI: the directory is created 0700 and every file 0600. Each
-//! record is serialized whole and handed to the operating system at once by
-//! one `write`, so a line is never torn and `kill -9` loses no outcome that
-//! was recorded. `journal` is the ledger that makes `resume` exact: a row is
+//! Files hold PHI: the directory is created 0700 and every file 0600.
+//! Records are serialized whole into a buffer that [`Writer::flush`] hands
+//! to the operating system in one `write` per file, so a line is never torn
+//! and `kill -9` loses no outcome that was recorded (flushed). `journal` is the ledger that makes `resume` exact: a row is
 //! marked started before its first attempt goes out, and done after its
 //! outcome is written.
 
@@ -205,27 +205,39 @@ pub struct InputInfo {
 struct Lines {
     path: PathBuf,
     file: File,
-    line: Vec<u8>,
+    /// Whole lines not yet handed to the operating system.
+    pending: Vec<u8>,
 }
 
 impl Lines {
     fn open(path: PathBuf, append: bool) -> Result<Lines, OutputError> {
-        Ok(Lines { file: open_file(&path, append)?, path, line: Vec::with_capacity(1024) })
+        Ok(Lines { file: open_file(&path, append)?, path, pending: Vec::with_capacity(64 * 1024) })
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<(), OutputError> {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, value).expect("serializable");
-        self.line.push(b'\n');
-        self.file.write_all(&self.line).map_err(io(&self.path))
+        serde_json::to_writer(&mut self.pending, value).expect("serializable");
+        self.pending.push(b'\n');
+        Ok(())
     }
+
+    fn flush(&mut self) -> Result<(), OutputError> {
+        flush_pending(&mut self.file, &mut self.pending, &self.path)
+    }
+}
+
+fn flush_pending(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> Result<(), OutputError> {
+    if !pending.is_empty() {
+        file.write_all(pending).map_err(io(path))?;
+        pending.clear();
+    }
+    Ok(())
 }
 
 /// A CSV file written one whole record at a time.
 struct CsvFile {
     path: PathBuf,
     file: File,
-    /// One record's bytes, reused.
+    /// Whole records not yet handed to the operating system.
     record: Vec<u8>,
 }
 
@@ -256,10 +268,11 @@ impl CsvFile {
         let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(std::mem::take(&mut self.record));
         let written = w.write_record(fields).map_err(std::io::Error::other);
         self.record = w.into_inner().map_err(|e| std::io::Error::other(e.to_string())).map_err(io(&self.path))?;
-        written.map_err(io(&self.path))?;
-        self.file.write_all(&self.record).map_err(io(&self.path))?;
-        self.record.clear();
-        Ok(())
+        written.map_err(io(&self.path))
+    }
+
+    fn flush(&mut self) -> Result<(), OutputError> {
+        flush_pending(&mut self.file, &mut self.record, &self.path)
     }
 }
 
@@ -430,6 +443,24 @@ impl Writer {
         Ok(self.failures_csv.get_mut(&id).expect("just inserted"))
     }
 
+    /// Hands every recorded line to the operating system: one `write` per
+    /// file. An outcome counts as recorded once this returns.
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        if let Some(f) = &mut self.results {
+            f.flush()?;
+        }
+        if let Some((f, _)) = &mut self.results_csv {
+            f.flush()?;
+        }
+        if let Some(f) = &mut self.failures_jsonl {
+            f.flush()?;
+        }
+        for f in self.failures_csv.values_mut() {
+            f.flush()?;
+        }
+        Ok(())
+    }
+
     /// The failures files written, for the closing message.
     pub fn failure_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.failures_csv.values().map(|f| f.path.clone()).collect();
@@ -506,21 +537,29 @@ impl Ledger {
         (&self.file).write_all(format!("S\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
     }
 
-    pub fn done(&self, outcome: &Outcome) -> Result<(), OutputError> {
+    /// Marks the outcomes done, in one `write`; call it after [`Writer::flush`].
+    pub fn done<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) -> Result<(), OutputError> {
+        let mut lines = String::new();
+        for outcome in outcomes {
+            lines.push_str(&Self::done_line(outcome));
+        }
+        (&self.file).write_all(lines.as_bytes()).map_err(io(&self.path))
+    }
+
+    fn done_line(outcome: &Outcome) -> String {
         let status = outcome.status.map_or_else(|| "-".to_string(), |s| s.to_string());
         let error = match &outcome.result {
             Ok(_) => "ok",
             Err(f) => f.kind.as_str(),
         };
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-        let line = format!(
+        format!(
             "D\t{}\t{}\t{status}\t{error}\t{}\t{}\t{at_ms}\n",
             outcome.input,
             outcome.number,
             outcome.attempts,
             outcome.latency.as_micros()
-        );
-        (&self.file).write_all(line.as_bytes()).map_err(io(&self.path))
+        )
     }
 
     /// Reads a run's ledger: the rows done (with their outcome) and the rows

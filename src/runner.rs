@@ -17,7 +17,7 @@ use rand::Rng as _;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -177,8 +177,13 @@ fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
     input_names(inputs).into_iter().zip(inputs).map(|(name, i)| InputInfo { name, format: i.format }).collect()
 }
 
+/// Rows cross from the reader thread to the async side in batches: one
+/// wake-up per batch instead of one per row.
+const BATCH: usize = 64;
+
 /// Starts the reader thread: it feeds `tx` until the inputs end, `limit`
 /// rows were read, or `stop` is cancelled. Rows in `skip` are not sent.
+/// Returns the reader and the task that hands its batches on row by row.
 fn spawn_reader(
     inputs: Vec<InputSpec>,
     limit: Option<u64>,
@@ -187,10 +192,12 @@ fn spawn_reader(
     stop: CancellationToken,
     tx: async_channel::Sender<Item>,
 ) -> tokio::task::JoinHandle<Result<(), crate::input::InputError>> {
-    tokio::task::spawn_blocking(move || {
+    let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(4);
+    let reader = tokio::task::spawn_blocking(move || {
         let mut count = 0u64;
+        let mut batch = Vec::with_capacity(BATCH);
         let progress = |bytes| live.bytes_read.store(bytes, Ordering::Relaxed);
-        read_all(&inputs, &progress, &mut |item| {
+        let result = read_all(&inputs, &progress, &mut |item| {
             if stop.is_cancelled() || limit.is_some_and(|l| count >= l) {
                 return false;
             }
@@ -200,9 +207,27 @@ fn spawn_reader(
                 Err(bad) => (bad.input, bad.number),
             };
             live.current_input.store(key.0 as u64, Ordering::Relaxed);
-            skip.contains(&key) || tx.send_blocking(item).is_ok()
-        })
-    })
+            if !skip.contains(&key) {
+                batch.push(item);
+            }
+            batch.len() < BATCH
+                || batch_tx.send_blocking(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+        });
+        if !batch.is_empty() && !stop.is_cancelled() {
+            let _ = batch_tx.send_blocking(batch);
+        }
+        result
+    });
+    tokio::spawn(async move {
+        while let Ok(batch) = batch_rx.recv().await {
+            for item in batch {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    reader
 }
 
 /// Sends every row and records every outcome in `plan.dir`.
@@ -268,7 +293,10 @@ pub async fn run(
         })
     };
 
-    let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(concurrency * 4);
+    // Each outcome travels with an acknowledgement: a worker takes its next
+    // row only once the last one is recorded, so the rows in doubt after a
+    // crash are never more than `concurrency`.
+    let (out_tx, mut out_rx) = mpsc::channel::<(Outcome, oneshot::Sender<()>)>(concurrency);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let (shared, rows, out) = (shared.clone(), row_rx.clone(), out_tx.clone());
@@ -278,41 +306,54 @@ pub async fn run(
                 if shared.stop.is_cancelled() {
                     break;
                 }
-                if let Some(outcome) = process(&shared, item).await
-                    && out.send(outcome).await.is_err()
-                {
-                    break;
+                if let Some(outcome) = process(&shared, item).await {
+                    let (ack, recorded) = oneshot::channel();
+                    if out.send((outcome, ack)).await.is_err() || recorded.await.is_err() {
+                        break;
+                    }
                 }
             }
         });
     }
     drop((row_rx, out_tx));
 
-    // The collector: the only writer of outcomes.
+    // The collector: the only writer of outcomes. It takes every outcome
+    // waiting, records them with one write per file, then marks them done.
     let mut first_failures = Vec::new();
-    while let Some(outcome) = out_rx.recv().await {
-        stats.add(&outcome);
-        if first_failures.len() < SHOWN_FAILURES {
-            first_failures.extend(describe_failure(&outcome));
-        }
-        live.done.fetch_add(1, Ordering::Relaxed);
-        let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(max) = plan.max_failures {
-            let (failed, done) = (stats.failed(), live.done.load(Ordering::Relaxed));
-            if max.reached(failed, done) && !stop.is_cancelled() {
-                shared.abort(Error::MaxFailures(format!(
-                    "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
-                    plan.dir.display()
-                )));
+    let mut batch = Vec::with_capacity(concurrency);
+    while out_rx.recv_many(&mut batch, concurrency).await > 0 {
+        for (outcome, _) in &batch {
+            stats.add(outcome);
+            if first_failures.len() < SHOWN_FAILURES {
+                first_failures.extend(describe_failure(outcome));
+            }
+            live.done.fetch_add(1, Ordering::Relaxed);
+            let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(max) = plan.max_failures {
+                let (failed, done) = (stats.failed(), live.done.load(Ordering::Relaxed));
+                if max.reached(failed, done) && !stop.is_cancelled() {
+                    shared.abort(Error::MaxFailures(format!(
+                        "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
+                        plan.dir.display()
+                    )));
+                }
             }
         }
-        // The outcome first, then the ledger's mark: a crash between the two
-        // leaves the row in doubt, never lost.
-        if let Err(e) = writer.record(&outcome).and_then(|()| ledger.done(&outcome)) {
+        // The outcomes first, then the ledger's marks: a crash between the
+        // two leaves those rows in doubt, never lost.
+        let recorded = batch
+            .iter()
+            .try_for_each(|(outcome, _)| writer.record(outcome))
+            .and_then(|()| writer.flush())
+            .and_then(|()| ledger.done(batch.iter().map(|(outcome, _)| outcome)));
+        if let Err(e) = recorded {
             // Without a place for outcomes, sending more would lose them.
             shared.abort(Error::Output(e));
             break;
+        }
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(());
         }
     }
     drop(out_rx);
@@ -572,9 +613,9 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
                 let answer = answer.as_ref()?;
                 let (response, _) = response_value(answer);
-                let (ok, captured) = shared.requests.judge(answer.status.as_u16(), &response, &row);
-                let result = if ok && shared.requests.has_success() {
-                    Ok(Success { response, truncated: None, captured })
+                let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
+                let result = if judged.ok && shared.requests.has_success() {
+                    Ok(Success { response: judged.response, truncated: None, captured: judged.captured })
                 } else {
                     fail(kind, answer_message(answer))
                 };
@@ -583,9 +624,9 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             Verdict::Done => {
                 let answer = answer.as_ref()?;
                 let (response, truncated) = response_value(answer);
-                let (ok, captured) = shared.requests.judge(answer.status.as_u16(), &response, &row);
-                let result = if ok {
-                    Ok(Success { response, truncated, captured })
+                let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
+                let result = if judged.ok {
+                    Ok(Success { response: judged.response, truncated, captured: judged.captured })
                 } else {
                     fail(
                         ErrorKind::Rejected,
@@ -630,6 +671,7 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
                 first_failures.extend(describe_failure(&outcome));
             }
             writer.record(&outcome)?;
+            writer.flush()?;
         }
     }
     reader.await.expect("the reader thread does not panic")?;
