@@ -262,8 +262,9 @@ async fn the_rate_limit_spaces_every_call() {
         .await;
     assert_eq!(code, ExitCode::Success);
     let elapsed = started.elapsed();
-    // 200 calls at 100/s with no burst: 199 gaps of 10 ms at least.
-    assert!(elapsed >= Duration::from_millis(1990), "took {elapsed:?}");
+    // 200 calls at 100/s with no burst: 199 gaps of 10 ms (each call may go
+    // up to 2 ms early, absorbing the timer's lateness).
+    assert!(elapsed >= Duration::from_millis(1980), "took {elapsed:?}");
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}: the limiter should not slow far below its rate");
 }
 
