@@ -501,12 +501,19 @@ impl Job {
         if self.body.is_some() {
             static_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        Ok(Requests {
+        let mut requests = Requests {
             job: self.clone(),
             base_url: settings.base_url.as_deref().map(|b| b.trim_end_matches('/').to_string()),
             static_headers,
             allow_http: settings.allow_http,
-        })
+            fixed_url: None,
+        };
+        if self.url.vars.is_empty()
+            && let Ok(path) = self.url.template.render(())
+        {
+            requests.fixed_url = Some(requests.full_url(&path).map_err(|e| c.invalid(e.0))?);
+        }
+        Ok(requests)
     }
 }
 
@@ -623,6 +630,8 @@ pub struct Requests {
     base_url: Option<String>,
     static_headers: HeaderMap,
     allow_http: bool,
+    /// The URL when it is the same for every row: parsed once.
+    fixed_url: Option<url::Url>,
 }
 
 /// The template context of one row: its fields by name, `row` (the whole
@@ -689,24 +698,10 @@ impl Requests {
             Some(t) => text(t)?,
             None => row.number.to_string(),
         };
-        let path = text(&job.url)?;
-        let full = if path.starts_with("http://") || path.starts_with("https://") {
-            path
-        } else {
-            match &self.base_url {
-                Some(base) if path.starts_with('/') => format!("{base}{path}"),
-                Some(base) => format!("{base}/{path}"),
-                None => {
-                    return Err(RenderError(format!(
-                        "url `{path}` is relative and no base_url is configured; set base_url in the profile"
-                    )));
-                }
-            }
+        let mut url = match &self.fixed_url {
+            Some(url) => url.clone(),
+            None => self.full_url(&text(&job.url)?)?,
         };
-        let mut url = url::Url::parse(&full).map_err(|e| RenderError(format!("url `{full}` is not valid: {e}")))?;
-        if url.scheme() == "http" && !self.allow_http && !crate::config::is_loopback(&url) {
-            return Err(RenderError(format!("url `{full}` is http:// to a host that is not loopback; use https://")));
-        }
         if !job.query.is_empty() {
             let mut pairs = url.query_pairs_mut();
             for (name, t) in &job.query {
@@ -767,6 +762,29 @@ impl Requests {
         drop(ctx);
         let response = Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone());
         Judged { ok, captured, response }
+    }
+
+    /// The rendered URL joined to `base_url` (unless absolute), parsed and
+    /// checked for https.
+    fn full_url(&self, path: &str) -> Result<url::Url, RenderError> {
+        let full = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            match &self.base_url {
+                Some(base) if path.starts_with('/') => format!("{base}{path}"),
+                Some(base) => format!("{base}/{path}"),
+                None => {
+                    return Err(RenderError(format!(
+                        "url `{path}` is relative and no base_url is configured; set base_url in the profile"
+                    )));
+                }
+            }
+        };
+        let url = url::Url::parse(&full).map_err(|e| RenderError(format!("url `{full}` is not valid: {e}")))?;
+        if url.scheme() == "http" && !self.allow_http && !crate::config::is_loopback(&url) {
+            return Err(RenderError(format!("url `{full}` is http:// to a host that is not loopback; use https://")));
+        }
+        Ok(url)
     }
 
     /// The row's key alone, when the whole request cannot be rendered.
