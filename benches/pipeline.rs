@@ -82,7 +82,7 @@ fn main() {
     read_all(std::slice::from_ref(&spec), &|_| {}, &mut |item| {
         let row = item.unwrap();
         let request = requests.render(&row).unwrap();
-        ledger.started(row.input, row.number).unwrap();
+        futures::executor::block_on(ledger.started(row.input, row.number)).unwrap();
         let response: serde_json::Value = serde_json::from_slice(ANSWER).unwrap();
         let judged = requests.judge(200, response, &row);
         assert!(judged.ok);

@@ -507,9 +507,27 @@ impl RequestsFile {
 /// and no `D` were in flight when the run stopped: in doubt.
 pub struct Ledger {
     path: PathBuf,
-    /// Opened for appending: each line is one `write`, whole even when
-    /// workers write at the same moment.
+    /// Opened for appending: each batch of lines is one `write`, whole even
+    /// when workers write at the same moment.
     file: File,
+    /// `S` marks not yet written, and how many marks were ever queued.
+    queued: std::sync::Mutex<(Vec<u8>, u64)>,
+    /// How many queued marks have been written.
+    written: std::sync::atomic::AtomicU64,
+}
+
+/// `write!` into a byte buffer.
+struct ByteWriter<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for ByteWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Rows (input, row) with a recorded outcome, and rows started without one.
@@ -530,11 +548,36 @@ pub struct Done {
 impl Ledger {
     pub fn open(dir: &Path, append: bool) -> Result<Ledger, OutputError> {
         let path = dir.join("journal");
-        Ok(Ledger { file: open_file(&path, append)?, path })
+        Ok(Ledger {
+            file: open_file(&path, append)?,
+            path,
+            queued: std::sync::Mutex::new((Vec::new(), 0)),
+            written: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
-    pub fn started(&self, input: usize, row: u64) -> Result<(), OutputError> {
-        (&self.file).write_all(format!("S\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
+    /// Marks a row started, written before this returns. Workers that
+    /// mark rows in the same moment share one `write`: each queues its mark,
+    /// lets the others run once, and the first back writes every mark queued.
+    pub async fn started(&self, input: usize, row: u64) -> Result<(), OutputError> {
+        use std::sync::atomic::Ordering;
+        let mine = {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(ByteWriter(&mut queued.0), "S\t{input}\t{row}");
+            queued.1 += 1;
+            queued.1
+        };
+        tokio::task::yield_now().await;
+        if self.written.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if self.written.load(Ordering::Acquire) < mine {
+            (&self.file).write_all(&queued.0).map_err(io(&self.path))?;
+            queued.0.clear();
+            self.written.store(queued.1, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Marks the outcomes done, in one `write`; call it after [`Writer::flush`].

@@ -488,7 +488,8 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             source: Source::Record(row.record.clone()),
         });
     }
-    let outcome = |attempts, latency, status, result| Outcome {
+    // Takes the row: its record moves into the outcome, uncopied.
+    let outcome = |row: Row, attempts, latency, status, result| Outcome {
         input: row.input,
         number: row.number,
         line: row.line,
@@ -497,7 +498,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         latency,
         status,
         result,
-        source: Source::Record(row.record.clone()),
+        source: Source::Record(row.record),
     };
     let max_attempts = shared.settings.max_attempts;
     let mut attempts = 0u32;
@@ -519,7 +520,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             attempts += 1;
         }
         if attempts == 1 && !resend && !refreshed {
-            if let Err(e) = shared.ledger.started(row.input, row.number) {
+            if let Err(e) = shared.ledger.started(row.input, row.number).await {
                 shared.abort(Error::Output(e));
                 return None;
             }
@@ -548,7 +549,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict
                     && (attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)))
                 {
-                    return Some(outcome(attempts, latency, None, fail(kind, outcome::describe(&e))));
+                    return Some(outcome(row, attempts, latency, None, fail(kind, outcome::describe(&e))));
                 }
                 (verdict, None)
             }
@@ -578,7 +579,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                     )));
                 }
                 let message = answer.as_ref().map_or_else(String::new, answer_message);
-                return Some(outcome(attempts, latency, status, fail(ErrorKind::Auth, message)));
+                return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Auth, message)));
             }
             Verdict::Retry { kind, after } if attempts < max_attempts => {
                 let last = || answer.as_ref().map_or_else(String::new, answer_message);
@@ -588,14 +589,14 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                             "the server asked to wait {} (Retry-After), longer than retry_after_max",
                             humantime::format_duration(after)
                         );
-                        return Some(outcome(attempts, latency, status, fail(ErrorKind::Throttled, message)));
+                        return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Throttled, message)));
                     }
                     shared.limiter.pause(after);
                 }
                 if !shared.limiter.spend_retry() {
                     let message =
                         format!("{}; not retried: the retry budget is spent (too many calls are failing)", last());
-                    return Some(outcome(attempts, latency, status, fail(kind, message)));
+                    return Some(outcome(row, attempts, latency, status, fail(kind, message)));
                 }
                 let delay = after.unwrap_or_else(|| backoff(shared, kind, attempts));
                 shared.live.retrying.fetch_add(1, Ordering::Relaxed);
@@ -607,7 +608,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 if shared.stop.is_cancelled() {
                     // Not retried: the answer so far is the outcome.
                     let answer = answer.as_ref()?;
-                    return Some(outcome(attempts, latency, status, fail(kind, answer_message(answer))));
+                    return Some(outcome(row, attempts, latency, status, fail(kind, answer_message(answer))));
                 }
             }
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
@@ -619,7 +620,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 } else {
                     fail(kind, answer_message(answer))
                 };
-                return Some(outcome(attempts, latency, status, result));
+                return Some(outcome(row, attempts, latency, status, result));
             }
             Verdict::Done => {
                 let answer = answer.as_ref()?;
@@ -633,7 +634,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                         format!("the job's success expression refused the answer: {}", answer_message(answer)),
                     )
                 };
-                return Some(outcome(attempts, latency, status, result));
+                return Some(outcome(row, attempts, latency, status, result));
             }
         }
     }
