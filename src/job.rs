@@ -720,9 +720,9 @@ impl Requests {
         }
         let body = match &job.body {
             Some(node) => {
-                let value =
-                    render_node(node, Some(row), &ctx, true).map_err(|(place, vars, e)| fail(place, vars, e))?;
-                Some(Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes")))
+                let mut out = Vec::with_capacity(512);
+                write_node(node, row, &ctx, &mut out).map_err(|(place, vars, e)| fail(place, vars, e))?;
+                Some(Bytes::from(out))
             }
             None => None,
         };
@@ -823,6 +823,79 @@ fn resolves(record: &Record, path: &str) -> bool {
         }
     }
     true
+}
+
+/// Writes a request body straight as JSON bytes: no tree is built.
+fn write_node<'a>(node: &'a Node, row: &Row, ctx: &Lazy<'_>, out: &mut Vec<u8>) -> Result<(), NodeError<'a>> {
+    let json = |out: &mut Vec<u8>, v: &Value| serde_json::to_writer(out, v).expect("a JSON value serializes");
+    match node {
+        Node::Object(fields) => {
+            out.push(b'{');
+            for (i, (key, n)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).expect("a string serializes");
+                out.push(b':');
+                write_node(n, row, ctx, out)?;
+            }
+            out.push(b'}');
+        }
+        Node::Array(items) => {
+            out.push(b'[');
+            for (i, n) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_node(n, row, ctx, out)?;
+            }
+            out.push(b']');
+        }
+        Node::Field { path, vars, place } => {
+            if !write_field(row, path, out) {
+                let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
+                return Err((place.as_str(), vars.as_slice(), err));
+            }
+        }
+        Node::Literal(v) => json(out, v),
+        Node::Text(_) | Node::Expr(_) => json(out, &render_node(node, Some(row), ctx, true)?),
+    }
+    Ok(())
+}
+
+/// Writes the value at a field path as JSON without copying it first.
+fn write_field(row: &Row, path: &[String], out: &mut Vec<u8>) -> bool {
+    let Some((first, rest)) = path.split_first() else { return false };
+    let json = |out: &mut Vec<u8>, v: &Value| serde_json::to_writer(out, v).expect("a JSON value serializes");
+    match &row.record {
+        Record::Csv { headers, values } if rest.is_empty() => {
+            if let Some(i) = headers.index(first) {
+                serde_json::to_writer(out, &values[i]).expect("a string serializes");
+                return true;
+            }
+        }
+        Record::Json(map) => {
+            if let Some(mut value) = map.get(first) {
+                for part in rest {
+                    match value.get(part) {
+                        Some(v) if value.is_object() => value = v,
+                        _ => return false,
+                    }
+                }
+                json(out, value);
+                return true;
+            }
+        }
+        Record::Csv { .. } => {}
+    }
+    // `row`, `row_number`, or a path into a CSV field: the general way.
+    match lookup(row, path) {
+        Some(value) => {
+            json(out, &value);
+            true
+        }
+        None => false,
+    }
 }
 
 type NodeError<'a> = (&'a str, &'a [String], minijinja::Error);
