@@ -170,18 +170,8 @@ pub struct RunArgs {
     /// Render every request into requests.jsonl and print the first few; send nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
-    #[arg(long)]
-    pub max_failures: Option<MaxFailures>,
-    /// How long calls in flight may take to finish after Ctrl-C or SIGTERM.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    pub grace: Duration,
-    /// Progress bar; `auto` = only when stderr is a terminal.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    /// Print summary.json to stdout at the end (logs stay on stderr).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub running: RunningArgs,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +183,13 @@ pub struct ResumeArgs {
     pub in_doubt: InDoubt,
     #[command(flatten)]
     pub settings: SettingArgs,
+    #[command(flatten)]
+    pub running: RunningArgs,
+}
+
+/// How a run behaves while it goes and how it ends (`run` and `resume`).
+#[derive(Debug, Args)]
+pub struct RunningArgs {
     /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
     #[arg(long)]
     pub max_failures: Option<MaxFailures>,

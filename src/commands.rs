@@ -191,10 +191,10 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
         out: args.out,
         limit: args.limit,
         dry_run: args.dry_run,
-        max_failures: args.max_failures,
-        grace: args.grace,
-        progress: args.progress,
-        json: args.json,
+        max_failures: args.running.max_failures,
+        grace: args.running.grace,
+        progress: args.running.progress,
+        json: args.running.json,
         rerun,
     };
     run_resolved(resolved, None, options, None, stop).await
@@ -357,10 +357,10 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         out: Some(dir.clone()),
         limit: info.limit,
         dry_run: false,
-        max_failures: args.max_failures,
-        grace: args.grace,
-        progress: args.progress,
-        json: args.json,
+        max_failures: args.running.max_failures,
+        grace: args.running.grace,
+        progress: args.running.progress,
+        json: args.running.json,
         rerun: format!("bulkcall run {}", info.job.display()),
     };
     let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail };

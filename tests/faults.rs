@@ -27,17 +27,7 @@ async fn each_fault_gets_the_outcome_it_calls_for() {
     let input = gw.write("rows.csv", &eligibility_csv(1, rows));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--max-attempts",
-            "3",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--max-attempts", "3"]).await;
     assert_eq!(code, ExitCode::RowsFailed);
 
     let mut calls: HashMap<String, Vec<Duration>> = HashMap::new();
@@ -99,17 +89,7 @@ async fn a_server_side_rate_limit_lowers_the_sending_rate() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 300));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--max-attempts",
-            "10",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--max-attempts", "10"]).await;
     assert_eq!(code, ExitCode::Success, "every throttled row succeeds in the end");
     let summary = json(&out.join("summary.json"));
     let lowest = summary["throttled_rate"].as_f64().expect("the rate was lowered");

@@ -33,7 +33,7 @@ async fn success_captures_results_csv_and_the_report() {
     csv.push_str("12,000050,C,0123456789,M7,Pat,<b>Bold</b>,19800102\n");
     let input = gw.write("rows.csv", &csv);
     let out = gw.path("run");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::RowsFailed);
 
     let results = jsonl(&out.join("results.jsonl"));

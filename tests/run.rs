@@ -21,8 +21,7 @@ async fn every_csv_row_is_sent_once_and_recorded_once() {
     gw.config(SECRET, "headers.x-static = \"on-every-call\"");
     let out = gw.path("run");
 
-    let code =
-        gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "16"]).await;
+    let code = gw.run_job(&job, &input, &out, &["-j", "16"]).await;
     assert_eq!(code, ExitCode::Success);
 
     let received = gw.received_by_control_number();
@@ -91,7 +90,7 @@ async fn json_rows_keep_their_types_and_json_lines_skip_blank_lines() {
         "url = \"/medicalnetwork/eligibility/v3\"\nkey = \"{{ controlNumber }}\"\nbody = \"{{ row }}\"\n",
     );
     let out = gw.path("run-json");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::Success);
     let received = gw.received_by_control_number();
     for record in records.as_array().unwrap() {
@@ -102,7 +101,7 @@ async fn json_rows_keep_their_types_and_json_lines_skip_blank_lines() {
     let lines = "{\"controlNumber\": \"000000003\", \"subscriber\": {\"memberId\": \"B\"}, \"n\": 1}\n\n\n{\"controlNumber\": \"000000004\", \"subscriber\": {\"memberId\": \"C\"}, \"n\": 2.5}\n   \n";
     let input = gw.write("rows.jsonl", lines);
     let out = gw.path("run-jsonl");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::Success);
     let results = jsonl(&out.join("results.jsonl"));
     let rows: HashSet<u64> = results.iter().map(|r| r["row"].as_u64().unwrap()).collect();
@@ -135,7 +134,7 @@ subscriber = { memberId = "{{ member.id }}", lastName = "{{ member.last }}" }
         .join("\n"),
     );
     let out = gw.path("run");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::RowsFailed);
 
     let received = gw.received_by_control_number();
@@ -194,7 +193,7 @@ async fn failures_csv_keeps_the_input_columns_and_feeds_back() {
     csv.push_str("000000005,000050,Too few columns\n");
     let input = gw.write("rows.csv", &csv);
     let out = gw.path("run");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::RowsFailed);
 
     let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
@@ -247,19 +246,7 @@ async fn the_rate_limit_spaces_every_call() {
     let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
     let out = gw.path("run");
     let started = Instant::now();
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--rate",
-            "100",
-            "--burst",
-            "1",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--rate", "100", "--burst", "1"]).await;
     assert_eq!(code, ExitCode::Success);
     let elapsed = started.elapsed();
     // 200 calls at 100/s with no burst: 199 gaps of 10 ms (each call may go
@@ -279,19 +266,7 @@ async fn short_lived_tokens_are_refreshed_before_they_expire() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 500));
     let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--rate",
-            "100",
-            "-j",
-            "32",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--rate", "100", "-j", "32"]).await;
     assert_eq!(code, ExitCode::Success);
     let stats = gw.sandbox.stats();
     assert_eq!(stats.expired_token_calls, 0, "no call carried an expired token");
@@ -349,7 +324,7 @@ async fn a_flaky_token_endpoint_is_retried() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 20));
     let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::Success);
     assert_eq!(gw.sandbox.stats().token_requests, 4);
 }
@@ -437,7 +412,7 @@ async fn wrong_credentials_stop_before_any_call() {
     let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
     let input = gw.write("rows.csv", &eligibility_csv(1, 10));
     let out = gw.path("run");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::Auth);
     assert_eq!(gw.sandbox.stats().api_calls, 0);
     assert_eq!(gw.sandbox.stats().token_requests, 1, "a rejection is not retried");

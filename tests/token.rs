@@ -26,19 +26,7 @@ async fn many_workers_share_one_refresh_and_never_send_an_expired_token() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 6000));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "-j",
-            "256",
-            "--rate",
-            "1000",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["-j", "256", "--rate", "1000"]).await;
     assert_eq!(code, ExitCode::Success);
     let stats = gw.sandbox.stats();
     assert_eq!(stats.expired_token_calls, 0, "no call carried an expired token");
@@ -63,9 +51,7 @@ async fn expires_in_as_a_string_is_understood() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 300));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--rate", "100"])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--rate", "100"]).await;
     assert_eq!(code, ExitCode::Success);
     let stats = gw.sandbox.stats();
     assert_eq!(stats.unauthorized, 0, "a 2 s token read as a string is refreshed in time");
@@ -78,19 +64,7 @@ async fn a_revocation_at_a_set_time_costs_one_token_request() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 600));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code = gw
-        .run(&[
-            "run",
-            job.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--rate",
-            "200",
-            "-j",
-            "64",
-        ])
-        .await;
+    let code = gw.run_job(&job, &input, &out, &["--rate", "200", "-j", "64"]).await;
     assert_eq!(code, ExitCode::Success, "every row still succeeds");
     let stats = gw.sandbox.stats();
     assert!(stats.expired_token_calls > 0, "calls met the revocation");
@@ -105,7 +79,7 @@ async fn the_next_run_reuses_the_cached_token() {
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     for n in 1..=3 {
         let out = gw.path(&format!("run{n}"));
-        let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+        let code = gw.run_job(&job, &input, &out, &[]).await;
         assert_eq!(code, ExitCode::Success);
         assert_eq!(json(&out.join("summary.json"))["token_requests"], if n == 1 { 1 } else { 0 });
     }
@@ -119,11 +93,11 @@ async fn the_next_run_reuses_the_cached_token() {
     // A cached token the gateway no longer accepts is dropped and replaced.
     gw.sandbox.revoke_all_tokens();
     let out = gw.path("after-revoke");
-    let code = gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    let code = gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(code, ExitCode::Success);
     assert_eq!(gw.sandbox.stats().token_requests, 2);
     let out = gw.path("after-that");
-    gw.run(&["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(gw.sandbox.stats().token_requests, 2, "the replacement was cached");
 }
 

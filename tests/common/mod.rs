@@ -79,6 +79,13 @@ headers.environment = "sandbox"
         self.run_until(args, CancellationToken::new()).await
     }
 
+    /// Runs `bulkcall run JOB INPUT -o OUT <extra>` in-process.
+    pub async fn run_job(&self, job: &Path, input: &Path, out: &Path, extra: &[&str]) -> ExitCode {
+        let mut args = vec!["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.run(&args).await
+    }
+
     pub async fn run_until(&self, args: &[&str], stop: CancellationToken) -> ExitCode {
         let config = self.path("bulkcall.toml");
         if !config.exists() {
