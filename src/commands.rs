@@ -409,7 +409,9 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
     } else {
         let how = match finished.exit {
             ExitCode::Interrupted => "interrupted after",
-            ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage => "aborted after",
+            ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage | ExitCode::Internal => {
+                "aborted after"
+            }
             _ => "finished",
         };
         let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -448,13 +450,13 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
             eprintln!("  send the failures again: {} {}", options.rerun, file.display());
         }
         if s.in_doubt > 0 {
-            eprintln!(
-                "  {} sent without a recorded answer (in doubt)",
-                plural(s.in_doubt, "row was").replace("rows was", "rows were")
-            );
+            let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };
+            eprintln!("  {rows} sent without a recorded answer (in doubt)");
         }
-        if matches!(finished.exit, ExitCode::Interrupted | ExitCode::MaxFailures | ExitCode::Auth | ExitCode::Io)
-            && !options.dry_run
+        if matches!(
+            finished.exit,
+            ExitCode::Interrupted | ExitCode::MaxFailures | ExitCode::Auth | ExitCode::Io | ExitCode::Internal
+        ) && !options.dry_run
         {
             eprintln!("  rows not yet sent are in neither file; send them with: bulkcall resume {}", dir.display());
         }

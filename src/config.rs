@@ -298,6 +298,9 @@ impl Settings {
         if self.timeout.is_zero() {
             return bad("timeout must be longer than 0".into());
         }
+        if self.progress_interval.is_zero() {
+            return bad("progress_interval must be longer than 0".into());
+        }
         if let Some(base) = &self.base_url {
             self.check_url("base_url", base)?;
         }

@@ -16,6 +16,8 @@ pub enum ExitCode {
     Auth = 3,
     /// `--max-failures` was reached.
     MaxFailures = 4,
+    /// A bug: a part of bulkcall stopped unexpectedly.
+    Internal = 70,
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
     /// Another run of the same job holds its lock.
@@ -49,6 +51,8 @@ pub enum Error {
     Unauthorized(String),
     #[error("aborted: {0}")]
     MaxFailures(String),
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Report(#[from] crate::report::html::ReportError),
     #[error("could not start the sandbox on {addr}: {source}")]
@@ -67,6 +71,7 @@ impl Error {
             | Error::Report(_) => ExitCode::Usage,
             Error::Token(_) | Error::Unauthorized(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
+            Error::Internal(_) => ExitCode::Internal,
             Error::Output(crate::output::OutputError::Locked { .. }) => ExitCode::Locked,
             Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
             Error::Output(_) => ExitCode::Io,

@@ -158,7 +158,8 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
         return Some(Duration::from_secs(secs));
     }
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        // Absurd values (1e20) are kept as a very long wait, never a panic.
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -214,5 +215,7 @@ mod tests {
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("1e20", now), Some(Duration::MAX), "an absurd value is a very long wait");
+        assert_eq!(parse_retry_after("99999999999999999999999", now), Some(Duration::MAX));
     }
 }

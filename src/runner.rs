@@ -349,7 +349,9 @@ pub async fn run(
             .and_then(|()| ledger.done(batch.iter().map(|(outcome, _)| outcome)));
         if let Err(e) = recorded {
             // Without a place for outcomes, sending more would lose them.
+            // Dropping the acknowledgements lets the workers stop.
             shared.abort(Error::Output(e));
+            batch.clear();
             break;
         }
         for (_, ack) in batch.drain(..) {
@@ -357,7 +359,12 @@ pub async fn run(
         }
     }
     drop(out_rx);
-    while workers.join_next().await.is_some() {}
+    while let Some(joined) = workers.join_next().await {
+        if let Err(e) = joined {
+            // A bug, not a row's failure: the run must not look finished.
+            shared.abort(Error::Internal(format!("a worker stopped unexpectedly ({e}); please report this")));
+        }
+    }
     watchdog.abort();
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
@@ -504,16 +511,40 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
     let mut attempts = 0u32;
     let mut refreshed = false;
     let mut resend = false;
+    // The last failed attempt: the row's outcome if the run stops before the next.
+    let mut last: Option<(ErrorKind, String, Option<u16>, Duration)> = None;
+    // After a stop no attempt starts: a row not yet sent stays resumable, a
+    // row waiting to retry ends with its last answer.
+    let stopped = |row: Row, attempts: u32, last: Option<(ErrorKind, String, Option<u16>, Duration)>| {
+        let (kind, message, status, latency) = last?;
+        let message = format!("{message} (not retried: the run was stopped)");
+        Some(outcome(row, attempts, latency, status, fail(kind, message)))
+    };
     loop {
-        shared.limiter.until_ready().await;
+        let ready = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => false,
+            _ = shared.limiter.until_ready() => true,
+        };
+        if !ready {
+            return stopped(row, attempts, last);
+        }
         let token = match &shared.tokens {
-            Some(tokens) => match tokens.get().await {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    shared.abort(Error::Token(e));
-                    return None;
+            Some(tokens) => {
+                let got = tokio::select! {
+                    biased;
+                    _ = shared.stop.cancelled() => None,
+                    got = tokens.get() => Some(got),
+                };
+                match got {
+                    None => return stopped(row, attempts, last),
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(e)) => {
+                        shared.abort(Error::Token(e));
+                        return stopped(row, attempts, last);
+                    }
                 }
-            },
+            }
             None => None,
         };
         if !resend {
@@ -546,10 +577,11 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             }
             Err(e) => {
                 let verdict = outcome::classify_error(&e);
-                if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict
-                    && (attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)))
-                {
-                    return Some(outcome(row, attempts, latency, None, fail(kind, outcome::describe(&e))));
+                if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict {
+                    if attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)) {
+                        return Some(outcome(row, attempts, latency, None, fail(kind, outcome::describe(&e))));
+                    }
+                    last = Some((kind, outcome::describe(&e), None, latency));
                 }
                 (verdict, None)
             }
@@ -564,8 +596,11 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         match verdict {
             Verdict::Unauthorized if !refreshed && token.is_some() => {
                 // The token was refused: forget exactly that one and resend once.
-                let (tokens, token) = (shared.tokens.as_ref()?, token.as_ref()?);
-                tokens.invalidate(token.generation);
+                if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
+                    tokens.invalidate(token.generation);
+                }
+                let message = answer.as_ref().map_or_else(String::new, answer_message);
+                last = Some((ErrorKind::Auth, message, status, latency));
                 refreshed = true;
                 resend = true;
             }
@@ -582,7 +617,10 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Auth, message)));
             }
             Verdict::Retry { kind, after } if attempts < max_attempts => {
-                let last = || answer.as_ref().map_or_else(String::new, answer_message);
+                if let Some(answer) = &answer {
+                    last = Some((kind, answer_message(answer), status, latency));
+                }
+                let last_message = last.as_ref().map_or_else(String::new, |l| l.1.clone());
                 if let Some(after) = after {
                     if after > shared.settings.retry_after_max {
                         let message = format!(
@@ -595,7 +633,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 }
                 if !shared.limiter.spend_retry() {
                     let message =
-                        format!("{}; not retried: the retry budget is spent (too many calls are failing)", last());
+                        format!("{last_message}; not retried: the retry budget is spent (too many calls are failing)");
                     return Some(outcome(row, attempts, latency, status, fail(kind, message)));
                 }
                 let delay = after.unwrap_or_else(|| backoff(shared, kind, attempts));
@@ -606,13 +644,11 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 }
                 shared.live.retrying.fetch_sub(1, Ordering::Relaxed);
                 if shared.stop.is_cancelled() {
-                    // Not retried: the answer so far is the outcome.
-                    let answer = answer.as_ref()?;
-                    return Some(outcome(row, attempts, latency, status, fail(kind, answer_message(answer))));
+                    return stopped(row, attempts, last);
                 }
             }
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
-                let answer = answer.as_ref()?;
+                let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
                 let (response, _) = response_value(answer);
                 let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
                 let result = if judged.ok && shared.requests.has_success() {
@@ -623,7 +659,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
                 return Some(outcome(row, attempts, latency, status, result));
             }
             Verdict::Done => {
-                let answer = answer.as_ref()?;
+                let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
                 let (response, truncated) = response_value(answer);
                 let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
                 let result = if judged.ok {

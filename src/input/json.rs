@@ -239,7 +239,13 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
         raw: Raw::Text(String::from_utf8_lossy(text).into_owned()),
     };
     match serde_json::from_slice::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map) }),
+        Ok(Value::Object(mut map)) => {
+            // A failures file fed back: its added fields are not the record's.
+            for column in super::FAILURE_COLUMNS {
+                map.shift_remove(column);
+            }
+            Ok(Row { input, number, line, record: Record::Json(map) })
+        }
         Ok(other) => Err(bad(format!("line {line}: expected an object, found {}", kind(&other)))),
         Err(e) => {
             let (l, c) = (
@@ -371,6 +377,16 @@ mod tests {
         let last = items[2].as_ref().unwrap();
         assert_eq!((last.number, last.line), (3, 5));
         assert_eq!(last.record.get("a").unwrap()["b"][0], true);
+    }
+
+    #[test]
+    fn failure_fields_are_not_fields_when_fed_back() {
+        let (items, _) = read_text(
+            "{\"id\": 1, \"_row\": 3, \"_error\": \"client_error\", \"_message\": \"x\", \"_raw\": \"y\"}\n",
+            Format::Jsonl,
+        );
+        let Record::Json(map) = &items[0].as_ref().unwrap().record else { panic!("json") };
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["id"]);
     }
 
     #[test]

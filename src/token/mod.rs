@@ -421,7 +421,7 @@ impl Inner {
                 )
             );
             let shown = match &oauth_error {
-                Some(e) => format!(" {e}: {}", self.mask(&description)),
+                Some(e) => format!(" {}: {}", self.mask(e), self.mask(&description)),
                 None => format!(": {}", self.mask(&description)),
             };
             if fatal_error || matches!(status.as_u16(), 400 | 401 | 403) {
@@ -476,13 +476,21 @@ impl Inner {
         lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME)
     }
 
-    /// Trims a token endpoint's text and masks the secret if it echoes it.
+    /// Masks the secret wherever a token endpoint echoes it (as is, JSON-
+    /// escaped or form-encoded), then trims the text.
     fn mask(&self, text: &str) -> String {
         let secret = self.credentials.client_secret.expose_secret();
-        let mut text: String = text.chars().take(300).collect();
+        let mut text = text.to_string();
         if !secret.is_empty() {
-            text = text.replace(secret, "***");
+            let escaped = serde_json::to_string(secret).unwrap_or_default();
+            let escaped = escaped.trim_matches('"');
+            for form in [secret, escaped, &form_encode(secret)] {
+                if !form.is_empty() {
+                    text = text.replace(form, "***");
+                }
+            }
         }
+        let text: String = text.chars().take(300).collect();
         text.trim().to_string()
     }
 }
@@ -505,7 +513,8 @@ fn jwt_expiry(token: &str) -> Option<SystemTime> {
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let exp = serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_f64()?;
-    (exp.is_finite() && exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+    let exp = Duration::try_from_secs_f64(exp).ok().filter(|d| !d.is_zero())?;
+    SystemTime::UNIX_EPOCH.checked_add(exp)
 }
 
 #[cfg(test)]
@@ -535,6 +544,8 @@ mod tests {
         let token = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
         assert_eq!(jwt_expiry(&token), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)));
         assert_eq!(jwt_expiry("opaque-token"), None);
+        let huge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp": 1e300}"#);
+        assert_eq!(jwt_expiry(&format!("h.{huge}.s")), None, "an absurd exp is ignored, never a panic");
         assert_eq!(jwt_expiry("a.b.c.d"), None);
     }
 }
