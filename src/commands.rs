@@ -335,7 +335,7 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
     let names: Vec<String> =
         info.inputs.iter().map(|i| i.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-    for (input, row, outcome) in crate::output::last_outcomes(&dir) {
+    for (input, row, outcome) in crate::output::recent_outcomes(&dir) {
         let matches: Vec<(usize, u64)> = in_doubt
             .iter()
             .copied()

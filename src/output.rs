@@ -58,12 +58,34 @@ fn create_file(path: &Path) -> Result<File, OutputError> {
 }
 
 /// Opens a file for appending (resume) or creates it empty (a new run).
+/// Appending, a line a crash cut short (after a partial write) is dropped
+/// first, so the next line does not run into it.
 fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
     if append {
+        trim_torn_tail(path).map_err(io(path))?;
         OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))
     } else {
         create_file(path)
     }
+}
+
+fn trim_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(1 << 20);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    if tail.last().is_none_or(|&b| b == b'\n') {
+        return Ok(());
+    }
+    let keep = tail.iter().rposition(|&b| b == b'\n').map_or(start, |i| start + i as u64 + 1);
+    file.set_len(keep)
 }
 
 /// Writes a JSON document whole: to a temporary file, then renamed.
@@ -130,24 +152,36 @@ impl InputFingerprint {
     }
 }
 
-/// The last record of each outcome file: a crash between writing an
-/// outcome and its ledger mark leaves at most that one row unmarked.
-/// Returns (input name if recorded, row, outcome).
-pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
-    let mut found = vec![];
-    let tail = |name: &str| -> Option<String> {
+/// Outcomes a crash may have left without their ledger mark: the
+/// collector writes a batch of outcomes, then marks the batch done, so a
+/// crash between the two leaves at most one batch unmarked, at the end of
+/// the outcome files. This reads the last records of each (up to 4 MiB or
+/// 4,096 lines). Returns (input name if recorded, row, outcome).
+pub fn recent_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
+    const TAIL_BYTES: u64 = 4 << 20;
+    const TAIL_LINES: usize = 4096;
+    let tail = |path: &Path| -> Vec<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut file = File::open(dir.join(name)).ok()?;
-        let len = file.metadata().ok()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(4 << 20))).ok()?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).ok()?;
-        text.trim_end_matches('\n').rsplit('\n').next().map(str::to_string)
+        let Ok(mut file) = File::open(path) else { return vec![] };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(TAIL_BYTES);
+        let mut bytes = Vec::new();
+        if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+            return vec![];
+        }
+        let mut lines: Vec<Vec<u8>> = bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0); // cut in the middle
+        }
+        lines.retain(|l| !l.is_empty());
+        let skip = lines.len().saturating_sub(TAIL_LINES);
+        lines.split_off(skip)
     };
     let num = |v: &Value| v.as_u64();
-    if let Some(line) = tail("results.jsonl").and_then(|l| serde_json::from_str::<Value>(&l).ok())
-        && let Some(row) = num(&line["row"])
-    {
+    let mut found = vec![];
+    for line in tail(&dir.join("results.jsonl")) {
+        let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
+        let Some(row) = num(&line["row"]) else { continue };
         let done = Done {
             status: num(&line["status"]).map(|s| s as u16),
             error: None,
@@ -157,9 +191,9 @@ pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
         };
         found.push((line["input"].as_str().map(str::to_string), row, done));
     }
-    if let Some(line) = tail("failures.jsonl").and_then(|l| serde_json::from_str::<Value>(&l).ok())
-        && let Some(row) = num(&line["_row"])
-    {
+    for line in tail(&dir.join("failures.jsonl")) {
+        let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
+        let Some(row) = num(&line["_row"]) else { continue };
         let done = Done {
             status: num(&line["_status"]).map(|s| s as u16),
             error: line["_error"].as_str().map(str::to_string),
@@ -169,25 +203,28 @@ pub fn last_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
         };
         found.push((None, row, done));
     }
-    if let Some(text) = std::fs::read_dir(dir).ok().into_iter().flatten().flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        (name.starts_with("failures") && name.ends_with(".csv")).then(|| tail(&name)).flatten()
-    }) {
-        let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(text.as_bytes());
-        if let Some(Ok(record)) = reader.records().next()
-            && record.len() >= 6
-        {
-            let field = |back: usize| record.get(record.len() - back).unwrap_or_default();
-            if let Ok(row) = field(6).parse() {
-                let done = Done {
-                    status: field(3).parse().ok(),
-                    error: Some(field(4).to_string()),
-                    attempts: field(2).parse().unwrap_or(0),
-                    latency_us: 0,
-                    at_ms: 0,
-                };
-                found.push((None, row, done));
+    let csv_files = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("failures") && n.ends_with(".csv"))
+    });
+    for path in csv_files {
+        // The six failure columns end every record, and their values hold
+        // no line breaks, so the last line of a record has them all.
+        for line in tail(&path) {
+            let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line.as_slice());
+            let Some(Ok(record)) = reader.byte_records().next() else { continue };
+            if record.len() < 6 {
+                continue;
             }
+            let field = |back: usize| String::from_utf8_lossy(&record[record.len() - back]).into_owned();
+            let Ok(row) = field(6).parse() else { continue };
+            let done = Done {
+                status: field(3).parse().ok(),
+                error: Some(field(4)),
+                attempts: field(2).parse().unwrap_or(0),
+                latency_us: 0,
+                at_ms: 0,
+            };
+            found.push((None, row, done));
         }
     }
     found
@@ -304,10 +341,9 @@ pub struct Writer {
     /// Created on first use in dry runs, which write no results.
     results: Option<Lines>,
     failures_jsonl: Option<Lines>,
-    /// One failures CSV per distinct header (normally one: `failures.csv`).
+    /// One failures CSV per CSV input, by input index: `failures.csv` for
+    /// the first, `failures.<stem>.csv` for others.
     failures_csv: HashMap<usize, CsvFile>,
-    /// Keeps the headers alive while their address is a key above.
-    csv_headers: Vec<Arc<CsvHeaders>>,
     /// `results.csv` and the captures it has columns for, when asked for.
     results_csv: Option<(CsvFile, Vec<String>)>,
 }
@@ -338,7 +374,6 @@ impl Writer {
             results: if results { Some(Lines::open(dir.join("results.jsonl"), append)?) } else { None },
             failures_jsonl: None,
             failures_csv: HashMap::new(),
-            csv_headers: Vec::new(),
         })
     }
 
@@ -428,9 +463,11 @@ impl Writer {
     }
 
     fn csv_file(&mut self, input: usize, headers: &Arc<CsvHeaders>) -> Result<&mut CsvFile, OutputError> {
-        let id = Arc::as_ptr(headers) as usize;
+        let id = input;
         if !self.failures_csv.contains_key(&id) {
-            let name = if self.failures_csv.is_empty() {
+            // Named by input, so a resumed run appends to the same file.
+            let first_csv = self.inputs.iter().position(|i| i.format == Format::Csv);
+            let name = if first_csv == Some(input) {
                 "failures.csv".to_string()
             } else {
                 let stem = Path::new(&self.inputs[input].name).file_stem().and_then(|s| s.to_str()).unwrap_or("input");
@@ -438,7 +475,6 @@ impl Writer {
             };
             let file = CsvFile::failures(self.dir.join(name), headers, self.append)?;
             self.failures_csv.insert(id, file);
-            self.csv_headers.push(headers.clone());
         }
         Ok(self.failures_csv.get_mut(&id).expect("just inserted"))
     }

@@ -150,3 +150,27 @@ async fn resume_refuses_a_changed_input_and_a_second_run_of_a_job_exits_75() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("run.json"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_written_just_before_a_crash_are_not_sent_again() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 50));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, bulkcall::error::ExitCode::Success);
+    // As if the process died after writing the last outcomes but before
+    // their ledger marks: drop the done marks of rows 31 to 50.
+    let journal = std::fs::read_to_string(out.join("journal")).unwrap();
+    let kept: Vec<&str> = journal
+        .lines()
+        .filter(|l| !(l.starts_with("D\t") && l.split('\t').nth(2).unwrap().parse::<u64>().unwrap() > 30))
+        .collect();
+    std::fs::write(out.join("journal"), kept.join("\n") + "\n").unwrap();
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
+    assert_eq!(keys_in_results(&out.join("results.jsonl")).len(), 50);
+    assert_eq!(json(&out.join("summary.json"))["total"], 50);
+}

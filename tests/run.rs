@@ -458,3 +458,18 @@ async fn the_limit_and_max_failures_stop_early() {
     assert!(gw.sandbox.stats().api_calls < 200 + 7, "the run stopped early");
     let _: Value = summary;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_run_with_exit_74() {
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { record: false, ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink("/dev/full", out.join("results.jsonl")).unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(30), gw.run_job(&job, &input, &out, &[]))
+        .await
+        .expect("the run ends instead of hanging");
+    assert_eq!(code, ExitCode::Io);
+    assert!(gw.sandbox.stats().api_calls < 200, "sending stopped when outcomes could not be written");
+}

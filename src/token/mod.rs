@@ -114,6 +114,8 @@ struct Inner {
     credentials: Credentials,
     settings: AuthSettings,
     cache: Option<DiskCache>,
+    /// A token a call was refused with, to drop from the disk cache.
+    rejected: std::sync::Mutex<Option<SecretString>>,
     /// The token workers use; swapped whole, read without a lock.
     current: ArcSwapOption<Token>,
     /// Held while a token request is in flight, so there is only ever one.
@@ -137,6 +139,7 @@ impl TokenSource {
         TokenSource {
             inner: Arc::new(Inner {
                 cache: DiskCache::new(settings, &credentials.client_id),
+                rejected: std::sync::Mutex::new(None),
                 client,
                 url: settings.token_url.clone().unwrap_or_default(),
                 style: settings.style,
@@ -191,8 +194,10 @@ impl TokenSource {
         let Some(token) = current.as_ref().filter(|t| t.generation == generation) else { return };
         let previous = self.inner.current.compare_and_swap(&current, None::<Arc<Token>>);
         let swapped = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token));
-        if swapped && let Some(cache) = &self.inner.cache {
-            cache.remove_if(token.expose());
+        if swapped && self.inner.cache.is_some() {
+            // The next refresh drops it from the disk cache too.
+            *self.inner.rejected.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(SecretString::from(token.expose().to_string()));
         }
     }
 
@@ -237,16 +242,26 @@ impl Inner {
         let token = match &self.cache {
             None => self.fetch().await?,
             Some(cache) => {
+                // File work goes to the blocking pool: the async thread
+                // serves every worker. The lock is held until this function
+                // returns: one fetch across processes.
                 let inner = self.clone();
-                // Held until this function returns: one fetch across processes.
-                let _lock = tokio::task::spawn_blocking(move || inner.cache.as_ref().and_then(DiskCache::lock))
-                    .await
-                    .unwrap_or(None);
-                match self.adopt_cached(cache, current.as_deref(), force) {
+                let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (_lock, entry) = tokio::task::spawn_blocking(move || {
+                    let cache = inner.cache.as_ref().expect("a cache");
+                    let lock = cache.lock();
+                    if let Some(rejected) = &rejected {
+                        cache.remove_if(rejected.expose_secret());
+                    }
+                    (lock, cache.load())
+                })
+                .await
+                .unwrap_or((None, None));
+                match self.adopt_cached(cache, entry, current.as_deref(), force) {
                     Some(token) => token,
                     None => {
                         let token = self.fetch().await?;
-                        cache.store(&cache::Entry {
+                        let entry = cache::Entry {
                             access_token: token.expose().to_string(),
                             token_type: token.token_type.clone(),
                             scope: token.scope.clone(),
@@ -256,7 +271,14 @@ impl Inner {
                                 .unwrap_or_default()
                                 .as_secs_f64(),
                             lifetime_s: token.lifetime.as_secs_f64(),
-                        });
+                        };
+                        let inner = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Some(cache) = &inner.cache {
+                                cache.store(&entry);
+                            }
+                        })
+                        .await;
                         token
                     }
                 }
@@ -270,11 +292,17 @@ impl Inner {
     /// A token from the disk cache that is not the one being replaced and
     /// has time left: before its advisory window when replacing a token,
     /// before its mandatory window when there is none.
-    fn adopt_cached(&self, cache: &DiskCache, current: Option<&Token>, force: bool) -> Option<Token> {
+    fn adopt_cached(
+        &self,
+        cache: &DiskCache,
+        entry: Option<cache::Entry>,
+        current: Option<&Token>,
+        force: bool,
+    ) -> Option<Token> {
         if force {
             return None;
         }
-        let entry = cache.load()?;
+        let entry = entry?;
         if current.is_some_and(|t| t.expose() == entry.access_token) {
             return None;
         }
