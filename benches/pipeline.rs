@@ -75,47 +75,60 @@ fn main() {
     report("read + render", rows, started.elapsed());
     assert!(bytes > 0);
 
-    // Read, render, judge the answer and record it (ledger and results), in
-    // batches of 64 outcomes as the collector does at concurrency 64; each
-    // row's started mark is written on its own (the worst case).
+    // Read, render, judge the answer and record it (ledger and results), 64
+    // rows at a time as 64 workers do under load: their started marks go out
+    // together, then their outcomes, then their done marks.
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
     let mut writer =
         Writer::open(&out, vec![InputInfo { name: "rows.csv".into(), format: Format::Csv }], false, true, None)
             .unwrap();
     let ledger = Ledger::open(&out, false).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut chunk = Vec::with_capacity(64);
+    let mut record_chunk = |chunk: &mut Vec<bulkcall::input::Row>| {
+        let requests_and_rows: Vec<_> = chunk.drain(..).map(|row| (requests.render(&row).unwrap(), row)).collect();
+        runtime
+            .block_on(futures::future::try_join_all(
+                requests_and_rows.iter().map(|(_, row)| ledger.started(row.input, row.number)),
+            ))
+            .unwrap();
+        let mut outcomes = Vec::with_capacity(requests_and_rows.len());
+        for (request, row) in requests_and_rows {
+            let response: serde_json::Value = serde_json::from_slice(ANSWER).unwrap();
+            let judged = requests.judge(200, response, &row);
+            assert!(judged.ok);
+            let outcome = Outcome {
+                input: row.input,
+                number: row.number,
+                line: row.line,
+                key: request.key,
+                attempts: 1,
+                latency: Duration::from_millis(3),
+                status: Some(200),
+                result: Ok(Success {
+                    response: judged.response,
+                    raw: Some(ANSWER.to_vec()),
+                    truncated: None,
+                    captured: judged.captured,
+                }),
+                source: Source::Record(row.record),
+            };
+            writer.record(&outcome).unwrap();
+            outcomes.push(outcome);
+        }
+        writer.flush().unwrap();
+        ledger.done(&outcomes).unwrap();
+    };
     let started = Instant::now();
-    let mut batch = Vec::with_capacity(64);
     read_all(std::slice::from_ref(&spec), &|_| {}, &mut |item| {
-        let row = item.unwrap();
-        let request = requests.render(&row).unwrap();
-        futures::executor::block_on(ledger.started(row.input, row.number)).unwrap();
-        let response: serde_json::Value = serde_json::from_slice(ANSWER).unwrap();
-        let judged = requests.judge(200, response, &row);
-        assert!(judged.ok);
-        let (response, captured) = (judged.response, judged.captured);
-        let outcome = Outcome {
-            input: row.input,
-            number: row.number,
-            line: row.line,
-            key: request.key,
-            attempts: 1,
-            latency: Duration::from_millis(3),
-            status: Some(200),
-            result: Ok(Success { response, truncated: None, captured }),
-            source: Source::Record(row.record),
-        };
-        writer.record(&outcome).unwrap();
-        batch.push(outcome);
-        if batch.len() == 64 {
-            writer.flush().unwrap();
-            ledger.done(&batch).unwrap();
-            batch.clear();
+        chunk.push(item.unwrap());
+        if chunk.len() == 64 {
+            record_chunk(&mut chunk);
         }
         true
     })
     .unwrap();
-    writer.flush().unwrap();
-    ledger.done(&batch).unwrap();
+    record_chunk(&mut chunk);
     report("read + render + record", rows, started.elapsed());
 }

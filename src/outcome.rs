@@ -66,6 +66,9 @@ pub struct Outcome {
 pub struct Success {
     /// The answer: JSON if it parses, else a string.
     pub response: Value,
+    /// The answer's own bytes when they are JSON on one line: written to
+    /// results as they are, instead of serializing `response` again.
+    pub raw: Option<Vec<u8>>,
     /// `Some(total bytes)` when the kept answer was cut at `max_response_bytes`.
     pub truncated: Option<u64>,
     pub captured: Map<String, Value>,

@@ -257,6 +257,20 @@ impl Lines {
         Ok(())
     }
 
+    /// Writes `value` (an object) with one more field whose value is the
+    /// JSON text `raw`, spliced in as it is.
+    fn write_with(&mut self, value: &impl Serialize, name: &str, raw: &[u8]) -> Result<(), OutputError> {
+        serde_json::to_writer(&mut self.pending, value).expect("serializable");
+        debug_assert_eq!(self.pending.last(), Some(&b'}'));
+        self.pending.pop();
+        self.pending.push(b',');
+        serde_json::to_writer(&mut self.pending, name).expect("a string serializes");
+        self.pending.push(b':');
+        self.pending.extend_from_slice(raw);
+        self.pending.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), OutputError> {
         flush_pending(&mut self.file, &mut self.pending, &self.path)
     }
@@ -323,7 +337,9 @@ struct ResultLine<'a> {
     status: Option<u16>,
     attempts: u32,
     latency_ms: u64,
-    response: &'a Value,
+    /// Left out when the raw answer is spliced in after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_truncated: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -391,7 +407,7 @@ impl Writer {
                     status: outcome.status,
                     attempts: outcome.attempts,
                     latency_ms: outcome.latency.as_millis() as u64,
-                    response: &success.response,
+                    response: success.raw.is_none().then_some(&success.response),
                     response_truncated: success.truncated.map(|_| true),
                     response_bytes: success.truncated,
                     capture: &success.captured,
@@ -399,7 +415,11 @@ impl Writer {
                 if self.results.is_none() {
                     self.results = Some(Lines::open(self.dir.join("results.jsonl"), self.append)?);
                 }
-                self.results.as_mut().expect("just opened").write(&line)?;
+                let results = self.results.as_mut().expect("just opened");
+                match &success.raw {
+                    Some(raw) => results.write_with(&line, "response", raw)?,
+                    None => results.write(&line)?,
+                }
                 if let Some((file, captures)) = &mut self.results_csv {
                     let text = |v: Option<&Value>| match v {
                         None | Some(Value::Null) => String::new(),

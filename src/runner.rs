@@ -426,18 +426,25 @@ async fn send(shared: &Shared, request: &Request, token: Option<&Token>) -> Resu
     Ok(Answer { status, retry_after, body, total })
 }
 
-/// The answer as results keep it: JSON if it parses, else text.
-fn response_value(answer: &Answer) -> (Value, Option<u64>) {
+/// The answer as results keep it: JSON if it parses, else text; and
+/// whether it was JSON.
+fn response_value(answer: &Answer) -> (Value, Option<u64>, bool) {
     if answer.total > answer.body.len() as u64 {
-        return (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), Some(answer.total));
+        return (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), Some(answer.total), false);
     }
     if answer.body.is_empty() {
-        return (Value::Null, None);
+        return (Value::Null, None, false);
     }
     match serde_json::from_slice(&answer.body) {
-        Ok(v) => (v, None),
-        Err(_) => (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), None),
+        Ok(v) => (v, None, true),
+        Err(_) => (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), None, false),
     }
+}
+
+/// The answer's bytes, when they are JSON on one line: results can take
+/// them as they are.
+fn compact_json(answer: &Answer, json: bool) -> Option<Vec<u8>> {
+    (json && memchr::memchr2(b'\n', b'\r', &answer.body).is_none()).then(|| answer.body.clone())
 }
 
 /// A short text of an error answer for the failures file.
@@ -649,10 +656,10 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             }
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
                 let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let (response, _) = response_value(answer);
+                let (response, _, _) = response_value(answer);
                 let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
                 let result = if judged.ok && shared.requests.has_success() {
-                    Ok(Success { response: judged.response, truncated: None, captured: judged.captured })
+                    Ok(Success { response: judged.response, raw: None, truncated: None, captured: judged.captured })
                 } else {
                     fail(kind, answer_message(answer))
                 };
@@ -660,10 +667,11 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
             }
             Verdict::Done => {
                 let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let (response, truncated) = response_value(answer);
+                let (response, truncated, json) = response_value(answer);
                 let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
                 let result = if judged.ok {
-                    Ok(Success { response: judged.response, truncated, captured: judged.captured })
+                    let raw = compact_json(answer, json);
+                    Ok(Success { response: judged.response, raw, truncated, captured: judged.captured })
                 } else {
                     fail(
                         ErrorKind::Rejected,
