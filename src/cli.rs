@@ -21,10 +21,11 @@ use crate::sandbox::Faults;
 concurrent pool that shares one auto-refreshing OAuth 2.0 client-credentials token. Every row ends up in \
 exactly one of results.jsonl and the failures file of its run directory.",
     after_help = "Examples:\n  bulkcall demo\n  bulkcall run jobs/eligibility.toml -p sandbox\n  \
-bulkcall run jobs/eligibility.toml out/eligibility/2026-11-28T181355Z/failures.csv\n  \
-bulkcall validate jobs/claim-status.toml\n\nExit codes: 0 all rows succeeded, 1 some rows failed, 2 usage/config/input \
-error (nothing sent), 3 credentials rejected or 401s on fresh tokens, 4 --max-failures reached, 74 the run \
-directory could not be written, 130 interrupted."
+bulkcall run jobs/eligibility.toml -p sandbox out/eligibility/2026-11-28T181355Z/failures.csv\n  \
+bulkcall resume out/eligibility/2026-11-28T181355Z\n  bulkcall validate jobs/claim-status.toml -p local\n\n\
+Exit codes: 0 all rows succeeded, 1 some rows failed, 2 usage/config/input error (nothing sent), 3 credentials \
+rejected or 401s on fresh tokens, 4 --max-failures reached, 70 internal error, 74 the run directory could not be \
+written, 75 another run of the job is going on, 130 interrupted (bulkcall resume finishes it)."
 )]
 pub struct Cli {
     #[command(subcommand)]

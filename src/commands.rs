@@ -153,7 +153,17 @@ async fn write_run_json(dir: &Path, r: &Resolved, limit: Option<u64>) -> Result<
         inputs,
         profile: r.loaded.profile.clone(),
         config: r.loaded.config_file.as_deref().map(absolute),
-        settings: serde_json::to_value(&r.loaded.settings).expect("serializable"),
+        settings: {
+            let mut settings = serde_json::to_value(&r.loaded.settings).expect("serializable");
+            if let Some(Value::Object(headers)) = settings.get_mut("headers") {
+                for (name, value) in headers.iter_mut() {
+                    if crate::config::is_sensitive_header(name) {
+                        *value = Value::from("<redacted>");
+                    }
+                }
+            }
+            settings
+        },
         limit,
         started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         pid: std::process::id(),
@@ -178,14 +188,14 @@ struct RunOptions {
     json: bool,
     /// How the user would run this job again (for the closing hint).
     rerun: String,
+    /// Whether `bulkcall resume` can finish the run (not the demo's).
+    resumable: bool,
 }
 
 async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
     let resolved = resolve(&args.job, &args.inputs, &args.config, &args.settings)?;
-    let mut rerun = format!("bulkcall run {}", args.job.display());
-    if let Some(p) = &args.config.profile {
-        rerun.push_str(&format!(" -p {p}"));
-    }
+    let rerun = rerun_command(&args.job, args.config.profile.as_deref(), args.config.config.as_deref());
+    let resumable = true;
     let options = RunOptions {
         log,
         out: args.out,
@@ -196,6 +206,7 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
         progress: args.running.progress,
         json: args.running.json,
         rerun,
+        resumable,
     };
     run_resolved(resolved, None, options, None, stop).await
 }
@@ -235,8 +246,9 @@ async fn run_resolved(
     }
 
     // One run per job: a second one stops here, before any token request.
-    let folder = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let _lock = crate::output::lock_job(folder, &r.job.name)?;
+    // The lock lives in the job's own output folder, wherever `-o` puts the
+    // run directory, so every run of the job meets it.
+    let _lock = crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?;
     let client = runner::http_client(&settings);
     let tokens = if authorized {
         r.loaded.token_url()?;
@@ -314,6 +326,8 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         Value::Object(map) => map,
         _ => Map::new(),
     };
+    // Headers come from the config again: run.json has credential headers redacted.
+    flags.remove("headers");
     flags.extend(args.settings.to_map());
     let sources = Sources {
         config_file: info.config.clone(),
@@ -331,7 +345,31 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
     }
 
+    // A run that finished has nothing to resume.
+    let earlier: Option<crate::report::Summary> =
+        std::fs::read_to_string(dir.join("summary.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(summary) = &earlier
+        && matches!(summary.exit_code, 0 | 1)
+    {
+        eprintln!(
+            "bulkcall: nothing to resume: {} finished ({} rows: {} succeeded, {} failed)",
+            dir.display(),
+            summary.total,
+            summary.succeeded,
+            summary.failed
+        );
+        return Ok(if summary.exit_code == 0 { ExitCode::Success } else { ExitCode::RowsFailed });
+    }
     let (mut done, started) = crate::output::Ledger::read(&dir)?;
+    // Time already spent: from the last summary, or (after a crash) the ledger's marks.
+    let earlier = match &earlier {
+        Some(summary) => Duration::from_secs_f64(summary.duration_s.max(0.0)),
+        None => {
+            let times = done.values().map(|d| d.at_ms).filter(|&t| t > 0);
+            let (first, last) = times.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
+            Duration::from_millis(last.saturating_sub(first))
+        }
+    };
     let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
     let names: Vec<String> =
         info.inputs.iter().map(|i| i.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
@@ -361,9 +399,14 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         grace: args.running.grace,
         progress: args.running.progress,
         json: args.running.json,
-        rerun: format!("bulkcall run {}", info.job.display()),
+        rerun: rerun_command(
+            &info.job,
+            Some(info.profile.as_str()).filter(|p| *p != "default"),
+            info.config.as_deref(),
+        ),
+        resumable: true,
     };
-    let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail };
+    let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail, earlier };
     run_resolved(resolved, None, options, Some(resume), stop).await
 }
 
@@ -374,6 +417,19 @@ fn print_dry_run(dir: &Path) {
             println!("{line}");
         }
     }
+}
+
+/// How to run the job again with the same configuration (for the hint
+/// that sends the failures again).
+fn rerun_command(job: &Path, profile: Option<&str>, config: Option<&Path>) -> String {
+    let mut command = format!("bulkcall run {}", job.display());
+    if let Some(config) = config {
+        command.push_str(&format!(" -c {}", config.display()));
+    }
+    if let Some(profile) = profile {
+        command.push_str(&format!(" -p {profile}"));
+    }
+    command
 }
 
 /// Builds and writes a run's `report.html`.
@@ -458,7 +514,11 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
             ExitCode::Interrupted | ExitCode::MaxFailures | ExitCode::Auth | ExitCode::Io | ExitCode::Internal
         ) && !options.dry_run
         {
-            eprintln!("  rows not yet sent are in neither file; send them with: bulkcall resume {}", dir.display());
+            if options.resumable {
+                eprintln!("  rows not yet sent are in neither file; send them with: bulkcall resume {}", dir.display());
+            } else {
+                eprintln!("  the demo's sandbox is gone with it: run `bulkcall demo` again");
+            }
         }
     }
     if options.json {
@@ -603,7 +663,9 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
             .and_then(|mut f| f.write_all(bytes))
             .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
     }
-    let job = Job::parse(&job_path, DEMO_JOB)?;
+    let mut job = Job::parse(&job_path, DEMO_JOB)?;
+    // Demo runs go to out/demo/, apart from real eligibility runs.
+    job.name = "demo".into();
     let mut flags = Map::new();
     flags.insert("base_url".into(), Value::from(sandbox.base_url()));
     flags.insert("concurrency".into(), Value::from(16));
@@ -630,6 +692,7 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
         progress: args.progress,
         json: args.json,
         rerun: format!("bulkcall run {}", job_path.display()),
+        resumable: false,
     };
     let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;

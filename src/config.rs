@@ -322,6 +322,14 @@ impl Settings {
     }
 }
 
+/// Whether a header's name says it carries a credential (an API key, a
+/// token, a cookie): its value is kept out of run.json and dry-run output.
+pub fn is_sensitive_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name != "idempotency-key"
+        && ["auth", "key", "token", "secret", "cookie", "password", "signature"].iter().any(|w| name.contains(w))
+}
+
 /// `127.0.0.0/8`, `::1` and `localhost`.
 pub fn is_loopback(url: &url::Url) -> bool {
     match url.host() {

@@ -58,6 +58,8 @@ pub struct Resume {
     pub in_doubt: HashSet<(usize, u64)>,
     /// Write in-doubt rows to failures as `in_doubt` instead of resending them.
     pub fail_in_doubt: bool,
+    /// How long the earlier parts of the run took.
+    pub earlier: Duration,
 }
 
 /// `--max-failures N` or `P%`.
@@ -208,6 +210,7 @@ fn spawn_reader(
             };
             live.current_input.store(key.0 as u64, Ordering::Relaxed);
             if !skip.contains(&key) {
+                live.rows_read.fetch_add(1, Ordering::Relaxed);
                 batch.push(item);
             }
             batch.len() < BATCH
@@ -247,6 +250,7 @@ pub async fn run(
     for done in resume.done.values() {
         stats.add_recorded(done.status, done.error.as_deref(), done.attempts, done.latency_us);
     }
+    stats.add_earlier_time(resume.earlier);
     let live = Arc::new(Live::default());
     let limiter = Arc::new(Limiter::new(plan.settings.rate, plan.settings.burst));
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
@@ -732,7 +736,12 @@ fn dry_request(row: &Row, request: &Request, authorized: bool) -> Value {
         headers.insert("authorization".into(), Value::from("Bearer <redacted>"));
     }
     for (name, value) in &request.headers {
-        headers.insert(name.as_str().to_string(), Value::from(value.to_str().unwrap_or("<binary>")));
+        let shown = if crate::config::is_sensitive_header(name.as_str()) {
+            "<redacted>"
+        } else {
+            value.to_str().unwrap_or("<binary>")
+        };
+        headers.insert(name.as_str().to_string(), Value::from(shown));
     }
     let body = request.body.as_ref().map(|b| serde_json::from_slice::<Value>(b).unwrap_or(Value::Null));
     serde_json::json!({

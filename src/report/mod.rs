@@ -24,6 +24,8 @@ use crate::token::TokenSource;
 #[derive(Debug, Default)]
 pub struct Live {
     pub bytes_read: AtomicU64,
+    /// Rows read to be sent (rows skipped on resume not counted).
+    pub rows_read: AtomicU64,
     /// The input being read, by index, when there are several.
     pub current_input: AtomicU64,
     pub done: AtomicU64,
@@ -37,11 +39,25 @@ impl Live {
     fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Rows done, and the rows the inputs hold by the bytes read so far
+    /// (exact once they are read to the end).
+    fn rows(&self, total_bytes: u64) -> (u64, u64) {
+        let (done, read, bytes) = (Self::get(&self.done), Self::get(&self.rows_read), Self::get(&self.bytes_read));
+        let expected = if bytes == 0 || bytes >= total_bytes {
+            read
+        } else {
+            (read as f64 * total_bytes as f64 / bytes as f64) as u64
+        };
+        (done, expected.max(done))
+    }
 }
 
 /// The collector's statistics over all outcomes.
 pub struct Stats {
     started: Instant,
+    /// Time spent in earlier parts of a resumed run.
+    earlier: Duration,
     total: u64,
     succeeded: u64,
     failed: u64,
@@ -60,6 +76,7 @@ impl Default for Stats {
     fn default() -> Self {
         Stats {
             started: Instant::now(),
+            earlier: Duration::ZERO,
             total: 0,
             succeeded: 0,
             failed: 0,
@@ -137,12 +154,17 @@ impl Stats {
         self.in_doubt += 1;
     }
 
+    /// Counts the time earlier parts of a resumed run took.
+    pub fn add_earlier_time(&mut self, earlier: Duration) {
+        self.earlier += earlier;
+    }
+
     pub fn failed(&self) -> u64 {
         self.failed
     }
 
     pub fn summary(&self, token_requests: u64, exit_code: u8) -> Summary {
-        let duration = self.started.elapsed().as_secs_f64();
+        let duration = (self.started.elapsed() + self.earlier).as_secs_f64();
         let ms = |us: u64| (us as f64 / 1000.0 * 10.0).round() / 10.0;
         let empty = self.latency.is_empty();
         let q = |q: f64| if empty { 0.0 } else { ms(self.latency.value_at_quantile(q)) };
@@ -323,10 +345,14 @@ async fn draw_bar(
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        bar.set_position(Live::get(&source.live.bytes_read));
+        let (done, expected) = source.live.rows(source.total_bytes);
+        bar.set_length(expected.max(1));
+        bar.set_position(done);
         bar.set_message(counters(&source, started.elapsed()));
     }
-    bar.set_position(Live::get(&source.live.bytes_read));
+    let (done, expected) = source.live.rows(source.total_bytes);
+    bar.set_length(expected.max(1));
+    bar.set_position(done);
     bar.set_message(counters(&source, started.elapsed()));
     if completed.load(Ordering::Relaxed) {
         bar.finish();
@@ -346,8 +372,8 @@ async fn log_lines(source: ProgressSource, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let read = Live::get(&source.live.bytes_read);
-        let share = if source.total_bytes > 0 { read as f64 * 100.0 / source.total_bytes as f64 } else { 0.0 };
-        tracing::info!("progress: {} · {share:.0}% of input read", counters(&source, started.elapsed()));
+        let (done, expected) = source.live.rows(source.total_bytes);
+        let share = if expected > 0 { done as f64 * 100.0 / expected as f64 } else { 0.0 };
+        tracing::info!("progress: {} · {share:.0}% of about {expected} rows", counters(&source, started.elapsed()));
     }
 }

@@ -57,6 +57,7 @@ impl Gateway {
 [default]
 rate = 0
 concurrency = 16
+out_dir = "{out_dir}"
 
 [test]
 base_url = "{base}"
@@ -70,6 +71,7 @@ headers.environment = "sandbox"
             base = self.sandbox.base_url(),
             token = self.sandbox.token_url(),
             cache = self.path("token-cache").display(),
+            out_dir = self.path("out").display(),
         );
         self.write("bulkcall.toml", &text)
     }
