@@ -173,4 +173,9 @@ async fn outcomes_written_just_before_a_crash_are_not_sent_again() {
     assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
     assert_eq!(keys_in_results(&out.join("results.jsonl")).len(), 50);
     assert_eq!(json(&out.join("summary.json"))["total"], 50);
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nothing to resume"));
+    assert_eq!(gw.sandbox.stats().api_calls, 50);
 }
