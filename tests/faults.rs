@@ -95,3 +95,23 @@ async fn a_server_side_rate_limit_lowers_the_sending_rate() {
     let lowest = summary["throttled_rate"].as_f64().expect("the rate was lowered");
     assert!(lowest < 50.0, "{lowest}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_is_honoured() {
+    let faults = Faults { throttles: 0.1, retry_after_date: true, ..Faults::default() };
+    let gw = Gateway::start(SandboxConfig { faults: faults.clone(), ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 40));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, ExitCode::Success);
+    let mut calls: HashMap<String, Vec<Duration>> = HashMap::new();
+    for call in gw.sandbox.recorded() {
+        calls.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default().push(call.at);
+    }
+    let throttled: Vec<&String> = calls.keys().filter(|k| faults.fault_for(k) == Some(Fault::Throttle)).collect();
+    assert!(!throttled.is_empty());
+    for key in throttled {
+        let gap = calls[key][1] - calls[key][0];
+        assert!(gap >= Duration::from_millis(950), "{key}: retried {gap:?} after an HTTP-date Retry-After");
+    }
+}
