@@ -99,6 +99,11 @@ async fn the_next_run_reuses_the_cached_token() {
     let out = gw.path("after-that");
     gw.run_job(&job, &input, &out, &[]).await;
     assert_eq!(gw.sandbox.stats().token_requests, 2, "the replacement was cached");
+
+    // A wrong secret never gets the cached token: it is refused at the endpoint.
+    gw.config("not-the-secret", "");
+    let out = gw.path("wrong-secret");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, ExitCode::Auth);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! The token cache on disk, so the next run (a cron job every five minutes)
 //! reuses a still-valid token instead of asking for a new one.
 //!
-//! One file per (token URL, client id, scopes, audience), named by a hash of
-//! them, in a 0700 directory; files are 0600, written whole (temporary file,
+//! One file per (token URL, client id, client secret, scopes, audience),
+//! named by a hash of them, in a 0700 directory; files are 0600, written whole (temporary file,
 //! fsync, rename). A file that others can read or that another user owns is
 //! ignored with a warning. A lock file beside it makes two runs that refresh
 //! at the same moment fetch one token between them.
@@ -86,17 +86,21 @@ fn private(path: &Path, meta: &std::fs::Metadata, mask: u32) -> bool {
 impl DiskCache {
     /// The cache for these settings, or `None` when caching is off or there
     /// is no place for it.
-    pub fn new(settings: &AuthSettings, client_id: &str) -> Option<DiskCache> {
+    /// The key also covers a hash of the client secret: a token fetched with
+    /// other credentials (a rotated or mistyped secret) is never reused.
+    pub fn new(settings: &AuthSettings, client_id: &str, client_secret: &str) -> Option<DiskCache> {
         if !settings.cache {
             return None;
         }
         let dir = cache_dir(settings)?;
         let mut scopes: Vec<&str> = settings.scope.as_deref().unwrap_or("").split_whitespace().collect();
         scopes.sort_unstable();
+        let secret_hash = format!("{:x}", Sha256::digest(client_secret.as_bytes()));
         let mut hasher = Sha256::new();
         for part in [
             settings.token_url.as_deref().unwrap_or(""),
             client_id,
+            &secret_hash,
             &scopes.join(" "),
             settings.audience.as_deref().unwrap_or(""),
         ] {
@@ -211,7 +215,7 @@ mod tests {
     #[test]
     fn stores_privately_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(&settings(dir.path()), "client").unwrap();
+        let cache = DiskCache::new(&settings(dir.path()), "client", "secret").unwrap();
         assert!(cache.load().is_none());
         cache.store(&entry("tok-1"));
         assert_eq!(cache.load().unwrap().access_token, "tok-1");
@@ -229,18 +233,19 @@ mod tests {
     fn the_key_ignores_scope_order_but_not_the_client() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = settings(dir.path());
-        let a = DiskCache::new(&s, "client").unwrap();
+        let a = DiskCache::new(&s, "client", "secret").unwrap();
         s.scope = Some("a b".into());
-        assert_eq!(DiskCache::new(&s, "client").unwrap().path(), a.path());
-        assert_ne!(DiskCache::new(&s, "other").unwrap().path(), a.path());
+        assert_eq!(DiskCache::new(&s, "client", "secret").unwrap().path(), a.path());
+        assert_ne!(DiskCache::new(&s, "other", "secret").unwrap().path(), a.path());
+        assert_ne!(DiskCache::new(&s, "client", "rotated").unwrap().path(), a.path(), "another secret, another token");
         s.cache = false;
-        assert!(DiskCache::new(&s, "client").is_none());
+        assert!(DiskCache::new(&s, "client", "secret").is_none());
     }
 
     #[test]
     fn a_file_others_can_read_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(&settings(dir.path()), "client").unwrap();
+        let cache = DiskCache::new(&settings(dir.path()), "client", "secret").unwrap();
         cache.store(&entry("tok"));
         std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(cache.load().is_none());

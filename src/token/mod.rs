@@ -138,7 +138,7 @@ impl TokenSource {
     pub fn new(client: reqwest::Client, settings: &AuthSettings, credentials: Credentials) -> TokenSource {
         TokenSource {
             inner: Arc::new(Inner {
-                cache: DiskCache::new(settings, &credentials.client_id),
+                cache: DiskCache::new(settings, &credentials.client_id, credentials.client_secret.expose_secret()),
                 rejected: std::sync::Mutex::new(None),
                 client,
                 url: settings.token_url.clone().unwrap_or_default(),
