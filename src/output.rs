@@ -393,10 +393,6 @@ impl Writer {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn record(&mut self, outcome: &Outcome) -> Result<(), OutputError> {
         match &outcome.result {
             Ok(success) => {

@@ -6,7 +6,6 @@
 mod csv;
 mod json;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -76,13 +75,6 @@ impl Record {
         match self {
             Record::Csv { headers, values } => headers.index(name).map(|i| Value::String(values[i].clone())),
             Record::Json(map) => map.get(name).cloned(),
-        }
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        match self {
-            Record::Csv { headers, .. } => headers.index(name).is_some(),
-            Record::Json(map) => map.contains_key(name),
         }
     }
 
@@ -174,14 +166,4 @@ pub fn preflight(inputs: &[InputSpec]) -> Result<Vec<Option<Vec<String>>>, Input
             }
         })
         .collect()
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Format::Csv => "csv",
-            Format::Json => "json",
-            Format::Jsonl => "jsonl",
-        })
-    }
 }
