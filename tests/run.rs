@@ -473,3 +473,18 @@ async fn a_full_disk_stops_the_run_with_exit_74() {
     assert_eq!(code, ExitCode::Io);
     assert!(gw.sandbox.stats().api_calls < 200, "sending stopped when outcomes could not be written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_answers_are_kept_cut_with_a_marker() {
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { record: false, ..sandbox_config() }).await;
+    gw.config(SECRET, "max_response_bytes = 64");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 3));
+    let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, ExitCode::Success, "a long answer is not a failure");
+    for line in jsonl(&out.join("results.jsonl")) {
+        assert_eq!(line["response_truncated"], true);
+        assert!(line["response_bytes"].as_u64().unwrap() > 64);
+        assert_eq!(line["response"].as_str().unwrap().len(), 64, "the first bytes, kept as text");
+    }
+}
