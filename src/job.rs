@@ -153,14 +153,36 @@ fn plain_parts(source: &str) -> Option<Vec<Part>> {
     Some(parts)
 }
 
+/// A field's value, borrowed from the row where it can be.
+enum Field<'a> {
+    Str(&'a str),
+    Json(&'a Value),
+    Owned(Value),
+}
+
 /// The value at a field path of a row: an input field, `row` or `row_number`.
-fn lookup(row: &Row, path: &[String]) -> Option<Value> {
+fn field<'a>(row: &'a Row, path: &[String]) -> Option<Field<'a>> {
     let (first, rest) = path.split_first()?;
-    let mut value = match row.record.get(first) {
-        Some(v) => v,
-        None if first == "row" => Value::Object(row.record.to_json()),
-        None if first == "row_number" => Value::from(row.number),
-        None => return None,
+    match &row.record {
+        Record::Csv { headers, values } => {
+            if let Some(i) = headers.index(first) {
+                // A CSV value is text: it has no fields of its own.
+                return rest.is_empty().then(|| Field::Str(&values[i]));
+            }
+        }
+        Record::Json(map) => {
+            if let Some(mut value) = map.get(first) {
+                for part in rest {
+                    value = value.as_object()?.get(part)?;
+                }
+                return Some(Field::Json(value));
+            }
+        }
+    }
+    let mut value = match first.as_str() {
+        "row" => Value::Object(row.record.to_json()),
+        "row_number" => Value::from(row.number),
+        _ => return None,
     };
     for part in rest {
         value = match value {
@@ -168,7 +190,40 @@ fn lookup(row: &Row, path: &[String]) -> Option<Value> {
             _ => return None,
         };
     }
-    Some(value)
+    Some(Field::Owned(value))
+}
+
+impl Field<'_> {
+    /// The text the template engine would print, for strings and integers.
+    fn plain(&self) -> Option<std::borrow::Cow<'_, str>> {
+        let value = match self {
+            Field::Str(s) => return Some((*s).into()),
+            Field::Json(v) => *v,
+            Field::Owned(v) => v,
+        };
+        match value {
+            Value::String(s) => Some(s.as_str().into()),
+            Value::Number(n) if !n.is_f64() => Some(n.to_string().into()),
+            _ => None,
+        }
+    }
+
+    fn into_value(self) -> Value {
+        match self {
+            Field::Str(s) => Value::from(s),
+            Field::Json(v) => v.clone(),
+            Field::Owned(v) => v,
+        }
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Field::Str(s) => serde_json::to_writer(out, s),
+            Field::Json(v) => serde_json::to_writer(out, v),
+            Field::Owned(v) => serde_json::to_writer(out, v),
+        }
+        .expect("a JSON value serializes");
+    }
 }
 
 impl Text {
@@ -181,11 +236,10 @@ impl Text {
             for part in parts {
                 match part {
                     Part::Literal(text) => out.push_str(text),
-                    Part::Field(path) => match lookup(row, path) {
-                        Some(Value::String(s)) => self.push(&mut out, &s),
-                        Some(Value::Number(n)) if !n.is_f64() => self.push(&mut out, &n.to_string()),
+                    Part::Field(path) => match field(row, path).as_ref().and_then(Field::plain) {
+                        Some(text) => self.push(&mut out, &text),
                         // Missing, or printed differently: the engine decides.
-                        _ => {
+                        None => {
                             plain = false;
                             break;
                         }
@@ -852,7 +906,9 @@ fn write_node<'a>(node: &'a Node, row: &Row, ctx: &Lazy<'_>, out: &mut Vec<u8>) 
             out.push(b']');
         }
         Node::Field { path, vars, place } => {
-            if !write_field(row, path, out) {
+            if let Some(value) = field(row, path) {
+                value.write_json(out);
+            } else {
                 let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
                 return Err((place.as_str(), vars.as_slice(), err));
             }
@@ -861,41 +917,6 @@ fn write_node<'a>(node: &'a Node, row: &Row, ctx: &Lazy<'_>, out: &mut Vec<u8>) 
         Node::Text(_) | Node::Expr(_) => json(out, &render_node(node, Some(row), ctx, true)?),
     }
     Ok(())
-}
-
-/// Writes the value at a field path as JSON without copying it first.
-fn write_field(row: &Row, path: &[String], out: &mut Vec<u8>) -> bool {
-    let Some((first, rest)) = path.split_first() else { return false };
-    let json = |out: &mut Vec<u8>, v: &Value| serde_json::to_writer(out, v).expect("a JSON value serializes");
-    match &row.record {
-        Record::Csv { headers, values } if rest.is_empty() => {
-            if let Some(i) = headers.index(first) {
-                serde_json::to_writer(out, &values[i]).expect("a string serializes");
-                return true;
-            }
-        }
-        Record::Json(map) => {
-            if let Some(mut value) = map.get(first) {
-                for part in rest {
-                    match value.get(part) {
-                        Some(v) if value.is_object() => value = v,
-                        _ => return false,
-                    }
-                }
-                json(out, value);
-                return true;
-            }
-        }
-        Record::Csv { .. } => {}
-    }
-    // `row`, `row_number`, or a path into a CSV field: the general way.
-    match lookup(row, path) {
-        Some(value) => {
-            json(out, &value);
-            true
-        }
-        None => false,
-    }
 }
 
 type NodeError<'a> = (&'a str, &'a [String], minijinja::Error);
@@ -913,8 +934,8 @@ fn render_node<'a>(node: &'a Node, row: Option<&Row>, ctx: &Lazy<'_>, strict: bo
             Value::Array(items.iter().map(|n| render_node(n, row, ctx, strict)).collect::<Result<_, _>>()?)
         }
         Node::Text(t) => Value::String(t.render(row, ctx).map_err(|e| (t.place.as_str(), t.vars.as_slice(), e))?),
-        Node::Field { path, vars, place } => match row.and_then(|row| lookup(row, path)) {
-            Some(value) => value,
+        Node::Field { path, vars, place } => match row.and_then(|row| field(row, path)) {
+            Some(value) => value.into_value(),
             None => {
                 let err = minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
                 return Err((place.as_str(), vars.as_slice(), err));

@@ -660,40 +660,59 @@ impl Ledger {
     /// Reads a run's ledger: the rows done (with their outcome) and the rows
     /// started but not done.
     pub fn read(dir: &Path) -> Result<LedgerState, OutputError> {
-        let path = dir.join("journal");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(&path)(e)),
-        };
         let mut done = HashMap::new();
         let mut started = Vec::new();
-        for line in text.lines() {
-            let f: Vec<&str> = line.split('\t').collect();
-            let key = |f: &[&str]| Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
-            match (f.first(), key(&f)) {
-                (Some(&"S"), Some(k)) => started.push(k),
-                (Some(&"D"), Some(k)) if f.len() == 8 => {
-                    done.insert(
-                        k,
-                        Done {
-                            status: f[3].parse().ok(),
-                            error: (f[4] != "ok").then(|| f[4].to_string()),
-                            attempts: f[5].parse().unwrap_or(0),
-                            latency_us: f[6].parse().unwrap_or(0),
-                            at_ms: f[7].parse().unwrap_or(0),
-                        },
-                    );
-                }
-                // A line cut by a crash (only ever the last one) is ignored.
-                _ => {}
+        Ledger::scan(dir, |mark| match mark {
+            Mark::Started(input, row) => started.push((input, row)),
+            Mark::Done(input, row, outcome) => {
+                done.insert((input, row), outcome);
             }
-        }
+        })?;
         started.retain(|k| !done.contains_key(k));
         started.sort_unstable();
         started.dedup();
         Ok((done, started))
     }
+
+    /// Streams a run's ledger, mark by mark. The ledger's line format is
+    /// known here alone.
+    pub fn scan(dir: &Path, mut on_mark: impl FnMut(Mark)) -> Result<(), OutputError> {
+        use std::io::BufRead;
+        let path = dir.join("journal");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(io(&path))?;
+            let f: Vec<&str> = line.split('\t').collect();
+            let key = || Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
+            match (f[0], key()) {
+                ("S", Some((input, row))) => on_mark(Mark::Started(input, row)),
+                ("D", Some((input, row))) if f.len() == 8 => on_mark(Mark::Done(
+                    input,
+                    row,
+                    Done {
+                        status: f[3].parse().ok(),
+                        error: (f[4] != "ok").then(|| f[4].to_string()),
+                        attempts: f[5].parse().unwrap_or(0),
+                        latency_us: f[6].parse().unwrap_or(0),
+                        at_ms: f[7].parse().unwrap_or(0),
+                    },
+                )),
+                // A line cut by a crash (only ever the last one) is ignored.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of the ledger: (input, row) started, or done with its outcome.
+pub enum Mark {
+    Started(usize, u64),
+    Done(usize, u64, Done),
 }
 
 /// Holds the one-run-per-job lock for as long as it lives.

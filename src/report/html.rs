@@ -13,6 +13,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::Summary;
+use crate::output::{Ledger, Mark};
 
 /// Failures listed on the page.
 const LISTED_FAILURES: usize = 20;
@@ -55,23 +56,18 @@ struct Timeline {
 
 fn read_timeline(dir: &Path) -> Timeline {
     let mut t = Timeline::default();
-    let Ok(file) = std::fs::File::open(dir.join("journal")) else { return t };
-    for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 8 || f[0] != "D" {
-            continue;
+    // An unreadable ledger leaves the charts empty; the page is still worth having.
+    let _ = Ledger::scan(dir, |mark| {
+        let Mark::Done(_, _, done) = mark else { return };
+        if done.at_ms > 0 {
+            *t.per_second.entry(done.at_ms / 1000).or_default() += 1;
         }
-        let (attempts, latency_us, at_ms) =
-            (f[5].parse::<u32>().unwrap_or(0), f[6].parse::<u64>().unwrap_or(0), f[7].parse::<u64>().unwrap_or(0));
-        if at_ms > 0 {
-            *t.per_second.entry(at_ms / 1000).or_default() += 1;
-        }
-        if attempts > 0 {
-            let ms = latency_us as f64 / 1000.0;
+        if done.attempts > 0 {
+            let ms = done.latency_us as f64 / 1000.0;
             let bucket = BUCKETS_MS.iter().position(|(max, _)| ms < *max).unwrap_or(BUCKETS_MS.len() - 1);
             t.latency[bucket] += 1;
         }
-    }
+    });
     t
 }
 
