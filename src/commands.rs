@@ -274,7 +274,7 @@ async fn run_resolved(
         if r.inputs.len() == 1 { "" } else { "s" },
         dir.display()
     );
-    let finished = runner::run(plan(dir.clone()), client, tokens, stop).await?;
+    let finished = runner::run(plan(dir.clone()), tokens, stop).await?;
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }

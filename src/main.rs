@@ -17,10 +17,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    // One thread for all the async work (the reader has a thread of its
-    // own): per row it costs less CPU than a work-stealing pool, whose
-    // cross-thread wake-ups cost more than they save on a few cores, and
-    // it reaches tens of thousands of calls a second on one core.
+    // The main thread's runtime handles signals, progress and token
+    // requests. A run's calls go out from lanes, each a thread with a
+    // runtime of its own (runner.rs): a row never changes threads, which
+    // costs less per row than a work-stealing pool.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

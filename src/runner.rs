@@ -1,10 +1,10 @@
-//! The pool: rows → rate limiter → workers → outcomes → the one collector.
+//! The pool: rows → rate limiter → workers → outcomes → the run's files.
 //!
-//! A reader thread streams rows into a bounded channel; `concurrency`
-//! workers take one row at a time, render it, and send it, every attempt
-//! through the rate limiter and with the shared token; each row's outcome
-//! goes through a second bounded channel to the collector, which alone
-//! writes files and keeps statistics. A failed row is data, not an early
+//! A reader thread streams rows in batches into a bounded channel; lanes
+//! (a thread each) take the batches; in a lane, workers take one row at a
+//! time, render it, and send it, every attempt through the rate limiter and
+//! with the shared token; each row's outcome goes to the lane's collector,
+//! which writes it through the one [`Recorder`] and keeps statistics. A failed row is data, not an early
 //! return: only a fatal token error or a stream of 401s stops the pool.
 
 use std::collections::{HashMap, HashSet};
@@ -27,7 +27,7 @@ use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
 use crate::limiter::Limiter;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
-use crate::output::{Done, InputInfo, Ledger, RequestsFile, Writer};
+use crate::output::{Done, InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
 use crate::token::{Token, TokenSource};
 
@@ -121,7 +121,6 @@ fn describe_failure(outcome: &Outcome) -> Option<String> {
 /// every row consults it.
 struct Shared {
     requests: Arc<Requests>,
-    client: reqwest::Client,
     tokens: Option<TokenSource>,
     /// Every attempt passes it; a Retry-After pauses it for everyone.
     limiter: Arc<Limiter>,
@@ -143,6 +142,10 @@ struct Shared {
     fail_in_doubt: HashSet<(usize, u64)>,
     /// Rows dropped in flight at the end of the grace period.
     abandoned: AtomicU64,
+    /// Abort (exit 4) once this many rows have failed.
+    max_failures: Option<MaxFailures>,
+    /// The run directory, for messages.
+    dir: PathBuf,
 }
 
 impl Shared {
@@ -179,23 +182,22 @@ fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
     input_names(inputs).into_iter().zip(inputs).map(|(name, i)| InputInfo { name, format: i.format }).collect()
 }
 
-/// Rows cross from the reader thread to the async side in batches: one
+/// Rows cross from the reader thread to the lanes in batches: one
 /// wake-up per batch instead of one per row.
 const BATCH: usize = 64;
 
-/// Starts the reader thread: it feeds `tx` until the inputs end, `limit`
-/// rows were read, or `stop` is cancelled. Rows in `skip` are not sent.
-/// Returns the reader and the task that hands its batches on row by row.
+/// Starts the reader thread: it feeds `tx` batches of rows until the inputs
+/// end, `limit` rows were read, or `stop` is cancelled. Rows in `skip` are
+/// not sent.
 fn spawn_reader(
     inputs: Vec<InputSpec>,
     limit: Option<u64>,
     skip: HashSet<(usize, u64)>,
     live: Arc<Live>,
     stop: CancellationToken,
-    tx: async_channel::Sender<Item>,
+    tx: async_channel::Sender<Vec<Item>>,
 ) -> tokio::task::JoinHandle<Result<(), crate::input::InputError>> {
-    let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(4);
-    let reader = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut count = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
         let progress = |bytes| live.bytes_read.store(bytes, Ordering::Relaxed);
@@ -213,38 +215,169 @@ fn spawn_reader(
                 live.rows_read.fetch_add(1, Ordering::Relaxed);
                 batch.push(item);
             }
-            batch.len() < BATCH
-                || batch_tx.send_blocking(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
+            batch.len() < BATCH || tx.send_blocking(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_ok()
         });
         if !batch.is_empty() && !stop.is_cancelled() {
-            let _ = batch_tx.send_blocking(batch);
+            let _ = tx.send_blocking(batch);
         }
         result
-    });
-    tokio::spawn(async move {
-        while let Ok(batch) = batch_rx.recv().await {
+    })
+}
+
+/// How many lanes share the workers: one per core, each with at least 16
+/// workers. A lane is a thread with its own async runtime, HTTP
+/// connections and collector, so a row never leaves the thread it was
+/// sent from; lanes meet only once per batch of rows and once per batch of
+/// outcomes.
+fn lane_count(concurrency: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(concurrency.div_ceil(16)).max(1)
+}
+
+/// What every lane's collector writes through: the run's files and
+/// statistics, one lane at a time.
+struct Recorder {
+    writer: Writer,
+    stats: Stats,
+    first_failures: Vec<String>,
+}
+
+impl Recorder {
+    /// Records a batch of outcomes: counted, written with one write per
+    /// file, then marked done in the ledger.
+    fn record(&mut self, shared: &Shared, outcomes: &[(Outcome, oneshot::Sender<()>)]) -> Result<(), OutputError> {
+        let live = &shared.live;
+        for (outcome, _) in outcomes {
+            self.stats.add(outcome);
+            if self.first_failures.len() < SHOWN_FAILURES {
+                self.first_failures.extend(describe_failure(outcome));
+            }
+            live.done.fetch_add(1, Ordering::Relaxed);
+            let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(max) = shared.max_failures {
+                let (failed, done) = (self.stats.failed(), live.done.load(Ordering::Relaxed));
+                if max.reached(failed, done) && !shared.stop.is_cancelled() {
+                    shared.abort(Error::MaxFailures(format!(
+                        "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
+                        shared.dir.display()
+                    )));
+                }
+            }
+        }
+        // The outcomes first, then the ledger's marks: a crash between the
+        // two leaves those rows in doubt, never lost.
+        outcomes.iter().try_for_each(|(outcome, _)| self.writer.record(outcome))?;
+        self.writer.flush()?;
+        shared.ledger.done(outcomes.iter().map(|(outcome, _)| outcome))
+    }
+}
+
+/// Starts one lane: a thread running `workers` workers and their collector
+/// on an async runtime of its own. The receiver says whether every worker
+/// ended cleanly.
+fn start_lane(
+    number: usize,
+    workers: usize,
+    shared: Arc<Shared>,
+    batches: async_channel::Receiver<Vec<Item>>,
+    recorder: Arc<Mutex<Recorder>>,
+    client: reqwest::Client,
+) -> Result<oneshot::Receiver<bool>, Error> {
+    let (done_tx, done_rx) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start an async runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name(format!("bulkcall-lane-{number}"))
+        .spawn(move || {
+            let clean = runtime.block_on(lane(workers, shared, batches, recorder, client));
+            // Do not wait for connections' tasks on the way out.
+            runtime.shutdown_background();
+            let _ = done_tx.send(clean);
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+    Ok(done_rx)
+}
+
+async fn lane(
+    workers: usize,
+    shared: Arc<Shared>,
+    batches: async_channel::Receiver<Vec<Item>>,
+    recorder: Arc<Mutex<Recorder>>,
+    // The lane's own: its connections' I/O stays on this thread.
+    client: reqwest::Client,
+) -> bool {
+    let (row_tx, row_rx) = async_channel::bounded::<Item>(BATCH);
+    let feeder = tokio::spawn(async move {
+        while let Ok(batch) = batches.recv().await {
             for item in batch {
-                if tx.send(item).await.is_err() {
+                if row_tx.send(item).await.is_err() {
                     return;
                 }
             }
         }
     });
-    reader
+
+    // Each outcome travels with an acknowledgement: a worker takes its next
+    // row only once the last one is recorded, so the rows in doubt after a
+    // crash are never more than `concurrency`.
+    let (out_tx, mut out_rx) = mpsc::channel::<(Outcome, oneshot::Sender<()>)>(workers);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), out_tx.clone(), client.clone());
+        set.spawn(async move {
+            while !shared.stop.is_cancelled() {
+                let Ok(item) = rows.recv().await else { break };
+                if shared.stop.is_cancelled() {
+                    break;
+                }
+                if let Some(outcome) = process(&shared, &client, item).await {
+                    let (ack, recorded) = oneshot::channel();
+                    if out.send((outcome, ack)).await.is_err() || recorded.await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    drop((row_rx, out_tx));
+
+    // The lane's collector: it takes every outcome waiting and records them
+    // together, then lets their workers go on.
+    let mut batch = Vec::with_capacity(workers);
+    while out_rx.recv_many(&mut batch, workers).await > 0 {
+        let recorded = recorder.lock().unwrap_or_else(|e| e.into_inner()).record(&shared, &batch);
+        if let Err(e) = recorded {
+            // Without a place for outcomes, sending more would lose them.
+            // Dropping the acknowledgements lets the workers stop.
+            shared.abort(Error::Output(e));
+            batch.clear();
+            break;
+        }
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+    drop(out_rx);
+    let mut clean = true;
+    while let Some(joined) = set.join_next().await {
+        clean &= joined.is_ok();
+    }
+    feeder.abort();
+    clean
 }
 
 /// Sends every row and records every outcome in `plan.dir`.
-pub async fn run(
-    plan: Plan,
-    client: reqwest::Client,
-    tokens: Option<TokenSource>,
-    stop: CancellationToken,
-) -> Result<Finished, Error> {
+pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToken) -> Result<Finished, Error> {
     let concurrency = plan.settings.concurrency;
     let resume = plan.resume.unwrap_or_default();
     let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
     let results_csv = plan.requests.results_csv();
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true, results_csv)?;
+    let writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true, results_csv)?;
+    let lanes = lane_count(concurrency);
+    let clients: Vec<reqwest::Client> = (0..lanes).map(|_| http_client(&plan.settings)).collect();
     let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
     let mut stats = Stats::default();
     for done in resume.done.values() {
@@ -266,13 +399,12 @@ pub async fn run(
         },
     );
 
-    let (row_tx, row_rx) = async_channel::bounded::<Item>(concurrency * 4);
+    let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
     let skip = resume.done.keys().copied().collect();
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), row_tx);
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), batch_tx);
 
     let shared = Arc::new(Shared {
         requests: plan.requests.clone(),
-        client,
         tokens: tokens.clone(),
         limiter: limiter.clone(),
         settings: plan.settings.clone(),
@@ -282,9 +414,11 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         abort: Mutex::new(None),
         auth_streak: AtomicU64::new(0),
-        ledger: ledger.clone(),
+        ledger,
         fail_in_doubt: if resume.fail_in_doubt { resume.in_doubt } else { HashSet::new() },
         abandoned: AtomicU64::new(0),
+        max_failures: plan.max_failures,
+        dir: plan.dir.clone(),
     });
 
     // After a stop, calls in flight get `grace` to finish.
@@ -297,81 +431,27 @@ pub async fn run(
         })
     };
 
-    // Each outcome travels with an acknowledgement: a worker takes its next
-    // row only once the last one is recorded, so the rows in doubt after a
-    // crash are never more than `concurrency`.
-    let (out_tx, mut out_rx) = mpsc::channel::<(Outcome, oneshot::Sender<()>)>(concurrency);
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (shared, rows, out) = (shared.clone(), row_rx.clone(), out_tx.clone());
-        workers.spawn(async move {
-            while !shared.stop.is_cancelled() {
-                let Ok(item) = rows.recv().await else { break };
-                if shared.stop.is_cancelled() {
-                    break;
-                }
-                if let Some(outcome) = process(&shared, item).await {
-                    let (ack, recorded) = oneshot::channel();
-                    if out.send((outcome, ack)).await.is_err() || recorded.await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-    }
-    drop((row_rx, out_tx));
-
-    // The collector: the only writer of outcomes. It takes every outcome
-    // waiting, records them with one write per file, then marks them done.
-    let mut first_failures = Vec::new();
-    let mut batch = Vec::with_capacity(concurrency);
-    while out_rx.recv_many(&mut batch, concurrency).await > 0 {
-        for (outcome, _) in &batch {
-            stats.add(outcome);
-            if first_failures.len() < SHOWN_FAILURES {
-                first_failures.extend(describe_failure(outcome));
-            }
-            live.done.fetch_add(1, Ordering::Relaxed);
-            let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
-            counter.fetch_add(1, Ordering::Relaxed);
-            if let Some(max) = plan.max_failures {
-                let (failed, done) = (stats.failed(), live.done.load(Ordering::Relaxed));
-                if max.reached(failed, done) && !stop.is_cancelled() {
-                    shared.abort(Error::MaxFailures(format!(
-                        "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
-                        plan.dir.display()
-                    )));
-                }
-            }
-        }
-        // The outcomes first, then the ledger's marks: a crash between the
-        // two leaves those rows in doubt, never lost.
-        let recorded = batch
-            .iter()
-            .try_for_each(|(outcome, _)| writer.record(outcome))
-            .and_then(|()| writer.flush())
-            .and_then(|()| ledger.done(batch.iter().map(|(outcome, _)| outcome)));
-        if let Err(e) = recorded {
-            // Without a place for outcomes, sending more would lose them.
-            // Dropping the acknowledgements lets the workers stop.
-            shared.abort(Error::Output(e));
-            batch.clear();
-            break;
-        }
-        for (_, ack) in batch.drain(..) {
-            let _ = ack.send(());
+    let recorder = Arc::new(Mutex::new(Recorder { writer, stats, first_failures: Vec::new() }));
+    let mut lane_ends = Vec::with_capacity(lanes);
+    for (number, client) in clients.into_iter().enumerate() {
+        let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
+        match start_lane(number, workers, shared.clone(), batch_rx.clone(), recorder.clone(), client) {
+            Ok(end) => lane_ends.push(end),
+            Err(e) => shared.abort(e),
         }
     }
-    drop(out_rx);
-    while let Some(joined) = workers.join_next().await {
-        if let Err(e) = joined {
+    drop(batch_rx);
+    for end in lane_ends {
+        if end.await != Ok(true) {
             // A bug, not a row's failure: the run must not look finished.
-            shared.abort(Error::Internal(format!("a worker stopped unexpectedly ({e}); please report this")));
+            shared.abort(Error::Internal("a worker stopped unexpectedly; please report this".into()));
         }
     }
     watchdog.abort();
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
+    let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
+    let Recorder { writer, stats, first_failures } = &mut *recorded;
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }
@@ -391,7 +471,14 @@ pub async fn run(
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
-    Ok(Finished { summary, exit, abort, failure_files: writer.failure_files(), first_failures, rendered: 0 })
+    Ok(Finished {
+        summary,
+        exit,
+        abort,
+        failure_files: writer.failure_files(),
+        first_failures: std::mem::take(first_failures),
+        rendered: 0,
+    })
 }
 
 /// One attempt's answer, read up to `max_response_bytes`.
@@ -403,9 +490,13 @@ struct Answer {
     total: u64,
 }
 
-async fn send(shared: &Shared, request: &Request, token: Option<&Token>) -> Result<Answer, reqwest::Error> {
-    let mut builder =
-        shared.client.request(request.method.clone(), request.url.clone()).headers(request.headers.clone());
+async fn send(
+    shared: &Shared,
+    client: &reqwest::Client,
+    request: &Request,
+    token: Option<&Token>,
+) -> Result<Answer, reqwest::Error> {
+    let mut builder = client.request(request.method.clone(), request.url.clone()).headers(request.headers.clone());
     if let Some(token) = token {
         builder = builder.header(AUTHORIZATION, token.header().clone());
     }
@@ -472,7 +563,7 @@ fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duration {
 
 /// Takes one row to its outcome; `None` when the run stopped before it
 /// could be sent (it stays resumable).
-async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
+async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Option<Outcome> {
     let row = match item {
         Ok(row) => row,
         Err(bad) => {
@@ -572,7 +663,7 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
         shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = tokio::select! {
-            r = send(shared, &request, token.as_deref()) => Some(r),
+            r = send(shared, client, &request, token.as_deref()) => Some(r),
             _ = shared.hard_stop.cancelled() => None,
         };
         shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -692,35 +783,37 @@ async fn process(shared: &Shared, item: Item) -> Option<Outcome> {
 /// sends nothing. Rows that cannot be rendered go to failures.
 pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
-    let (tx, rx) = async_channel::bounded::<Item>(1024);
+    let (tx, rx) = async_channel::bounded::<Vec<Item>>(16);
     let reader = spawn_reader(plan.inputs.clone(), plan.limit, HashSet::new(), live, CancellationToken::new(), tx);
     let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false, None)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
     let mut stats = Stats::default();
     let (mut rendered, mut first_failures) = (0u64, Vec::new());
-    while let Ok(item) = rx.recv().await {
-        let outcome = match item {
-            Err(bad) => Some(Outcome::bad_row(bad)),
-            Ok(row) => match plan.requests.render(&row) {
-                Ok(request) => {
-                    requests.write(&dry_request(&row, &request, authorized))?;
-                    rendered += 1;
-                    None
+    while let Ok(batch) = rx.recv().await {
+        for item in batch {
+            let outcome = match item {
+                Err(bad) => Some(Outcome::bad_row(bad)),
+                Ok(row) => match plan.requests.render(&row) {
+                    Ok(request) => {
+                        requests.write(&dry_request(&row, &request, authorized))?;
+                        rendered += 1;
+                        None
+                    }
+                    Err(e) => {
+                        let message = format!("{} line {}: {e}", names[row.input], row.line);
+                        Some(Outcome::invalid(&row, plan.requests.key(&row), message))
+                    }
+                },
+            };
+            if let Some(outcome) = outcome {
+                stats.add(&outcome);
+                if first_failures.len() < SHOWN_FAILURES {
+                    first_failures.extend(describe_failure(&outcome));
                 }
-                Err(e) => {
-                    let message = format!("{} line {}: {e}", names[row.input], row.line);
-                    Some(Outcome::invalid(&row, plan.requests.key(&row), message))
-                }
-            },
-        };
-        if let Some(outcome) = outcome {
-            stats.add(&outcome);
-            if first_failures.len() < SHOWN_FAILURES {
-                first_failures.extend(describe_failure(&outcome));
+                writer.record(&outcome)?;
+                writer.flush()?;
             }
-            writer.record(&outcome)?;
-            writer.flush()?;
         }
     }
     reader.await.expect("the reader thread does not panic")?;

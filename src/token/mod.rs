@@ -109,6 +109,10 @@ fn windows(sent: Instant, lifetime: Duration, refresh_before: Duration, jitter: 
 
 struct Inner {
     client: reqwest::Client,
+    /// The runtime the source was made on: every token request runs there,
+    /// whichever lane asks, so the token endpoint's connection lives on one
+    /// thread that outlasts the lanes.
+    home: tokio::runtime::Handle,
     url: String,
     style: AuthStyle,
     credentials: Credentials,
@@ -135,9 +139,11 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
+    /// Call it inside the runtime that token requests should run on.
     pub fn new(client: reqwest::Client, settings: &AuthSettings, credentials: Credentials) -> TokenSource {
         TokenSource {
             inner: Arc::new(Inner {
+                home: tokio::runtime::Handle::current(),
                 cache: DiskCache::new(settings, &credentials.client_id, credentials.client_secret.expose_secret()),
                 rejected: std::sync::Mutex::new(None),
                 client,
@@ -178,12 +184,12 @@ impl TokenSource {
                 return Ok(token.clone());
             }
         }
-        self.inner.refresh(seen.map(|t| t.generation), false).await
+        self.inner.refresh_at_home(seen.map(|t| t.generation), false).await
     }
 
     /// A new token from the endpoint, whatever the cache holds (`token --refresh`).
     pub async fn get_fresh(&self) -> Result<Arc<Token>, TokenError> {
-        self.inner.refresh(None, true).await
+        self.inner.refresh_at_home(None, true).await
     }
 
     /// Forgets `generation` if it is still the current token: a call
@@ -206,7 +212,7 @@ impl TokenSource {
             return;
         }
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        self.inner.home.spawn(async move {
             if let Err(e) = inner.refresh(Some(generation), false).await {
                 // The current token stays in use until its mandatory window;
                 // wait before the next background try.
@@ -225,6 +231,20 @@ impl TokenSource {
 }
 
 impl Inner {
+    /// [`Inner::refresh`] on the home runtime. A caller that gives up
+    /// waiting leaves the request to finish for the others.
+    async fn refresh_at_home(self: &Arc<Self>, seen: Option<u64>, force: bool) -> Result<Arc<Token>, TokenError> {
+        let inner = self.clone();
+        match self.home.spawn(async move { inner.refresh(seen, force).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(TokenError::Unavailable {
+                url: self.url.clone(),
+                attempts: 0,
+                last: format!("the token request's task ended early ({e})"),
+            }),
+        }
+    }
+
     /// Replaces the token, unless another task already replaced the one
     /// the caller saw (`seen`), in which case that newer token is returned.
     /// With a disk cache, another run's newer token is adopted instead of
