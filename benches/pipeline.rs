@@ -9,6 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bulkcall::answer::Body;
 use bulkcall::config::Settings;
 use bulkcall::input::{Format, InputSpec, read_all};
 use bulkcall::job::Job;
@@ -95,9 +96,10 @@ fn main() {
             .unwrap();
         let mut outcomes = Vec::with_capacity(requests_and_rows.len());
         for (request, row) in requests_and_rows {
-            let response: serde_json::Value = serde_json::from_slice(ANSWER).unwrap();
-            let judged = requests.judge(200, response, &row);
+            let body = Body::new(ANSWER, ANSWER.len() as u64);
+            let judged = requests.judge(200, &body, &row);
             assert!(judged.ok);
+            assert_eq!(judged.captured["plan_status"], "Active Coverage");
             let outcome = Outcome {
                 input: row.input,
                 number: row.number,
@@ -106,12 +108,7 @@ fn main() {
                 attempts: 1,
                 latency: Duration::from_millis(3),
                 status: Some(200),
-                result: Ok(Success {
-                    response: judged.response,
-                    raw: Some(ANSWER.to_vec()),
-                    truncated: None,
-                    captured: judged.captured,
-                }),
+                result: Ok(Success::new(body, judged.captured)),
                 source: Source::Record(row.record),
             };
             writer.record(&outcome).unwrap();

@@ -20,6 +20,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::answer::{Body, Step, response_path};
 use crate::config::Settings;
 use crate::input::{Format, Record, Row};
 
@@ -90,9 +91,17 @@ pub struct Job {
     body: Option<Node>,
     idempotency: Option<(HeaderName, Text)>,
     success: Option<Expr>,
-    capture: Vec<(String, Node)>,
+    capture: Vec<(String, Capture)>,
     /// Also write `results.csv` (row, key, status and the captured values).
     results_csv: bool,
+}
+
+/// A `[capture]` entry.
+enum Capture {
+    /// `"{{ response.a[0].b }}"`: looked up in the answer without the
+    /// template engine or parsing the whole answer.
+    Path(Vec<Step>),
+    Node(Node),
 }
 
 /// A text template and the input fields it uses.
@@ -496,7 +505,14 @@ impl Job {
         let capture = file
             .capture
             .iter()
-            .map(|(k, v)| Ok((k.clone(), c.node(&envs.lenient, &format!("capture.{k}"), v)?)))
+            .map(|(k, v)| {
+                let path = v.as_str().and_then(single_expression).and_then(response_path);
+                let capture = match path {
+                    Some(path) => Capture::Path(path),
+                    None => Capture::Node(c.node(&envs.lenient, &format!("capture.{k}"), v)?),
+                };
+                Ok((k.clone(), capture))
+            })
             .collect::<Result<_, JobError>>()?;
 
         let mut settings = Map::new();
@@ -616,12 +632,10 @@ pub struct Request {
     pub body: Option<Bytes>,
 }
 
-/// An answer judged by the job: success or not, the captured values, and
-/// the answer itself, handed back.
+/// An answer judged by the job: success or not, and the captured values.
 pub struct Judged {
     pub ok: bool,
     pub captured: Map<String, Value>,
-    pub response: Value,
 }
 
 /// A JSON value as the template engine sees it; objects and arrays are
@@ -784,18 +798,14 @@ impl Requests {
     }
 
     /// Evaluates the job's `success` expression (default: any 2xx) and its
-    /// captures against an answer.
-    pub fn judge(&self, status: u16, response: Value, row: &Row) -> Judged {
+    /// captures against an answer. The template engine and the parsed
+    /// answer are made only if an expression needs them.
+    pub fn judge(&self, status: u16, body: &Body<'_>, row: &Row) -> Judged {
         let job = &self.job;
-        if job.success.is_none() && job.capture.is_empty() {
-            return Judged { ok: (200..300).contains(&status), captured: Map::new(), response };
-        }
-        // The answer is looked into lazily: only what the expressions touch is converted.
-        let response = Arc::new(response);
         let make = || {
             minijinja::context! {
                 status => status,
-                response => json_value(&response),
+                response => json_value(body.value()),
                 row => JValue::from_object(RowContext { record: row.record.clone(), number: row.number }),
                 row_number => row.number,
             }
@@ -806,16 +816,16 @@ impl Requests {
             None => (200..300).contains(&status),
         };
         let mut captured = Map::new();
-        for (name, node) in &job.capture {
-            if let Ok(v) = render_node(node, None, &ctx, false)
-                && !v.is_null()
-            {
+        for (name, capture) in &job.capture {
+            let value = match capture {
+                Capture::Path(path) => body.lookup(path),
+                Capture::Node(node) => render_node(node, None, &ctx, false).ok(),
+            };
+            if let Some(v) = value.filter(|v| !v.is_null()) {
                 captured.insert(name.clone(), v);
             }
         }
-        drop(ctx);
-        let response = Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone());
-        Judged { ok, captured, response }
+        Judged { ok, captured }
     }
 
     /// The rendered URL joined to `base_url` (unless absolute), parsed and
@@ -1098,12 +1108,32 @@ mod tests {
             code = "{{ status }}"
         "#);
         let row = csv_row(&[("a", "1")]);
-        let ok = serde_json::json!({"planStatus": [{"status": "Active"}]});
-        let judged = requests.judge(200, ok.clone(), &row);
+        let judge = |text: &str| requests.judge(200, &Body::new(text.as_bytes(), text.len() as u64), &row);
+        let judged = judge(r#"{"planStatus": [{"status": "Active"}]}"#);
         assert!(judged.ok);
         assert_eq!(judged.captured, serde_json::json!({"plan": "Active", "code": 200}).as_object().unwrap().clone());
-        assert_eq!(judged.response, ok, "the answer is handed back unchanged");
-        assert!(!requests.judge(200, serde_json::json!({"errors": [{"code": "x"}]}), &row).ok);
-        assert!(requests.judge(200, serde_json::json!({"errors": []}), &row).ok, "an empty list is falsy");
+        assert!(!judge(r#"{"errors": [{"code": "x"}]}"#).ok);
+        assert!(judge(r#"{"errors": []}"#).ok, "an empty list is falsy");
+    }
+
+    #[test]
+    fn a_capture_path_and_the_same_expression_through_the_engine_agree() {
+        let requests = job(r#"
+            url = "/x"
+            [capture]
+            plan = "{{ response.planStatus[0].status }}"
+            plan_engine = "{{ response.planStatus[0].status | string }}"
+            whole = "{{ response['payer'] }}"
+            text = "{{ response }}"
+        "#);
+        let row = csv_row(&[("a", "1")]);
+        let judge = |text: &str| requests.judge(200, &Body::new(text.as_bytes(), text.len() as u64), &row).captured;
+        let captured = judge(r#"{"planStatus": [{"status": "Active"}], "payer": {"name": "P"}}"#);
+        assert_eq!(captured["plan"], "Active");
+        assert_eq!(captured["plan_engine"], "Active");
+        assert_eq!(captured["whole"], serde_json::json!({"name": "P"}));
+        let captured = judge("not json");
+        assert_eq!(captured.get("plan"), None);
+        assert_eq!(captured["text"], "not json", "a text answer is a string");
     }
 }

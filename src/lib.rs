@@ -19,6 +19,7 @@
 //! - [`sandbox`]: the built-in mock gateway (axum).
 //! - [`error`]: the error type of each layer and the exit codes.
 
+pub mod answer;
 pub mod cli;
 pub mod commands;
 pub mod config;

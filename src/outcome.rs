@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
+use crate::answer::Body;
 use crate::input::{BadRow, Raw, Record, Row};
 
 /// Why a row failed: the `_error` column of the failures file.
@@ -64,7 +65,7 @@ pub struct Outcome {
 
 #[derive(Debug)]
 pub struct Success {
-    /// The answer: JSON if it parses, else a string.
+    /// The answer: JSON if it parses, else a string; null when `raw` has it.
     pub response: Value,
     /// The answer's own bytes when they are JSON on one line: written to
     /// results as they are, instead of serializing `response` again.
@@ -72,6 +73,18 @@ pub struct Success {
     /// `Some(total bytes)` when the kept answer was cut at `max_response_bytes`.
     pub truncated: Option<u64>,
     pub captured: Map<String, Value>,
+}
+
+impl Success {
+    /// The answer kept for results: its bytes when they are JSON on one
+    /// line, else its value.
+    pub fn new(body: Body<'_>, captured: Map<String, Value>) -> Success {
+        let truncated = body.cut();
+        match body.compact_json() {
+            Some(raw) => Success { response: Value::Null, raw: Some(raw.to_vec()), truncated, captured },
+            None => Success { response: body.into_value(), raw: None, truncated, captured },
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::answer::Body;
 use crate::config::Settings;
 use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
@@ -521,27 +522,6 @@ async fn send(
     Ok(Answer { status, retry_after, body, total })
 }
 
-/// The answer as results keep it: JSON if it parses, else text; and
-/// whether it was JSON.
-fn response_value(answer: &Answer) -> (Value, Option<u64>, bool) {
-    if answer.total > answer.body.len() as u64 {
-        return (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), Some(answer.total), false);
-    }
-    if answer.body.is_empty() {
-        return (Value::Null, None, false);
-    }
-    match serde_json::from_slice(&answer.body) {
-        Ok(v) => (v, None, true),
-        Err(_) => (Value::String(String::from_utf8_lossy(&answer.body).into_owned()), None, false),
-    }
-}
-
-/// The answer's bytes, when they are JSON on one line: results can take
-/// them as they are.
-fn compact_json(answer: &Answer, json: bool) -> Option<Vec<u8>> {
-    (json && memchr::memchr2(b'\n', b'\r', &answer.body).is_none()).then(|| answer.body.clone())
-}
-
 /// A short text of an error answer for the failures file.
 fn answer_message(answer: &Answer) -> String {
     let text = String::from_utf8_lossy(&answer.body);
@@ -751,10 +731,10 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             }
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
                 let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let (response, _, _) = response_value(answer);
-                let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
+                let body = Body::new(&answer.body, answer.total);
+                let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
                 let result = if judged.ok && shared.requests.has_success() {
-                    Ok(Success { response: judged.response, raw: None, truncated: None, captured: judged.captured })
+                    Ok(Success::new(body, judged.captured))
                 } else {
                     fail(kind, answer_message(answer))
                 };
@@ -762,11 +742,10 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             }
             Verdict::Done => {
                 let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let (response, truncated, json) = response_value(answer);
-                let judged = shared.requests.judge(answer.status.as_u16(), response, &row);
+                let body = Body::new(&answer.body, answer.total);
+                let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
                 let result = if judged.ok {
-                    let raw = compact_json(answer, json);
-                    Ok(Success { response: judged.response, raw, truncated, captured: judged.captured })
+                    Ok(Success::new(body, judged.captured))
                 } else {
                     fail(
                         ErrorKind::Rejected,
