@@ -249,7 +249,7 @@ async fn run_resolved(
     // The lock lives in the job's own output folder, wherever `-o` puts the
     // run directory, so every run of the job meets it.
     let _lock = crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?;
-    let client = runner::http_client(&settings);
+    let client = runner::http_client(&settings)?;
     let tokens = if authorized {
         r.loaded.token_url()?;
         let credentials = match credentials {
@@ -576,7 +576,7 @@ async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
             loaded.profile
         )));
     }
-    let client = runner::http_client(&loaded.settings);
+    let client = runner::http_client(&loaded.settings)?;
     let tokens = TokenSource::new(client, auth, auth.credentials()?);
     let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
     let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());

@@ -145,6 +145,9 @@ pub struct Settings {
     pub retry_after_max: Duration,
     pub headers: BTreeMap<String, String>,
     pub max_response_bytes: usize,
+    /// Root certificates (PEM) trusted besides the built-in ones: a gateway
+    /// behind a private CA or a TLS-inspecting proxy.
+    pub ca_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
     /// Where run directories go: `<out_dir>/<job>/<timestamp>/`.
@@ -169,6 +172,7 @@ impl Default for Settings {
             retry_after_max: Duration::from_secs(300),
             headers: BTreeMap::new(),
             max_response_bytes: 1 << 20,
+            ca_file: None,
             progress_interval: Duration::from_secs(30),
             out_dir: PathBuf::from("out"),
             auth: AuthSettings::default(),

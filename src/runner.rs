@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::answer::Body;
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
@@ -160,16 +160,27 @@ impl Shared {
     }
 }
 
-/// The HTTP client every call and the token requests share: connections are
-/// reused, the pool sized to the concurrency.
-pub fn http_client(settings: &Settings) -> reqwest::Client {
-    reqwest::Client::builder()
+/// An HTTP client for calls or token requests: connections are reused, the
+/// pool sized to the concurrency, HTTP/2 used when a server offers it
+/// (ALPN), `ca_file`'s certificates trusted besides the built-in roots.
+pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> {
+    let mut builder = reqwest::Client::builder()
         .user_agent(concat!("bulkcall/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(settings.concurrency)
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
-        .timeout(settings.timeout)
-        .build()
-        .expect("the TLS backend initialises")
+        .timeout(settings.timeout);
+    if let Some(path) = &settings.ca_file {
+        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
 }
 
 fn input_names(inputs: &[InputSpec]) -> Vec<String> {
@@ -378,7 +389,7 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
     let results_csv = plan.requests.results_csv();
     let writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true, results_csv)?;
     let lanes = lane_count(concurrency);
-    let clients: Vec<reqwest::Client> = (0..lanes).map(|_| http_client(&plan.settings)).collect();
+    let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
     let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
     let mut stats = Stats::default();
     for done in resume.done.values() {

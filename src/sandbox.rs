@@ -213,11 +213,15 @@ pub struct RecordedCall {
     pub status: u16,
     /// When the call arrived, measured from the sandbox's start.
     pub at: Duration,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 /// A running sandbox; dropping it without [`Sandbox::shutdown`] also stops the server.
 pub struct Sandbox {
     addr: SocketAddr,
+    /// Served over TLS (`https://`).
+    tls: bool,
     shared: Arc<Shared>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
@@ -234,21 +238,67 @@ impl Sandbox {
             // A dropped sender stops the server too.
             let _ = stopped.await;
         }));
-        Ok(Sandbox { addr, shared, stop, task })
+        Ok(Sandbox { addr, tls: false, shared, stop, task })
+    }
+
+    /// Like [`Sandbox::start`], over TLS with the PEM certificate chain and
+    /// key given, offering HTTP/2 and HTTP/1.1 (ALPN) as gateways do.
+    pub async fn start_tls(
+        config: SandboxConfig,
+        addr: SocketAddr,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<Sandbox> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |e: &dyn std::fmt::Display| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string());
+        let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| invalid(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid(&e))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(&e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid(&e))?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let service = hyper_util::service::TowerToHyperService::new(router(shared.clone()));
+        let task = tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => accepted?.0,
+                    _ = &mut stopped => return Ok(()),
+                };
+                let (acceptor, service) = (acceptor.clone(), service.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else { return };
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Ok(Sandbox { addr, tls: true, shared, stop, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://IP:PORT`, with loopback in place of an unspecified bind address.
+    /// `http://IP:PORT` (`https` over TLS), with loopback in place of an unspecified bind address.
     pub fn base_url(&self) -> String {
         let ip = match self.addr.ip() {
             ip if !ip.is_unspecified() => ip,
             ip if ip.is_ipv4() => Ipv4Addr::LOCALHOST.into(),
             _ => Ipv6Addr::LOCALHOST.into(),
         };
-        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::new(ip, self.addr.port()))
     }
 
     pub fn token_url(&self) -> String {
@@ -660,6 +710,7 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
             body: json.unwrap_or(Value::Null),
             status: response.status().as_u16(),
             at,
+            version: format!("{:?}", parts.version),
         };
         recorded.lock().unwrap_or_else(PoisonError::into_inner).push(call);
     }

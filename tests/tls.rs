@@ -1,0 +1,66 @@
+//! Over TLS: HTTP/2 when the gateway offers it, and certificates trusted
+//! only from the built-in roots or `ca_file`.
+
+mod common;
+
+use bulkcall::error::ExitCode;
+use bulkcall::sandbox::Sandbox;
+use common::*;
+
+/// A sandbox over TLS with a self-signed certificate for 127.0.0.1, and
+/// that certificate in PEM.
+async fn tls_gateway() -> (Gateway, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("a certificate");
+    let pem = cert.cert.pem();
+    let key = cert.key_pair.serialize_pem();
+    let sandbox = Sandbox::start_tls(sandbox_config(), "127.0.0.1:0".parse().unwrap(), pem.as_bytes(), key.as_bytes())
+        .await
+        .expect("the TLS sandbox starts");
+    assert!(sandbox.base_url().starts_with("https://"));
+    (Gateway { sandbox, dir: tempfile::tempdir().unwrap() }, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_over_http2_when_the_gateway_offers_it() {
+    let (gw, pem) = tls_gateway().await;
+    let ca = gw.write("ca.pem", &pem);
+    gw.config(SECRET, &format!("ca_file = \"{}\"", ca.display()));
+    let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 300));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+
+    // 48 workers: more than one lane on a machine with several cores.
+    let code = gw.run_job(&job, &input, &out, &["-j", "48"]).await;
+    assert_eq!(code, ExitCode::Success);
+    let calls = gw.sandbox.recorded();
+    assert_eq!(calls.len(), 300, "every row sent once");
+    assert!(calls.iter().all(|c| c.version == "HTTP/2.0"), "every call over HTTP/2");
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 300);
+    assert_eq!(gw.sandbox.stats().token_requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_outside_the_trusted_roots_is_refused() {
+    let (gw, _) = tls_gateway().await;
+    gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 5));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+
+    let code = gw.run_job(&job, &input, &gw.path("run"), &[]).await;
+    assert_eq!(code, ExitCode::Auth, "no token without a trusted certificate");
+    assert_eq!(gw.sandbox.stats().token_requests, 0, "the TLS handshake failed before any request");
+    assert_eq!(gw.sandbox.stats().api_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_without_certificates_is_a_config_error() {
+    let (gw, _) = tls_gateway().await;
+    let ca = gw.write("ca.pem", "not a certificate\n");
+    gw.config(SECRET, &format!("ca_file = \"{}\"", ca.display()));
+    let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 5));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+
+    let code = gw.run_job(&job, &input, &gw.path("run"), &[]).await;
+    assert_eq!(code, ExitCode::Usage);
+    assert_eq!(gw.sandbox.stats().token_requests, 0);
+}
