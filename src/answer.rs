@@ -8,7 +8,7 @@ use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// One step of a path into a JSON answer.
@@ -77,7 +77,10 @@ impl<'a> Body<'a> {
 
     /// Whether the answer is whole and JSON (checked without building it).
     pub fn is_json(&self) -> bool {
-        *self.json.get_or_init(|| self.whole() && serde_json::from_slice::<IgnoredAny>(self.bytes).is_ok())
+        *self.json.get_or_init(|| {
+            let mut de = serde_json::Deserializer::from_slice(self.bytes);
+            self.whole() && Check.deserialize(&mut de).and_then(|()| de.end()).is_ok()
+        })
     }
 
     fn whole(&self) -> bool {
@@ -212,7 +215,7 @@ impl<'de> Visitor<'de> for PathSeed<'_> {
                     Some(v) => found = v,
                     None => break,
                 }
-            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+            } else if seq.next_element_seed(Check)?.is_none() {
                 break;
             }
         }
@@ -231,10 +234,67 @@ impl<'de> Visitor<'de> for PathSeed<'_> {
                 // A repeated key: the last one counts, as when parsed whole.
                 found = map.next_value_seed(PathSeed(rest))?;
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value_seed(Check)?;
             }
         }
         Ok(found)
+    }
+}
+
+/// Reads a JSON value and builds nothing, with every check a parse into a
+/// value makes (UTF-8, escapes, number range, nesting depth); serde's
+/// `IgnoredAny` skips some of them.
+struct Check;
+
+impl<'de> DeserializeSeed<'de> for Check {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Check {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Check)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Check)?.is_some() {
+            map.next_value_seed(Check)?;
+        }
+        Ok(())
     }
 }
 
@@ -321,6 +381,28 @@ mod tests {
         let empty = Body::new(b"", 0);
         assert!(!empty.is_json());
         assert_eq!(empty.into_value(), Value::Null);
+    }
+
+    #[test]
+    fn only_what_parses_as_a_value_counts_as_json() {
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let cases: [&[u8]; 7] = [
+            b"{\"a\":\"\xff\"}",
+            br#"{"a":"\ud800"}"#,
+            br#"{"a":1,"x":1e400}"#,
+            deep.as_bytes(),
+            br#"{"a":1,"x":[1,2,{"y":"\u00e9"}]}"#,
+            br#"[1, -2, 3.5e-3, true, null, "x"]"#,
+            b"{\"a\":1}\n",
+        ];
+        for text in cases {
+            let parses = serde_json::from_slice::<Value>(text).is_ok();
+            let body = Body::new(text, text.len() as u64);
+            assert_eq!(body.is_json(), parses, "{}", String::from_utf8_lossy(text));
+            let body = Body::new(text, text.len() as u64);
+            let expected = serde_json::from_slice::<Value>(text).ok().and_then(|v| walk(&v, &[key("a")]).cloned());
+            assert_eq!(body.lookup(&[key("a")]), expected, "{}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]

@@ -57,16 +57,19 @@ fn create_file(path: &Path) -> Result<File, OutputError> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))
 }
 
-/// Opens a file for appending (resume) or creates it empty (a new run).
+/// Opens a file for appending (resume) or creates it empty (a new run), in
+/// append mode either way.
 /// Appending, a line a crash cut short (after a partial write) is dropped
 /// first, so the next line does not run into it.
 fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
     if append {
         trim_torn_tail(path).map_err(io(path))?;
-        OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))
     } else {
-        create_file(path)
+        create_file(path)?;
     }
+    // Always in append mode: each write lands whole at the end, whichever
+    // thread makes it.
+    OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))
 }
 
 fn trim_torn_tail(path: &Path) -> std::io::Result<()> {

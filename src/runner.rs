@@ -236,7 +236,7 @@ fn spawn_reader(
     })
 }
 
-/// How many lanes share the workers: one per core, each with at least 16
+/// How many lanes share the workers: one per core, and at most one per 16
 /// workers. A lane is a thread with its own async runtime, HTTP
 /// connections and collector, so a row never leaves the thread it was
 /// sent from; lanes meet only once per batch of rows and once per batch of
@@ -252,12 +252,25 @@ struct Recorder {
     writer: Writer,
     stats: Stats,
     first_failures: Vec<String>,
+    /// A write failed: nothing more is written, so a partly written buffer
+    /// is never written again after it.
+    broken: bool,
 }
 
 impl Recorder {
     /// Records a batch of outcomes: counted, written with one write per
     /// file, then marked done in the ledger.
     fn record(&mut self, shared: &Shared, outcomes: &[(Outcome, oneshot::Sender<()>)]) -> Result<(), OutputError> {
+        if self.broken {
+            let source = std::io::Error::other("an earlier write failed; nothing more is written");
+            return Err(OutputError::Io { path: shared.dir.clone(), source });
+        }
+        let result = self.write(shared, outcomes);
+        self.broken = result.is_err();
+        result
+    }
+
+    fn write(&mut self, shared: &Shared, outcomes: &[(Outcome, oneshot::Sender<()>)]) -> Result<(), OutputError> {
         let live = &shared.live;
         for (outcome, _) in outcomes {
             self.stats.add(outcome);
@@ -297,13 +310,18 @@ fn start_lane(
     client: reqwest::Client,
 ) -> Result<oneshot::Receiver<bool>, Error> {
     let (done_tx, done_rx) = oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start an async runtime: {e}")))?;
     std::thread::Builder::new()
         .name(format!("bulkcall-lane-{number}"))
         .spawn(move || {
+            // Built here: a runtime must not be dropped on an async thread.
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    shared.abort(Error::Internal(format!("cannot start an async runtime: {e}")));
+                    let _ = done_tx.send(false);
+                    return;
+                }
+            };
             let clean = runtime.block_on(lane(workers, shared, batches, recorder, client));
             // Do not wait for connections' tasks on the way out.
             runtime.shutdown_background();
@@ -443,7 +461,7 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
         })
     };
 
-    let recorder = Arc::new(Mutex::new(Recorder { writer, stats, first_failures: Vec::new() }));
+    let recorder = Arc::new(Mutex::new(Recorder { writer, stats, first_failures: Vec::new(), broken: false }));
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
         let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
@@ -453,8 +471,10 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
         }
     }
     drop(batch_rx);
-    for end in lane_ends {
-        if end.await != Ok(true) {
+    // The first lane that ends badly stops the others.
+    let mut lane_ends: futures::stream::FuturesUnordered<_> = lane_ends.into_iter().collect();
+    while let Some(end) = futures::StreamExt::next(&mut lane_ends).await {
+        if end != Ok(true) {
             // A bug, not a row's failure: the run must not look finished.
             shared.abort(Error::Internal("a worker stopped unexpectedly; please report this".into()));
         }
@@ -463,7 +483,7 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
     let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
-    let Recorder { writer, stats, first_failures } = &mut *recorded;
+    let Recorder { writer, stats, first_failures, .. } = &mut *recorded;
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }

@@ -13,6 +13,29 @@ use common::*;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// With 64 workers a machine with two cores or more runs two lanes or
+/// more: rows and outcomes still meet exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_lanes_every_row_is_sent_once_and_recorded_once() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let input = gw.write("rows.csv", &eligibility_csv(400_000_001, 5000));
+    let job = gw.write("eligibility.toml", common::ELIGIBILITY_JOB);
+    let out = gw.path("run");
+
+    let code = gw.run_job(&job, &input, &out, &["-j", "64"]).await;
+    assert_eq!(code, ExitCode::Success);
+    let received = gw.received_by_control_number();
+    assert_eq!(received.len(), 5000);
+    assert!(received.values().all(|calls| calls.len() == 1), "every key sent once");
+    let results = jsonl(&out.join("results.jsonl"));
+    let rows: HashSet<u64> = results.iter().map(|r| r["row"].as_u64().unwrap()).collect();
+    assert_eq!((results.len(), rows.len()), (5000, 5000), "every row exactly once in results");
+    let journal = std::fs::read_to_string(out.join("journal")).unwrap();
+    let marks = |kind: &str| journal.lines().filter(|l| l.starts_with(kind)).count();
+    assert_eq!((marks("S\t"), marks("D\t")), (5000, 5000), "one started and one done mark per row");
+    assert_eq!(json(&out.join("summary.json"))["succeeded"], 5000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_csv_row_is_sent_once_and_recorded_once() {
     let gw = Gateway::start(sandbox_config()).await;
