@@ -157,7 +157,10 @@ pub fn classify_status(status: StatusCode, retry_on: &[u16], retry_after: Option
 
 /// Classifies a transport error: timeouts and connection failures are retryable.
 pub fn classify_error(e: &reqwest::Error) -> Verdict {
-    if e.is_timeout() {
+    if untrusted_certificate(e) {
+        // The same certificate answers the next attempt too.
+        Verdict::Fail(ErrorKind::Connection)
+    } else if e.is_timeout() {
         Verdict::Retry { kind: ErrorKind::Timeout, after: None }
     } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
         Verdict::Retry { kind: ErrorKind::Connection, after: None }
@@ -165,6 +168,25 @@ pub fn classify_error(e: &reqwest::Error) -> Verdict {
         // Building the request failed: a bug or an unsendable value, never fixed by retrying.
         Verdict::Fail(ErrorKind::Connection)
     }
+}
+
+/// Whether the server's TLS certificate was refused: not retried, and a
+/// matter of `ca_file` or the URL, not of the network.
+pub fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    use std::error::Error;
+    use tokio_rustls::rustls::Error as Tls;
+    let mut source: Option<&(dyn Error + 'static)> = Some(e);
+    while let Some(mut s) = source {
+        // An io::Error hides the error it wraps from `source()`.
+        while let Some(inner) = s.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            s = inner;
+        }
+        if matches!(s.downcast_ref::<Tls>(), Some(Tls::InvalidCertificate(_))) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date.

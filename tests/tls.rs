@@ -40,14 +40,22 @@ async fn calls_go_over_http2_when_the_gateway_offers_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_certificate_outside_the_trusted_roots_is_refused() {
+async fn a_certificate_outside_the_trusted_roots_is_refused_at_once() {
     let (gw, _) = tls_gateway().await;
-    gw.config(SECRET, "");
+    let config = gw.config(SECRET, "");
     let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 5));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
 
-    let code = gw.run_job(&job, &input, &gw.path("run"), &[]).await;
-    assert_eq!(code, ExitCode::Auth, "no token without a trusted certificate");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
+    assert!(!stderr.contains("token request 1/"), "a refused certificate is not retried: {stderr}");
     assert_eq!(gw.sandbox.stats().token_requests, 0, "the TLS handshake failed before any request");
     assert_eq!(gw.sandbox.stats().api_calls, 0);
 }

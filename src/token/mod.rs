@@ -48,6 +48,11 @@ pub enum TokenError {
     Unavailable { url: String, attempts: u32, last: String },
     #[error("the token endpoint {url} answered something that is not a usable token: {message}")]
     BadAnswer { url: String, message: String },
+    #[error(
+        "the TLS certificate of {url} is not trusted ({message}); check the URL, or name the CA that \
+         signed it with ca_file"
+    )]
+    Certificate { url: String, message: String },
 }
 
 /// An access token and the moments that matter for it.
@@ -434,10 +439,14 @@ impl Inner {
         let sent = Instant::now();
         let sent_wall = SystemTime::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Attempt::Transient { message: self.mask(&describe(&e)), retry_after: None })?;
+        let response = request.send().await.map_err(|e| {
+            let message = self.mask(&describe(&e));
+            if crate::outcome::untrusted_certificate(&e) {
+                Attempt::Fatal(TokenError::Certificate { url: self.url.clone(), message })
+            } else {
+                Attempt::Transient { message, retry_after: None }
+            }
+        })?;
         let status = response.status();
         let retry_after = response
             .headers()
