@@ -12,7 +12,8 @@ pub enum ExitCode {
     RowsFailed = 1,
     /// Usage, config or input-file error: nothing was sent.
     Usage = 2,
-    /// The token endpoint rejected the credentials, or calls keep failing with 401.
+    /// The token endpoint rejected the credentials, calls keep failing with
+    /// 401, or a server's TLS certificate is not trusted.
     Auth = 3,
     /// `--max-failures` was reached.
     MaxFailures = 4,
@@ -51,6 +52,9 @@ pub enum Error {
     Unauthorized(String),
     #[error("aborted: {0}")]
     MaxFailures(String),
+    /// The API's TLS certificate is not trusted: every call would fail alike.
+    #[error("aborted: {0}")]
+    Certificate(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -69,7 +73,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Sandbox { .. }
             | Error::Report(_) => ExitCode::Usage,
-            Error::Token(_) | Error::Unauthorized(_) => ExitCode::Auth,
+            Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Internal(_) => ExitCode::Internal,
             Error::Output(crate::output::OutputError::Locked { .. }) => ExitCode::Locked,

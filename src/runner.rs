@@ -170,7 +170,8 @@ pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> 
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
         .timeout(settings.timeout);
     if let Some(path) = &settings.ca_file {
-        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", path.display()));
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", shown.display()));
         let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
         if certificates.is_empty() {
@@ -689,6 +690,14 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                 (outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after), Some(answer))
             }
             Err(e) => {
+                if outcome::untrusted_certificate(&e) {
+                    shared.abort(Error::Certificate(format!(
+                        "the TLS certificate of {} is not trusted ({}); check base_url, or name the CA that \
+                         signed it with ca_file",
+                        request.url.origin().ascii_serialization(),
+                        outcome::describe(&e)
+                    )));
+                }
                 let verdict = outcome::classify_error(&e);
                 if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict {
                     if attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)) {

@@ -72,3 +72,55 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
     assert_eq!(code, ExitCode::Usage);
     assert_eq!(gw.sandbox.stats().token_requests, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_certificate_outside_the_trusted_roots_stops_the_run() {
+    // The token comes over plain HTTP from one sandbox; the API is another
+    // one, over TLS with a certificate nothing trusts.
+    let token_gw = Gateway::start(sandbox_config()).await;
+    let (gw, _) = tls_gateway().await;
+    let config = gw.write(
+        "bulkcall.toml",
+        &format!(
+            "[test]\nrate = 0\nbase_url = \"{}\"\nauth.token_url = \"{}\"\nauth.client_id = \"{CLIENT_ID}\"\n\
+             auth.client_secret = \"{SECRET}\"\nauth.cache = false\nheaders.environment = \"sandbox\"\n",
+            gw.sandbox.base_url(),
+            token_gw.sandbox.token_url()
+        ),
+    );
+    let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 500));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "4"])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
+    assert_eq!(gw.sandbox.stats().api_calls, 0);
+    let summary = json(&out.join("summary.json"));
+    assert!(summary["total"].as_u64().unwrap() <= 4, "the run stopped at the first answers: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_trust_store_is_used_too() {
+    let (gw, pem) = tls_gateway().await;
+    let config = gw.config(SECRET, "");
+    let ca = gw.write("system-ca.pem", &pem);
+
+    // SSL_CERT_FILE stands in for a CA installed system-wide.
+    let trusted = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+        .args(["token", "-c", config.to_str().unwrap(), "-p", "test"])
+        .env("NO_COLOR", "1")
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(trusted.status.code(), Some(0), "{}", String::from_utf8_lossy(&trusted.stderr));
+    assert_eq!(gw.sandbox.stats().token_requests, 1);
+}
