@@ -63,6 +63,8 @@ struct Lines {
     /// Offsets of newlines read but not yet passed by the parser.
     newlines: VecDeque<u64>,
     passed: u64,
+    /// The last bytes read.
+    tail: Vec<u8>,
 }
 
 impl Read for Lines {
@@ -70,6 +72,8 @@ impl Read for Lines {
         let n = self.file.read(buf)?;
         self.newlines.extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|i| self.offset + i as u64));
         self.offset += n as u64;
+        self.tail.extend_from_slice(&buf[n.saturating_sub(3)..n]);
+        self.tail.drain(..self.tail.len().saturating_sub(3));
         Ok(n)
     }
 }
@@ -94,17 +98,23 @@ fn reader(spec: &InputSpec, file: File) -> Reader {
         // A ragged row fails alone instead of stopping the file.
         .flexible(true)
         .buffer_capacity(256 * 1024)
-        .from_reader(Lines { file, offset: 0, newlines: VecDeque::new(), passed: 0 })
+        .from_reader(Lines { file, offset: 0, newlines: VecDeque::new(), passed: 0, tail: Vec::new() })
 }
 
 /// The line a record starts on: the line of its last byte (the reader's
 /// position is one past the first terminator byte), less the newlines
 /// inside its quoted values.
+/// A record that runs to the end of the file with a newline as the last
+/// byte of its last value has no terminator: a quote was left open, and that
+/// newline starts no line of the record.
 fn record_line(rdr: &mut Reader, record: &csv::ByteRecord) -> u64 {
     let end = rdr.position().byte();
-    let last_line = rdr.get_mut().line_of(end.saturating_sub(1));
+    let lines = rdr.get_mut();
+    let last_line = lines.line_of(end.saturating_sub(1));
     let embedded: usize = record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum();
-    last_line.saturating_sub(embedded as u64)
+    let closed = lines.tail.ends_with(b"\"\n") || lines.tail.ends_with(b"\"\r\n");
+    let open_quote = end == lines.offset && !closed && record.iter().next_back().is_some_and(|f| f.ends_with(b"\n"));
+    last_line.saturating_sub(embedded as u64) + u64::from(open_quote)
 }
 
 fn read_headers(spec: &InputSpec, rdr: &mut Reader) -> Result<Arc<CsvHeaders>, InputError> {
@@ -190,12 +200,15 @@ fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, recor
         },
     };
     if record.len() != headers.width {
-        let message = format!(
-            "line {line}: has {} fields but the header has {}{}",
-            record.len(),
-            headers.width,
-            if record.len() < headers.width { "" } else { " (an unquoted delimiter in a value?)" }
-        );
+        let lines = 1 + record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum::<usize>();
+        let hint = if lines > 1 {
+            format!(" (a quoted value runs over {lines} lines: is a closing quote missing?)")
+        } else if record.len() > headers.width {
+            " (an unquoted delimiter in a value?)".to_string()
+        } else {
+            String::new()
+        };
+        let message = format!("line {line}: has {} fields but the header has {}{hint}", record.len(), headers.width);
         return Err(bad(message));
     }
     let mut values = Vec::with_capacity(headers.names.len());
@@ -229,6 +242,20 @@ mod tests {
     fn fields(item: &Item) -> Vec<(String, String)> {
         let row = item.as_ref().unwrap();
         row.record.to_json().into_iter().map(|(k, v)| (k, v.as_str().unwrap().to_string())).collect()
+    }
+
+    #[test]
+    fn a_quote_left_open_is_reported_on_its_own_line() {
+        let (items, _) = read_text(b"a,b,c\n1,2,3\n7,\"8,9\n10,11,12\n13,14,15\n", b',');
+        assert_eq!(items.len(), 2, "the open quote swallows the rest of the file into one record");
+        let Err(bad) = &items[1] else { panic!("a bad row") };
+        assert_eq!((bad.number, bad.line), (2, 3));
+        assert!(bad.message.starts_with("line 3: has 2 fields"), "{}", bad.message);
+        assert!(bad.message.contains("closing quote missing"), "{}", bad.message);
+        // A value that ends in a newline, closed, at the end of the file.
+        let (items, _) = read_text(b"a,b\n0,x\n1,\"two\nlines\n\"\r\n", b',');
+        let Ok(row) = &items[1] else { panic!("a row") };
+        assert_eq!((row.number, row.line), (2, 3));
     }
 
     #[test]
