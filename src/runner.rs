@@ -224,7 +224,9 @@ fn spawn_reader(
                 Err(bad) => (bad.input, bad.number),
             };
             live.current_input.store(key.0 as u64, Ordering::Relaxed);
-            if !skip.contains(&key) {
+            if skip.contains(&key) {
+                live.rows_skipped.fetch_add(1, Ordering::Relaxed);
+            } else {
                 live.rows_read.fetch_add(1, Ordering::Relaxed);
                 batch.push(item);
             }
@@ -431,7 +433,8 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
     );
 
     let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
-    let skip = resume.done.keys().copied().collect();
+    let skip: HashSet<(usize, u64)> = resume.done.keys().copied().collect();
+    live.rows_to_skip.store(skip.len() as u64, Ordering::Relaxed);
     let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), batch_tx);
 
     let shared = Arc::new(Shared {

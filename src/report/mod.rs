@@ -26,6 +26,9 @@ pub struct Live {
     pub bytes_read: AtomicU64,
     /// Rows read to be sent (rows skipped on resume not counted).
     pub rows_read: AtomicU64,
+    /// Rows a resume skips because they are done: so far, and in all.
+    pub rows_skipped: AtomicU64,
+    pub rows_to_skip: AtomicU64,
     /// The input being read, by index, when there are several.
     pub current_input: AtomicU64,
     pub done: AtomicU64,
@@ -44,10 +47,13 @@ impl Live {
     /// (exact once they are read to the end).
     fn rows(&self, total_bytes: u64) -> (u64, u64) {
         let (done, read, bytes) = (Self::get(&self.done), Self::get(&self.rows_read), Self::get(&self.bytes_read));
+        let (skipped, to_skip) = (Self::get(&self.rows_skipped), Self::get(&self.rows_to_skip));
         let expected = if bytes == 0 || bytes >= total_bytes {
             read
         } else {
-            (read as f64 * total_bytes as f64 / bytes as f64) as u64
+            // All the rows the inputs hold, less those a resume skips.
+            let all = (read + skipped) as f64 * total_bytes as f64 / bytes as f64;
+            (all as u64).saturating_sub(to_skip).max(read)
         };
         (done, expected.max(done))
     }
@@ -375,5 +381,27 @@ async fn log_lines(source: ProgressSource, stop: CancellationToken) {
         let (done, expected) = source.live.rows(source.total_bytes);
         let share = if expected > 0 { done as f64 * 100.0 / expected as f64 } else { 0.0 };
         tracing::info!("progress: {} · {share:.0}% of about {expected} rows", counters(&source, started.elapsed()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_expected_count_only_the_rows_left_to_send() {
+        let live = Live::default();
+        let set = |counter: &AtomicU64, v| counter.store(v, Ordering::Relaxed);
+        // 4,000 rows in 400 kB; a resume skips the 3,000 done, spread evenly.
+        set(&live.rows_to_skip, 3000);
+        set(&live.bytes_read, 100_000);
+        set(&live.rows_skipped, 750);
+        set(&live.rows_read, 250);
+        set(&live.done, 200);
+        assert_eq!(live.rows(400_000), (200, 1000));
+        // Read to the end: exact.
+        set(&live.bytes_read, 400_000);
+        set(&live.rows_read, 1000);
+        assert_eq!(live.rows(400_000), (200, 1000));
     }
 }
