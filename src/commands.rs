@@ -677,7 +677,7 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
     let loaded = Sources { job: job.settings.clone(), flags, no_config: true, ..Sources::default() }.load()?;
     let resolved = resolve_inputs(job, loaded, &[])?;
     eprintln!(
-        "bulkcall demo: sandbox at {}; {} (16 workers, 250 calls/s)",
+        "bulkcall demo: sandbox at {}; sending the example's synthetic rows from {} (16 workers, 250 calls/s)",
         sandbox.base_url(),
         resolved.inputs[0].path.display()
     );
