@@ -605,7 +605,8 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             number: row.number,
             line: row.line,
             key: request.key.clone(),
-            attempts: 0,
+            // Marked started: at least one attempt went out, or was about to.
+            attempts: 1,
             latency: Duration::ZERO,
             status: None,
             result: fail(ErrorKind::InDoubt, message.to_string()),

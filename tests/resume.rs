@@ -96,7 +96,10 @@ async fn in_doubt_rows_can_be_failed_instead_of_resent() {
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
     let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
     let mut reader = csv::Reader::from_reader(failures.as_bytes());
-    let in_doubt: HashSet<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+    let attempts_column = reader.headers().unwrap().iter().position(|h| h == "_attempts").unwrap();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert!(records.iter().all(|r| &r[attempts_column] == "1"), "a row in doubt was attempted once at least");
+    let in_doubt: HashSet<String> = records.iter().map(|r| r[0].to_string()).collect();
     let expected: HashSet<String> = sent_before.difference(&recorded).cloned().collect();
     assert!(!expected.is_empty(), "the kill left rows in flight");
     assert!(in_doubt.is_superset(&expected), "every row the gateway saw without a recorded answer is in doubt");
