@@ -47,14 +47,17 @@ async def main(base, rows_path, out_path, concurrency):
                     },
                     "encounter": {"serviceTypeCodes": [row["service_type"]]},
                 }
-                async with session.post(
-                    f"{base}/medicalnetwork/eligibility/v3",
-                    json=body,
-                    headers={**headers, "x-request-id": f"elig-{row['control_number']}"},
-                ) as r:
-                    answer = await r.json(content_type=None)
-                    line = {"key": row["control_number"], "status": r.status, "response": answer}
-                    line["capture"] = {"plan_status": answer["planStatus"][0]["status"]}
+                try:
+                    async with session.post(
+                        f"{base}/medicalnetwork/eligibility/v3",
+                        json=body,
+                        headers={**headers, "x-request-id": f"elig-{row['control_number']}"},
+                    ) as r:
+                        answer = await r.json(content_type=None)
+                        line = {"key": row["control_number"], "status": r.status, "response": answer}
+                        line["capture"] = {"plan_status": answer["planStatus"][0]["status"]}
+                except Exception as e:  # a failed row is recorded, not fatal
+                    line = {"key": row["control_number"], "error": repr(e)}
                 out.write(json.dumps(line) + "\n")
                 done += 1
 

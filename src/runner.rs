@@ -435,6 +435,7 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
     let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
     let skip: HashSet<(usize, u64)> = resume.done.keys().copied().collect();
     live.rows_to_skip.store(skip.len() as u64, Ordering::Relaxed);
+    live.rows_limit.store(plan.limit.unwrap_or(u64::MAX), Ordering::Relaxed);
     let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), batch_tx);
 
     let shared = Arc::new(Shared {
@@ -693,15 +694,18 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             Ok(answer) => {
                 (outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after), Some(answer))
             }
-            Err(e) => {
-                if outcome::untrusted_certificate(&e) {
-                    shared.abort(Error::Certificate(format!(
-                        "the TLS certificate of {} is not trusted ({}); check base_url, or name the CA that \
+            Err(e) if outcome::untrusted_certificate(&e) => {
+                // Nothing reached the server: the row stays to be sent once
+                // the certificate is trusted (`resume`).
+                shared.abort(Error::Certificate(format!(
+                    "the TLS certificate of {} is not trusted ({}); check base_url, or name the CA that \
                          signed it with ca_file",
-                        request.url.origin().ascii_serialization(),
-                        outcome::describe(&e)
-                    )));
-                }
+                    request.url.origin().ascii_serialization(),
+                    outcome::describe(&e)
+                )));
+                return stopped(row, attempts, last);
+            }
+            Err(e) => {
                 let verdict = outcome::classify_error(&e);
                 if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict {
                     if attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)) {

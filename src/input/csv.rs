@@ -63,8 +63,9 @@ struct Lines {
     /// Offsets of newlines read but not yet passed by the parser.
     newlines: VecDeque<u64>,
     passed: u64,
-    /// The last bytes read.
-    tail: Vec<u8>,
+    /// The last byte read, and whether the file's end was reached.
+    last: Option<u8>,
+    eof: bool,
 }
 
 impl Read for Lines {
@@ -72,8 +73,10 @@ impl Read for Lines {
         let n = self.file.read(buf)?;
         self.newlines.extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|i| self.offset + i as u64));
         self.offset += n as u64;
-        self.tail.extend_from_slice(&buf[n.saturating_sub(3)..n]);
-        self.tail.drain(..self.tail.len().saturating_sub(3));
+        match n {
+            0 => self.eof = true,
+            _ => self.last = Some(buf[n - 1]),
+        }
         Ok(n)
     }
 }
@@ -98,23 +101,25 @@ fn reader(spec: &InputSpec, file: File) -> Reader {
         // A ragged row fails alone instead of stopping the file.
         .flexible(true)
         .buffer_capacity(256 * 1024)
-        .from_reader(Lines { file, offset: 0, newlines: VecDeque::new(), passed: 0, tail: Vec::new() })
+        .from_reader(Lines { file, offset: 0, newlines: VecDeque::new(), passed: 0, last: None, eof: false })
 }
 
 /// The line a record starts on: the line of its last byte (the reader's
 /// position is one past the first terminator byte), less the newlines
 /// inside its quoted values.
-/// A record that runs to the end of the file with a newline as the last
-/// byte of its last value has no terminator: a quote was left open, and that
+/// The parser reads to the end of the file only for a record without a
+/// terminator. If that record's last value ends with a newline and the
+/// file does not end with a closing quote, a quote was left open: that
 /// newline starts no line of the record.
-fn record_line(rdr: &mut Reader, record: &csv::ByteRecord) -> u64 {
+/// Returns the line and whether a quote was left open.
+fn record_line(rdr: &mut Reader, record: &csv::ByteRecord) -> (u64, bool) {
     let end = rdr.position().byte();
     let lines = rdr.get_mut();
     let last_line = lines.line_of(end.saturating_sub(1));
     let embedded: usize = record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum();
-    let closed = lines.tail.ends_with(b"\"\n") || lines.tail.ends_with(b"\"\r\n");
-    let open_quote = end == lines.offset && !closed && record.iter().next_back().is_some_and(|f| f.ends_with(b"\n"));
-    last_line.saturating_sub(embedded as u64) + u64::from(open_quote)
+    let open_quote =
+        lines.eof && lines.last != Some(b'"') && record.iter().next_back().is_some_and(|f| f.ends_with(b"\n"));
+    (last_line.saturating_sub(embedded as u64) + u64::from(open_quote), open_quote)
 }
 
 fn read_headers(spec: &InputSpec, rdr: &mut Reader) -> Result<Arc<CsvHeaders>, InputError> {
@@ -173,11 +178,11 @@ pub(super) fn read(
             Err(e) => return Err(csv_error(spec, e)),
         }
         number += 1;
-        let line = record_line(&mut rdr, &record);
+        let (line, open_quote) = record_line(&mut rdr, &record);
         if number.is_multiple_of(64) {
             progress(record.position().map_or(0, |p| p.byte()));
         }
-        let item = to_row(input, number, line, &headers, &record);
+        let item = to_row(input, number, line, open_quote, &headers, &record);
         if !sink(item) {
             return Ok(false);
         }
@@ -186,7 +191,14 @@ pub(super) fn read(
     Ok(true)
 }
 
-fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, record: &csv::ByteRecord) -> Item {
+fn to_row(
+    input: usize,
+    number: u64,
+    line: u64,
+    open_quote: bool,
+    headers: &Arc<CsvHeaders>,
+    record: &csv::ByteRecord,
+) -> Item {
     let field = |pos: usize| record.get(pos).unwrap_or_default();
     // The bytes as they are, so the failures file keeps them unchanged.
     let bad = |message: String| BadRow {
@@ -200,9 +212,9 @@ fn to_row(input: usize, number: u64, line: u64, headers: &Arc<CsvHeaders>, recor
         },
     };
     if record.len() != headers.width {
-        let lines = 1 + record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum::<usize>();
-        let hint = if lines > 1 {
-            format!(" (a quoted value runs over {lines} lines: is a closing quote missing?)")
+        let hint = if open_quote {
+            let lines = 1 + record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum::<usize>();
+            format!(" (a quote is left open: it runs {lines} lines to the end of the file)")
         } else if record.len() > headers.width {
             " (an unquoted delimiter in a value?)".to_string()
         } else {
@@ -251,11 +263,23 @@ mod tests {
         let Err(bad) = &items[1] else { panic!("a bad row") };
         assert_eq!((bad.number, bad.line), (2, 3));
         assert!(bad.message.starts_with("line 3: has 2 fields"), "{}", bad.message);
-        assert!(bad.message.contains("closing quote missing"), "{}", bad.message);
-        // A value that ends in a newline, closed, at the end of the file.
-        let (items, _) = read_text(b"a,b\n0,x\n1,\"two\nlines\n\"\r\n", b',');
-        let Ok(row) = &items[1] else { panic!("a row") };
-        assert_eq!((row.number, row.line), (2, 3));
+        assert!(bad.message.contains("a quote is left open"), "{}", bad.message);
+        // Closed values that end in a newline, at the end of the file, with
+        // every kind of ending; and a quote left open after an escaped quote.
+        for (text, line) in [
+            (&b"a,b\n0,x\n1,\"two\nlines\n\"\r\n"[..], 3),
+            (b"a,b\n0,x\n1,\"two\nlines\n\"", 3),
+            (b"a,b\n0,x\n1,\"two\nlines\n\"\r", 3),
+            (b"a,b\n0,x\n1,\"ab\"\"\n", 3),
+        ] {
+            let (items, _) = read_text(text, b',');
+            let last = items.last().unwrap();
+            let got = match last {
+                Ok(row) => (row.number, row.line),
+                Err(bad) => (bad.number, bad.line),
+            };
+            assert_eq!(got, (2, line), "{:?}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]

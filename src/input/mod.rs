@@ -130,19 +130,25 @@ pub type Item = Result<Row, BadRow>;
 
 /// Reads the inputs one after another, calling `sink` for every item.
 /// `sink` returns `false` to stop early. Blocking: run it on its own thread.
+/// `progress` gets the bytes read so far, across every input.
 pub fn read_all(
     inputs: &[InputSpec],
     progress: &dyn Fn(u64),
     sink: &mut dyn FnMut(Item) -> bool,
 ) -> Result<(), InputError> {
+    // Bytes read count across the inputs, to compare with their total size.
+    let mut before = 0u64;
     for (index, spec) in inputs.iter().enumerate() {
         let file =
             std::fs::File::open(&spec.path).map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
+        let size = file.metadata().map_or(0, |m| m.len());
+        let progress = |bytes: u64| progress(before + bytes);
         let keep_going = match spec.format {
-            Format::Csv => csv::read(index, spec, file, progress, sink)?,
-            Format::Json => json::read_array(index, spec, file, progress, sink)?,
-            Format::Jsonl => json::read_lines(index, spec, file, progress, sink)?,
+            Format::Csv => csv::read(index, spec, file, &progress, sink)?,
+            Format::Json => json::read_array(index, spec, file, &progress, sink)?,
+            Format::Jsonl => json::read_lines(index, spec, file, &progress, sink)?,
         };
+        before += size;
         if !keep_going {
             break;
         }

@@ -21,7 +21,7 @@ use crate::outcome::{ErrorKind, Outcome};
 use crate::token::TokenSource;
 
 /// Counters that workers and the collector bump and the display reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Live {
     pub bytes_read: AtomicU64,
     /// Rows read to be sent (rows skipped on resume not counted).
@@ -29,6 +29,8 @@ pub struct Live {
     /// Rows a resume skips because they are done: so far, and in all.
     pub rows_skipped: AtomicU64,
     pub rows_to_skip: AtomicU64,
+    /// `--limit`: the reader stops after this many rows (skipped ones included).
+    pub rows_limit: AtomicU64,
     /// The input being read, by index, when there are several.
     pub current_input: AtomicU64,
     pub done: AtomicU64,
@@ -36,6 +38,24 @@ pub struct Live {
     pub failed: AtomicU64,
     pub in_flight: AtomicU64,
     pub retrying: AtomicU64,
+}
+
+impl Default for Live {
+    fn default() -> Live {
+        Live {
+            bytes_read: AtomicU64::new(0),
+            rows_read: AtomicU64::new(0),
+            rows_skipped: AtomicU64::new(0),
+            rows_to_skip: AtomicU64::new(0),
+            rows_limit: AtomicU64::new(u64::MAX),
+            current_input: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            retrying: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Live {
@@ -53,7 +73,8 @@ impl Live {
         } else {
             // All the rows the inputs hold, less those a resume skips.
             let all = (read + skipped) as f64 * total_bytes as f64 / bytes as f64;
-            (all as u64).saturating_sub(to_skip).max(read)
+            let all = (all as u64).min(Self::get(&self.rows_limit).max(read + skipped));
+            all.saturating_sub(to_skip).max(read)
         };
         (done, expected.max(done))
     }
@@ -403,5 +424,10 @@ mod tests {
         set(&live.bytes_read, 400_000);
         set(&live.rows_read, 1000);
         assert_eq!(live.rows(400_000), (200, 1000));
+        // --limit 3,500: 500 of them left to send.
+        set(&live.rows_limit, 3500);
+        set(&live.bytes_read, 100_000);
+        set(&live.rows_read, 250);
+        assert_eq!(live.rows(400_000), (200, 500));
     }
 }
