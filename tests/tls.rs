@@ -20,6 +20,21 @@ async fn tls_gateway() -> (Gateway, String) {
     (Gateway { sandbox, dir: tempfile::tempdir().unwrap() }, pem)
 }
 
+/// Runs the binary, expects exit 3 naming the untrusted certificate and
+/// `ca_file`, and returns its stderr.
+async fn refused_for_its_certificate(args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
+    stderr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_over_http2_when_the_gateway_offers_it() {
     let (gw, pem) = tls_gateway().await;
@@ -46,15 +61,8 @@ async fn a_certificate_outside_the_trusted_roots_is_refused_at_once() {
     let input = gw.write("rows.csv", &eligibility_csv(300_000_001, 5));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"])
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("the binary runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
+    let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"];
+    let stderr = refused_for_its_certificate(&args).await;
     assert!(!stderr.contains("token request 1/"), "a refused certificate is not retried: {stderr}");
     assert_eq!(gw.sandbox.stats().token_requests, 0, "the TLS handshake failed before any request");
     assert_eq!(gw.sandbox.stats().api_calls, 0);
@@ -92,16 +100,9 @@ async fn an_api_certificate_outside_the_trusted_roots_stops_the_run() {
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "4"])
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("the binary runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
+    let args = [job.to_str().unwrap(), input.to_str().unwrap(), out.to_str().unwrap(), config.to_str().unwrap()];
+    refused_for_its_certificate(&["run", args[0], args[1], "-o", args[2], "-c", args[3], "-p", "test", "-j", "4"])
+        .await;
     assert_eq!(gw.sandbox.stats().api_calls, 0);
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["total"], 0, "no row failed for a call that never reached the server: {summary}");
