@@ -361,3 +361,14 @@ pub struct DemoArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// How to call bulkcall again in a hint: as it was called when that was a
+/// path (`target/release/bulkcall`, `/usr/local/bin/bulkcall`), else
+/// `bulkcall`, found on PATH.
+pub fn program() -> String {
+    std::env::args_os()
+        .next()
+        .map(|arg0| arg0.to_string_lossy().into_owned())
+        .filter(|arg0| arg0.contains('/') && !arg0.contains(char::is_whitespace))
+        .unwrap_or_else(|| "bulkcall".to_string())
+}

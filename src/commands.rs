@@ -422,7 +422,7 @@ fn print_dry_run(dir: &Path) {
 /// How to run the job again with the same configuration (for the hint
 /// that sends the failures again).
 fn rerun_command(job: &Path, profile: Option<&str>, config: Option<&Path>) -> String {
-    let mut command = format!("bulkcall run {}", job.display());
+    let mut command = format!("{} run {}", crate::cli::program(), job.display());
     if let Some(config) = config {
         command.push_str(&format!(" -c {}", config.display()));
     }
@@ -515,9 +515,13 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
         ) && !options.dry_run
         {
             if options.resumable {
-                eprintln!("  rows not yet sent are in neither file; send them with: bulkcall resume {}", dir.display());
+                eprintln!(
+                    "  rows not yet sent are in neither file; send them with: {} resume {}",
+                    crate::cli::program(),
+                    dir.display()
+                );
             } else {
-                eprintln!("  the demo's sandbox is gone with it: run `bulkcall demo` again");
+                eprintln!("  the demo's sandbox is gone with it: run `{} demo` again", crate::cli::program());
             }
         }
     }
@@ -691,14 +695,15 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
         grace: Duration::from_secs(30),
         progress: args.progress,
         json: args.json,
-        rerun: format!("bulkcall run {}", job_path.display()),
+        rerun: format!("{} run {}", crate::cli::program(), job_path.display()),
         resumable: false,
     };
     let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;
     if exit.is_ok() && !log.quiet {
+        let program = crate::cli::program();
         eprintln!(
-            "next: `bulkcall sandbox` in one terminal, then `bulkcall run jobs/eligibility.toml -p local` in another"
+            "next: `{program} sandbox` in one terminal, then `{program} run jobs/eligibility.toml -p local` in another"
         );
     }
     exit

@@ -287,7 +287,8 @@ impl Recorder {
                 let (failed, done) = (self.stats.failed(), live.done.load(Ordering::Relaxed));
                 if max.reached(failed, done) && !shared.stop.is_cancelled() {
                     shared.abort(Error::MaxFailures(format!(
-                        "{failed} of {done} rows failed, reaching --max-failures; `bulkcall resume {}` sends the rest",
+                        "{failed} of {done} rows failed, reaching --max-failures; `{} resume {}` sends the rest",
+                        crate::cli::program(),
                         shared.dir.display()
                     )));
                 }
