@@ -173,3 +173,31 @@ pub fn preflight(inputs: &[InputSpec]) -> Result<Vec<Option<Vec<String>>>, Input
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn progress_counts_bytes_across_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+            path
+        };
+        let csv = write("a.csv", "id\n1\n2\n");
+        let jsonl = write("b.jsonl", "{\"id\": 3}\n{\"id\": 4}\n");
+        let total = std::fs::metadata(&csv).unwrap().len() + std::fs::metadata(&jsonl).unwrap().len();
+        let specs = [
+            InputSpec { path: csv, format: Format::Csv, delimiter: b',' },
+            InputSpec { path: jsonl, format: Format::Jsonl, delimiter: b',' },
+        ];
+        let seen = std::cell::RefCell::new(Vec::new());
+        read_all(&specs, &|bytes| seen.borrow_mut().push(bytes), &mut |_| true).unwrap();
+        let seen = seen.into_inner();
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "never goes back: {seen:?}");
+        assert_eq!(seen.last(), Some(&total), "ends at the inputs' total size: {seen:?}");
+    }
+}
