@@ -54,7 +54,7 @@ pub enum Error {
     MaxFailures(String),
     /// The API's TLS certificate is not trusted: every call would fail alike.
     #[error("aborted: {0}")]
-    Certificate(String),
+    Certificate(crate::outcome::UntrustedCertificate),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]

@@ -170,6 +170,17 @@ pub fn classify_error(e: &reqwest::Error) -> Verdict {
     }
 }
 
+/// A server's TLS certificate that no trusted root vouches for: never
+/// retried, it stops the run whether it is the token endpoint's or the API's.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the TLS certificate of {url} is not trusted ({detail}); check the URL, or name the CA that signed it with ca_file"
+)]
+pub struct UntrustedCertificate {
+    pub url: String,
+    pub detail: String,
+}
+
 /// Whether the server's TLS certificate was refused: not retried, and a
 /// matter of `ca_file` or the URL, not of the network.
 pub fn untrusted_certificate(e: &reqwest::Error) -> bool {

@@ -698,12 +698,10 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             Err(e) if outcome::untrusted_certificate(&e) => {
                 // Nothing reached the server: the row stays to be sent once
                 // the certificate is trusted (`resume`).
-                shared.abort(Error::Certificate(format!(
-                    "the TLS certificate of {} is not trusted ({}); check base_url, or name the CA that \
-                         signed it with ca_file",
-                    request.url.origin().ascii_serialization(),
-                    outcome::describe(&e)
-                )));
+                shared.abort(Error::Certificate(outcome::UntrustedCertificate {
+                    url: request.url.origin().ascii_serialization(),
+                    detail: outcome::describe(&e),
+                }));
                 return stopped(row, attempts, last);
             }
             Err(e) => {

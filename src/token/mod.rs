@@ -48,11 +48,8 @@ pub enum TokenError {
     Unavailable { url: String, attempts: u32, last: String },
     #[error("the token endpoint {url} answered something that is not a usable token: {message}")]
     BadAnswer { url: String, message: String },
-    #[error(
-        "the TLS certificate of {url} is not trusted ({message}); check the URL, or name the CA that \
-         signed it with ca_file"
-    )]
-    Certificate { url: String, message: String },
+    #[error(transparent)]
+    Certificate(#[from] crate::outcome::UntrustedCertificate),
 }
 
 /// An access token and the moments that matter for it.
@@ -442,7 +439,8 @@ impl Inner {
         let response = request.send().await.map_err(|e| {
             let message = self.mask(&describe(&e));
             if crate::outcome::untrusted_certificate(&e) {
-                Attempt::Fatal(TokenError::Certificate { url: self.url.clone(), message })
+                let url = self.url.clone();
+                Attempt::Fatal(crate::outcome::UntrustedCertificate { url, detail: message }.into())
             } else {
                 Attempt::Transient { message, retry_after: None }
             }
