@@ -4,6 +4,7 @@
 //! building the rest of the answer; an answer that only goes to results is
 //! checked to be JSON and kept as it came.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
@@ -56,7 +57,8 @@ pub fn response_path(expr: &str) -> Option<Vec<Step>> {
 
 /// An answer's body, kept up to `max_response_bytes`.
 pub struct Body<'a> {
-    bytes: &'a [u8],
+    /// Owned when the answer was read for a call: results take it uncopied.
+    bytes: Cow<'a, [u8]>,
     /// The whole answer's size, when `bytes` is only its start.
     cut: Option<u64>,
     json: OnceCell<bool>,
@@ -65,7 +67,8 @@ pub struct Body<'a> {
 
 impl<'a> Body<'a> {
     /// `total` is the whole answer's size; more than `bytes` holds means it was cut.
-    pub fn new(bytes: &'a [u8], total: u64) -> Body<'a> {
+    pub fn new(bytes: impl Into<Cow<'a, [u8]>>, total: u64) -> Body<'a> {
+        let bytes = bytes.into();
         let cut = (total > bytes.len() as u64).then_some(total);
         Body { bytes, cut, json: OnceCell::new(), value: OnceCell::new() }
     }
@@ -75,10 +78,15 @@ impl<'a> Body<'a> {
         self.cut
     }
 
+    /// The answer's bytes as kept.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Whether the answer is whole and JSON (checked without building it).
     pub fn is_json(&self) -> bool {
         *self.json.get_or_init(|| {
-            let mut de = serde_json::Deserializer::from_slice(self.bytes);
+            let mut de = serde_json::Deserializer::from_slice(&self.bytes);
             self.whole() && Check.deserialize(&mut de).and_then(|()| de.end()).is_ok()
         })
     }
@@ -92,7 +100,7 @@ impl<'a> Body<'a> {
         self.value.get_or_init(|| {
             if self.whole()
                 && self.json.get() != Some(&false)
-                && let Ok(v) = serde_json::from_slice(self.bytes)
+                && let Ok(v) = serde_json::from_slice(&self.bytes)
             {
                 let _ = self.json.set(true);
                 return Arc::new(v);
@@ -101,7 +109,7 @@ impl<'a> Body<'a> {
             Arc::new(if self.bytes.is_empty() {
                 Value::Null
             } else {
-                Value::String(String::from_utf8_lossy(self.bytes).into_owned())
+                Value::String(String::from_utf8_lossy(&self.bytes).into_owned())
             })
         })
     }
@@ -117,7 +125,7 @@ impl<'a> Body<'a> {
         if !self.whole() || self.json.get() == Some(&false) {
             return None;
         }
-        let mut de = serde_json::Deserializer::from_slice(self.bytes);
+        let mut de = serde_json::Deserializer::from_slice(&self.bytes);
         match PathSeed(path).deserialize(&mut de).and_then(|found| de.end().map(|()| found)) {
             Ok(found) => {
                 let _ = self.json.set(true);
@@ -130,10 +138,15 @@ impl<'a> Body<'a> {
         }
     }
 
-    /// The answer's bytes when they are JSON on one line: results take them
-    /// as they are instead of writing the value again.
-    pub fn compact_json(&self) -> Option<&'a [u8]> {
-        (self.is_json() && memchr::memchr2(b'\n', b'\r', self.bytes).is_none()).then_some(self.bytes)
+    /// Whether the answer is JSON on one line: results take its bytes as
+    /// they are instead of writing the value again.
+    pub fn is_compact_json(&self) -> bool {
+        self.is_json() && memchr::memchr2(b'\n', b'\r', &self.bytes).is_none()
+    }
+
+    /// The answer's bytes, taken out (copied only if they were borrowed).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes.into_owned()
     }
 
     /// The answer as a value, taken out.
@@ -375,7 +388,7 @@ mod tests {
             let body = Body::new(text, total);
             assert_eq!(body.lookup(&[key("a")]), None, "{:?}", String::from_utf8_lossy(text));
             assert!(!body.is_json());
-            assert_eq!(body.compact_json(), None);
+            assert!(!body.is_compact_json());
             assert_eq!(body.into_value(), Value::String(String::from_utf8_lossy(text).into_owned()));
         }
         let empty = Body::new(b"", 0);
@@ -408,10 +421,12 @@ mod tests {
     #[test]
     fn json_on_one_line_is_kept_as_it_came() {
         let one = br#"{"a":1}"#;
-        assert_eq!(Body::new(one, 7).compact_json(), Some(&one[..]));
+        let body = Body::new(&one[..], 7);
+        assert!(body.is_compact_json());
+        assert_eq!(body.into_bytes(), one);
         let pretty = b"{\n  \"a\": 1\n}";
         let body = Body::new(pretty, pretty.len() as u64);
-        assert_eq!(body.compact_json(), None);
+        assert!(!body.is_compact_json());
         assert_eq!(body.into_value(), json!({"a": 1}));
     }
 }

@@ -80,9 +80,10 @@ impl Success {
     /// line, else its value.
     pub fn new(body: Body<'_>, captured: Map<String, Value>) -> Success {
         let truncated = body.cut();
-        match body.compact_json() {
-            Some(raw) => Success { response: Value::Null, raw: Some(raw.to_vec()), truncated, captured },
-            None => Success { response: body.into_value(), raw: None, truncated, captured },
+        if body.is_compact_json() {
+            Success { response: Value::Null, raw: Some(body.into_bytes()), truncated, captured }
+        } else {
+            Success { response: body.into_value(), raw: None, truncated, captured }
         }
     }
 }

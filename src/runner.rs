@@ -560,14 +560,14 @@ async fn send(
 }
 
 /// A short text of an error answer for the failures file.
-fn answer_message(answer: &Answer) -> String {
-    let text = String::from_utf8_lossy(&answer.body);
+fn answer_message(status: StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
     let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(500).collect();
-    let reason = answer.status.canonical_reason().unwrap_or("");
+    let reason = status.canonical_reason().unwrap_or("");
     if text.is_empty() {
-        format!("HTTP {} {reason}", answer.status.as_u16())
+        format!("HTTP {} {reason}", status.as_u16())
     } else {
-        format!("HTTP {} {reason}: {text}", answer.status.as_u16())
+        format!("HTTP {} {reason}: {text}", status.as_u16())
     }
 }
 
@@ -728,7 +728,7 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                 if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
                     tokens.invalidate(token.generation);
                 }
-                let message = answer.as_ref().map_or_else(String::new, answer_message);
+                let message = answer.as_ref().map_or_else(String::new, |a| answer_message(a.status, &a.body));
                 last = Some((ErrorKind::Auth, message, status, latency));
                 refreshed = true;
                 resend = true;
@@ -742,12 +742,12 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                          the credentials may lack access to this API"
                     )));
                 }
-                let message = answer.as_ref().map_or_else(String::new, answer_message);
+                let message = answer.as_ref().map_or_else(String::new, |a| answer_message(a.status, &a.body));
                 return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Auth, message)));
             }
             Verdict::Retry { kind, after } if attempts < max_attempts => {
                 if let Some(answer) = &answer {
-                    last = Some((kind, answer_message(answer), status, latency));
+                    last = Some((kind, answer_message(answer.status, &answer.body), status, latency));
                 }
                 let last_message = last.as_ref().map_or_else(String::new, |l| l.1.clone());
                 if let Some(after) = after {
@@ -777,27 +777,25 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                 }
             }
             Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
-                let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let body = Body::new(&answer.body, answer.total);
+                let Some(answer) = answer else { return stopped(row, attempts, last) };
+                let body = Body::new(answer.body, answer.total);
                 let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
                 let result = if judged.ok && shared.requests.has_success() {
                     Ok(Success::new(body, judged.captured))
                 } else {
-                    fail(kind, answer_message(answer))
+                    fail(kind, answer_message(answer.status, body.bytes()))
                 };
                 return Some(outcome(row, attempts, latency, status, result));
             }
             Verdict::Done => {
-                let Some(answer) = answer.as_ref() else { return stopped(row, attempts, last) };
-                let body = Body::new(&answer.body, answer.total);
+                let Some(answer) = answer else { return stopped(row, attempts, last) };
+                let body = Body::new(answer.body, answer.total);
                 let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
                 let result = if judged.ok {
                     Ok(Success::new(body, judged.captured))
                 } else {
-                    fail(
-                        ErrorKind::Rejected,
-                        format!("the job's success expression refused the answer: {}", answer_message(answer)),
-                    )
+                    let message = answer_message(answer.status, body.bytes());
+                    fail(ErrorKind::Rejected, format!("the job's success expression refused the answer: {message}"))
                 };
                 return Some(outcome(row, attempts, latency, status, result));
             }
