@@ -53,6 +53,7 @@ struct JobFile {
     capture: Map<String, Value>,
     idempotency_key: Option<String>,
     idempotency_header: Option<String>,
+    idempotent: Option<bool>,
     #[serde(default)]
     results_csv: bool,
     // Run settings, passed on to the configuration.
@@ -90,6 +91,10 @@ pub struct Job {
     query: Vec<(String, Text)>,
     body: Option<Node>,
     idempotency: Option<(HeaderName, Text)>,
+    /// May a row be sent again when it is unknown whether the gateway
+    /// acted on it: `idempotent`, else true for the methods that are by
+    /// definition and for a job with `idempotency_key`.
+    idempotent: bool,
     success: Option<Expr>,
     capture: Vec<(String, Capture)>,
     /// Also write `results.csv` (row, key, status and the captured values).
@@ -498,6 +503,10 @@ impl Job {
             }
             None => None,
         };
+        let idempotent = file.idempotent.unwrap_or_else(|| {
+            idempotency.is_some()
+                || [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS].contains(&method)
+        });
         let success = match file.success {
             Some(s) => Some(c.expr(&envs.lenient, "success", single_expression(&s).unwrap_or(&s))?),
             None => None,
@@ -545,6 +554,7 @@ impl Job {
             query,
             body: file.body.map(|b| c.node(&envs.strict, "body", &b)).transpose()?,
             idempotency,
+            idempotent,
             success,
             capture,
             results_csv: file.results_csv,
@@ -588,6 +598,13 @@ impl Job {
 }
 
 impl Job {
+    /// Whether a row may be sent again when it is unknown whether the
+    /// gateway acted on it (a timeout, a connection lost mid-call, a 5xx,
+    /// a row in doubt on resume).
+    pub fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+
     /// The input fields the request templates use, each with the first
     /// place it is used in.
     pub fn fields(&self) -> Vec<(String, String)> {
@@ -866,6 +883,11 @@ impl Requests {
     pub fn has_success(&self) -> bool {
         self.job.success.is_some()
     }
+
+    /// See [`Job::idempotent`].
+    pub fn idempotent(&self) -> bool {
+        self.job.idempotent
+    }
 }
 
 /// Whether a dotted variable path such as `member.last` exists in a record.
@@ -1008,6 +1030,25 @@ mod tests {
         encounter = { serviceTypeCodes = ["30"] }
         fixed = 3
     "#;
+
+    #[test]
+    fn idempotent_by_method_by_key_or_as_declared() {
+        let idempotent =
+            |extra: &str| Job::parse(Path::new("jobs/t.toml"), &format!("url = \"/x\"\n{extra}")).unwrap().idempotent();
+        for method in ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "get"] {
+            assert!(idempotent(&format!("method = \"{method}\"")), "{method} is idempotent by definition");
+        }
+        assert!(!idempotent(""), "POST is the default method, and not idempotent");
+        assert!(!idempotent("method = \"POST\""));
+        assert!(!idempotent("method = \"PATCH\""));
+        assert!(idempotent("idempotency_key = \"{{ id }}\""), "a key lets the server drop duplicates");
+        assert!(idempotent("method = \"PATCH\"\nidempotency_key = \"{{ id }}\""));
+        assert!(idempotent("idempotent = true"), "a query sent as POST may say so");
+        assert!(!idempotent("method = \"PUT\"\nidempotent = false"), "the job's word wins");
+        assert!(!idempotent("idempotency_key = \"{{ id }}\"\nidempotent = false"));
+        let err = Job::parse(Path::new("jobs/t.toml"), "url = \"/x\"\nidempotent = \"yes\"").err().unwrap();
+        assert!(err.to_string().contains("idempotent"), "{err}");
+    }
 
     #[test]
     fn nested_body_from_a_csv_row() {
