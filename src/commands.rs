@@ -15,6 +15,7 @@ use crate::config::{AuthStyle, Credentials, Loaded, Sources};
 use crate::error::{Error, ExitCode};
 use crate::input::{self, Format, InputSpec};
 use crate::job::Job;
+use crate::limiter::{Limiter, LocalLimiter};
 use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
 use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
@@ -274,7 +275,8 @@ async fn run_resolved(
         if r.inputs.len() == 1 { "" } else { "s" },
         dir.display()
     );
-    let finished = runner::run(plan(dir.clone()), tokens, stop).await?;
+    let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(settings.rate, settings.burst));
+    let finished = runner::run(plan(dir.clone()), tokens, limiter, stop).await?;
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }

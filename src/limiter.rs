@@ -1,6 +1,9 @@
-//! How fast calls may go out: every attempt of every row passes [`Limiter`].
+//! How fast calls may go out: every attempt of every row passes a
+//! [`Limiter`]. The runner holds it as `dyn Limiter` and does not know which
+//! one it has: [`LocalLimiter`] paces this process alone; the Redis one
+//! (`limiter/redis.rs`) shares one limit among every process of a run.
 //!
-//! Three gates, in order:
+//! The local limiter has three gates, in order:
 //! - a pause set by `Retry-After`, which holds the whole pool, not one worker;
 //! - the configured rate and burst (the ceiling): GCRA, as governor has it,
 //!   with one difference that matters: a call may go up to [`SLACK`] before
@@ -13,10 +16,12 @@
 //!   stops, until it reaches the ceiling and turns off again. A few 429s
 //!   among many answers only pause the pool for their `Retry-After`.
 //!
-//! And the retry budget, which keeps retries from piling onto a failing
-//! server: each first attempt earns a fifth of a retry, time earns ten per
-//! second, and a retry spends one.
+//! And the retry budget ([`RetryBudget`]), which keeps retries from piling
+//! onto a failing server: each first attempt earns a fifth of a retry, time
+//! earns ten per second, and a retry spends one. It stays per process.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -37,7 +42,22 @@ const THROTTLED_SHARE: f64 = 0.2;
 /// Weight of one answer in that share (about the last 20 answers count).
 const SHARE_WEIGHT: f64 = 0.05;
 
-pub struct Limiter {
+/// The pace of calls, as the runner sees it.
+pub trait Limiter: Send + Sync {
+    /// Waits until one more call may go out.
+    fn until_ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// A `Retry-After`: no call goes out before `d` from now.
+    fn pause(&self, d: Duration);
+    /// Every answer from the server: a run of 429s lowers the rate.
+    fn answered(&self, throttled: bool);
+    /// The adaptive rate now, while it is lowering the rate.
+    fn effective_rate(&self) -> Option<f64>;
+    /// The lowest rate the server's 429s brought the run down to.
+    fn lowest_rate(&self) -> Option<f64>;
+}
+
+/// The limit of one process: GCRA on its own clock.
+pub struct LocalLimiter {
     started: Instant,
     /// The end of a `Retry-After` pause, in ms since `started`.
     paused_until_ms: AtomicU64,
@@ -52,7 +72,6 @@ pub struct Limiter {
     /// next free slot, read on every attempt without the mutex.
     period_ns: AtomicU64,
     next_ns: AtomicU64,
-    budget: Mutex<Budget>,
 }
 
 /// The adaptive gate's slow-changing state.
@@ -74,6 +93,9 @@ struct Adaptive {
     measured: f64,
 }
 
+/// Retries left to spend; see the module doc.
+pub struct RetryBudget(Mutex<Budget>);
+
 struct Budget {
     balance: f64,
     refilled: Instant,
@@ -85,12 +107,30 @@ const BUDGET_PER_CALL: f64 = 1.0;
 const BUDGET_PER_RETRY: f64 = 5.0;
 const BUDGET_PER_SECOND: f64 = 50.0;
 
-impl Limiter {
-    pub fn new(rate: f64, burst: u32) -> Limiter {
+impl Limiter for LocalLimiter {
+    fn until_ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(LocalLimiter::until_ready(self))
+    }
+    fn pause(&self, d: Duration) {
+        LocalLimiter::pause(self, d)
+    }
+    fn answered(&self, throttled: bool) {
+        LocalLimiter::answered(self, throttled)
+    }
+    fn effective_rate(&self) -> Option<f64> {
+        LocalLimiter::effective_rate(self)
+    }
+    fn lowest_rate(&self) -> Option<f64> {
+        LocalLimiter::lowest_rate(self)
+    }
+}
+
+impl LocalLimiter {
+    pub fn new(rate: f64, burst: u32) -> LocalLimiter {
         let period_ns = if rate > 0.0 { (1e9 / rate).max(1.0) as u64 } else { 0 };
         let tolerance_ns = u64::from(burst.max(1) - 1) * period_ns + SLACK.as_nanos() as u64;
         let now = Instant::now();
-        Limiter {
+        LocalLimiter {
             started: now,
             paused_until_ms: AtomicU64::new(0),
             fixed_period_ns: period_ns,
@@ -111,7 +151,6 @@ impl Limiter {
             }),
             period_ns: AtomicU64::new(0),
             next_ns: AtomicU64::new(0),
-            budget: Mutex::new(Budget { balance: BUDGET_PER_SECOND, refilled: now }),
         }
     }
 
@@ -249,16 +288,24 @@ impl Limiter {
     pub fn lowest_rate(&self) -> Option<f64> {
         self.adaptive.lock().unwrap_or_else(|e| e.into_inner()).lowest
     }
+}
 
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget(Mutex::new(Budget { balance: BUDGET_PER_SECOND, refilled: Instant::now() }))
+    }
+}
+
+impl RetryBudget {
     /// A first attempt went out: it earns part of a retry.
     pub fn earn_retry(&self) {
-        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
         b.balance = (b.balance + BUDGET_PER_CALL).min(BUDGET_MAX);
     }
 
     /// Spends one retry, if the budget has one.
     pub fn spend_retry(&self) -> bool {
-        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         b.balance = (b.balance + (now - b.refilled).as_secs_f64() * BUDGET_PER_SECOND).min(BUDGET_MAX);
         b.refilled = now;
@@ -277,7 +324,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_is_kept_and_the_burst_only_after_a_quiet_spell() {
-        let limiter = Limiter::new(100.0, 1);
+        let limiter = LocalLimiter::new(100.0, 1);
         let start = Instant::now();
         for _ in 0..101 {
             limiter.until_ready().await;
@@ -286,7 +333,7 @@ mod tests {
         // 100 gaps of 10 ms, each call allowed up to 2 ms early.
         assert!(took >= Duration::from_millis(998) && took <= Duration::from_millis(1000), "{took:?}");
 
-        let limiter = Limiter::new(10.0, 5);
+        let limiter = LocalLimiter::new(10.0, 5);
         tokio::time::advance(Duration::from_secs(5)).await;
         let start = Instant::now();
         for _ in 0..5 {
@@ -299,7 +346,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_pauses_everyone() {
-        let limiter = Limiter::new(0.0, 1);
+        let limiter = LocalLimiter::new(0.0, 1);
         limiter.pause(Duration::from_secs(3));
         let start = Instant::now();
         limiter.until_ready().await;
@@ -308,7 +355,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn throttling_cuts_the_rate_and_calm_restores_it() {
-        let limiter = Limiter::new(100.0, 1);
+        let limiter = LocalLimiter::new(100.0, 1);
         for _ in 0..50 {
             limiter.until_ready().await;
             limiter.answered(false);
@@ -337,19 +384,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_retry_budget_runs_out_and_refills() {
-        let limiter = Limiter::new(0.0, 1);
+        let budget = RetryBudget::default();
         let mut spent = 0;
-        while limiter.spend_retry() {
+        while budget.spend_retry() {
             spent += 1;
         }
         assert_eq!(spent, 10, "a reserve of ten retries");
         for _ in 0..10 {
-            limiter.earn_retry();
+            budget.earn_retry();
         }
-        assert!(limiter.spend_retry(), "ten calls earn two retries");
-        assert!(limiter.spend_retry());
-        assert!(!limiter.spend_retry());
+        assert!(budget.spend_retry(), "ten calls earn two retries");
+        assert!(budget.spend_retry());
+        assert!(!budget.spend_retry());
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(limiter.spend_retry(), "time earns ten a second");
+        assert!(budget.spend_retry(), "time earns ten a second");
     }
 }

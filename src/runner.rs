@@ -26,7 +26,7 @@ use crate::config::{ConfigError, Settings};
 use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, RetryBudget};
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{Done, InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
@@ -124,7 +124,9 @@ struct Shared {
     requests: Arc<Requests>,
     tokens: Option<TokenSource>,
     /// Every attempt passes it; a Retry-After pauses it for everyone.
-    limiter: Arc<Limiter>,
+    limiter: Arc<dyn Limiter>,
+    /// Retries left; per process, whichever limiter paces the calls.
+    budget: RetryBudget,
     settings: Settings,
     live: Arc<Live>,
     inputs: Vec<String>,
@@ -404,7 +406,12 @@ async fn lane(
 }
 
 /// Sends every row and records every outcome in `plan.dir`.
-pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToken) -> Result<Finished, Error> {
+pub async fn run(
+    plan: Plan,
+    tokens: Option<TokenSource>,
+    limiter: Arc<dyn Limiter>,
+    stop: CancellationToken,
+) -> Result<Finished, Error> {
     let concurrency = plan.settings.concurrency;
     let resume = plan.resume.unwrap_or_default();
     let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
@@ -419,7 +426,6 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
     }
     stats.add_earlier_time(resume.earlier);
     let live = Arc::new(Live::default());
-    let limiter = Arc::new(Limiter::new(plan.settings.rate, plan.settings.burst));
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
     let progress = Progress::start(
         plan.progress,
@@ -443,6 +449,7 @@ pub async fn run(plan: Plan, tokens: Option<TokenSource>, stop: CancellationToke
         requests: plan.requests.clone(),
         tokens: tokens.clone(),
         limiter: limiter.clone(),
+        budget: RetryBudget::default(),
         settings: plan.settings.clone(),
         live: live.clone(),
         inputs: input_names(&plan.inputs),
@@ -675,7 +682,7 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                 shared.abort(Error::Output(e));
                 return None;
             }
-            shared.limiter.earn_retry();
+            shared.budget.earn_retry();
         }
         resend = false;
         shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -760,7 +767,7 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
                     }
                     shared.limiter.pause(after);
                 }
-                if !shared.limiter.spend_retry() {
+                if !shared.budget.spend_retry() {
                     let message =
                         format!("{last_message}; not retried: the retry budget is spent (too many calls are failing)");
                     return Some(outcome(row, attempts, latency, status, fail(kind, message)));

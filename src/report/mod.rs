@@ -271,7 +271,7 @@ pub struct ProgressSource {
     pub live: Arc<Live>,
     pub total_bytes: u64,
     pub tokens: Option<TokenSource>,
-    pub limiter: Option<Arc<Limiter>>,
+    pub limiter: Option<Arc<dyn Limiter>>,
     /// The inputs' names; with several, the current one is shown.
     pub inputs: Vec<String>,
     pub interval: Duration,
