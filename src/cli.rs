@@ -172,7 +172,26 @@ pub struct RunArgs {
     #[arg(long)]
     pub dry_run: bool,
     #[command(flatten)]
+    pub sharding: ShardArgs,
+    #[command(flatten)]
     pub running: RunningArgs,
+}
+
+/// One run split over N processes.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Many hosts")]
+pub struct ShardArgs {
+    /// Send only shard K of N (K from 0): the rows whose 0-based position across all inputs is K modulo N.
+    /// Its run directory is <run>/shard-K-of-N/ (<run> is -o, or out/<job>/<run id>); started again, it resumes there.
+    #[arg(long, value_name = "K/N", conflicts_with = "shards")]
+    pub shard: Option<crate::shard::Shard>,
+    /// Split the run into N shards; this process's K comes from JOB_COMPLETION_INDEX (Kubernetes Indexed Job)
+    /// or AWS_BATCH_JOB_ARRAY_INDEX (AWS Batch array job).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub shards: Option<u32>,
+    /// The name that ties the shards of a run together [default: the job's name and a hash of its inputs].
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
 use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::shard::Shard;
 use crate::token::{Origin, TokenSource};
 
 /// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM.
@@ -138,15 +139,23 @@ fn default_run_dir(out_dir: &Path, job: &str) -> PathBuf {
         .expect("a free name")
 }
 
-/// `run.json`: what `resume` needs, written before the first call goes out.
-async fn write_run_json(dir: &Path, r: &Resolved, limit: Option<u64>) -> Result<(), Error> {
-    let inputs = r.inputs.clone();
-    let inputs = tokio::task::spawn_blocking(move || {
+/// Each input's size and hash. Reads every input whole.
+async fn fingerprint(inputs: &[InputSpec]) -> Result<Vec<InputFingerprint>, Error> {
+    let inputs = inputs.to_vec();
+    tokio::task::spawn_blocking(move || {
         inputs.iter().map(|i| InputFingerprint::of(&i.path, i.format, i.delimiter)).collect::<std::io::Result<Vec<_>>>()
     })
     .await
     .expect("hashing does not panic")
-    .map_err(|e| Error::Usage(format!("cannot read an input to fingerprint it: {e}")))?;
+    .map_err(|e| Error::Usage(format!("cannot read an input to fingerprint it: {e}")))
+}
+
+/// `run.json`: what `resume` needs, written before the first call goes out.
+async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Result<(), Error> {
+    let inputs = match &options.sharding {
+        Some(sharding) => sharding.inputs.clone(),
+        None => fingerprint(&r.inputs).await?,
+    };
     let info = RunInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         job: absolute(&r.job.path),
@@ -165,9 +174,11 @@ async fn write_run_json(dir: &Path, r: &Resolved, limit: Option<u64>) -> Result<
             }
             settings
         },
-        limit,
+        limit: options.limit,
         started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         pid: std::process::id(),
+        run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
+        shard: options.sharding.as_ref().map(|s| s.shard),
     };
     crate::output::write_json(&dir.join("run.json"), &info)?;
     Ok(())
@@ -191,15 +202,69 @@ struct RunOptions {
     rerun: String,
     /// Whether `bulkcall resume` can finish the run (not the demo's).
     resumable: bool,
+    /// This process's part of a run split over several.
+    sharding: Option<Sharding>,
+}
+
+/// A shard of a run split over several processes.
+#[derive(Debug, Clone)]
+struct Sharding {
+    shard: Shard,
+    run_id: String,
+    /// The inputs as the run found them (the run id's default is their hash).
+    inputs: Vec<InputFingerprint>,
+}
+
+impl ShardArgs {
+    /// `--shard K/N`, or `--shards N` with K from the scheduler's environment.
+    fn shard(&self) -> Result<Option<Shard>, Error> {
+        let shard = match (self.shard, self.shards) {
+            (Some(shard), _) => Some(shard),
+            (None, Some(count)) => Some(Shard::from_env(count, |name| std::env::var(name).ok())?),
+            (None, None) => None,
+        };
+        if shard.is_none() && self.run_id.is_some() {
+            return Err(Error::Usage(
+                "--run-id names the run that shards share: give --shard K/N or --shards N".into(),
+            ));
+        }
+        if let Some(id) = &self.run_id {
+            crate::shard::check_run_id(id)?;
+        }
+        Ok(shard)
+    }
 }
 
 async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let shard = args.sharding.shard()?;
     let resolved = resolve(&args.job, &args.inputs, &args.config, &args.settings)?;
     let rerun = rerun_command(&args.job, args.config.profile.as_deref(), args.config.config.as_deref());
     let resumable = true;
+    let (mut out, mut sharding) = (args.out, None);
+    if let Some(shard) = shard {
+        let inputs = fingerprint(&resolved.inputs).await?;
+        let run_id = args.sharding.run_id.unwrap_or_else(|| crate::shard::default_run_id(&resolved.job.name, &inputs));
+        let run = out.unwrap_or_else(|| resolved.loaded.settings.out_dir.join(&resolved.job.name).join(&run_id));
+        let dir = shard.dir(&run);
+        // A shard started again (a Kubernetes index retried, a host
+        // rebooted) picks up where it left off.
+        if dir.join("run.json").exists() && !args.dry_run {
+            tracing::info!("shard {shard} of run {run_id} started before: resuming {}", dir.display());
+            let again = ResumeArgs {
+                run_dir: dir,
+                // The same default as `bulkcall resume`.
+                in_doubt: InDoubt::Resend,
+                settings: args.settings,
+                running: args.running,
+            };
+            return resume(again, log, stop).await;
+        }
+        out = Some(dir);
+        sharding = Some(Sharding { shard, run_id, inputs });
+    }
     let options = RunOptions {
         log,
-        out: args.out,
+        out,
         limit: args.limit,
         dry_run: args.dry_run,
         max_failures: args.running.max_failures,
@@ -208,6 +273,7 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
         json: args.running.json,
         rerun,
         resumable,
+        sharding,
     };
     run_resolved(resolved, None, options, None, stop).await
 }
@@ -237,6 +303,8 @@ async fn run_resolved(
         grace: options.grace,
         max_failures: options.max_failures,
         resume: resume.take(),
+        shard: options.sharding.as_ref().map(|s| s.shard),
+        run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
     };
 
     if options.dry_run {
@@ -249,7 +317,14 @@ async fn run_resolved(
     // One run per job: a second one stops here, before any token request.
     // The lock lives in the job's own output folder, wherever `-o` puts the
     // run directory, so every run of the job meets it.
-    let _lock = crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?;
+    // A shard's lock is its own, beside its directory: the shards of a run
+    // go on at the same time.
+    let _lock = match (&options.sharding, dir.parent()) {
+        (Some(sharding), Some(run)) => {
+            crate::output::lock_job(run, &format!("{}.{}", r.job.name, sharding.shard.dir_name()))?
+        }
+        _ => crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?,
+    };
     let client = runner::http_client(&settings)?;
     let tokens = if authorized {
         r.loaded.token_url()?;
@@ -265,10 +340,11 @@ async fn run_resolved(
     };
     if !resuming {
         crate::output::create_run_dir(&dir)?;
-        write_run_json(&dir, &r, options.limit).await?;
+        write_run_json(&dir, &r, &options).await?;
     }
+    let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();
     tracing::info!(
-        "{} {} ({} input{}) into {}",
+        "{} {}{part} ({} input{}) into {}",
         if resuming { "resuming" } else { "running" },
         r.job.name,
         r.inputs.len(),
@@ -407,6 +483,10 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
             info.config.as_deref(),
         ),
         resumable: true,
+        sharding: match (info.shard, info.run_id) {
+            (Some(shard), Some(run_id)) => Some(Sharding { shard, run_id, inputs: info.inputs.clone() }),
+            _ => None,
+        },
     };
     let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail, earlier };
     run_resolved(resolved, None, options, Some(resume), stop).await
@@ -699,6 +779,7 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
         json: args.json,
         rerun: format!("{} run {}", crate::cli::program(), job_path.display()),
         resumable: false,
+        sharding: None,
     };
     let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;

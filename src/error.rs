@@ -1,6 +1,8 @@
 //! The error of each layer meets here, and here alone errors become exit codes.
 
-use crate::{config::ConfigError, input::InputError, job::JobError, output::OutputError, token::TokenError};
+use crate::{
+    config::ConfigError, input::InputError, job::JobError, output::OutputError, shard::ShardError, token::TokenError,
+};
 
 /// The process exit codes of the SPEC, decided in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,6 +48,8 @@ pub enum Error {
     Token(#[from] TokenError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
     #[error("{0}")]
     Usage(String),
     #[error("aborted: {0}")]
@@ -71,6 +75,7 @@ impl Error {
             | Error::Job(_)
             | Error::Input(_)
             | Error::Usage(_)
+            | Error::Shard(_)
             | Error::Sandbox { .. }
             | Error::Report(_) => ExitCode::Usage,
             Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,

@@ -16,6 +16,7 @@
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
 //! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
+//! - [`shard`]: one run split over N processes: which rows are whose, the run id.
 //! - [`sandbox`]: the built-in mock gateway (axum).
 //! - [`error`]: the error type of each layer and the exit codes.
 
@@ -32,4 +33,5 @@ pub mod output;
 pub mod report;
 pub mod runner;
 pub mod sandbox;
+pub mod shard;
 pub mod token;

@@ -125,6 +125,11 @@ pub struct RunInfo {
     pub limit: Option<u64>,
     pub started_at: String,
     pub pid: u32,
+    /// The run this directory is one shard of, and which shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::Shard>,
 }
 
 /// An input as it was when the run started.

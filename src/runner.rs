@@ -30,6 +30,7 @@ use crate::limiter::{Limiter, RetryBudget};
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{Done, InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
+use crate::shard::Shard;
 use crate::token::{Token, TokenSource};
 
 /// Everything a run needs, resolved.
@@ -48,6 +49,10 @@ pub struct Plan {
     pub max_failures: Option<MaxFailures>,
     /// Continuing an earlier run into the same directory.
     pub resume: Option<Resume>,
+    /// This process's part of a run split over several: only its rows are read.
+    pub shard: Option<Shard>,
+    /// The name shared by every shard of the run (sharded runs only).
+    pub run_id: Option<String>,
 }
 
 /// What the ledger of an interrupted run says.
@@ -202,11 +207,13 @@ fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
 const BATCH: usize = 64;
 
 /// Starts the reader thread: it feeds `tx` batches of rows until the inputs
-/// end, `limit` rows were read, or `stop` is cancelled. Rows in `skip` are
-/// not sent.
+/// end, `limit` rows were read, or `stop` is cancelled. Only `shard`'s rows
+/// are taken (`limit` counts every row, so the shards of a limited run
+/// share its first rows); rows in `skip` are not sent.
 fn spawn_reader(
     inputs: Vec<InputSpec>,
     limit: Option<u64>,
+    shard: Option<Shard>,
     skip: HashSet<(usize, u64)>,
     live: Arc<Live>,
     stop: CancellationToken,
@@ -221,6 +228,9 @@ fn spawn_reader(
                 return false;
             }
             count += 1;
+            if shard.is_some_and(|s| !s.takes(count - 1)) {
+                return true;
+            }
             let key = match &item {
                 Ok(row) => (row.input, row.number),
                 Err(bad) => (bad.input, bad.number),
@@ -442,8 +452,9 @@ pub async fn run(
     let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
     let skip: HashSet<(usize, u64)> = resume.done.keys().copied().collect();
     live.rows_to_skip.store(skip.len() as u64, Ordering::Relaxed);
-    live.rows_limit.store(plan.limit.unwrap_or(u64::MAX), Ordering::Relaxed);
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, skip, live.clone(), stop.clone(), batch_tx);
+    let limit = plan.limit.map(|l| plan.shard.map_or(l, |s| s.share_of(l)));
+    live.rows_limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    let reader = spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, skip, live.clone(), stop.clone(), batch_tx);
 
     let shared = Arc::new(Shared {
         requests: plan.requests.clone(),
@@ -815,7 +826,8 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
 pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
     let (tx, rx) = async_channel::bounded::<Vec<Item>>(16);
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, HashSet::new(), live, CancellationToken::new(), tx);
+    let reader =
+        spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, HashSet::new(), live, CancellationToken::new(), tx);
     let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false, None)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
