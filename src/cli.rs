@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::error::Error;
 use crate::report::ProgressMode;
-use crate::runner::MaxFailures;
+use crate::options::MaxFailures;
 use crate::sandbox::Faults;
 
 #[derive(Debug, Parser)]
@@ -379,15 +379,4 @@ pub struct DemoArgs {
     /// Print summary.json to stdout at the end.
     #[arg(long)]
     pub json: bool,
-}
-
-/// How to call bulkcall again in a hint: as it was called when that was a
-/// path (`target/release/bulkcall`, `/usr/local/bin/bulkcall`), else
-/// `bulkcall`, found on PATH.
-pub fn program() -> String {
-    std::env::args_os()
-        .next()
-        .map(|arg0| arg0.to_string_lossy().into_owned())
-        .filter(|arg0| arg0.contains('/') && !arg0.contains(char::is_whitespace))
-        .unwrap_or_else(|| "bulkcall".to_string())
 }

@@ -18,7 +18,8 @@ use crate::job::Job;
 use crate::limiter::{Limiter, LocalLimiter};
 use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
-use crate::runner::{self, Finished, MaxFailures, Plan, Resume};
+use crate::options::MaxFailures;
+use crate::runner::{self, Finished, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shard::Shard;
 use crate::token::{Origin, TokenSource};
@@ -504,7 +505,7 @@ fn print_dry_run(dir: &Path) {
 /// How to run the job again with the same configuration (for the hint
 /// that sends the failures again).
 fn rerun_command(job: &Path, profile: Option<&str>, config: Option<&Path>) -> String {
-    let mut command = format!("{} run {}", crate::cli::program(), job.display());
+    let mut command = format!("{} run {}", crate::options::program(), job.display());
     if let Some(config) = config {
         command.push_str(&format!(" -c {}", config.display()));
     }
@@ -599,11 +600,11 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
             if options.resumable {
                 eprintln!(
                     "  rows not yet sent are in neither file; send them with: {} resume {}",
-                    crate::cli::program(),
+                    crate::options::program(),
                     dir.display()
                 );
             } else {
-                eprintln!("  the demo's sandbox is gone with it: run `{} demo` again", crate::cli::program());
+                eprintln!("  the demo's sandbox is gone with it: run `{} demo` again", crate::options::program());
             }
         }
     }
@@ -777,14 +778,14 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
         grace: Duration::from_secs(30),
         progress: args.progress,
         json: args.json,
-        rerun: format!("{} run {}", crate::cli::program(), job_path.display()),
+        rerun: format!("{} run {}", crate::options::program(), job_path.display()),
         resumable: false,
         sharding: None,
     };
     let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;
     if exit.is_ok() && !log.quiet {
-        let program = crate::cli::program();
+        let program = crate::options::program();
         eprintln!(
             "next: `{program} sandbox` in one terminal, then `{program} run jobs/eligibility.toml -p local` in another"
         );

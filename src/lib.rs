@@ -12,6 +12,7 @@
 //! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
 //! - [`token`]: the one shared access token: fetch, early refresh, 401 invalidation.
 //! - [`limiter`]: the rate limit, Retry-After pauses, adaptive rate and retry budget.
+//! - [`options`]: the program's name for hints and `--max-failures`, shared by `cli` and `runner`.
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod input;
 pub mod job;
 pub mod limiter;
+pub mod options;
 pub mod outcome;
 pub mod output;
 pub mod report;

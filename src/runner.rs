@@ -27,6 +27,7 @@ use crate::error::{Error, ExitCode};
 use crate::input::{InputSpec, Item, Row, read_all};
 use crate::job::{Request, Requests};
 use crate::limiter::{Limiter, RetryBudget};
+use crate::options::MaxFailures;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{Done, InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
@@ -66,38 +67,6 @@ pub struct Resume {
     pub fail_in_doubt: bool,
     /// How long the earlier parts of the run took.
     pub earlier: Duration,
-}
-
-/// `--max-failures N` or `P%`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MaxFailures {
-    Count(u64),
-    /// A share of the rows done so far, judged once 100 rows are done.
-    Percent(f64),
-}
-
-impl std::str::FromStr for MaxFailures {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is neither a count (50) nor a percentage (5%)");
-        match s.trim().strip_suffix('%') {
-            Some(p) => match p.trim().parse::<f64>() {
-                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MaxFailures::Percent(p)),
-                Ok(_) => Err(format!("`{s}`: a percentage of failed rows is above 0% and at most 100%")),
-                Err(_) => Err(bad()),
-            },
-            None => s.trim().parse::<u64>().ok().filter(|n| *n > 0).map(MaxFailures::Count).ok_or_else(bad),
-        }
-    }
-}
-
-impl MaxFailures {
-    fn reached(self, failed: u64, done: u64) -> bool {
-        match self {
-            MaxFailures::Count(n) => failed >= n,
-            MaxFailures::Percent(p) => done >= 100 && failed as f64 * 100.0 >= p * done as f64,
-        }
-    }
 }
 
 /// How a run ended.
@@ -300,7 +269,7 @@ impl Recorder {
                 if max.reached(failed, done) && !shared.stop.is_cancelled() {
                     shared.abort(Error::MaxFailures(format!(
                         "{failed} of {done} rows failed, reaching --max-failures; `{} resume {}` sends the rest",
-                        crate::cli::program(),
+                        crate::options::program(),
                         shared.dir.display()
                     )));
                 }
