@@ -213,7 +213,7 @@ pub struct RunningArgs {
     /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
     #[arg(long)]
     pub max_failures: Option<MaxFailures>,
-    /// How long calls in flight may take to finish after Ctrl-C or SIGTERM.
+    /// How long calls in flight may take to finish after Ctrl-C, SIGTERM or SIGHUP.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub grace: Duration,
     /// Progress bar; `auto` = only when stderr is a terminal.

@@ -24,7 +24,7 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shard::Shard;
 use crate::token::{Origin, TokenSource};
 
-/// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM.
+/// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM/SIGHUP.
 pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Error> {
     let log = cli.log;
     match cli.command {

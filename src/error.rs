@@ -25,7 +25,7 @@ pub enum ExitCode {
     Io = 74,
     /// Another run of the same job holds its lock.
     Locked = 75,
-    /// Stopped by SIGINT/SIGTERM after a graceful stop.
+    /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.
     Interrupted = 130,
 }
 

@@ -44,17 +44,21 @@ fn main() -> ExitCode {
     ExitCode::from(code.code())
 }
 
-/// The first SIGINT or SIGTERM stops taking rows and lets calls in flight
-/// finish; a second one exits at once.
+/// The first SIGINT, SIGTERM or SIGHUP (the terminal or ssh session went
+/// away) stops taking rows and lets calls in flight finish; a second one
+/// exits at once.
 async fn watch_signals(stop: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
         return;
     };
     for n in 0.. {
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
         if n == 0 {
             // Through the log, so it prints above a progress bar.

@@ -104,7 +104,7 @@ struct Shared {
     settings: Settings,
     live: Arc<Live>,
     inputs: Vec<String>,
-    /// Cancelled on SIGINT/SIGTERM or abort: take no new rows.
+    /// Cancelled on SIGINT/SIGTERM/SIGHUP or abort: take no new rows.
     stop: CancellationToken,
     /// Cancelled when the grace period is over: drop calls in flight.
     hard_stop: CancellationToken,

@@ -1,0 +1,52 @@
+//! Stopping a run: signals, a gateway that asks for a long pause, and rows
+//! waiting for a retry when the run stops. Rows not finished stay resumable.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bulkcall::sandbox::SandboxConfig;
+use common::*;
+
+fn bulkcall() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    command.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+}
+
+async fn wait_for_calls(gw: &Gateway, n: u64) {
+    while gw.sandbox.stats().api_calls < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(100), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let child = bulkcall()
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "4"])
+        .spawn()
+        .unwrap();
+    wait_for_calls(&gw, 8).await;
+    let pid = child.id().unwrap() as libc::pid_t;
+    // SAFETY: a plain kill(2) of the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "a graceful stop, not death by SIGHUP: {stderr}");
+    assert!(stderr.contains("resume"), "the closing lines say how to finish: {stderr}");
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["exit_code"], 130);
+    let recorded = jsonl(&out.join("results.jsonl")).len() as u64;
+    assert!(recorded >= 8 && recorded < 200, "calls in flight finished and were recorded: {recorded}");
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap(), "-j", "32"]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 200);
+}
