@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
 use crate::error::Error;
-use crate::report::ProgressMode;
 use crate::options::MaxFailures;
+use crate::report::ProgressMode;
 use crate::sandbox::Faults;
 
 #[derive(Debug, Parser)]
@@ -198,9 +198,10 @@ pub struct ShardArgs {
 pub struct ResumeArgs {
     /// The run directory of the run to finish.
     pub run_dir: PathBuf,
-    /// Rows that were sent but have no recorded outcome: send them again, or write them to failures as `in_doubt`.
-    #[arg(long, value_enum, default_value_t = InDoubt::Resend)]
-    pub in_doubt: InDoubt,
+    /// Rows that were sent but have no recorded outcome: send them again, or write them to failures as
+    /// `in_doubt` [default: resend for an idempotent job, fail for the others].
+    #[arg(long, value_enum)]
+    pub in_doubt: Option<InDoubt>,
     #[command(flatten)]
     pub settings: SettingArgs,
     #[command(flatten)]

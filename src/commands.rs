@@ -16,9 +16,9 @@ use crate::error::{Error, ExitCode};
 use crate::input::{self, Format, InputSpec};
 use crate::job::Job;
 use crate::limiter::{Limiter, LocalLimiter};
+use crate::options::MaxFailures;
 use crate::output::{InputFingerprint, RunInfo};
 use crate::report::ProgressMode;
-use crate::options::MaxFailures;
 use crate::runner::{self, Finished, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shard::Shard;
@@ -352,6 +352,15 @@ async fn run_resolved(
         if r.inputs.len() == 1 { "" } else { "s" },
         dir.display()
     );
+    if !requests.idempotent() {
+        tracing::info!(
+            "{} is not idempotent ({} without idempotency_key): a row is sent again only when the gateway \
+             provably did not act on it; after a timeout, a lost connection or a 5xx it fails (in_doubt or \
+             server_error) instead of risking a duplicate. Set idempotency_key, or idempotent = true for a query",
+            r.job.name,
+            r.job.method()
+        );
+    }
     let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(settings.rate, settings.burst));
     let finished = runner::run(plan(dir.clone()), tokens, limiter, stop).await?;
     if let Err(e) = write_report(&dir) {
@@ -401,6 +410,8 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     }
 
     let job = Job::load(&info.job)?;
+    // A row in doubt may have been acted on: only an idempotent job sends it again unasked.
+    let in_doubt_rule = args.in_doubt.unwrap_or(if job.idempotent() { InDoubt::Resend } else { InDoubt::Fail });
     let mut flags = match info.settings {
         Value::Object(map) => map,
         _ => Map::new(),
@@ -467,7 +478,7 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         "{} rows already have an outcome; {} were in flight when the run stopped ({})",
         done.len(),
         in_doubt.len(),
-        if args.in_doubt == InDoubt::Fail { "written to failures as in_doubt" } else { "sending them again" }
+        if in_doubt_rule == InDoubt::Fail { "written to failures as in_doubt" } else { "sending them again" }
     );
     let options = RunOptions {
         log,
@@ -489,7 +500,7 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
             _ => None,
         },
     };
-    let resume = Resume { done, in_doubt, fail_in_doubt: args.in_doubt == InDoubt::Fail, earlier };
+    let resume = Resume { done, in_doubt, fail_in_doubt: in_doubt_rule == InDoubt::Fail, earlier };
     run_resolved(resolved, None, options, Some(resume), stop).await
 }
 

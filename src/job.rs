@@ -267,6 +267,11 @@ impl Job {
         self.idempotent
     }
 
+    /// The HTTP method of every call.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
     /// The input fields the request templates use, each with the first
     /// place it is used in.
     pub fn fields(&self) -> Vec<(String, String)> {

@@ -143,9 +143,12 @@ pub fn eligibility_csv(first: u64, n: u64) -> String {
     text
 }
 
+/// A query: `idempotent = true`, so timeouts and 5xx are retried and rows
+/// in doubt are sent again on resume.
 pub const ELIGIBILITY_JOB: &str = r#"
 url = "/medicalnetwork/eligibility/v3"
 key = "{{ control_number }}"
+idempotent = true
 [headers]
 x-request-id = "req-{{ control_number }}"
 [body]
@@ -154,3 +157,20 @@ tradingPartnerServiceId = "{{ payer_id }}"
 provider = { organizationName = "{{ provider_name }}", npi = "{{ npi }}" }
 subscriber = { memberId = "{{ member_id }}", firstName = "{{ first_name }}", lastName = "{{ last_name }}", dateOfBirth = "{{ dob }}" }
 "#;
+
+/// A claim submission: a POST without `idempotency_key`, so not idempotent.
+/// Takes the rows of [`eligibility_csv`].
+pub const CLAIMS_JOB: &str = r#"
+url = "/medicalnetwork/professionalclaims/v3/submission"
+key = "{{ control_number }}"
+[body]
+controlNumber = "{{ control_number }}"
+tradingPartnerServiceId = "{{ payer_id }}"
+subscriber = { memberId = "{{ member_id }}", firstName = "{{ first_name }}", lastName = "{{ last_name }}", dateOfBirth = "{{ dob }}" }
+claimInformation = { patientControlNumber = "PCN{{ control_number }}", claimChargeAmount = "100.00" }
+"#;
+
+/// [`CLAIMS_JOB`] with an `Idempotency-Key` per row: idempotent.
+pub fn claims_job_with_key() -> String {
+    CLAIMS_JOB.replacen("key = ", "idempotency_key = \"claim-{{ control_number }}\"\nkey = ", 1)
+}
