@@ -253,8 +253,8 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
             tracing::info!("shard {shard} of run {run_id} started before: resuming {}", dir.display());
             let again = ResumeArgs {
                 run_dir: dir,
-                // The same default as `bulkcall resume`.
-                in_doubt: InDoubt::Resend,
+                // The same default as `bulkcall resume`: by the job's idempotency.
+                in_doubt: None,
                 settings: args.settings,
                 running: args.running,
             };
