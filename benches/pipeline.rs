@@ -81,9 +81,14 @@ fn main() {
     // together, then their outcomes, then their done marks.
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
-    let mut writer =
-        Writer::open(&out, vec![InputInfo { name: "rows.csv".into(), format: Format::Csv }], false, true, None)
-            .unwrap();
+    let mut writer = Writer::open(
+        &out,
+        vec![InputInfo { name: "rows.csv".into(), failures: "failures.csv".into() }],
+        false,
+        true,
+        None,
+    )
+    .unwrap();
     let ledger = Ledger::open(&out, false).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut chunk = Vec::with_capacity(64);

@@ -59,6 +59,8 @@ struct Resolved {
     job: Arc<Job>,
     loaded: Loaded,
     inputs: Vec<InputSpec>,
+    /// Each input's failures file name in the run directory.
+    failures: Vec<String>,
 }
 
 fn resolve(
@@ -122,7 +124,9 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolv
             )));
         }
     }
-    Ok(Resolved { job: Arc::new(job), loaded, inputs: specs })
+    let failures =
+        crate::output::failure_file_names(&specs.iter().map(|i| (i.path.clone(), i.format)).collect::<Vec<_>>());
+    Ok(Resolved { job: Arc::new(job), loaded, inputs: specs, failures })
 }
 
 fn is_failures_file(path: &Path) -> bool {
@@ -153,10 +157,13 @@ async fn fingerprint(inputs: &[InputSpec]) -> Result<Vec<InputFingerprint>, Erro
 
 /// `run.json`: what `resume` needs, written before the first call goes out.
 async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Result<(), Error> {
-    let inputs = match &options.sharding {
+    let mut inputs = match &options.sharding {
         Some(sharding) => sharding.inputs.clone(),
         None => fingerprint(&r.inputs).await?,
     };
+    for (input, failures) in inputs.iter_mut().zip(&r.failures) {
+        input.failures = Some(failures.clone());
+    }
     let info = RunInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         job: absolute(&r.job.path),
@@ -297,6 +304,7 @@ async fn run_resolved(
     let mut plan = |dir: PathBuf| Plan {
         requests: requests.clone(),
         inputs: r.inputs.clone(),
+        failures: r.failures.clone(),
         settings: settings.clone(),
         limit: options.limit,
         dir,
@@ -430,9 +438,13 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     let loaded = sources.load()?;
     let inputs: Vec<PathBuf> = info.inputs.iter().map(|i| i.path.clone()).collect();
     let mut resolved = resolve_inputs(job, loaded, &inputs)?;
-    for (spec, was) in resolved.inputs.iter_mut().zip(&info.inputs) {
+    for ((spec, failures), was) in resolved.inputs.iter_mut().zip(&mut resolved.failures).zip(&info.inputs) {
         spec.format = was.format;
         spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+        // Runs from before failures files were named in run.json keep the name computed now.
+        if let Some(name) = &was.failures {
+            failures.clone_from(name);
+        }
     }
 
     // A run that finished has nothing to resume.
@@ -450,30 +462,33 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         );
         return Ok(if summary.exit_code == 0 { ExitCode::Success } else { ExitCode::RowsFailed });
     }
-    let (mut done, started) = crate::output::Ledger::read(&dir)?;
-    // Time already spent: from the last summary, or (after a crash) the ledger's marks.
-    let earlier = match &earlier {
-        Some(summary) => Duration::from_secs_f64(summary.duration_s.max(0.0)),
-        None => {
-            let times = done.values().map(|d| d.at_ms).filter(|&t| t > 0);
-            let (first, last) = times.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
-            Duration::from_millis(last.saturating_sub(first))
+    let mut recorded = crate::report::Stats::default();
+    let (mut first, mut last) = (u64::MAX, 0);
+    let (mut done, started) = crate::output::Ledger::read(&dir, |d| {
+        recorded.add_recorded(d.status, d.error.as_deref(), d.attempts, d.latency_us);
+        if d.at_ms > 0 {
+            (first, last) = (first.min(d.at_ms), last.max(d.at_ms));
         }
-    };
+    })?;
+    // Time already spent: from the last summary, or (after a crash) the ledger's marks.
+    recorded.add_earlier_time(match &earlier {
+        Some(summary) => Duration::from_secs_f64(summary.duration_s.max(0.0)),
+        None => Duration::from_millis(last.saturating_sub(first)),
+    });
+    // Outcomes on file without their done mark (a crash came between the
+    // two) are done: matched exactly on (input, row), never by row alone.
     let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
-    let names: Vec<String> =
-        info.inputs.iter().map(|i| i.path.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-    for (input, row, outcome) in crate::output::recent_outcomes(&dir) {
-        let matches: Vec<(usize, u64)> = in_doubt
-            .iter()
-            .copied()
-            .filter(|&(i, r)| r == row && input.as_deref().is_none_or(|name| names[i] == name))
-            .collect();
-        if let [key] = matches.as_slice() {
-            in_doubt.remove(key);
-            done.insert(*key, outcome);
+    let mut recovered = Vec::new();
+    for (input, row, outcome) in crate::output::recent_outcomes(&dir, &resolved.failures) {
+        // A line that does not say its input could be another input's row.
+        let Some(input) = input.filter(|&i| i < resolved.inputs.len()) else { continue };
+        if done.insert(input, row) {
+            in_doubt.remove(&(input, row));
+            recorded.add_recorded(outcome.status, outcome.error.as_deref(), outcome.attempts, outcome.latency_us);
+            recovered.push((input, row, outcome));
         }
     }
+    crate::output::Ledger::recovered(&dir, &recovered)?;
     tracing::info!(
         "{} rows already have an outcome; {} were in flight when the run stopped ({})",
         done.len(),
@@ -500,7 +515,7 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
             _ => None,
         },
     };
-    let resume = Resume { done, in_doubt, fail_in_doubt: in_doubt_rule == InDoubt::Fail, earlier };
+    let resume = Resume { done, recorded, in_doubt, fail_in_doubt: in_doubt_rule == InDoubt::Fail };
     run_resolved(resolved, None, options, Some(resume), stop).await
 }
 
@@ -596,8 +611,14 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
             }
         }
         eprintln!("  run directory: {}", dir.display());
-        for file in &finished.failure_files {
-            eprintln!("  send the failures again: {} {}", options.rerun, file.display());
+        if finished.failure_files.len() > 1 {
+            for (input, file) in &finished.failure_files {
+                eprintln!("  failures of {}: {}", input.display(), file.display());
+            }
+        }
+        if !finished.failure_files.is_empty() {
+            let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
+            eprintln!("  send the failures again: {} {}", options.rerun, files.join(" "));
         }
         if s.in_doubt > 0 {
             let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };

@@ -16,6 +16,7 @@
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
+//! - [`rows`]: a set of rows as one bitset per input, for `resume`.
 //! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
 //! - [`shard`]: one run split over N processes: which rows are whose, the run id.
 //! - [`sandbox`]: the built-in mock gateway (axum).
@@ -33,6 +34,7 @@ pub mod options;
 pub mod outcome;
 pub mod output;
 pub mod report;
+pub mod rows;
 pub mod runner;
 pub mod sandbox;
 pub mod shard;

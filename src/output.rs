@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::input::{CsvHeaders, Format, Raw, Record};
 use crate::outcome::{Outcome, Source};
+use crate::rows::RowSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -140,6 +141,9 @@ pub struct InputFingerprint {
     pub delimiter: String,
     pub size: u64,
     pub sha256: String,
+    /// The input's failures file in the run directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<String>,
 }
 
 impl InputFingerprint {
@@ -156,6 +160,7 @@ impl InputFingerprint {
             delimiter: (delimiter as char).to_string(),
             size,
             sha256: format!("{:x}", hasher.finalize()),
+            failures: None,
         })
     }
 }
@@ -164,8 +169,9 @@ impl InputFingerprint {
 /// collector writes a batch of outcomes, then marks the batch done, so a
 /// crash between the two leaves at most one batch unmarked, at the end of
 /// the outcome files. This reads the last records of each (up to 4 MiB or
-/// 4,096 lines). Returns (input name if recorded, row, outcome).
-pub fn recent_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
+/// 4,096 lines): `results.jsonl` and each input's failures file (`failures`,
+/// by input index). Returns (input if the line says, row, outcome).
+pub fn recent_outcomes(dir: &Path, failures: &[String]) -> Vec<(Option<usize>, u64, Done)> {
     const TAIL_BYTES: u64 = 4 << 20;
     const TAIL_LINES: usize = 4096;
     let tail = |path: &Path| -> Vec<Vec<u8>> {
@@ -197,24 +203,26 @@ pub fn recent_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
             latency_us: num(&line["latency_ms"]).unwrap_or(0) * 1000,
             at_ms: 0,
         };
-        found.push((line["input"].as_str().map(str::to_string), row, done));
+        let input = num(&line["input_index"]).map(|i| i as usize).or((failures.len() == 1).then_some(0));
+        found.push((input, row, done));
     }
-    for line in tail(&dir.join("failures.jsonl")) {
-        let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
-        let Some(row) = num(&line["_row"]) else { continue };
-        let done = Done {
-            status: num(&line["_status"]).map(|s| s as u16),
-            error: line["_error"].as_str().map(str::to_string),
-            attempts: num(&line["_attempts"]).unwrap_or(0) as u32,
-            latency_us: 0,
-            at_ms: 0,
-        };
-        found.push((None, row, done));
-    }
-    let csv_files = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
-        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("failures") && n.ends_with(".csv"))
-    });
-    for path in csv_files {
+    for (input, name) in failures.iter().enumerate() {
+        let path = dir.join(name);
+        if name.ends_with(".jsonl") {
+            for line in tail(&path) {
+                let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
+                let Some(row) = num(&line["_row"]) else { continue };
+                let done = Done {
+                    status: num(&line["_status"]).map(|s| s as u16),
+                    error: line["_error"].as_str().map(str::to_string),
+                    attempts: num(&line["_attempts"]).unwrap_or(0) as u32,
+                    latency_us: 0,
+                    at_ms: 0,
+                };
+                found.push((Some(input), row, done));
+            }
+            continue;
+        }
         // The six failure columns end every record, and their values hold
         // no line breaks, so the last line of a record has them all.
         for line in tail(&path) {
@@ -232,7 +240,7 @@ pub fn recent_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
                 latency_us: 0,
                 at_ms: 0,
             };
-            found.push((None, row, done));
+            found.push((Some(input), row, done));
         }
     }
     found
@@ -241,8 +249,33 @@ pub fn recent_outcomes(dir: &Path) -> Vec<(Option<String>, u64, Done)> {
 /// What the writer needs to know about each input.
 #[derive(Debug, Clone)]
 pub struct InputInfo {
+    /// The file name, for humans (two inputs may share it).
     pub name: String,
-    pub format: Format,
+    /// The name of the input's own failures file in the run directory.
+    pub failures: String,
+}
+
+/// The failures file of each input: `failures.csv` (CSV inputs) or
+/// `failures.jsonl` (JSON and JSON Lines inputs) for the first input of
+/// that kind, `failures.<stem>.<ext>` for the others, with `-2`, `-3`, …
+/// added to the stem when an earlier input took that name. No two inputs
+/// share a file, so a failure line belongs to exactly one input.
+pub fn failure_file_names(inputs: &[(PathBuf, Format)]) -> Vec<String> {
+    let mut taken = std::collections::HashSet::new();
+    inputs
+        .iter()
+        .map(|(path, format)| {
+            let ext = if *format == Format::Csv { "csv" } else { "jsonl" };
+            let stem = path.file_stem().map_or_else(|| "input".into(), |s| s.to_string_lossy().into_owned());
+            let name = std::iter::once(format!("failures.{ext}"))
+                .chain(std::iter::once(format!("failures.{stem}.{ext}")))
+                .chain((2..).map(|n| format!("failures.{stem}-{n}.{ext}")))
+                .find(|name| !taken.contains(name))
+                .expect("a free name");
+            taken.insert(name.clone());
+            name
+        })
+        .collect()
 }
 
 /// A JSON Lines file written one whole line at a time, straight to the
@@ -342,6 +375,10 @@ struct ResultLine<'a> {
     key: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     input: Option<&'a str>,
+    /// The input's position in run.json's `inputs` (from 0): the file name
+    /// alone may be shared by inputs in different folders.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_index: Option<usize>,
     status: Option<u16>,
     attempts: u32,
     latency_ms: u64,
@@ -364,10 +401,9 @@ pub struct Writer {
     inputs: Vec<InputInfo>,
     /// Created on first use in dry runs, which write no results.
     results: Option<Lines>,
-    failures_jsonl: Option<Lines>,
-    /// One failures CSV per CSV input, by input index: `failures.csv` for
-    /// the first, `failures.<stem>.csv` for others.
-    failures_csv: HashMap<usize, CsvFile>,
+    /// Each input's failures file, by input index, opened on first use
+    /// (named by [`failure_file_names`]).
+    failures: HashMap<usize, FailureFile>,
     /// `results.csv` and the captures it has columns for, when asked for.
     results_csv: Option<(CsvFile, Vec<String>)>,
 }
@@ -396,8 +432,7 @@ impl Writer {
             append,
             inputs,
             results: if results { Some(Lines::open(dir.join("results.jsonl"), append)?) } else { None },
-            failures_jsonl: None,
-            failures_csv: HashMap::new(),
+            failures: HashMap::new(),
         })
     }
 
@@ -408,6 +443,7 @@ impl Writer {
                     row: outcome.number,
                     key: &outcome.key,
                     input: (self.inputs.len() > 1).then(|| self.inputs[outcome.input].name.as_str()),
+                    input_index: (self.inputs.len() > 1).then_some(outcome.input),
                     status: outcome.status,
                     attempts: outcome.attempts,
                     latency_ms: outcome.latency.as_millis() as u64,
@@ -466,41 +502,51 @@ impl Writer {
                     Source::Record(Record::Json(map)) => {
                         let mut map = map.clone();
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
-                        self.jsonl_file()?.write(&map)
+                        self.jsonl_file(outcome.input)?.write(&map)
                     }
                     Source::Raw(Raw::Text(text)) => {
                         let mut map = Map::new();
                         map.insert("_raw".into(), Value::String(text.clone()));
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
-                        self.jsonl_file()?.write(&map)
+                        self.jsonl_file(outcome.input)?.write(&map)
                     }
                 }
             }
         }
     }
 
-    fn jsonl_file(&mut self) -> Result<&mut Lines, OutputError> {
-        if self.failures_jsonl.is_none() {
-            self.failures_jsonl = Some(Lines::open(self.dir.join("failures.jsonl"), self.append)?);
+    fn jsonl_file(&mut self, input: usize) -> Result<&mut Lines, OutputError> {
+        if !self.failures.contains_key(&input) {
+            let path = self.dir.join(&self.inputs[input].failures);
+            self.failures.insert(input, FailureFile::Jsonl(Lines::open(path, self.append)?));
         }
-        Ok(self.failures_jsonl.as_mut().expect("just created"))
+        if !matches!(self.failures.get(&input), Some(FailureFile::Jsonl(_))) {
+            return Err(self.mixed(input));
+        }
+        match self.failures.get_mut(&input) {
+            Some(FailureFile::Jsonl(file)) => Ok(file),
+            _ => unreachable!("checked above"),
+        }
     }
 
     fn csv_file(&mut self, input: usize, headers: &Arc<CsvHeaders>) -> Result<&mut CsvFile, OutputError> {
-        let id = input;
-        if !self.failures_csv.contains_key(&id) {
-            // Named by input, so a resumed run appends to the same file.
-            let first_csv = self.inputs.iter().position(|i| i.format == Format::Csv);
-            let name = if first_csv == Some(input) {
-                "failures.csv".to_string()
-            } else {
-                let stem = Path::new(&self.inputs[input].name).file_stem().and_then(|s| s.to_str()).unwrap_or("input");
-                format!("failures.{stem}.csv")
-            };
-            let file = CsvFile::failures(self.dir.join(name), headers, self.append)?;
-            self.failures_csv.insert(id, file);
+        if !self.failures.contains_key(&input) {
+            let path = self.dir.join(&self.inputs[input].failures);
+            self.failures.insert(input, FailureFile::Csv(CsvFile::failures(path, headers, self.append)?));
         }
-        Ok(self.failures_csv.get_mut(&id).expect("just inserted"))
+        if !matches!(self.failures.get(&input), Some(FailureFile::Csv(_))) {
+            return Err(self.mixed(input));
+        }
+        match self.failures.get_mut(&input) {
+            Some(FailureFile::Csv(file)) => Ok(file),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    /// An input's readers gave both CSV and JSON records (a bug).
+    fn mixed(&self, input: usize) -> OutputError {
+        let path = self.dir.join(&self.inputs[input].failures);
+        OutputError::Io { path, source: std::io::Error::other("CSV and JSON failures of one input") }
     }
 
     /// Hands every recorded line to the operating system: one `write` per
@@ -512,22 +558,35 @@ impl Writer {
         if let Some((f, _)) = &mut self.results_csv {
             f.flush()?;
         }
-        if let Some(f) = &mut self.failures_jsonl {
-            f.flush()?;
-        }
-        for f in self.failures_csv.values_mut() {
-            f.flush()?;
+        for f in self.failures.values_mut() {
+            match f {
+                FailureFile::Csv(f) => f.flush()?,
+                FailureFile::Jsonl(f) => f.flush()?,
+            }
         }
         Ok(())
     }
 
-    /// The failures files written, for the closing message.
-    pub fn failure_files(&self) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = self.failures_csv.values().map(|f| f.path.clone()).collect();
+    /// The failures files written this session, by input index, for the
+    /// closing lines.
+    pub fn failure_files(&self) -> Vec<(usize, PathBuf)> {
+        let mut files: Vec<(usize, PathBuf)> = self
+            .failures
+            .iter()
+            .map(|(&input, f)| match f {
+                FailureFile::Csv(f) => (input, f.path.clone()),
+                FailureFile::Jsonl(f) => (input, f.path.clone()),
+            })
+            .collect();
         files.sort();
-        files.extend(self.failures_jsonl.as_ref().map(|f| f.path.clone()));
         files
     }
+}
+
+/// An input's failures file: CSV for CSV inputs, JSON Lines for the others.
+enum FailureFile {
+    Csv(CsvFile),
+    Jsonl(Lines),
 }
 
 fn add_error_fields(map: &mut Map<String, Value>, errors: &[&str; 6], status: Option<u16>, attempts: u32) {
@@ -590,8 +649,9 @@ impl std::io::Write for ByteWriter<'_> {
     }
 }
 
-/// Rows (input, row) with a recorded outcome, and rows started without one.
-pub type LedgerState = (HashMap<(usize, u64), Done>, Vec<(usize, u64)>);
+/// What a run's ledger says: the rows with a recorded outcome, and the rows
+/// started without one (in doubt), in order.
+pub type LedgerState = (RowSet, Vec<(usize, u64)>);
 
 /// What the ledger knows of one row.
 #[derive(Debug, Clone, PartialEq)]
@@ -650,36 +710,53 @@ impl Ledger {
     }
 
     fn done_line(outcome: &Outcome) -> String {
-        let status = outcome.status.map_or_else(|| "-".to_string(), |s| s.to_string());
-        let error = match &outcome.result {
-            Ok(_) => "ok",
-            Err(f) => f.kind.as_str(),
-        };
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-        format!(
-            "D\t{}\t{}\t{status}\t{error}\t{}\t{}\t{at_ms}\n",
-            outcome.input,
-            outcome.number,
-            outcome.attempts,
-            outcome.latency.as_micros()
-        )
+        let done = Done {
+            status: outcome.status,
+            error: outcome.result.as_ref().err().map(|f| f.kind.as_str().to_string()),
+            attempts: outcome.attempts,
+            latency_us: outcome.latency.as_micros() as u64,
+            at_ms: at_ms as u64,
+        };
+        Self::mark_done_line(outcome.input, outcome.number, &done)
     }
 
-    /// Reads a run's ledger: the rows done (with their outcome) and the rows
-    /// started but not done.
-    pub fn read(dir: &Path) -> Result<LedgerState, OutputError> {
-        let mut done = HashMap::new();
-        let mut started = Vec::new();
+    fn mark_done_line(input: usize, row: u64, done: &Done) -> String {
+        let status = done.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let error = done.error.as_deref().unwrap_or("ok");
+        format!("D\t{input}\t{row}\t{status}\t{error}\t{}\t{}\t{}\n", done.attempts, done.latency_us, done.at_ms)
+    }
+
+    /// Marks done, before a resumed run sends anything, the rows whose
+    /// outcome is on file without a mark (a crash came between the two), so
+    /// later resumes know them too. The marks are on disk when this returns.
+    pub fn recovered(dir: &Path, rows: &[(usize, u64, Done)]) -> Result<(), OutputError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let path = dir.join("journal");
+        let lines: String = rows.iter().map(|(input, row, done)| Self::mark_done_line(*input, *row, done)).collect();
+        let file = open_file(&path, true)?;
+        (&file).write_all(lines.as_bytes()).and_then(|()| file.sync_data()).map_err(io(&path))
+    }
+
+    /// Reads a run's ledger: the rows done and the rows started but not
+    /// done. `on_done` sees the outcome of each row done, once. Memory is
+    /// two bits per row.
+    pub fn read(dir: &Path, mut on_done: impl FnMut(&Done)) -> Result<LedgerState, OutputError> {
+        let (mut done, mut started) = (RowSet::default(), RowSet::default());
         Ledger::scan(dir, |mark| match mark {
-            Mark::Started(input, row) => started.push((input, row)),
+            Mark::Started(input, row) => {
+                started.insert(input, row);
+            }
             Mark::Done(input, row, outcome) => {
-                done.insert((input, row), outcome);
+                if done.insert(input, row) {
+                    on_done(&outcome);
+                }
             }
         })?;
-        started.retain(|k| !done.contains_key(k));
-        started.sort_unstable();
-        started.dedup();
-        Ok((done, started))
+        let in_doubt = started.difference(&done).collect();
+        Ok((done, in_doubt))
     }
 
     /// Streams a run's ledger, mark by mark. The ledger's line format is
@@ -692,8 +769,16 @@ impl Ledger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(&path)(e)),
         };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.map_err(io(&path))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(io(&path))? == 0 {
+                break;
+            }
+            // A line cut by a crash (only ever the last one) is ignored:
+            // cut short, its row number could name another row.
+            let Some(line) = line.strip_suffix('\n') else { break };
             let f: Vec<&str> = line.split('\t').collect();
             let key = || Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
             match (f[0], key()) {
@@ -709,7 +794,6 @@ impl Ledger {
                         at_ms: f[7].parse().unwrap_or(0),
                     },
                 )),
-                // A line cut by a crash (only ever the last one) is ignored.
                 _ => {}
             }
         }
@@ -753,5 +837,46 @@ pub fn lock_job(folder: &Path, job: &str) -> Result<JobLock, OutputError> {
             Err(OutputError::Locked { job: job.to_string(), pid: holder, path })
         }
         Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_input_gets_a_failures_file_of_its_own() {
+        let inputs = [
+            ("a/claims.csv", Format::Csv),
+            ("b/claims.csv", Format::Csv),
+            ("c/claims.csv", Format::Csv),
+            ("claims-2.csv", Format::Csv),
+            ("x/rows.jsonl", Format::Jsonl),
+            ("y/rows.json", Format::Json),
+        ]
+        .map(|(p, f)| (PathBuf::from(p), f));
+        let names = failure_file_names(&inputs);
+        assert_eq!(
+            names,
+            [
+                "failures.csv",
+                "failures.claims.csv",
+                "failures.claims-2.csv",
+                "failures.claims-2-2.csv",
+                "failures.jsonl",
+                "failures.rows.jsonl"
+            ]
+        );
+        assert_eq!(failure_file_names(&inputs[..1]), ["failures.csv"], "one input: the plain name");
+    }
+
+    #[test]
+    fn a_ledger_line_cut_short_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("journal"), "S\t0\t1\nS\t0\t2\nD\t0\t1\t200\tok\t1\t5\t9\nS\t1\t12").unwrap();
+        let mut outcomes = 0;
+        let (done, in_doubt) = Ledger::read(dir.path(), |_| outcomes += 1).unwrap();
+        assert_eq!((done.len(), outcomes), (1, 1));
+        assert_eq!(in_doubt, [(0, 2)], "row 12 of input 1 may be row 123 cut short");
     }
 }

@@ -7,7 +7,7 @@
 //! which writes it through the one [`Recorder`] and keeps statistics. A failed row is data, not an early
 //! return: only a fatal token error or a stream of 401s stops the pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +29,9 @@ use crate::job::{Request, Requests};
 use crate::limiter::{Limiter, RetryBudget};
 use crate::options::MaxFailures;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
-use crate::output::{Done, InputInfo, Ledger, OutputError, RequestsFile, Writer};
+use crate::output::{InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
+use crate::rows::RowSet;
 use crate::shard::Shard;
 use crate::token::{Token, TokenSource};
 
@@ -38,6 +39,8 @@ use crate::token::{Token, TokenSource};
 pub struct Plan {
     pub requests: Arc<Requests>,
     pub inputs: Vec<InputSpec>,
+    /// Each input's failures file name, as run.json has it.
+    pub failures: Vec<String>,
     pub settings: Settings,
     /// Send only the first N rows.
     pub limit: Option<u64>,
@@ -57,16 +60,16 @@ pub struct Plan {
 }
 
 /// What the ledger of an interrupted run says.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Resume {
     /// Rows with a recorded outcome: never sent again.
-    pub done: HashMap<(usize, u64), Done>,
+    pub done: RowSet,
+    /// The statistics of those rows, and how long the earlier parts of the run took.
+    pub recorded: Stats,
     /// Rows sent with no recorded outcome.
     pub in_doubt: HashSet<(usize, u64)>,
     /// Write in-doubt rows to failures as `in_doubt` instead of resending them.
     pub fail_in_doubt: bool,
-    /// How long the earlier parts of the run took.
-    pub earlier: Duration,
 }
 
 /// How a run ended.
@@ -76,7 +79,8 @@ pub struct Finished {
     pub exit: ExitCode,
     /// What stopped the run early, if anything did.
     pub abort: Option<Error>,
-    pub failure_files: Vec<PathBuf>,
+    /// The failures files written to: (input, its failures file).
+    pub failure_files: Vec<(PathBuf, PathBuf)>,
     /// The first few failures, one line each, to show at the end.
     pub first_failures: Vec<String>,
     /// Dry runs: the requests rendered into `requests.jsonl`.
@@ -167,8 +171,13 @@ fn input_names(inputs: &[InputSpec]) -> Vec<String> {
         .collect()
 }
 
-fn input_infos(inputs: &[InputSpec]) -> Vec<InputInfo> {
-    input_names(inputs).into_iter().zip(inputs).map(|(name, i)| InputInfo { name, format: i.format }).collect()
+fn failure_files(plan: &Plan, writer: &Writer) -> Vec<(PathBuf, PathBuf)> {
+    writer.failure_files().into_iter().map(|(input, file)| (plan.inputs[input].path.clone(), file)).collect()
+}
+
+fn input_infos(plan: &Plan) -> Vec<InputInfo> {
+    let names = input_names(&plan.inputs).into_iter();
+    names.zip(&plan.failures).map(|(name, failures)| InputInfo { name, failures: failures.clone() }).collect()
 }
 
 /// Rows cross from the reader thread to the lanes in batches: one
@@ -183,7 +192,7 @@ fn spawn_reader(
     inputs: Vec<InputSpec>,
     limit: Option<u64>,
     shard: Option<Shard>,
-    skip: HashSet<(usize, u64)>,
+    skip: RowSet,
     live: Arc<Live>,
     stop: CancellationToken,
     tx: async_channel::Sender<Vec<Item>>,
@@ -205,7 +214,7 @@ fn spawn_reader(
                 Err(bad) => (bad.input, bad.number),
             };
             live.current_input.store(key.0 as u64, Ordering::Relaxed);
-            if skip.contains(&key) {
+            if skip.contains(key.0, key.1) {
                 live.rows_skipped.fetch_add(1, Ordering::Relaxed);
             } else {
                 live.rows_read.fetch_add(1, Ordering::Relaxed);
@@ -386,24 +395,22 @@ async fn lane(
 
 /// Sends every row and records every outcome in `plan.dir`.
 pub async fn run(
-    plan: Plan,
+    mut plan: Plan,
     tokens: Option<TokenSource>,
     limiter: Arc<dyn Limiter>,
     stop: CancellationToken,
 ) -> Result<Finished, Error> {
     let concurrency = plan.settings.concurrency;
-    let resume = plan.resume.unwrap_or_default();
-    let append = !resume.done.is_empty() || !resume.in_doubt.is_empty();
+    // Resuming, every file is appended to: an outcome already on file is never lost.
+    let append = plan.resume.is_some();
+    let resume = plan.resume.take().unwrap_or_default();
     let results_csv = plan.requests.results_csv();
-    let writer = Writer::open(&plan.dir, input_infos(&plan.inputs), append, true, results_csv)?;
+    let writer = Writer::open(&plan.dir, input_infos(&plan), append, true, results_csv)?;
     let lanes = lane_count(concurrency);
     let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
     let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
-    let mut stats = Stats::default();
-    for done in resume.done.values() {
-        stats.add_recorded(done.status, done.error.as_deref(), done.attempts, done.latency_us);
-    }
-    stats.add_earlier_time(resume.earlier);
+    let mut stats = resume.recorded;
+    stats.restart_clock();
     let live = Arc::new(Live::default());
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
     let progress = Progress::start(
@@ -419,11 +426,11 @@ pub async fn run(
     );
 
     let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
-    let skip: HashSet<(usize, u64)> = resume.done.keys().copied().collect();
-    live.rows_to_skip.store(skip.len() as u64, Ordering::Relaxed);
+    live.rows_to_skip.store(resume.done.len(), Ordering::Relaxed);
     let limit = plan.limit.map(|l| plan.shard.map_or(l, |s| s.share_of(l)));
     live.rows_limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
-    let reader = spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, skip, live.clone(), stop.clone(), batch_tx);
+    let reader =
+        spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, resume.done, live.clone(), stop.clone(), batch_tx);
 
     let shared = Arc::new(Shared {
         requests: plan.requests.clone(),
@@ -500,7 +507,7 @@ pub async fn run(
         summary,
         exit,
         abort,
-        failure_files: writer.failure_files(),
+        failure_files: failure_files(&plan, writer),
         first_failures: std::mem::take(first_failures),
         rendered: 0,
     })
@@ -795,9 +802,16 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
 pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     let live = Arc::new(Live::default());
     let (tx, rx) = async_channel::bounded::<Vec<Item>>(16);
-    let reader =
-        spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, HashSet::new(), live, CancellationToken::new(), tx);
-    let mut writer = Writer::open(&plan.dir, input_infos(&plan.inputs), false, false, None)?;
+    let reader = spawn_reader(
+        plan.inputs.clone(),
+        plan.limit,
+        plan.shard,
+        RowSet::default(),
+        live,
+        CancellationToken::new(),
+        tx,
+    );
+    let mut writer = Writer::open(&plan.dir, input_infos(&plan), false, false, None)?;
     let mut requests = RequestsFile::create(&plan.dir)?;
     let names = input_names(&plan.inputs);
     let mut stats = Stats::default();
@@ -832,7 +846,7 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
     requests.flush()?;
     let exit = if stats.failed() > 0 { ExitCode::RowsFailed } else { ExitCode::Success };
     let summary = stats.summary(0, exit.code());
-    Ok(Finished { summary, exit, abort: None, failure_files: writer.failure_files(), first_failures, rendered })
+    Ok(Finished { summary, exit, abort: None, failure_files: failure_files(&plan, &writer), first_failures, rendered })
 }
 
 fn dry_request(row: &Row, request: &Request, authorized: bool) -> Value {

@@ -200,6 +200,7 @@ mod tests {
             delimiter: ",".into(),
             size: 1,
             sha256: sha.into(),
+            failures: None,
         };
         let id = default_run_id("claim status", &[fingerprint("ab")]);
         assert!(id.starts_with("claim_status-") && check_run_id(&id).is_ok(), "{id}");

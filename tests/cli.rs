@@ -124,3 +124,44 @@ async fn http_to_a_remote_host_is_refused() {
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output).contains("https"), "{}", text(&output));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_with_the_same_file_name_keep_their_own_failures_file() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.2, ..Default::default() };
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { faults: faults.clone(), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let mut inputs = Vec::new();
+    for (folder, first) in [("a", 1), ("b", 101)] {
+        std::fs::create_dir_all(gw.path(folder)).unwrap();
+        inputs.push(gw.write(&format!("{folder}/claims.csv"), &eligibility_csv(first, 50)));
+    }
+    let out = gw.path("run");
+    let (a, b) = (inputs[0].to_str().unwrap(), inputs[1].to_str().unwrap());
+    let args = ["run", job.to_str().unwrap(), a, b, "-o", out.to_str().unwrap(), "-c", config.to_str().unwrap()];
+    let output = bulkcall(gw.dir.path(), &[&args[..], &["-p", "test"]].concat()).await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+
+    let failing = |first: u64| -> Vec<String> {
+        (first..first + 50)
+            .map(|i| format!("{i:09}"))
+            .filter(|k| faults.fault_for(k) == Some(bulkcall::sandbox::Fault::BadRequest))
+            .collect()
+    };
+    let keys_in = |name: &str| -> Vec<String> {
+        let mut reader = csv::Reader::from_path(out.join(name)).unwrap();
+        let mut keys: Vec<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+        keys.sort();
+        keys
+    };
+    assert!(!failing(1).is_empty() && !failing(101).is_empty());
+    assert_eq!(keys_in("failures.csv"), failing(1), "a/claims.csv's failures");
+    assert_eq!(keys_in("failures.claims.csv"), failing(101), "b/claims.csv's failures, in a file of their own");
+    let run: serde_json::Value = json(&out.join("run.json"));
+    assert_eq!(run["inputs"][1]["failures"], "failures.claims.csv");
+    let closing = text(&output);
+    for (input, file) in [(a, "failures.csv"), (b, "failures.claims.csv")] {
+        let line = format!("failures of {input}: {}", out.join(file).display());
+        assert!(closing.contains(&line), "`{line}` in {closing}");
+    }
+}

@@ -183,3 +183,118 @@ async fn outcomes_written_just_before_a_crash_are_not_sent_again() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("nothing to resume"));
     assert_eq!(gw.sandbox.stats().api_calls, 50);
 }
+
+/// Every key in the run directory's outcome files: (results, failures).
+fn outcome_keys(out: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let results = keys_in_results(&out.join("results.jsonl"));
+    let mut failures = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.starts_with("failures") && name.ends_with(".csv") {
+            let mut reader = csv::Reader::from_path(&path).unwrap();
+            let key = reader.headers().unwrap().iter().position(|h| h == "_key").unwrap();
+            failures.extend(reader.records().map(|r| r.unwrap()[key].to_string()));
+        }
+    }
+    (results, failures)
+}
+
+/// Waits until the gateway has recorded every call it received, and
+/// returns how many that is.
+async fn settled_calls(gw: &Gateway) -> usize {
+    while gw.sandbox.recorded().len() as u64 != gw.sandbox.stats().api_calls {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.sandbox.recorded().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_inputs_sharing_file_names_survive_two_kills_with_every_row_in_exactly_one_output() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.05, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults: faults.clone(), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    // 60 inputs of 40 rows in 20 folders: every file name is used three
+    // times, every row number 60 times.
+    let mut inputs = Vec::new();
+    for i in 0..60u64 {
+        let folder = gw.path(&format!("in/d{}", i % 20));
+        std::fs::create_dir_all(&folder).unwrap();
+        let path = folder.join(format!("part{}.csv", i / 20));
+        std::fs::write(&path, eligibility_csv(1 + i * 40, 40)).unwrap();
+        inputs.push(path.to_str().unwrap().to_string());
+    }
+    let all: HashSet<String> = (1..=2400).map(|i| format!("{i:09}")).collect();
+    let permanent: HashSet<String> =
+        all.iter().filter(|k| faults.fault_for(k) == Some(bulkcall::sandbox::Fault::BadRequest)).cloned().collect();
+    assert!(permanent.len() > 50, "some rows always fail");
+    let out = gw.path("run");
+
+    let mut child = bulkcall()
+        .arg("run")
+        .arg(&job)
+        .args(&inputs)
+        .args(["-o", out.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test", "-j", "32", "-r", "600"])
+        .spawn()
+        .unwrap();
+    // Killed once after a third of the rows, its first resume after two thirds.
+    let mut recorded_before = Vec::new();
+    for (kill_at, resume) in [(800, false), (1600, true)] {
+        if resume {
+            child = bulkcall().args(["resume", out.to_str().unwrap()]).spawn().unwrap();
+        }
+        wait_for_calls(&gw, kill_at).await;
+        child.start_kill().unwrap();
+        assert_eq!(child.wait().await.unwrap().code(), None, "killed by a signal");
+        let (results, failures) = outcome_keys(&out);
+        let recorded: HashSet<String> = results.into_iter().chain(failures).collect();
+        recorded_before.push((settled_calls(&gw).await, recorded));
+    }
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let (results, failures) = outcome_keys(&out);
+    let mut seen: HashMap<&String, usize> = HashMap::new();
+    for key in results.iter().chain(&failures) {
+        *seen.entry(key).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "rows in more than one outcome line: {twice:?}");
+    let missing: Vec<_> = all.iter().filter(|k| !seen.contains_key(k)).collect();
+    assert!(missing.is_empty(), "rows in no output: {missing:?}");
+    assert_eq!(failures.iter().cloned().collect::<HashSet<_>>(), permanent, "the failures are the permanent faults");
+    let calls = gw.sandbox.recorded();
+    for (sent_by_then, recorded) in &recorded_before {
+        let again: Vec<_> = calls[*sent_by_then..]
+            .iter()
+            .map(|c| c.body["controlNumber"].as_str().unwrap().to_string())
+            .filter(|k| recorded.contains(k))
+            .collect();
+        assert!(again.is_empty(), "rows recorded before a kill were sent again: {again:?}");
+    }
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["total"], 2400);
+    assert_eq!(summary["failed"].as_u64(), Some(permanent.len() as u64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_never_truncates_an_outcome_file() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.2, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 50));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, bulkcall::error::ExitCode::RowsFailed);
+    let (results, failures) = outcome_keys(&out);
+    assert!(!failures.is_empty());
+    // As if the process died after writing the outcomes, before the ledger
+    // had any of their marks.
+    std::fs::write(out.join("journal"), "").unwrap();
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(outcome_keys(&out), (results, failures), "the outcome files are kept as they were");
+    assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
+}

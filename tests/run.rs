@@ -425,6 +425,7 @@ async fn several_inputs_share_one_token_and_name_their_file() {
     assert_eq!(results.len(), 50);
     assert_eq!(results.iter().filter(|r| r["input"] == "b.csv").count(), 20);
     assert!(results.iter().any(|r| r["input"] == "b.csv" && r["row"] == 1 && r["key"] == "000000101"));
+    assert!(results.iter().all(|r| r["input_index"] == if r["input"] == "b.csv" { 1 } else { 0 }));
     assert_eq!(gw.sandbox.stats().token_requests, 1);
 }
 

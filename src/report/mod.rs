@@ -181,6 +181,12 @@ impl Stats {
         self.in_doubt += 1;
     }
 
+    /// Starts counting this run's time now (statistics of a resumed run's
+    /// earlier parts are gathered before it starts).
+    pub fn restart_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
     /// Counts the time earlier parts of a resumed run took.
     pub fn add_earlier_time(&mut self, earlier: Duration) {
         self.earlier += earlier;
