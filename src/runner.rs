@@ -274,10 +274,12 @@ impl Recorder {
             let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
             counter.fetch_add(1, Ordering::Relaxed);
             if let Some(max) = shared.max_failures {
-                let (failed, done) = (self.stats.failed(), live.done.load(Ordering::Relaxed));
+                // This session's rows alone, failed and done alike: a
+                // resumed run is judged on the rows it sends.
+                let (failed, done) = (live.failed.load(Ordering::Relaxed), live.done.load(Ordering::Relaxed));
                 if max.reached(failed, done) && !shared.stop.is_cancelled() {
                     shared.abort(Error::MaxFailures(format!(
-                        "{failed} of {done} rows failed, reaching --max-failures; `{} resume {}` sends the rest",
+                        "{failed} of {done} rows sent failed, reaching --max-failures; `{} resume {}` sends the rest",
                         crate::options::program(),
                         shared.dir.display()
                     )));

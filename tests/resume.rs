@@ -298,3 +298,26 @@ async fn resume_never_truncates_an_outcome_file() {
     assert_eq!(outcome_keys(&out), (results, failures), "the outcome files are kept as they were");
     assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.3, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, latency: Duration::from_millis(10), ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 600));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
+    let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
+        wait_for_calls(&gw, 300).await;
+        stop.cancel();
+    });
+    assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
+    let earlier = json(&out.join("summary.json"));
+    assert!(earlier["failed"].as_u64().unwrap() > 50, "{earlier}");
+
+    // About 30% of the rows fail, in the first part as in this one: under 50%.
+    let code = gw.run(&["resume", out.to_str().unwrap(), "--max-failures", "50%"]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::RowsFailed);
+    assert_eq!(json(&out.join("summary.json"))["total"], 600);
+}
