@@ -92,8 +92,15 @@ pub enum Command {
     Demo(DemoArgs),
     /// (Re)write a run's report.html: summary, throughput, latency, statuses, first failures.
     ///
+    /// Over the folder of a run split with --shard, one report.html there covers every shard.
     /// Example: bulkcall report out/eligibility/2026-11-28T181355Z
     Report(ReportArgs),
+    /// Where a run stands: with shards, every shard's rows done, failed and in doubt, and which have not finished.
+    ///
+    /// RUN is a run directory, or the folder of a run split with --shard (the one holding shard-K-of-N/).
+    /// Exit 0 when every shard finished and every row succeeded, 1 when every shard finished and some rows failed,
+    /// 75 while a shard has not finished. Example: bulkcall status out/eligibility/nightly-1
+    Status(StatusArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///
     /// Example: bulkcall completions bash > /etc/bash_completion.d/bulkcall
@@ -362,6 +369,15 @@ impl FaultArgs {
 pub struct ReportArgs {
     /// The run directory.
     pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The run directory, or the folder holding a run's shard-K-of-N directories.
+    pub run: PathBuf,
+    /// Print the state as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

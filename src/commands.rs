@@ -39,6 +39,15 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
             eprintln!("bulkcall: wrote {}", path.display());
             Ok(ExitCode::Success)
         }
+        Command::Status(args) => {
+            let run = crate::status::RunStatus::read(&args.run)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&run).expect("serializable"));
+            } else {
+                print!("{}", run.render());
+            }
+            Ok(run.exit_code())
+        }
         Command::Completions(args) => {
             use clap::CommandFactory as _;
             clap_complete::generate(args.shell, &mut Cli::command(), "bulkcall", &mut std::io::stdout());
@@ -541,9 +550,14 @@ fn rerun_command(job: &Path, profile: Option<&str>, config: Option<&Path>) -> St
     command
 }
 
-/// Builds and writes a run's `report.html`.
+/// Builds and writes a run's `report.html`; in the folder of a sharded
+/// run, one page over every shard.
 fn write_report(dir: &Path) -> Result<PathBuf, Error> {
-    let html = crate::report::html::render(dir)?;
+    let html = if dir.join("run.json").exists() || dir.join("summary.json").exists() {
+        crate::report::html::render(dir)?
+    } else {
+        crate::report::html::render_shards(&crate::status::RunStatus::read(dir)?)?
+    };
     Ok(crate::output::write_report(dir, &html)?)
 }
 

@@ -1,7 +1,8 @@
 //! The error of each layer meets here, and here alone errors become exit codes.
 
 use crate::{
-    config::ConfigError, input::InputError, job::JobError, output::OutputError, shard::ShardError, token::TokenError,
+    config::ConfigError, input::InputError, job::JobError, output::OutputError, shard::ShardError, status::StatusError,
+    token::TokenError,
 };
 
 /// The process exit codes of the SPEC, decided in one place.
@@ -50,6 +51,8 @@ pub enum Error {
     Output(#[from] OutputError),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
     #[error("{0}")]
     Usage(String),
     #[error("aborted: {0}")]
@@ -76,6 +79,7 @@ impl Error {
             | Error::Input(_)
             | Error::Usage(_)
             | Error::Shard(_)
+            | Error::Status(_)
             | Error::Sandbox { .. }
             | Error::Report(_) => ExitCode::Usage,
             Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,

@@ -19,6 +19,7 @@
 //! - [`rows`]: a set of rows as one bitset per input, for `resume`.
 //! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
 //! - [`shard`]: one run split over N processes: which rows are whose, the run id.
+//! - [`status`]: where a run and each of its shards stand, read from their directories.
 //! - [`sandbox`]: the built-in mock gateway (axum).
 //! - [`error`]: the error type of each layer and the exit codes.
 
@@ -38,4 +39,5 @@ pub mod rows;
 pub mod runner;
 pub mod sandbox;
 pub mod shard;
+pub mod status;
 pub mod token;

@@ -136,6 +136,9 @@ async fn a_killed_shard_started_again_with_the_same_command_resumes() {
     let run_id = runs[0].file_name().to_string_lossy().into_owned();
     assert!(run_id.starts_with("eligibility-"), "{run_id}");
     let dir = runs[0].path().join("shard-1-of-2");
+    let (code, text) = status(&runs[0].path()).await;
+    assert_eq!(code, Some(75), "{text}");
+    assert!(text.contains("running or crashed") && text.contains("not started"), "{text}");
     let before: HashSet<String> = keys_in(&dir.join("results.jsonl")).into_iter().collect();
     assert!(before.len() >= 200, "outcomes were recorded as they happened: {}", before.len());
 
@@ -162,4 +165,61 @@ async fn a_killed_shard_started_again_with_the_same_command_resumes() {
     assert_eq!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nothing to resume"));
     assert_eq!(sent.values().sum::<usize>() as u64, gw.sandbox.stats().api_calls);
+}
+
+async fn status(run: &std::path::Path) -> (Option<i32>, String) {
+    let output = bulkcall().args(["status", run.to_str().unwrap()]).output().await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `status` and `report` over a run's folder read every shard's directory:
+/// non-zero while a shard has not finished, naming it; 1 once all finished
+/// with failed rows; one report.html over all shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_report_cover_every_shard_and_name_the_unfinished_ones() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.1, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 90));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let run = gw.path("run");
+    for shard in ["0/3", "2/3"] {
+        let code = gw.run_job(&job, &input, &run, &["--shard", shard, "--run-id", "nightly-1"]).await;
+        assert!(matches!(code, ExitCode::Success | ExitCode::RowsFailed), "{code:?}");
+    }
+    let (code, text) = status(&run).await;
+    assert_eq!(code, Some(75), "a shard has not finished:\n{text}");
+    assert!(text.contains("2 of 3 shards finished"), "{text}");
+    assert!(text.contains("not finished: 1/3"), "{text}");
+    let line = |text: &str, shard: &str| text.lines().find(|l| l.starts_with(shard)).unwrap_or("").to_string();
+    assert!(line(&text, "1/3").contains("not started"), "{text}");
+    let done0 = jsonl(&run.join("shard-0-of-3/results.jsonl")).len();
+    assert!(line(&text, "0/3").contains(&format!(" {done0} ")), "{text}");
+
+    let output = bulkcall().args(["report", run.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("2 of 3 shards finished; not finished: 1/3"), "{html:.2000}");
+    assert!(html.contains("nightly-1"));
+
+    let code = gw.run_job(&job, &input, &run, &["--shard", "1/3", "--run-id", "nightly-1"]).await;
+    assert!(matches!(code, ExitCode::Success | ExitCode::RowsFailed), "{code:?}");
+    let failed = gw.sandbox.stats().api_calls
+        - (0..3).map(|k| jsonl(&run.join(format!("shard-{k}-of-3/results.jsonl"))).len() as u64).sum::<u64>();
+    assert!(failed > 0, "the sandbox answered some rows 400");
+    let (code, text) = status(&run).await;
+    assert_eq!(code, Some(1), "every shard finished, some rows failed:\n{text}");
+    assert!(text.contains("3 of 3 shards finished"), "{text}");
+    assert!(line(&text, "all").contains(&format!(" 90 {:>10} {failed:>10} ", 90 - failed)), "{text}");
+
+    let output = bulkcall().args(["status", run.to_str().unwrap(), "--json"]).output().await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["run_id"], "nightly-1");
+    assert_eq!(json["shards"].as_array().unwrap().len(), 3);
+    assert!(json["shards"].as_array().unwrap().iter().all(|s| s["state"] == "finished"));
+
+    bulkcall().args(["report", run.to_str().unwrap()]).output().await.unwrap();
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("every shard finished; some rows failed"));
+    assert!(html.contains(r#"<a href="shard-1-of-3/report.html">"#), "each shard's own page is linked");
+    assert!(html.contains("client_error"), "the failures of every shard are counted");
 }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::Summary;
 use crate::output::{Ledger, Mark};
+use crate::status::RunStatus;
 
 /// Failures listed on the page.
 const LISTED_FAILURES: usize = 20;
@@ -52,13 +53,30 @@ struct Timeline {
     /// Outcomes per second, keyed by Unix second.
     per_second: BTreeMap<u64, u64>,
     latency: [u64; BUCKETS_MS.len()],
+    /// Rows by final status and by error kind, and attempts, of the rows done.
+    statuses: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    attempts: u64,
 }
 
 fn read_timeline(dir: &Path) -> Timeline {
     let mut t = Timeline::default();
+    add_timeline(&mut t, dir);
+    t
+}
+
+/// Adds a run directory's ledger to `t` (the shards of a run share one page).
+fn add_timeline(t: &mut Timeline, dir: &Path) {
     // An unreadable ledger leaves the charts empty; the page is still worth having.
     let _ = Ledger::scan(dir, |mark| {
         let Mark::Done(_, _, done) = mark else { return };
+        if let Some(status) = done.status {
+            *t.statuses.entry(status.to_string()).or_default() += 1;
+        }
+        if let Some(error) = &done.error {
+            *t.errors.entry(error.clone()).or_default() += 1;
+        }
+        t.attempts += u64::from(done.attempts);
         if done.at_ms > 0 {
             *t.per_second.entry(done.at_ms / 1000).or_default() += 1;
         }
@@ -68,7 +86,6 @@ fn read_timeline(dir: &Path) -> Timeline {
             t.latency[bucket] += 1;
         }
     });
-    t
 }
 
 /// The first failures: row, key, error, status, message.
@@ -191,6 +208,23 @@ fn table(rows: &[(String, String)]) -> String {
     html
 }
 
+/// What a page shows: one run directory's, or every shard's of a run.
+struct Page {
+    title: String,
+    /// Where the files are, as an HTML fragment.
+    location: String,
+    ok: bool,
+    outcome: String,
+    overview: Vec<(String, String)>,
+    /// The shards' table, as an HTML fragment (sharded runs only).
+    shards: Option<String>,
+    timeline: Timeline,
+    statuses: Vec<(String, String)>,
+    errors: Vec<(String, String)>,
+    failures: Vec<[String; 5]>,
+    failed: u64,
+}
+
 /// Builds the page from the run directory's files.
 pub fn render(dir: &Path) -> Result<String, ReportError> {
     let summary_path = dir.join("summary.json");
@@ -203,8 +237,6 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
         .unwrap_or(Value::Null);
     let job = run["job_name"].as_str().unwrap_or("dry run");
     let started = run["started_at"].as_str().unwrap_or("");
-    let timeline = read_timeline(dir);
-    let failures = read_failures(dir);
 
     let outcome = match s.exit_code {
         0 => "every row succeeded",
@@ -236,9 +268,118 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
     if let Some(rate) = s.throttled_rate {
         overview.push(("Throttled down to".into(), format!("{rate} calls/s")));
     }
-    let statuses: Vec<(String, String)> = s.statuses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
-    let errors: Vec<(String, String)> = s.errors.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    let started = if started.is_empty() { String::new() } else { format!(" · started {}", escape(started)) };
+    Ok(page(Page {
+        title: job.to_string(),
+        location: format!("Run directory <code>{}</code>{started}", escape(&dir.display().to_string())),
+        ok: s.exit_code == 0,
+        outcome: outcome.to_string(),
+        overview,
+        shards: None,
+        timeline: read_timeline(dir),
+        statuses: s.statuses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        errors: s.errors.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        failures: read_failures(dir),
+        failed: s.failed,
+    }))
+}
 
+/// Builds one page over every shard of a run: the rows and outcomes of all
+/// their ledgers, a table of the shards, and which have not finished.
+pub fn render_shards(run: &RunStatus) -> Result<String, ReportError> {
+    let mut timeline = Timeline::default();
+    let mut failures = Vec::new();
+    let mut token_requests = 0;
+    for shard in &run.shards {
+        add_timeline(&mut timeline, &shard.dir);
+        if failures.len() < LISTED_FAILURES {
+            let name = shard.shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
+            failures.extend(read_failures(&shard.dir).into_iter().map(|mut f| {
+                f[0].push_str(&name);
+                f
+            }));
+        }
+        token_requests += shard.summary.as_ref().map_or(0, |s| s.token_requests);
+    }
+    failures.truncate(LISTED_FAILURES);
+    let (done, succeeded, failed, in_doubt) = run.total();
+    let finished = run.shards.iter().filter(|s| s.state.finished()).count();
+    let unfinished: Vec<String> =
+        run.shards.iter().filter(|s| !s.state.finished()).filter_map(|s| s.shard).map(|s| s.to_string()).collect();
+    let outcome = match (unfinished.is_empty(), failed) {
+        (true, 0) => "every shard finished; every row succeeded".to_string(),
+        (true, _) => "every shard finished; some rows failed".to_string(),
+        (false, _) => {
+            format!("{finished} of {} shards finished; not finished: {}", run.shards.len(), unfinished.join(", "))
+        }
+    };
+    let span = match (timeline.per_second.keys().next(), timeline.per_second.keys().next_back()) {
+        (Some(first), Some(last)) => last - first + 1,
+        _ => 0,
+    };
+    let mut overview = vec![
+        ("Shards".to_string(), format!("{finished} of {} finished", run.shards.len())),
+        ("Rows done".into(), done.to_string()),
+        ("Succeeded".into(), succeeded.to_string()),
+        ("Failed".into(), failed.to_string()),
+        ("In doubt".into(), in_doubt.to_string()),
+        ("Attempts".into(), timeline.attempts.to_string()),
+        ("Token requests".into(), token_requests.to_string()),
+        ("First to last outcome".into(), format!("{span} s")),
+    ];
+    if span > 0 {
+        overview.push(("Rows per second".into(), format!("{:.1}", done as f64 / span as f64)));
+    }
+    let mut shards = String::from(
+        "<table><tr><th>Shard</th><th>State</th><th>Done</th><th>Succeeded</th><th>Failed</th><th>In doubt</th>\
+         <th>Latency p50 / p99</th><th>Report</th></tr>",
+    );
+    for s in &run.shards {
+        let name = s.shard.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let latency = s
+            .summary
+            .as_ref()
+            .map_or_else(|| "–".to_string(), |s| format!("{} / {} ms", s.latency_ms.p50, s.latency_ms.p99));
+        let link = match (s.shard, s.dir.join("report.html").exists()) {
+            (Some(shard), true) => format!(r#"<a href="{0}/report.html">{0}</a>"#, shard.dir_name()),
+            _ => String::new(),
+        };
+        let _ = write!(
+            shards,
+            r#"<tr><td>{}</td><td class="{}">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{link}</td></tr>"#,
+            escape(&name),
+            if s.state.finished() { "ok" } else { "bad" },
+            escape(&s.state.describe()),
+            s.done,
+            s.succeeded,
+            s.failed,
+            s.in_doubt,
+            escape(&latency),
+        );
+    }
+    shards.push_str("</table>");
+    let id = run.run_id.as_deref().map(|id| format!("Run <code>{}</code> · ", escape(id))).unwrap_or_default();
+    let pairs = |map: &BTreeMap<String, u64>| map.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    Ok(page(Page {
+        title: run.job.clone().unwrap_or_else(|| "run".into()),
+        location: format!(
+            "{id}{} shards in <code>{}</code>",
+            run.shards.len(),
+            escape(&run.path.display().to_string())
+        ),
+        ok: unfinished.is_empty() && failed == 0,
+        outcome,
+        overview,
+        shards: Some(shards),
+        statuses: pairs(&timeline.statuses),
+        errors: pairs(&timeline.errors),
+        timeline,
+        failures,
+        failed,
+    }))
+}
+
+fn page(p: Page) -> String {
     let mut html = String::with_capacity(16 * 1024);
     let _ = write!(
         html,
@@ -256,29 +397,30 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
 .ok {{ color: #1b7f3a; }} .bad {{ color: #b3261e; }}
 </style></head><body>
 <h1>{job}</h1>
-<p class="sub">Run directory <code>{dir}</code>{started}</p>
+<p class="sub">{location}</p>
 <p class="{class}"><strong>{outcome}</strong></p>
-<h2>Summary</h2>{overview}
+<h2>Summary</h2>{overview}{shards}
 <h2>Throughput</h2>{throughput}
 <h2>Latency</h2>{latency}
 <h2>Statuses</h2>{statuses}
 <h2>Errors</h2>{errors}
 <h2>First failures</h2>"#,
-        job = escape(job),
-        dir = escape(&dir.display().to_string()),
-        started = if started.is_empty() { String::new() } else { format!(" · started {}", escape(started)) },
-        class = if s.exit_code == 0 { "ok" } else { "bad" },
-        overview = table(&overview),
-        throughput = throughput_chart(&timeline),
-        latency = latency_chart(&timeline),
-        statuses = if statuses.is_empty() { "<p>None.</p>".into() } else { table(&statuses) },
-        errors = if errors.is_empty() { "<p>None.</p>".into() } else { table(&errors) },
+        job = escape(&p.title),
+        location = p.location,
+        class = if p.ok { "ok" } else { "bad" },
+        outcome = escape(&p.outcome),
+        overview = table(&p.overview),
+        shards = p.shards.map(|t| format!("\n<h2>Shards</h2>{t}")).unwrap_or_default(),
+        throughput = throughput_chart(&p.timeline),
+        latency = latency_chart(&p.timeline),
+        statuses = if p.statuses.is_empty() { "<p>None.</p>".into() } else { table(&p.statuses) },
+        errors = if p.errors.is_empty() { "<p>None.</p>".into() } else { table(&p.errors) },
     );
-    if failures.is_empty() {
+    if p.failures.is_empty() {
         html.push_str("<p>None.</p>");
     } else {
         html.push_str("<table><tr><th>Row</th><th>Key</th><th>Error</th><th>Status</th><th>Message</th></tr>");
-        for [row, key, error, status, message] in &failures {
+        for [row, key, error, status, message] in &p.failures {
             let _ = write!(
                 html,
                 r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="msg">{}</td></tr>"#,
@@ -290,12 +432,12 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
             );
         }
         html.push_str("</table>");
-        if s.failed as usize > failures.len() {
-            let _ = write!(html, "<p>… and {} more in the failures file.</p>", s.failed as usize - failures.len());
+        if p.failed as usize > p.failures.len() {
+            let _ = write!(html, "<p>… and {} more in the failures files.</p>", p.failed as usize - p.failures.len());
         }
     }
     html.push_str("\n</body></html>\n");
-    Ok(html)
+    html
 }
 
 #[cfg(test)]
