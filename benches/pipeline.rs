@@ -38,7 +38,7 @@ fn main() {
             path
         }
     };
-    let spec = InputSpec { path: path.clone(), format: Format::Csv, delimiter: b',' };
+    let spec = InputSpec { path: path.clone(), format: Format::Csv, delimiter: b',', encoding: Default::default() };
     let job = Arc::new(
         Job::parse(std::path::Path::new("jobs/eligibility.toml"), include_str!("../jobs/eligibility.toml")).unwrap(),
     );

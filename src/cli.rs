@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
 use crate::error::Error;
+use crate::input::Format;
 use crate::options::MaxFailures;
 use crate::report::ProgressMode;
 use crate::sandbox::Faults;
@@ -163,8 +164,11 @@ impl SettingArgs {
 pub struct RunArgs {
     /// The job spec (TOML).
     pub job: PathBuf,
-    /// Input files (CSV, JSON, JSON Lines); they replace the spec's `input`.
+    /// Input files (CSV, JSON, JSON Lines; also .gz, .zst); they replace the spec's `input`. `-` reads standard input.
     pub inputs: Vec<PathBuf>,
+    /// The inputs' format when the file name does not tell it (standard input, a pipe).
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -242,10 +246,22 @@ pub enum InDoubt {
 pub struct ValidateArgs {
     /// The job spec (TOML).
     pub job: PathBuf,
-    /// Input files; they replace the spec's `input`.
+    /// Input files; they replace the spec's `input`. `-` reads standard input.
     pub inputs: Vec<PathBuf>,
+    /// The inputs' format when the file name does not tell it (standard input, a pipe).
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
     #[command(flatten)]
     pub config: ConfigArgs,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "csv" => Ok(Format::Csv),
+        "json" => Ok(Format::Json),
+        "jsonl" | "ndjson" => Ok(Format::Jsonl),
+        other => Err(format!("`{other}` is not a format: csv, json or jsonl")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -30,7 +30,7 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
     match cli.command {
         Command::Run(args) => run(args, log, stop).await,
         Command::Resume(args) => resume(args, log, stop).await,
-        Command::Validate(args) => validate(args).await,
+        Command::Validate(args) => validate(args, &log).await,
         Command::Token(args) => token(args).await,
         Command::Sandbox(args) => sandbox(args, stop).await,
         Command::Demo(args) => demo(args, log, stop).await,
@@ -70,11 +70,15 @@ struct Resolved {
     inputs: Vec<InputSpec>,
     /// Each input's failures file name in the run directory.
     failures: Vec<String>,
+    /// Inputs that were standard input or a pipe, read once into a 0600
+    /// file (by input index), until the run directory keeps them.
+    spooled: Vec<(usize, tempfile::NamedTempFile)>,
 }
 
 fn resolve(
     job_path: &Path,
     inputs: &[PathBuf],
+    format: Option<Format>,
     config: &ConfigArgs,
     settings: &SettingArgs,
 ) -> Result<Resolved, Error> {
@@ -88,10 +92,10 @@ fn resolve(
         ..Sources::default()
     };
     let loaded = sources.load()?;
-    resolve_inputs(job, loaded, inputs)
+    resolve_inputs(job, loaded, inputs, format)
 }
 
-fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolved, Error> {
+fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf], format: Option<Format>) -> Result<Resolved, Error> {
     let paths = if inputs.is_empty() { job.inputs.clone() } else { inputs.to_vec() };
     if paths.is_empty() {
         return Err(Error::Usage(format!(
@@ -99,21 +103,46 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolv
             job.path.display()
         )));
     }
+    let given = format.or(job.format);
+    let mut spooled = Vec::new();
+    let paths_given = paths.clone();
     let specs = paths
         .into_iter()
-        .map(|path| {
-            let format = match (job.format, Format::from_path(&path)) {
-                // A failures file fed back keeps its own format.
-                (_, Some(f)) if is_failures_file(&path) => f,
-                (Some(f), _) | (None, Some(f)) => f,
-                (None, None) => return Err(Error::Input(input::InputError::UnknownFormat(path))),
+        .enumerate()
+        .map(|(index, path)| {
+            let (format, path) = if is_stream(&path) {
+                let Some(format) = given else {
+                    return Err(Error::Usage(format!(
+                        "{} is {}: it has no file name to tell its format; give it with --format csv|json|jsonl or `format` in the job",
+                        path.display(),
+                        if path == Path::new("-") { "standard input" } else { "a pipe" },
+                    )));
+                };
+                let spool = spool(&path)?;
+                let spool_path = spool.path().to_path_buf();
+                spooled.push((index, spool));
+                (format, spool_path)
+            } else {
+                let format = match (given, Format::from_path(&path)) {
+                    // A failures file fed back keeps its own format.
+                    (_, Some(f)) if is_failures_file(&path) => f,
+                    (Some(f), _) | (None, Some(f)) => f,
+                    (None, None) => return Err(Error::Input(input::InputError::UnknownFormat(path))),
+                };
+                (format, path)
             };
             let is_tsv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
             let delimiter = if is_tsv && job.delimiter == b',' { b'\t' } else { job.delimiter };
-            Ok(InputSpec { path, format, delimiter })
+            Ok(InputSpec { path, format, delimiter, encoding: job.encoding })
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let headers = input::preflight(&specs)?;
+    let headers = input::preflight(&specs).map_err(|e| {
+        // Name a spooled input as the user gave it, not by its spool file.
+        let message = spooled.iter().fold(e.to_string(), |message, (index, spool)| {
+            message.replace(&spool.path().display().to_string(), &paths_given[*index].display().to_string())
+        });
+        if spooled.is_empty() { Error::Input(e) } else { Error::Usage(message) }
+    })?;
     // A field no column of a CSV input has would fail every row: say so once.
     for (spec, columns) in specs.iter().zip(&headers) {
         let Some(columns) = columns else { continue };
@@ -135,7 +164,55 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf]) -> Result<Resolv
     }
     let failures =
         crate::output::failure_file_names(&specs.iter().map(|i| (i.path.clone(), i.format)).collect::<Vec<_>>());
-    Ok(Resolved { job: Arc::new(job), loaded, inputs: specs, failures })
+    Ok(Resolved { job: Arc::new(job), loaded, inputs: specs, failures, spooled })
+}
+
+/// Standard input (`-`), a FIFO, `<(...)` or a device: anything that can be
+/// read only once.
+fn is_stream(path: &Path) -> bool {
+    path == Path::new("-") || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
+}
+
+/// Reads a stream once into a 0600 file, so the preflight, the fingerprint
+/// and the run (and a later `resume`) all read the same bytes.
+fn spool(path: &Path) -> Result<tempfile::NamedTempFile, Error> {
+    let failed = |e: std::io::Error| Error::Usage(format!("cannot read input {}: {e}", path.display()));
+    let mut spool = tempfile::Builder::new()
+        .prefix(".bulkcall-input-")
+        .tempfile()
+        .map_err(|e| Error::Usage(format!("cannot make a file to keep input {} in: {e}", path.display())))?;
+    if path == Path::new("-") {
+        std::io::copy(&mut std::io::stdin().lock(), spool.as_file_mut()).map_err(failed)?;
+    } else {
+        std::io::copy(&mut std::fs::File::open(path).map_err(failed)?, spool.as_file_mut()).map_err(failed)?;
+    }
+    Ok(spool)
+}
+
+/// Moves the spooled inputs into the run directory (`input-1.jsonl`, …),
+/// 0600 like every file there, and reads them from there on.
+fn keep_spooled(dir: &Path, r: &mut Resolved) -> Result<(), Error> {
+    for (index, spool) in r.spooled.drain(..) {
+        let spec = &mut r.inputs[index];
+        let ext = match spec.format {
+            Format::Csv => "csv",
+            Format::Json => "json",
+            Format::Jsonl => "jsonl",
+        };
+        let target = dir.join(format!("input-{}.{ext}", index + 1));
+        let failed = |e: std::io::Error| Error::Usage(format!("cannot keep the input in {}: {e}", target.display()));
+        if let Err(e) = spool.persist(&target) {
+            // Another file system: copy it, and let the spool go.
+            let spool = e.file;
+            std::fs::copy(spool.path(), &target).map_err(failed)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+        }
+        spec.path = target;
+    }
+    r.failures =
+        crate::output::failure_file_names(&r.inputs.iter().map(|i| (i.path.clone(), i.format)).collect::<Vec<_>>());
+    Ok(())
 }
 
 fn is_failures_file(path: &Path) -> bool {
@@ -187,6 +264,12 @@ async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Resul
                     if crate::config::is_sensitive_header(name) {
                         *value = Value::from("<redacted>");
                     }
+                }
+            }
+            // Extra token parameters may be credentials too (an API key, a resource password).
+            if let Some(Value::Object(params)) = settings.pointer_mut("/auth/params") {
+                for value in params.values_mut() {
+                    *value = Value::from("<redacted>");
                 }
             }
             settings
@@ -254,7 +337,7 @@ impl ShardArgs {
 
 async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
     let shard = args.sharding.shard()?;
-    let resolved = resolve(&args.job, &args.inputs, &args.config, &args.settings)?;
+    let resolved = resolve(&args.job, &args.inputs, args.format, &args.config, &args.settings)?;
     let rerun = rerun_command(&args.job, args.config.profile.as_deref(), args.config.config.as_deref());
     let resumable = true;
     let (mut out, mut sharding) = (args.out, None);
@@ -298,7 +381,7 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
 /// Runs a resolved job: token first (bad credentials stop here, before any
 /// file is written), then the run directory and `run.json`, then the pool.
 async fn run_resolved(
-    r: Resolved,
+    mut r: Resolved,
     credentials: Option<Credentials>,
     options: RunOptions,
     resume: Option<Resume>,
@@ -310,7 +393,7 @@ async fn run_resolved(
     let authorized = settings.auth.style != AuthStyle::None;
     let resuming = resume.is_some();
     let mut resume = resume;
-    let mut plan = |dir: PathBuf| Plan {
+    let mut plan = |dir: PathBuf, r: &Resolved| Plan {
         requests: requests.clone(),
         inputs: r.inputs.clone(),
         failures: r.failures.clone(),
@@ -327,8 +410,9 @@ async fn run_resolved(
 
     if options.dry_run {
         crate::output::create_run_dir(&dir)?;
-        let finished = runner::dry_run(plan(dir.clone()), authorized).await?;
-        print_dry_run(&dir);
+        keep_spooled(&dir, &mut r)?;
+        let finished = runner::dry_run(plan(dir.clone(), &r), authorized).await?;
+        print_dry_run(&dir, options.log.verbose > 0);
         return Ok(close(&finished, &dir, &options));
     }
 
@@ -358,6 +442,7 @@ async fn run_resolved(
     };
     if !resuming {
         crate::output::create_run_dir(&dir)?;
+        keep_spooled(&dir, &mut r)?;
         write_run_json(&dir, &r, &options).await?;
     }
     let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();
@@ -379,7 +464,7 @@ async fn run_resolved(
         );
     }
     let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(settings.rate, settings.burst));
-    let finished = runner::run(plan(dir.clone()), tokens, limiter, stop).await?;
+    let finished = runner::run(plan(dir.clone(), &r), tokens, limiter, stop).await?;
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }
@@ -435,6 +520,10 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     };
     // Headers come from the config again: run.json has credential headers redacted.
     flags.remove("headers");
+    // So do token parameters: run.json has them redacted too.
+    if let Some(Value::Object(auth)) = flags.get_mut("auth") {
+        auth.remove("params");
+    }
     flags.extend(args.settings.to_map());
     let sources = Sources {
         config_file: info.config.clone(),
@@ -446,7 +535,7 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     };
     let loaded = sources.load()?;
     let inputs: Vec<PathBuf> = info.inputs.iter().map(|i| i.path.clone()).collect();
-    let mut resolved = resolve_inputs(job, loaded, &inputs)?;
+    let mut resolved = resolve_inputs(job, loaded, &inputs, None)?;
     for ((spec, failures), was) in resolved.inputs.iter_mut().zip(&mut resolved.failures).zip(&info.inputs) {
         spec.format = was.format;
         spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
@@ -528,11 +617,23 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     run_resolved(resolved, None, options, Some(resume), stop).await
 }
 
-fn print_dry_run(dir: &Path) {
+/// Shows the first requests of a dry run: row, key and method; whole (URL,
+/// headers, body: row values) only with -v.
+fn print_dry_run(dir: &Path, verbose: bool) {
     let path = dir.join("requests.jsonl");
     if let Ok(text) = std::fs::read_to_string(&path) {
         for line in text.lines().take(3) {
-            println!("{line}");
+            if verbose {
+                println!("{line}");
+            } else if let Ok(request) = serde_json::from_str::<Value>(line) {
+                let text = |field: &str| request[field].as_str().unwrap_or_default().to_string();
+                println!("row {} (key {}): {}", request["row"], text("key"), text("method"));
+            }
+        }
+        if verbose {
+            eprintln!("(-v: the requests above show row values)");
+        } else {
+            eprintln!("  whole requests (URL, headers, body) in {}, readable by its owner only", path.display());
         }
     }
 }
@@ -619,9 +720,21 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
             );
         }
         if !finished.first_failures.is_empty() {
+            // Messages may quote server answers and row values: PHI stays in
+            // the run directory unless -v asks for it here.
+            let verbose = options.log.verbose > 0;
             eprintln!("  first failures:");
-            for line in &finished.first_failures {
-                eprintln!("    {line}");
+            for (brief, message) in &finished.first_failures {
+                if verbose {
+                    eprintln!("    {brief}: {message}");
+                } else {
+                    eprintln!("    {brief}");
+                }
+            }
+            if verbose {
+                eprintln!("  (-v: the messages above may quote server answers and row values)");
+            } else {
+                eprintln!("  why, with server answers and row values: the failures file, readable by its owner only");
             }
         }
         eprintln!("  run directory: {}", dir.display());
@@ -660,8 +773,10 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
     finished.exit
 }
 
-async fn validate(args: ValidateArgs) -> Result<ExitCode, Error> {
-    let r = resolve(&args.job, &args.inputs, &args.config, &SettingArgs::default())?;
+async fn validate(args: ValidateArgs, log: &LogArgs) -> Result<ExitCode, Error> {
+    // A reason may quote a row's values (PHI): only -v shows it whole.
+    let verbose = log.verbose > 0;
+    let r = resolve(&args.job, &args.inputs, args.format, &args.config, &SettingArgs::default())?;
     let requests = r.job.requests(&r.loaded.settings)?;
     let names: Vec<String> = r.inputs.iter().map(|i| i.path.display().to_string()).collect();
     let inputs = r.inputs.clone();
@@ -673,7 +788,8 @@ async fn validate(args: ValidateArgs) -> Result<ExitCode, Error> {
                 Err(b) => bad.push(format!("{} row {}: {}", names[b.input], b.number, b.message)),
                 Ok(row) => {
                     if let Err(e) = requests.render(&row) {
-                        bad.push(format!("{} line {} (row {}): {e}", names[row.input], row.line, row.number));
+                        let why = if verbose { &e.message } else { e.brief() };
+                        bad.push(format!("{} line {} (row {}): {why}", names[row.input], row.line, row.number));
                     }
                 }
             }
@@ -689,6 +805,9 @@ async fn validate(args: ValidateArgs) -> Result<ExitCode, Error> {
     }
     if bad.len() > SHOWN {
         eprintln!("... and {} more", bad.len() - SHOWN);
+    }
+    if verbose && !bad.is_empty() {
+        eprintln!("(-v: the reasons above may quote row values)");
     }
     eprintln!("bulkcall: {rows} rows read: {} ready to send, {} cannot be sent", rows - bad.len() as u64, bad.len());
     Ok(if bad.is_empty() { ExitCode::Success } else { ExitCode::RowsFailed })
@@ -808,7 +927,7 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
     flags.insert("headers".into(), serde_json::json!({"environment": "sandbox"}));
     flags.insert("auth".into(), serde_json::json!({"style": "json", "token_url": sandbox.token_url(), "cache": false}));
     let loaded = Sources { job: job.settings.clone(), flags, no_config: true, ..Sources::default() }.load()?;
-    let resolved = resolve_inputs(job, loaded, &[])?;
+    let resolved = resolve_inputs(job, loaded, &[], None)?;
     eprintln!(
         "bulkcall demo: sandbox at {}; sending the example's synthetic rows from {} (16 workers, 250 calls/s)",
         sandbox.base_url(),

@@ -197,6 +197,28 @@ pub struct Sources {
     pub no_config: bool,
 }
 
+/// JSON settings as TOML values for figment. Converted explicitly: with
+/// serde_json's `arbitrary_precision` a JSON number serializes as a private
+/// map. A `null` is left out, as if not given.
+fn plain(map: &serde_json::Map<String, serde_json::Value>) -> toml::Table {
+    fn value(v: &serde_json::Value) -> Option<toml::Value> {
+        use serde_json::Value as J;
+        Some(match v {
+            J::Null => return None,
+            J::Bool(b) => toml::Value::Boolean(*b),
+            J::Number(n) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => toml::Value::Integer(i),
+                (None, Some(f)) => toml::Value::Float(f),
+                (None, None) => toml::Value::String(n.to_string()),
+            },
+            J::String(s) => toml::Value::String(s.clone()),
+            J::Array(items) => toml::Value::Array(items.iter().filter_map(value).collect()),
+            J::Object(map) => toml::Value::Table(plain(map)),
+        })
+    }
+    map.iter().filter_map(|(k, v)| Some((k.clone(), value(v)?))).collect()
+}
+
 /// The result of loading: settings plus where they came from.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -246,7 +268,7 @@ impl Sources {
                 known: known.into_iter().filter(|k| k != "default").collect::<Vec<_>>().join(", "),
             });
         }
-        figment = figment.merge(Serialized::globals(&self.job));
+        figment = figment.merge(Serialized::globals(plain(&self.job)));
         if self.env {
             figment = figment.merge(
                 Env::prefixed("BULKCALL_")
@@ -255,7 +277,7 @@ impl Sources {
                     .global(),
             );
         }
-        figment = figment.merge(Serialized::globals(&self.flags));
+        figment = figment.merge(Serialized::globals(plain(&self.flags)));
         let settings: Settings = figment.select(Profile::new(&profile)).extract()?;
         settings.validate()?;
         let loopback_idp =

@@ -11,10 +11,12 @@
 //! - [`template`]: compiling the spec's strings into templates, once.
 //! - [`render`]: a row in, a [`Request`] out.
 //! - [`judge`]: an answer in, success or not and the captured values out.
+//! - [`value`]: JSON values as the template engine sees them.
 
 mod judge;
 mod render;
 mod template;
+mod value;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use serde_json::{Map, Value};
 
 use crate::answer::response_path;
 use crate::config::Settings;
-use crate::input::Format;
+use crate::input::{Encoding, Format};
 
 pub use judge::Judged;
 pub use render::{RenderError, Request, Requests};
@@ -48,6 +50,7 @@ struct JobFile {
     input: Option<OneOrMany>,
     format: Option<Format>,
     delimiter: Option<String>,
+    encoding: Option<Encoding>,
     method: Option<String>,
     url: String,
     key: Option<String>,
@@ -89,6 +92,8 @@ pub struct Job {
     pub inputs: Vec<PathBuf>,
     pub format: Option<Format>,
     pub delimiter: u8,
+    /// The inputs' text encoding (`encoding`; default UTF-8).
+    pub encoding: Encoding,
     /// Run settings from the spec, for the configuration layer.
     pub settings: Map<String, Value>,
     method: Method,
@@ -207,6 +212,7 @@ impl Job {
             inputs,
             format: file.format,
             delimiter,
+            encoding: file.encoding.unwrap_or_default(),
             settings,
             method,
             url: c.text(&envs.url, "url", &file.url)?,
@@ -253,7 +259,7 @@ impl Job {
         if self.url.vars.is_empty()
             && let Ok(path) = self.url.template.render(())
         {
-            requests.fixed_url = Some(requests.full_url(&path).map_err(|e| c.invalid(e.0))?);
+            requests.fixed_url = Some(requests.full_url(&path).map_err(|e| c.invalid(e.message))?);
         }
         Ok(requests)
     }
@@ -491,5 +497,100 @@ mod tests {
         let captured = judge("not json");
         assert_eq!(captured.get("plan"), None);
         assert_eq!(captured["text"], "not json", "a text answer is a string");
+    }
+
+    /// Numbers whose digits a float would change, and one a float cannot hold.
+    /// An exponent is written in one form: `e`, then its sign (`1E400` is sent as `1e+400`).
+    const AWKWARD: &str = r#"{"id":"n1","amount":3923.5950000000003,"price":125.50,"big":12345678901234567890123,"huge":1e+400,"tiny":-0.000000000000000000001,"exp":1.0e-2,"nested":{"list":[0.10,2,-7]}}"#;
+
+    fn awkward_row() -> Row {
+        json_row(serde_json::from_str(AWKWARD).unwrap())
+    }
+
+    #[test]
+    fn json_numbers_keep_their_digits_in_whole_rows_leaves_and_text() {
+        let requests = job(r#"
+            url = "/x"
+            body = "{{ row }}"
+        "#);
+        let r = requests.render(&awkward_row()).unwrap();
+        assert_eq!(std::str::from_utf8(r.body.as_ref().unwrap()).unwrap(), AWKWARD);
+        let other_exponents = json_row(serde_json::from_str(r#"{"a":1E400,"b":2.50E7}"#).unwrap());
+        let r = requests.render(&other_exponents).unwrap();
+        assert_eq!(std::str::from_utf8(r.body.as_ref().unwrap()).unwrap(), r#"{"a":1e+400,"b":2.50e+7}"#);
+
+        let requests = job(r#"
+            url = "/x/{{ price }}"
+            [query]
+            big = "{{ big }}"
+            [body]
+            amount = "{{ amount }}"
+            price = "{{ price }}"
+            big = "{{ big }}"
+            huge = "{{ huge }}"
+            list = "{{ nested.list }}"
+            nested = "{{ nested if nested else none }}"
+            text = "{{ price }} of {{ big }}"
+            engine_text = "{{ price }} {{ id | upper }}"
+        "#);
+        let r = requests.render(&awkward_row()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(r.body.as_ref().unwrap()).unwrap(),
+            concat!(
+                r#"{"amount":3923.5950000000003,"price":125.50,"big":12345678901234567890123,"huge":1e+400,"#,
+                r#""list":[0.10,2,-7],"nested":{"list":[0.10,2,-7]},"text":"125.50 of 12345678901234567890123","#,
+                // The engine computes with floats: 125.50 is the float 125.5 there.
+                r#""engine_text":"125.5 N1"}"#
+            )
+        );
+        assert_eq!(r.url.path(), "/x/125.50");
+        assert_eq!(r.url.query(), Some("big=12345678901234567890123"));
+    }
+
+    #[test]
+    fn a_typed_csv_value_does_not_grow_digits() {
+        let requests = job(r#"
+            url = "/x"
+            [body]
+            amount = "{{ amount | float }}"
+            cents = "{{ (amount | float * 100) | round | int }}"
+            big = "{{ big | int }}"
+        "#);
+        let r = requests.render(&csv_row(&[("amount", "125.10"), ("big", "12345678901234567890123")])).unwrap();
+        assert_eq!(
+            std::str::from_utf8(r.body.as_ref().unwrap()).unwrap(),
+            r#"{"amount":125.1,"cents":12510,"big":12345678901234567890123}"#
+        );
+    }
+
+    #[test]
+    fn numbers_in_the_engine_compare_and_compute() {
+        let requests = job(r#"
+            url = "/x"
+            [body]
+            over = "{{ amount > 3923 }}"
+            double = "{{ nested.list[2] * 2 }}"
+            big = "{{ big + 1 }}"
+        "#);
+        let r = requests.render(&awkward_row()).unwrap();
+        assert_eq!(body(&r), serde_json::json!({"over": true, "double": -14, "big": 12345678901234567890124_i128}));
+    }
+
+    #[test]
+    fn captured_numbers_keep_their_digits() {
+        let requests = job(r#"
+            url = "/x"
+            success = "{{ response.price > 100 }}"
+            [capture]
+            price = "{{ response.price }}"
+            big = "{{ response['big'] }}"
+            nested = "{{ response.nested }}"
+        "#);
+        let judged = requests.judge(200, &Body::new(AWKWARD.as_bytes(), AWKWARD.len() as u64), &awkward_row());
+        assert!(judged.ok);
+        assert_eq!(
+            serde_json::to_string(&judged.captured).unwrap(),
+            r#"{"price":125.50,"big":12345678901234567890123,"nested":{"list":[0.10,2,-7]}}"#
+        );
     }
 }

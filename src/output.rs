@@ -331,6 +331,8 @@ struct CsvFile {
     file: File,
     /// Whole records not yet handed to the operating system.
     record: Vec<u8>,
+    /// The input's delimiter for a failures file, so it reads back as the input did.
+    delimiter: u8,
 }
 
 const ERROR_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
@@ -343,21 +345,35 @@ impl CsvFile {
         append: bool,
     ) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
-        let mut this = CsvFile { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024) };
+        let mut this =
+            CsvFile { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024), delimiter: b',' };
         if !has_header {
             this.write(header)?;
         }
         Ok(this)
     }
 
-    /// A failures CSV: the input's columns, then the six failure columns.
+    /// A failures CSV: the input's columns, then the six failure columns,
+    /// with the input's delimiter.
     fn failures(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFile, OutputError> {
-        let columns = headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes));
-        CsvFile::open(path, columns, append)
+        let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        let mut this = CsvFile {
+            file: open_file(&path, append)?,
+            path,
+            record: Vec::with_capacity(1024),
+            delimiter: headers.delimiter(),
+        };
+        if !has_header {
+            this.write(headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes)))?;
+        }
+        Ok(this)
     }
 
     fn write<'a>(&mut self, fields: impl IntoIterator<Item = &'a [u8]>) -> Result<(), OutputError> {
-        let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(std::mem::take(&mut self.record));
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .delimiter(self.delimiter)
+            .from_writer(std::mem::take(&mut self.record));
         let written = w.write_record(fields).map_err(std::io::Error::other);
         self.record = w.into_inner().map_err(|e| std::io::Error::other(e.to_string())).map_err(io(&self.path))?;
         written.map_err(io(&self.path))

@@ -81,8 +81,10 @@ pub struct Finished {
     pub abort: Option<Error>,
     /// The failures files written to: (input, its failures file).
     pub failure_files: Vec<(PathBuf, PathBuf)>,
-    /// The first few failures, one line each, to show at the end.
-    pub first_failures: Vec<String>,
+    /// The first few failures, to show at the end: row, key, error kind
+    /// and status; then the message, which may quote the server's answer
+    /// or row values (PHI), shown only with `-v`.
+    pub first_failures: Vec<(String, String)>,
     /// Dry runs: the requests rendered into `requests.jsonl`.
     pub rendered: u64,
 }
@@ -90,10 +92,11 @@ pub struct Finished {
 /// How many failures the closing lines show.
 const SHOWN_FAILURES: usize = 3;
 
-fn describe_failure(outcome: &Outcome) -> Option<String> {
+fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
     let failure = outcome.result.as_ref().err()?;
-    let message: String = failure.message.chars().take(160).collect();
-    Some(format!("row {} (key {}): {}: {message}", outcome.number, outcome.key, failure.kind.as_str()))
+    let status = outcome.status.map(|s| format!(", status {s}")).unwrap_or_default();
+    let brief = format!("row {} (key {}): {}{status}", outcome.number, outcome.key, failure.kind.as_str());
+    Some((brief, failure.message.chars().take(160).collect()))
 }
 
 /// State every worker shares. Each field is here because every attempt of
@@ -244,7 +247,7 @@ fn lane_count(concurrency: usize) -> usize {
 struct Recorder {
     writer: Writer,
     stats: Stats,
-    first_failures: Vec<String>,
+    first_failures: Vec<(String, String)>,
     /// A write failed: nothing more is written, so a partly written buffer
     /// is never written again after it.
     broken: bool,

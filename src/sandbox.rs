@@ -390,10 +390,7 @@ fn router(shared: Arc<Shared>) -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|req: Request| async move {
-            let description = format!("no such API: {} {}", req.method(), req.uri().path());
-            gateway_errors(StatusCode::NOT_FOUND, vec![json!({ "description": description })])
-        });
+        .fallback(|State(s): State<Arc<Shared>>, req: Request| no_such_api(s, req));
     APIS.into_iter()
         .fold(router, |router, (path, answer)| {
             router.route(path, any(move |State(s): State<Arc<Shared>>, req: Request| api_call(s, req, answer)))
@@ -446,6 +443,26 @@ enum Refused {
 }
 
 impl Shared {
+    /// Keeps a call as received, when recording.
+    fn record(&self, parts: &Parts, body: Value, status: StatusCode, at: Duration) {
+        let Some(recorded) = &self.recorded else { return };
+        let call = RecordedCall {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+                .collect(),
+            body,
+            status: status.as_u16(),
+            at,
+            version: format!("{:?}", parts.version),
+        };
+        recorded.lock().unwrap_or_else(PoisonError::into_inner).push(call);
+    }
+
     fn new(config: SandboxConfig) -> Self {
         Self {
             failures_left: AtomicU32::new(config.fail_token_requests),
@@ -697,23 +714,17 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
             },
         },
     };
-    if let Some(recorded) = &shared.recorded {
-        let call = RecordedCall {
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().map(str::to_owned),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
-                .collect(),
-            body: json.unwrap_or(Value::Null),
-            status: response.status().as_u16(),
-            at,
-            version: format!("{:?}", parts.version),
-        };
-        recorded.lock().unwrap_or_else(PoisonError::into_inner).push(call);
-    }
+    shared.record(&parts, json.unwrap_or(Value::Null), response.status(), at);
+    response
+}
+
+/// A call to a path that is no API: refused, and recorded like any call.
+async fn no_such_api(shared: Arc<Shared>, req: Request) -> Response {
+    let at = shared.started.elapsed();
+    let description = format!("no such API: {} {}", req.method(), req.uri().path());
+    let response = gateway_errors(StatusCode::NOT_FOUND, vec![json!({ "description": description })]);
+    let (parts, _) = req.into_parts();
+    shared.record(&parts, Value::Null, response.status(), at);
     response
 }
 

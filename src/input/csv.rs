@@ -2,7 +2,6 @@
 //! `\r\n`; quoted fields may hold delimiters and newlines.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -17,16 +16,21 @@ pub struct CsvHeaders {
     /// How many columns a record of the file has.
     width: usize,
     by_name: HashMap<String, usize>,
+    /// The file's delimiter: a failures file is written with it.
+    delimiter: u8,
 }
 
 impl CsvHeaders {
-    fn new(file_names: Vec<String>) -> Result<CsvHeaders, String> {
+    fn new(file_names: Vec<String>, delimiter: u8) -> Result<CsvHeaders, String> {
         let width = file_names.len();
+        // Only a failures file bulkcall wrote has all six failure columns: its
+        // added columns are not fields. Elsewhere `_key` is a field like any.
+        let failures = super::FAILURE_COLUMNS[..6].iter().all(|c| file_names.iter().any(|n| n == c));
         let mut names = Vec::with_capacity(width);
         let mut positions = Vec::with_capacity(width);
         let mut by_name = HashMap::with_capacity(width);
         for (pos, name) in file_names.into_iter().enumerate() {
-            if FAILURE_COLUMNS.contains(&name.as_str()) {
+            if failures && FAILURE_COLUMNS.contains(&name.as_str()) {
                 continue;
             }
             if name.is_empty() {
@@ -38,16 +42,20 @@ impl CsvHeaders {
             names.push(name);
             positions.push(pos);
         }
-        Ok(CsvHeaders { names, positions, width, by_name })
+        Ok(CsvHeaders { names, positions, width, by_name, delimiter })
     }
 
     #[cfg(test)]
     pub(crate) fn for_tests(names: Vec<String>) -> CsvHeaders {
-        CsvHeaders::new(names).expect("valid test header")
+        CsvHeaders::new(names, b',').expect("valid test header")
     }
 
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    pub fn delimiter(&self) -> u8 {
+        self.delimiter
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
@@ -58,7 +66,7 @@ impl CsvHeaders {
 /// The file, read through an index of where its newlines are, so each
 /// record's line is exact (the csv crate counts lines only between records).
 struct Lines {
-    file: File,
+    file: Box<dyn Read>,
     offset: u64,
     /// Offsets of newlines read but not yet passed by the parser.
     newlines: VecDeque<u64>,
@@ -94,7 +102,7 @@ impl Lines {
 
 type Reader = csv::Reader<Lines>;
 
-fn reader(spec: &InputSpec, file: File) -> Reader {
+fn reader(spec: &InputSpec, file: Box<dyn Read>) -> Reader {
     csv::ReaderBuilder::new()
         .delimiter(spec.delimiter)
         .has_headers(true)
@@ -134,11 +142,11 @@ fn read_headers(spec: &InputSpec, rdr: &mut Reader) -> Result<Arc<CsvHeaders>, I
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| err("line 1: the header row is not valid UTF-8".into()))?;
     let names: Vec<String> = names.into_iter().map(|n| n.trim().to_string()).collect();
-    CsvHeaders::new(names).map(Arc::new).map_err(|m| err(format!("line 1: {m}")))
+    CsvHeaders::new(names, spec.delimiter).map(Arc::new).map_err(|m| err(format!("line 1: {m}")))
 }
 
 /// Checks the header and that a data row follows; returns the column names.
-pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<Vec<String>, InputError> {
+pub(super) fn preflight(spec: &InputSpec, file: Box<dyn Read>) -> Result<Vec<String>, InputError> {
     let mut rdr = reader(spec, file);
     let headers = read_headers(spec, &mut rdr)?;
     let mut record = csv::ByteRecord::new();
@@ -162,7 +170,7 @@ fn csv_error(spec: &InputSpec, e: csv::Error) -> InputError {
 pub(super) fn read(
     input: usize,
     spec: &InputSpec,
-    file: File,
+    file: Box<dyn Read>,
     progress: &dyn Fn(u64),
     sink: &mut dyn FnMut(Item) -> bool,
 ) -> Result<bool, InputError> {
@@ -227,7 +235,12 @@ fn to_row(
     for (i, &pos) in headers.positions.iter().enumerate() {
         match std::str::from_utf8(field(pos)) {
             Ok(s) => values.push(s.to_string()),
-            Err(_) => return Err(bad(format!("line {line}: field `{}` is not valid UTF-8", headers.names[i]))),
+            Err(_) => {
+                return Err(bad(format!(
+                    "line {line}: field `{}` is not valid UTF-8; if the file is Windows-1252, Latin-1 or UTF-16 (an Excel export), say so with `encoding` in the job (encoding = \"windows-1252\")",
+                    headers.names[i]
+                )));
+            }
         }
     }
     Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values } })
@@ -242,7 +255,12 @@ mod tests {
     fn read_text(bytes: &[u8], delimiter: u8) -> (Vec<Item>, Result<(), InputError>) {
         let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
         f.write_all(bytes).unwrap();
-        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Csv, delimiter };
+        let spec = InputSpec {
+            path: f.path().to_path_buf(),
+            format: Format::Csv,
+            delimiter,
+            encoding: super::super::Encoding::Utf8,
+        };
         let mut items = vec![];
         let result = read_all(&[spec], &|_| {}, &mut |item| {
             items.push(item);
@@ -327,7 +345,12 @@ mod tests {
     #[test]
     fn empty_file_and_duplicate_columns_are_file_errors() {
         let mut f = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
-        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Csv, delimiter: b',' };
+        let spec = InputSpec {
+            path: f.path().to_path_buf(),
+            format: Format::Csv,
+            delimiter: b',',
+            encoding: super::super::Encoding::Utf8,
+        };
         let err = super::super::preflight(std::slice::from_ref(&spec)).unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
         f.write_all(b"a,b\n").unwrap();
@@ -335,5 +358,28 @@ mod tests {
         assert!(err.contains("no data rows"), "{err}");
         let (_, result) = read_text(b"a,a\n1,2\n", b',');
         assert!(result.unwrap_err().to_string().contains("`a` twice"));
+    }
+
+    #[test]
+    fn failure_columns_are_dropped_only_from_a_failures_file() {
+        let (items, _) = read_text(b"id;_key;_row\n1;k;9\n", b';');
+        assert_eq!(
+            fields(&items[0]),
+            [("id".into(), "1".into()), ("_key".into(), "k".into()), ("_row".into(), "9".into())]
+        );
+        let failures = b"id;_row;_key;_error;_status;_attempts;_message\n1;3;k;client_error;400;1;x\n";
+        let (items, _) = read_text(failures, b';');
+        assert_eq!(fields(&items[0]), [("id".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn a_value_not_in_utf8_names_the_encoding_setting() {
+        let (items, _) = read_text(b"id,name\n1,Zo\xEB\n", b',');
+        let bad = items[0].as_ref().unwrap_err();
+        assert!(
+            bad.message.contains("field `name` is not valid UTF-8") && bad.message.contains("`encoding`"),
+            "{}",
+            bad.message
+        );
     }
 }

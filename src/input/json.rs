@@ -1,8 +1,7 @@
 //! JSON: an array of objects, streamed one element at a time. JSON Lines:
 //! one object per line, blank lines skipped. Values keep their JSON types.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 
 use serde_json::Value;
 
@@ -104,7 +103,7 @@ impl<R: BufRead> Cursor<R> {
     }
 }
 
-fn open(file: File) -> Cursor<BufReader<File>> {
+fn open(file: Box<dyn Read>) -> Cursor<BufReader<Box<dyn Read>>> {
     Cursor::new(BufReader::with_capacity(256 * 1024, file))
 }
 
@@ -112,7 +111,7 @@ fn io_error(spec: &InputSpec, source: std::io::Error) -> InputError {
     InputError::Open { path: spec.path.clone(), source }
 }
 
-pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> {
+pub(super) fn preflight(spec: &InputSpec, file: Box<dyn Read>) -> Result<(), InputError> {
     let mut cur = open(file);
     let err = |message: &str| InputError::Format { path: spec.path.clone(), message: message.into() };
     let first = cur.skip_ws().map_err(|e| io_error(spec, e))?;
@@ -123,7 +122,7 @@ pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> 
             match cur.skip_ws().map_err(|e| io_error(spec, e))? {
                 Some(b']') => Err(err("the array is empty: there are no rows to send")),
                 _ => {
-                    let file = File::open(&spec.path).map_err(|e| io_error(spec, e))?;
+                    let file = super::source::open(spec)?.reader;
                     scan_array(spec, file)
                 }
             }
@@ -139,7 +138,7 @@ pub(super) fn preflight(spec: &InputSpec, file: File) -> Result<(), InputError> 
 pub(super) fn read_array(
     input: usize,
     spec: &InputSpec,
-    file: File,
+    file: Box<dyn Read>,
     progress: &dyn Fn(u64),
     sink: &mut dyn FnMut(Item) -> bool,
 ) -> Result<bool, InputError> {
@@ -162,7 +161,7 @@ pub(super) fn read_array(
 
 /// Checks a whole JSON array's structure without parsing its elements, so
 /// a file cut short stops the run before anything is sent.
-pub(super) fn scan_array(spec: &InputSpec, file: File) -> Result<(), InputError> {
+pub(super) fn scan_array(spec: &InputSpec, file: Box<dyn Read>) -> Result<(), InputError> {
     walk_array(spec, file, &mut |_, _, _, _| true).map(|_| ())
 }
 
@@ -172,7 +171,7 @@ type OnElement<'a> = dyn FnMut(u64, u64, &[u8], u64) -> bool + 'a;
 /// Walks the elements of a JSON array, handing each one's line, column,
 /// text and the bytes read so far to `element`, which returns `false` to
 /// stop. Returns the bytes read, or `None` when stopped.
-fn walk_array(spec: &InputSpec, file: File, element: &mut OnElement<'_>) -> Result<Option<u64>, InputError> {
+fn walk_array(spec: &InputSpec, file: Box<dyn Read>, element: &mut OnElement<'_>) -> Result<Option<u64>, InputError> {
     let mut cur = open(file);
     let at = |cur: &Cursor<_>, message: String| InputError::At {
         path: spec.path.clone(),
@@ -239,13 +238,23 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
         raw: Raw::Text(String::from_utf8_lossy(text).into_owned()),
     };
     match serde_json::from_slice::<Value>(text) {
-        Ok(Value::Object(mut map)) => {
-            // A failures file fed back: its added fields are not the record's.
-            for column in super::FAILURE_COLUMNS {
-                map.shift_remove(column);
+        // A line of a failures file bulkcall wrote (it has all six failure
+        // fields): those are not the record's. Elsewhere `_key` is a field like any.
+        Ok(Value::Object(mut map)) if super::FAILURE_COLUMNS[..6].iter().all(|c| map.contains_key(*c)) => {
+            for column in &super::FAILURE_COLUMNS[..6] {
+                map.shift_remove(*column);
             }
-            Ok(Row { input, number, line, record: Record::Json(map) })
+            match map.shift_remove("_raw") {
+                // A row that was not JSON when it failed: read what it was again.
+                Some(Value::String(raw)) if map.is_empty() => parse_object(input, number, line, column, raw.as_bytes()),
+                Some(other) => {
+                    map.insert("_raw".into(), other);
+                    Ok(Row { input, number, line, record: Record::Json(map) })
+                }
+                None => Ok(Row { input, number, line, record: Record::Json(map) }),
+            }
         }
+        Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map) }),
         Ok(other) => Err(bad(format!("line {line}: expected an object, found {}", kind(&other)))),
         Err(e) => {
             let (l, c) = (
@@ -274,7 +283,7 @@ fn kind(v: &Value) -> &'static str {
 pub(super) fn read_lines(
     input: usize,
     spec: &InputSpec,
-    file: File,
+    file: Box<dyn Read>,
     progress: &dyn Fn(u64),
     sink: &mut dyn FnMut(Item) -> bool,
 ) -> Result<bool, InputError> {
@@ -317,7 +326,8 @@ mod tests {
     fn read_text(text: &str, format: Format) -> (Vec<Item>, Result<(), InputError>) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
-        let spec = InputSpec { path: f.path().to_path_buf(), format, delimiter: b',' };
+        let spec =
+            InputSpec { path: f.path().to_path_buf(), format, delimiter: b',', encoding: super::super::Encoding::Utf8 };
         let mut items = vec![];
         let result = read_all(&[spec], &|_| {}, &mut |item| {
             items.push(item);
@@ -358,7 +368,12 @@ mod tests {
         assert!(err.contains(":2:2:") && err.contains("cut short"), "{err}");
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"[{\"a\": 1},\n {\"a\": 2").unwrap();
-        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Json, delimiter: b',' };
+        let spec = InputSpec {
+            path: f.path().to_path_buf(),
+            format: Format::Json,
+            delimiter: b',',
+            encoding: super::super::Encoding::Utf8,
+        };
         let err = super::super::preflight(&[spec]).unwrap_err().to_string();
         assert!(err.contains("cut short"), "the preflight finds it before anything is sent: {err}");
 
@@ -380,20 +395,38 @@ mod tests {
     }
 
     #[test]
-    fn failure_fields_are_not_fields_when_fed_back() {
-        let (items, _) = read_text(
-            "{\"id\": 1, \"_row\": 3, \"_error\": \"client_error\", \"_message\": \"x\", \"_raw\": \"y\"}\n",
-            Format::Jsonl,
-        );
-        let Record::Json(map) = &items[0].as_ref().unwrap().record else { panic!("json") };
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["id"]);
+    fn failure_fields_are_dropped_only_from_a_failures_file() {
+        const SIX: &str =
+            r#""_row": 3, "_key": "k", "_error": "client_error", "_status": 400, "_attempts": 1, "_message": "x""#;
+        let text = [
+            format!(r#"{{"id": 1, {SIX}}}"#),
+            r#"{"id": 2, "_key": "a real field", "_row": 9}"#.to_string(),
+            format!(r#"{{"_raw": "{{\"id\": 3}}", {SIX}}}"#),
+            format!(r#"{{"_raw": "{{\"id\": tru", {SIX}}}"#),
+        ]
+        .join("\n");
+        let (items, _) = read_text(&text, Format::Jsonl);
+        let keys = |i: usize| match &items[i].as_ref().unwrap().record {
+            Record::Json(map) => map.keys().cloned().collect::<Vec<_>>(),
+            Record::Csv { .. } => panic!("json"),
+        };
+        assert_eq!(keys(0), ["id"], "a failures line: the six added fields go");
+        assert_eq!(keys(1), ["id", "_key", "_row"], "not a failures line: every field stays");
+        assert_eq!(items[2].as_ref().unwrap().record.get("id").unwrap(), 3, "`_raw` is read again");
+        let bad = items[3].as_ref().unwrap_err();
+        assert!(matches!(&bad.raw, Raw::Text(t) if t == r#"{"id": tru"#), "fails again, keeping its text: {bad:?}");
     }
 
     #[test]
     fn not_an_array_is_a_file_error() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"{\"a\": 1}\n").unwrap();
-        let spec = InputSpec { path: f.path().to_path_buf(), format: Format::Json, delimiter: b',' };
+        let spec = InputSpec {
+            path: f.path().to_path_buf(),
+            format: Format::Json,
+            delimiter: b',',
+            encoding: super::super::Encoding::Utf8,
+        };
         let err = super::super::preflight(&[spec]).unwrap_err().to_string();
         assert!(err.contains("array of objects") && err.contains(".jsonl"), "{err}");
     }

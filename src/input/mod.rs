@@ -5,6 +5,7 @@
 
 mod csv;
 mod json;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 pub use self::csv::CsvHeaders;
+pub use self::source::{Compression, Encoding};
 
 /// The columns bulkcall adds to a failures file; ignored as fields when such
 /// a file is read back as input, so it can be fed straight back in.
@@ -26,8 +28,13 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format an extension names, if any.
+    /// The format an extension names, if any; for a compressed file
+    /// (`rows.csv.gz`), the extension inside.
     pub fn from_path(path: &Path) -> Option<Format> {
+        let path = match Compression::of(path) {
+            Compression::None => path,
+            _ => Path::new(path.file_stem()?),
+        };
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
         match ext.as_str() {
             "csv" | "tsv" | "txt" => Some(Format::Csv),
@@ -44,6 +51,7 @@ pub struct InputSpec {
     pub path: PathBuf,
     pub format: Format,
     pub delimiter: u8,
+    pub encoding: Encoding,
 }
 
 /// One record of an input file.
@@ -139,10 +147,11 @@ pub fn read_all(
     // Bytes read count across the inputs, to compare with their total size.
     let mut before = 0u64;
     for (index, spec) in inputs.iter().enumerate() {
-        let file =
-            std::fs::File::open(&spec.path).map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
-        let size = file.metadata().map_or(0, |m| m.len());
-        let progress = |bytes: u64| progress(before + bytes);
+        let size = std::fs::metadata(&spec.path).map_or(0, |m| m.len());
+        let opened = source::open(spec)?;
+        let file = opened.reader;
+        // The bytes read from the file itself: compressed bytes for a compressed file.
+        let progress = |_: u64| progress(before + opened.file_bytes.get());
         let keep_going = match spec.format {
             Format::Csv => csv::read(index, spec, file, &progress, sink)?,
             Format::Json => json::read_array(index, spec, file, &progress, sink)?,
@@ -164,8 +173,7 @@ pub fn preflight(inputs: &[InputSpec]) -> Result<Vec<Option<Vec<String>>>, Input
     inputs
         .iter()
         .map(|spec| {
-            let file = std::fs::File::open(&spec.path)
-                .map_err(|source| InputError::Open { path: spec.path.clone(), source })?;
+            let file = source::open(spec)?.reader;
             match spec.format {
                 Format::Csv => csv::preflight(spec, file).map(Some),
                 Format::Json | Format::Jsonl => json::preflight(spec, file).map(|()| None),
@@ -191,8 +199,8 @@ mod tests {
         let jsonl = write("b.jsonl", "{\"id\": 3}\n{\"id\": 4}\n");
         let total = std::fs::metadata(&csv).unwrap().len() + std::fs::metadata(&jsonl).unwrap().len();
         let specs = [
-            InputSpec { path: csv, format: Format::Csv, delimiter: b',' },
-            InputSpec { path: jsonl, format: Format::Jsonl, delimiter: b',' },
+            InputSpec { path: csv, format: Format::Csv, delimiter: b',', encoding: Encoding::Utf8 },
+            InputSpec { path: jsonl, format: Format::Jsonl, delimiter: b',', encoding: Encoding::Utf8 },
         ];
         let seen = std::cell::RefCell::new(Vec::new());
         read_all(&specs, &|bytes| seen.borrow_mut().push(bytes), &mut |_| true).unwrap();

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use minijinja::Value as JValue;
 use minijinja::value::{Enumerator, Object, ObjectRepr};
-use percent_encoding::utf8_percent_encode;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::Job;
-use super::template::{Node, Part, SEGMENT, Text};
+use super::template::{Node, Part, Text, url_value};
+use super::value::{Json, json_value, scalar};
 use crate::input::{Record, Row};
 
 /// A field's value, borrowed from the row where it can be.
@@ -56,7 +56,7 @@ fn field<'a>(row: &'a Row, path: &[String]) -> Option<Field<'a>> {
 }
 
 impl Field<'_> {
-    /// The text the template engine would print, for strings and integers.
+    /// The text printed for strings and numbers (a number with its digits as written).
     fn plain(&self) -> Option<std::borrow::Cow<'_, str>> {
         let value = match self {
             Field::Str(s) => return Some((*s).into()),
@@ -65,7 +65,8 @@ impl Field<'_> {
         };
         match value {
             Value::String(s) => Some(s.as_str().into()),
-            Value::Number(n) if !n.is_f64() => Some(n.to_string().into()),
+            // A number as the input wrote it: `125.50` stays `125.50`.
+            Value::Number(n) => Some(n.as_str().into()),
             _ => None,
         }
     }
@@ -90,7 +91,8 @@ impl Field<'_> {
 
 impl Text {
     /// Renders against a row: the plain parts directly when every value is
-    /// a string or an integer (as the engine would print them), else the engine.
+    /// a string or a number (a number with the digits the input had), else
+    /// the engine.
     fn render(&self, row: Option<&Row>, ctx: &Lazy<'_>) -> Result<String, minijinja::Error> {
         if let (Some(parts), Some(row)) = (&self.parts, row) {
             let mut out = String::new();
@@ -99,7 +101,7 @@ impl Text {
                 match part {
                     Part::Literal(text) => out.push_str(text),
                     Part::Field(path) => match field(row, path).as_ref().and_then(Field::plain) {
-                        Some(text) => self.push(&mut out, &text),
+                        Some(text) => self.push(&mut out, &text)?,
                         // Missing, or printed differently: the engine decides.
                         None => {
                             plain = false;
@@ -115,12 +117,13 @@ impl Text {
         self.template.render(ctx.get())
     }
 
-    fn push(&self, out: &mut String, value: &str) {
+    fn push(&self, out: &mut String, value: &str) -> Result<(), minijinja::Error> {
         if self.encode {
-            out.extend(utf8_percent_encode(value, SEGMENT));
+            url_value(value, out)?;
         } else {
             out.push_str(value);
         }
+        Ok(())
     }
 }
 
@@ -146,10 +149,32 @@ pub struct Request {
     pub body: Option<Bytes>,
 }
 
-/// Why a row could not be turned into a request.
+/// Why a row could not be turned into a request: the whole message (for
+/// the failures file), and a brief one that quotes no row value (for
+/// stderr and logs).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct RenderError(pub String);
+#[error("{message}")]
+pub struct RenderError {
+    pub message: String,
+    brief: Option<String>,
+}
+
+impl RenderError {
+    /// A message that quotes no row value.
+    fn plain(message: String) -> RenderError {
+        RenderError { message, brief: None }
+    }
+
+    /// A message that may quote row values, and a brief one that does not.
+    fn quoting(message: String, brief: String) -> RenderError {
+        RenderError { message, brief: Some(brief) }
+    }
+
+    /// What went wrong, without the row's values.
+    pub fn brief(&self) -> &str {
+        self.brief.as_deref().unwrap_or(&self.message)
+    }
+}
 
 /// A job bound to a run's settings: renders rows into requests.
 pub struct Requests {
@@ -184,12 +209,12 @@ impl Object for RowContext {
             }
             Record::Json(map) => {
                 if let Some(v) = map.get(key) {
-                    return Some(JValue::from_serialize(v));
+                    return Some(scalar(v));
                 }
             }
         }
         match key {
-            "row" => Some(JValue::from_serialize(self.record.to_json())),
+            "row" => Some(json_value(&Arc::new(Value::Object(self.record.to_json())))),
             "row_number" => Some(JValue::from(self.number)),
             _ => None,
         }
@@ -214,9 +239,12 @@ impl Requests {
         let fail = |place: &str, vars: &[String], e: minijinja::Error| -> RenderError {
             let missing: Vec<&str> = vars.iter().map(String::as_str).filter(|v| !resolves(&row.record, v)).collect();
             match missing.as_slice() {
-                [] => RenderError(format!("{place}: {}", e.detail().unwrap_or(&e.to_string()))),
-                [one] => RenderError(format!("field `{one}` is missing (used in {place})")),
-                many => RenderError(format!("fields `{}` are missing (used in {place})", many.join("`, `"))),
+                [] => RenderError::quoting(
+                    format!("{place}: {}", e.detail().unwrap_or(&e.to_string())),
+                    format!("{place}: cannot be rendered ({})", e.kind()),
+                ),
+                [one] => RenderError::plain(format!("field `{one}` is missing (used in {place})")),
+                many => RenderError::plain(format!("fields `{}` are missing (used in {place})", many.join("`, `"))),
             }
         };
         let text = |t: &Text| t.render(Some(row), &ctx).map_err(|e| fail(&t.place, &t.vars, e));
@@ -227,7 +255,11 @@ impl Requests {
         };
         let mut url = match &self.fixed_url {
             Some(url) => url.clone(),
-            None => self.full_url(&text(&job.url)?)?,
+            None => {
+                let path = text(&job.url)?;
+                check_path(&job.url_source, &path)?;
+                self.full_url(&path)?
+            }
         };
         if !job.query.is_empty() {
             let mut pairs = url.query_pairs_mut();
@@ -237,7 +269,12 @@ impl Requests {
         }
         let mut headers = self.static_headers.clone();
         let header_value = |place: &str, v: String| {
-            HeaderValue::from_str(&v).map_err(|_| RenderError(format!("{place}: `{v}` cannot be sent in a header")))
+            HeaderValue::from_str(&v).map_err(|_| {
+                RenderError::quoting(
+                    format!("{place}: `{v}` cannot be sent in a header"),
+                    format!("{place}: a value that cannot be sent in a header"),
+                )
+            })
         };
         for (name, t) in &job.headers {
             headers.insert(name.clone(), header_value(&t.place, text(t)?)?);
@@ -266,15 +303,21 @@ impl Requests {
                 Some(base) if path.starts_with('/') => format!("{base}{path}"),
                 Some(base) => format!("{base}/{path}"),
                 None => {
-                    return Err(RenderError(format!(
-                        "url `{path}` is relative and no base_url is configured; set base_url in the profile"
-                    )));
+                    return Err(RenderError::quoting(
+                        format!("url `{path}` is relative and no base_url is configured; set base_url in the profile"),
+                        "url: relative and no base_url is configured; set base_url in the profile".into(),
+                    ));
                 }
             }
         };
-        let url = url::Url::parse(&full).map_err(|e| RenderError(format!("url `{full}` is not valid: {e}")))?;
+        let url = url::Url::parse(&full).map_err(|e| {
+            RenderError::quoting(format!("url `{full}` is not valid: {e}"), format!("url: not valid: {e}"))
+        })?;
         if url.scheme() == "http" && !self.allow_http && !crate::config::is_loopback(&url) {
-            return Err(RenderError(format!("url `{full}` is http:// to a host that is not loopback; use https://")));
+            return Err(RenderError::quoting(
+                format!("url `{full}` is http:// to a host that is not loopback; use https://"),
+                "url: http:// to a host that is not loopback; use https://".into(),
+            ));
         }
         Ok(url)
     }
@@ -299,6 +342,35 @@ impl Requests {
     pub fn idempotent(&self) -> bool {
         self.job.idempotent
     }
+}
+
+/// A row value may not change where the call goes: a path segment that is
+/// `.` or `..` (also as `%2e`), or empty where the template has none, would
+/// be resolved by the URL parser and send the call to another path. Values
+/// are percent-encoded, so each lies within one segment.
+fn check_path(template: &str, rendered: &str) -> Result<(), RenderError> {
+    let path_of = |url: &str| -> String {
+        let rest = match url.find("://") {
+            Some(i) => url[i + 3..].find('/').map_or("", |j| &url[i + 3 + j..]),
+            None => url,
+        };
+        rest.split(['?', '#']).next().unwrap_or_default().to_string()
+    };
+    let path = path_of(rendered);
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        let empty = segment.is_empty() && i != 0 && (i != last || !path_of(template).ends_with('/'));
+        if empty || decoded == "." || decoded == ".." {
+            let what = if empty { "empty" } else { "`.` or `..`" };
+            return Err(RenderError::plain(format!(
+                "url: a value of the row makes path segment {} {what}, which would send the call to another path",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a dotted variable path such as `member.last` exists in a record.
@@ -397,6 +469,9 @@ pub(super) fn render_node<'a>(
                     return Err((e.place.as_str(), e.vars.as_slice(), err));
                 }
                 Value::Null
+            } else if let Some(json) = v.downcast_object_ref::<Json>() {
+                // An object or array of the input passed through: its numbers as written.
+                (*json.0).clone()
             } else {
                 serde_json::to_value(&v).map_err(|err| {
                     let err = minijinja::Error::new(minijinja::ErrorKind::BadSerialization, err.to_string());

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use minijinja::{Environment, Expression, Template, UndefinedBehavior};
-use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::HeaderName;
 use serde_json::{Map, Value};
 
@@ -99,22 +99,25 @@ pub(super) enum Node {
     Literal(Value),
 }
 
-/// Path segments: everything but unreserved characters is encoded.
-pub(super) const SEGMENT: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'/')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}')
-    .add(b'&')
-    .add(b'+')
-    .add(b'=');
+/// Values in the URL: everything but RFC 3986's unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) is percent-encoded, `/`, `\\` and `%` included,
+/// so a value stays within its path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Writes a value into the URL, percent-encoded; a value that is `.` or
+/// `..` (also as `%2e`) is refused: the URL parser would resolve it as a
+/// dot segment and send the call to another path.
+pub(super) fn url_value(value: &str, out: &mut String) -> Result<(), minijinja::Error> {
+    let dots = value.to_ascii_lowercase().replace("%2e", ".");
+    if dots == "." || dots == ".." {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("a value of `{value}` would send the call to another path"),
+        ));
+    }
+    out.extend(utf8_percent_encode(value, SEGMENT));
+    Ok(())
+}
 
 /// The three template environments, built once and kept for the whole process.
 pub(super) struct Envs {
@@ -133,8 +136,9 @@ pub(super) fn envs() -> &'static Envs {
         strict.set_undefined_behavior(UndefinedBehavior::Strict);
         let mut url = strict.clone();
         url.set_formatter(|out, _state, value| {
-            let text = value.to_string();
-            write!(out, "{}", utf8_percent_encode(&text, SEGMENT)).map_err(minijinja::Error::from)
+            let mut text = String::new();
+            url_value(&value.to_string(), &mut text)?;
+            out.write_str(&text).map_err(minijinja::Error::from)
         });
         let mut lenient = Environment::new();
         lenient.set_undefined_behavior(UndefinedBehavior::Lenient);
