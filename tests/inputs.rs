@@ -199,3 +199,57 @@ async fn a_windows_1252_csv_is_decoded_when_the_job_says_so() {
     assert_eq!(gw.run_job(&job, &input, &out, &[]).await, ExitCode::RowsFailed);
     assert_eq!(bodies_by_id(&gw.sandbox.recorded()), [r#"{"id":"w1","name":"Zoë Café €"}"#]);
 }
+
+/// Runs the real binary, so its stderr can be read.
+async fn run_binary(gw: &Gateway, args: &[&str]) -> (Option<i32>, String, String) {
+    let config = gw.path("bulkcall.toml");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    command.args(args).args(["-c", config.to_str().unwrap(), "-p", "test"]);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+#[tokio::test]
+async fn stderr_names_failed_rows_without_their_values_or_the_answers() {
+    let gw = Gateway::start(sandbox_config()).await;
+    gw.config(SECRET, "auth.params.resource = \"tenant-7f3a-resource\"");
+    let input = gw.write("rows.jsonl", "{\"id\":\"k1\",\"member\":\"PHI-Jane-Doe-1980\"}\n{\"id\":\"k2\"}\n");
+    let job = gw.write("echo.toml", ECHO_JOB);
+    let out = gw.path("run");
+    let (code, _, stderr) =
+        run_binary(&gw, &["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("client_error, status 400"), "row, key, kind and status are shown: {stderr}");
+    assert!(!stderr.contains("PHI-Jane-Doe"), "no row value on stderr: {stderr}");
+    assert!(!stderr.contains("controlNumber must be"), "no server answer on stderr: {stderr}");
+    let failures = std::fs::read_to_string(out.join("failures.jsonl")).unwrap();
+    assert!(
+        failures.contains("PHI-Jane-Doe") && failures.contains("controlNumber must be"),
+        "they are in the run directory"
+    );
+    let run_json = std::fs::read_to_string(out.join("run.json")).unwrap();
+    assert!(!run_json.contains("tenant-7f3a-resource"), "auth.params are redacted in run.json: {run_json}");
+
+    let (_, _, stderr) = run_binary(
+        &gw,
+        &["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", gw.path("v").to_str().unwrap(), "-v"],
+    )
+    .await;
+    assert!(stderr.contains("controlNumber must be") && stderr.contains("-v:"), "-v shows more, and says so: {stderr}");
+
+    // validate and a dry run: the row, not its values.
+    let bad = gw.write("bad.toml", "url = \"/x/{{ member }}\"\nbody = \"{{ member | int }}\"\n");
+    let (code, _, stderr) = run_binary(&gw, &["validate", bad.to_str().unwrap(), input.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("(row 1)") && !stderr.contains("PHI-Jane-Doe"), "{stderr}");
+    let dry = gw.path("dry");
+    let (code, stdout, stderr) = run_binary(
+        &gw,
+        &["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", dry.to_str().unwrap(), "--dry-run"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("row 1 (key k1): POST") && !stdout.contains("PHI-Jane-Doe"), "{stdout}");
+    assert!(std::fs::read_to_string(dry.join("requests.jsonl")).unwrap().contains("PHI-Jane-Doe"));
+}

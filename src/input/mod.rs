@@ -208,4 +208,29 @@ mod tests {
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "never goes back: {seen:?}");
         assert_eq!(seen.last(), Some(&total), "ends at the inputs' total size: {seen:?}");
     }
+
+    #[test]
+    fn a_compressed_input_is_read_as_its_inner_format_and_counted_in_compressed_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for i in 0..1000 {
+            writeln!(gz, "{}", if i == 0 { "id,note".to_string() } else { format!("{i},the same words again") })
+                .unwrap();
+        }
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        assert_eq!(Format::from_path(&path), Some(Format::Csv));
+        assert_eq!(Format::from_path(Path::new("a.JSONL.zst")), Some(Format::Jsonl));
+        assert_eq!(Format::from_path(Path::new("a.gz")), None);
+        let spec = InputSpec { path: path.clone(), format: Format::Csv, delimiter: b',', encoding: Encoding::Utf8 };
+        let (seen, mut rows) = (std::cell::RefCell::new(Vec::new()), 0);
+        read_all(&[spec], &|bytes| seen.borrow_mut().push(bytes), &mut |item| {
+            rows += u64::from(item.is_ok());
+            true
+        })
+        .unwrap();
+        assert_eq!(rows, 999);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(seen.into_inner().last(), Some(&size), "progress ends at the compressed size");
+    }
 }
