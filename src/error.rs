@@ -24,7 +24,8 @@ pub enum ExitCode {
     Internal = 70,
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
-    /// Another run of the same job holds its lock.
+    /// Another run of the same job holds its lock (try again later);
+    /// `status`: a shard has not finished.
     Locked = 75,
     /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.
     Interrupted = 130,
