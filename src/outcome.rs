@@ -173,7 +173,7 @@ pub fn classify_error(e: &reqwest::Error) -> Verdict {
 
 /// A server's TLS certificate that no trusted root vouches for: never
 /// retried, it stops the run whether it is the token endpoint's or the API's.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "the TLS certificate of {url} is not trusted ({detail}); check the URL, or name the CA that signed it with ca_file"
 )]

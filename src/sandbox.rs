@@ -59,6 +59,9 @@ pub struct SandboxConfig {
     pub token_delay: Duration,
     /// The first N token requests answer 503 `temporarily_unavailable`.
     pub fail_token_requests: u32,
+    /// Token requests after the first N are refused with 401
+    /// `invalid_client`, as when a secret is rotated while a run goes on.
+    pub reject_credentials_after: Option<u64>,
     /// Added before answering every API call.
     pub latency: Duration,
     /// API calls without `environment: sandbox` get 400.
@@ -175,6 +178,7 @@ impl Default for SandboxConfig {
             expires_in_as_string: false,
             token_delay: Duration::ZERO,
             fail_token_requests: 0,
+            reject_credentials_after: None,
             latency: Duration::ZERO,
             require_environment_header: true,
             record: false,
@@ -551,7 +555,7 @@ fn form_decode(s: &str) -> String {
 // ---------------------------------------------------------------- token endpoint
 
 async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
-    shared.counters.token_requests.fetch_add(1, Relaxed);
+    let number = shared.counters.token_requests.fetch_add(1, Relaxed) + 1;
     shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).push(shared.started.elapsed());
     if !shared.config.token_delay.is_zero() {
         tokio::time::sleep(shared.config.token_delay).await;
@@ -600,6 +604,13 @@ async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             _ => false,
         },
     };
+    if shared.config.reject_credentials_after.is_some_and(|n| number > n) {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "the sandbox was told to refuse these credentials now",
+        );
+    }
     if !authenticated {
         let mut response = oauth_error(
             StatusCode::UNAUTHORIZED,

@@ -121,3 +121,27 @@ async fn two_runs_refreshing_at_once_fetch_one_token() {
     assert_eq!((code_a, code_b), (ExitCode::Success, ExitCode::Success));
     assert_eq!(gw.sandbox.stats().token_requests, 1, "the second run waited for the first one's token");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_refresh_is_one_request_whose_answer_every_waiting_worker_gets() {
+    use bulkcall::config::{AuthSettings, Credentials};
+    use bulkcall::token::{TokenError, TokenSource};
+    // The secret is rotated after the first token: the refresh is refused.
+    let gw = Gateway::start(SandboxConfig {
+        reject_credentials_after: Some(1),
+        token_delay: Duration::from_millis(200),
+        ..quiet_sandbox()
+    })
+    .await;
+    let settings = AuthSettings { token_url: Some(gw.sandbox.token_url()), cache: false, ..AuthSettings::default() };
+    let credentials = Credentials { client_id: CLIENT_ID.into(), client_secret: SECRET.to_string().into() };
+    let tokens = TokenSource::new(reqwest::Client::new(), &settings, credentials);
+    let first = tokens.get().await.expect("the first token");
+    // A call got 401 with it: every worker now waits for a new token.
+    tokens.invalidate(first.generation);
+    let answers = futures::future::join_all((0..50).map(|_| tokens.get())).await;
+    for answer in &answers {
+        assert!(matches!(answer, Err(TokenError::Rejected { status: 401, .. })), "{answer:?}");
+    }
+    assert_eq!(gw.sandbox.stats().token_requests, 2, "one request for the refresh, whose answer all 50 got");
+}

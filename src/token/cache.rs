@@ -18,6 +18,11 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuthSettings;
 
+/// How long a refresh waits for another process's lock on the cache
+/// before it goes on without the cache: a token request, retries included,
+/// takes far less; a process stopped with the lock held never lets go.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// A cached token as stored.
 #[derive(Serialize, Deserialize)]
 pub struct Entry {
@@ -127,8 +132,15 @@ impl DiskCache {
     }
 
     /// Takes the cross-process refresh lock; it is released when the file
-    /// is dropped. Blocking: call it off the async threads.
+    /// is dropped. Blocking: call it off the async threads. `None` when the
+    /// cache cannot be used, or when another process held the lock for
+    /// [`LOCK_WAIT`] (a stopped process, say): then the caller goes on
+    /// without the cache.
     pub fn lock(&self) -> Option<File> {
+        self.lock_within(LOCK_WAIT)
+    }
+
+    fn lock_within(&self, wait: Duration) -> Option<File> {
         match self.ensure_dir() {
             Ok(true) => {}
             Ok(false) => return None,
@@ -138,11 +150,32 @@ impl DiskCache {
             }
         }
         let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&self.lock);
-        match file.and_then(|f| f.lock().map(|()| f)) {
-            Ok(f) => Some(f),
+        let file = match file {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot lock {}: {e}", self.lock.display());
-                None
+                return None;
+            }
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Some(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::warn!(
+                        "another process has held {} for {}; going on without the token cache",
+                        self.lock.display(),
+                        humantime::format_duration(wait)
+                    );
+                    return None;
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    tracing::warn!("cannot lock {}: {e}", self.lock.display());
+                    return None;
+                }
             }
         }
     }
@@ -191,6 +224,8 @@ impl DiskCache {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn settings(dir: &Path) -> AuthSettings {
@@ -240,6 +275,22 @@ mod tests {
         assert_ne!(DiskCache::new(&s, "client", "rotated").unwrap().path(), a.path(), "another secret, another token");
         s.cache = false;
         assert!(DiskCache::new(&s, "client", "secret").is_none());
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(DiskCache::new(&settings(dir.path()), "client", "secret").unwrap());
+        // Another holder, as a stopped process would be: flock locks of two
+        // opens of one file exclude each other even in one process.
+        let held = cache.lock().expect("a free lock is taken");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = cache.clone();
+        std::thread::spawn(move || tx.send(waiter.lock_within(Duration::from_millis(200)).is_some()));
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("the wait ends without the holder letting go");
+        assert!(!got, "no lock while another holds it");
+        drop(held);
+        assert!(cache.lock_within(Duration::from_millis(200)).is_some(), "taken once it is free");
     }
 
     #[test]

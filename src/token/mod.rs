@@ -37,7 +37,7 @@ const FETCH_ATTEMPTS: u32 = 5;
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error(
         "the token endpoint {url} rejected the credentials ({status}{error}); \
@@ -126,6 +126,10 @@ struct Inner {
     current: ArcSwapOption<Token>,
     /// Held while a token request is in flight, so there is only ever one.
     fetching: tokio::sync::Mutex<()>,
+    /// How many refreshes have ended, and the error the last one ended
+    /// with: callers that waited behind a refresh that failed take its
+    /// answer instead of asking again (one request, one answer).
+    ended: std::sync::Mutex<(u64, Option<TokenError>)>,
     /// True while a background refresh task exists, so there is at most one.
     refreshing: AtomicBool,
     generation: AtomicU64,
@@ -155,6 +159,7 @@ impl TokenSource {
                 settings: settings.clone(),
                 current: ArcSwapOption::empty(),
                 fetching: tokio::sync::Mutex::new(()),
+                ended: std::sync::Mutex::new((0, None)),
                 refreshing: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
@@ -252,7 +257,25 @@ impl Inner {
     /// With a disk cache, another run's newer token is adopted instead of
     /// fetching; `force` fetches regardless.
     async fn refresh(self: &Arc<Self>, seen: Option<u64>, force: bool) -> Result<Arc<Token>, TokenError> {
+        let ended = |inner: &Self| inner.ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let before = ended(self).0;
         let _guard = self.fetching.lock().await;
+        // A refresh ended while this caller waited: a new token is taken
+        // below; a failure is this caller's answer too.
+        if let (count, Some(error)) = ended(self)
+            && count > before
+            && !force
+        {
+            return Err(error);
+        }
+        let result = self.refresh_locked(seen, force).await;
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        *ended = (ended.0 + 1, result.as_ref().err().cloned());
+        result
+    }
+
+    /// [`Inner::refresh`] with the `fetching` lock held.
+    async fn refresh_locked(self: &Arc<Self>, seen: Option<u64>, force: bool) -> Result<Arc<Token>, TokenError> {
         let current = self.current.load_full();
         if let Some(token) = &current
             && !force
@@ -266,21 +289,23 @@ impl Inner {
             Some(cache) => {
                 // File work goes to the blocking pool: the async thread
                 // serves every worker. The lock is held until this function
-                // returns: one fetch across processes.
+                // returns: one fetch across processes. Without the lock
+                // (another process kept it too long) the cache is left alone.
                 let inner = self.clone();
                 let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let (_lock, entry) = tokio::task::spawn_blocking(move || {
+                let (lock, entry) = tokio::task::spawn_blocking(move || {
                     let cache = inner.cache.as_ref().expect("a cache");
-                    let lock = cache.lock();
+                    let Some(lock) = cache.lock() else { return (None, None) };
                     if let Some(rejected) = &rejected {
                         cache.remove_if(rejected.expose_secret());
                     }
-                    (lock, cache.load())
+                    (Some(lock), cache.load())
                 })
                 .await
                 .unwrap_or((None, None));
                 match self.adopt_cached(cache, entry, current.as_deref(), force) {
                     Some(token) => token,
+                    None if lock.is_none() => self.fetch().await?,
                     None => {
                         let token = self.fetch().await?;
                         let entry = cache::Entry {
@@ -525,8 +550,8 @@ impl Inner {
                 self.settings.default_lifetime
             }
         };
-        if let Some(exp) = jwt_expiry(access) {
-            lifetime = lifetime.min(exp.duration_since(sent).unwrap_or(Duration::ZERO));
+        if let Some(jwt) = jwt_lifetime(access, sent) {
+            lifetime = lifetime.min(jwt);
         }
         lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME)
     }
@@ -560,16 +585,25 @@ fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// The `exp` claim of a JWT, if the token is one.
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
+/// How long a JWT lives, if the token is one with an `exp` claim: `exp -
+/// iat` when it has both, which no clock skew between this host and the
+/// issuer can shorten; else `exp` against the local clock from `sent`.
+fn jwt_lifetime(token: &str, sent: SystemTime) -> Option<Duration> {
     let mut parts = token.split('.');
     let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
         return None;
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let exp = serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_f64()?;
-    let exp = Duration::try_from_secs_f64(exp).ok().filter(|d| !d.is_zero())?;
-    SystemTime::UNIX_EPOCH.checked_add(exp)
+    let claims = serde_json::from_slice::<Value>(&bytes).ok()?;
+    let time = |name: &str| {
+        let secs = claims.get(name)?.as_f64()?;
+        Duration::try_from_secs_f64(secs).ok().filter(|d| !d.is_zero())
+    };
+    let exp = time("exp")?;
+    match time("iat") {
+        Some(iat) => Some(exp.saturating_sub(iat)),
+        None => Some(SystemTime::UNIX_EPOCH.checked_add(exp)?.duration_since(sent).unwrap_or(Duration::ZERO)),
+    }
 }
 
 #[cfg(test)]
@@ -594,13 +628,21 @@ mod tests {
     }
 
     #[test]
-    fn jwt_exp_is_read() {
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp": 2000000000}"#);
-        let token = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
-        assert_eq!(jwt_expiry(&token), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)));
-        assert_eq!(jwt_expiry("opaque-token"), None);
-        let huge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp": 1e300}"#);
-        assert_eq!(jwt_expiry(&format!("h.{huge}.s")), None, "an absurd exp is ignored, never a panic");
-        assert_eq!(jwt_expiry("a.b.c.d"), None);
+    fn a_jwt_lives_exp_minus_iat_whatever_the_local_clock_says() {
+        let jwt = |claims: &str| format!("eyJhbGciOiJub25lIn0.{}.sig", URL_SAFE_NO_PAD.encode(claims));
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_999_999_000);
+        // Issued and expiring long ago by this host's clock (the issuer's
+        // clock is ahead, or this one behind): still a 5-minute token.
+        let skewed = jwt(r#"{"iat": 1000000000, "exp": 1000000300}"#);
+        assert_eq!(jwt_lifetime(&skewed, now), Some(Duration::from_secs(300)));
+        let early = jwt(r#"{"iat": 2100000000, "exp": 2100003600}"#);
+        assert_eq!(jwt_lifetime(&early, now), Some(Duration::from_secs(3600)), "an issuer clock behind ours");
+        let exp_only = jwt(r#"{"exp": 2000000000}"#);
+        assert_eq!(jwt_lifetime(&exp_only, now), Some(Duration::from_secs(1000)), "without iat: exp from now");
+        assert_eq!(jwt_lifetime("opaque-token", now), None);
+        assert_eq!(jwt_lifetime(&jwt(r#"{"iat": 1}"#), now), None, "no exp, no JWT lifetime");
+        assert_eq!(jwt_lifetime(&jwt(r#"{"exp": 1e300}"#), now), None, "an absurd exp is ignored, never a panic");
+        assert_eq!(jwt_lifetime("a.b.c.d", now), None);
     }
 }
