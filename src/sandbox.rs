@@ -515,7 +515,9 @@ impl Shared {
         token
     }
 
-    fn check_bearer(&self, headers: &HeaderMap) -> Result<(), Refused> {
+    /// Checks the call's token as of `arrived`, as a gateway checks it on
+    /// arrival, before any latency.
+    fn check_bearer(&self, headers: &HeaderMap, arrived: Instant) -> Result<(), Refused> {
         let token = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -527,7 +529,7 @@ impl Shared {
         let issued = tokens.get(token).ok_or(Refused::Unknown("token was not issued by this sandbox"))?;
         if issued.epoch != self.epoch.load(Relaxed) {
             Err(Refused::Expired("token was revoked"))
-        } else if Instant::now() >= issued.expires_at {
+        } else if arrived >= issued.expires_at {
             Err(Refused::Expired("token expired"))
         } else {
             Ok(())
@@ -697,7 +699,8 @@ async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response 
 }
 
 async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
-    let at = shared.started.elapsed();
+    let arrived = Instant::now();
+    let at = arrived - shared.started;
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }
@@ -713,7 +716,7 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
             StatusCode::PAYLOAD_TOO_LARGE,
             vec![json!({ "description": format!("cannot read the request body: {err}") })],
         ),
-        Ok(_) => match check_call(&shared, &parts, &json) {
+        Ok(_) => match check_call(&shared, &parts, &json, arrived) {
             Err(refused) => refused,
             Ok(request) => match shared.fault(request) {
                 Some(Injected::Answer(response)) => response,
@@ -742,14 +745,19 @@ async fn no_such_api(shared: Arc<Shared>, req: Request) -> Response {
 /// Checks what every API call needs (method, token, environment header, a
 /// JSON object) and gives the object back, or the answer refusing the call.
 #[allow(clippy::result_large_err)] // built once per call and answered at once
-fn check_call<'a>(shared: &Shared, parts: &Parts, json: &'a Result<Value, String>) -> Result<&'a Value, Response> {
+fn check_call<'a>(
+    shared: &Shared,
+    parts: &Parts,
+    json: &'a Result<Value, String>,
+    arrived: Instant,
+) -> Result<&'a Value, Response> {
     if parts.method != Method::POST {
         let description = format!("method {} is not allowed here; use POST", parts.method);
         let mut response = gateway_errors(StatusCode::METHOD_NOT_ALLOWED, vec![json!({ "description": description })]);
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
         return Err(response);
     }
-    if let Err(refused) = shared.check_bearer(&parts.headers) {
+    if let Err(refused) = shared.check_bearer(&parts.headers, arrived) {
         let c = &shared.counters;
         c.unauthorized.fetch_add(1, Relaxed);
         let (counter, description) = match refused {

@@ -31,10 +31,12 @@ async fn many_workers_share_one_refresh_and_never_send_an_expired_token() {
     let stats = gw.sandbox.stats();
     assert_eq!(stats.expired_token_calls, 0, "no call carried an expired token");
     assert_eq!(stats.unknown_token_calls, 0);
-    // About 6 s with 2 s tokens refreshed 0.75-1 s before expiry: a new token
-    // every 1-1.25 s, so 5 to 8 token requests; never one per worker.
+    // About 6 s (longer on a busy machine) with 2 s tokens refreshed 0.75-1 s
+    // before expiry: a new token every 1-1.25 s; never one per worker.
     let times = gw.sandbox.token_request_times();
-    assert!((4..=9).contains(&times.len()), "{} token requests: {times:?}", times.len());
+    let seconds = json(&out.join("summary.json"))["duration_s"].as_f64().unwrap();
+    let most = seconds as usize + 2;
+    assert!((4..=most).contains(&times.len()), "{} token requests in {seconds} s: {times:?}", times.len());
     for pair in times.windows(2) {
         assert!(pair[1] - pair[0] >= Duration::from_millis(500), "two token requests close together: {times:?}");
     }
