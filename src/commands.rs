@@ -247,6 +247,11 @@ async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Resul
         Some(sharding) => sharding.inputs.clone(),
         None => fingerprint(&r.inputs).await?,
     };
+    // Where each input is now: standard input, hashed from its spool before
+    // the run directory existed, is kept in the run directory since.
+    for (input, spec) in inputs.iter_mut().zip(&r.inputs) {
+        input.path = absolute(&spec.path);
+    }
     for (input, failures) in inputs.iter_mut().zip(&r.failures) {
         input.failures = Some(failures.clone());
     }

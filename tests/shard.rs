@@ -223,3 +223,40 @@ async fn status_and_report_cover_every_shard_and_name_the_unfinished_ones() {
     assert!(html.contains(r#"<a href="shard-1-of-3/report.html">"#), "each shard's own page is linked");
     assert!(html.contains("client_error"), "the failures of every shard are counted");
 }
+
+/// A shard reading standard input keeps it in its own directory, so the
+/// same command started again finds the shard finished (or resumes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_of_standard_input_keeps_it_and_is_found_again() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let rows = eligibility_csv(1, 40);
+    let start = || async {
+        let mut child = bulkcall()
+            .args(["run", job.to_str().unwrap(), "-", "--format", "csv", "--shard", "1/2", "--run-id", "piped"])
+            .args(["-c", config.to_str().unwrap(), "-p", "test"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, rows.as_bytes()).await.unwrap();
+        drop(stdin);
+        child.wait_with_output().await.unwrap()
+    };
+    let output = start().await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let dir = gw.path("out").join("eligibility").join("piped").join("shard-1-of-2");
+    let info = json(&dir.join("run.json"));
+    let kept = std::path::PathBuf::from(info["inputs"][0]["path"].as_str().unwrap());
+    assert!(
+        kept.starts_with(&dir) && kept.exists(),
+        "run.json names the input kept in the shard's directory: {kept:?}"
+    );
+    assert_eq!(keys_in(&dir.join("results.jsonl")).len(), 20);
+
+    let output = start().await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nothing to resume"));
+    assert_eq!(gw.sandbox.stats().api_calls, 20);
+}
