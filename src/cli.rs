@@ -73,8 +73,10 @@ pub enum Command {
     Run(RunArgs),
     /// Finish an interrupted or crashed run into the same run directory.
     ///
-    /// Job, inputs, config and profile come from the run's run.json; an input that changed since is refused.
-    /// Rows with a recorded outcome are never sent again. Example: bulkcall resume out/eligibility/2026-11-28T181355Z
+    /// Job, inputs, limit, config file, profile and the run's flags (-j, -r, …) come from the run's run.json;
+    /// flags given here win over the run's. URLs, credentials, headers and ca_file come from the config and the
+    /// environment as they are now. An input that changed since is refused. Rows with a recorded outcome are
+    /// never sent again. Example: bulkcall resume out/eligibility/2026-11-28T181355Z
     Resume(ResumeArgs),
     /// Parse every row and render every request; send nothing.
     ///
@@ -225,15 +227,20 @@ pub struct RunningArgs {
     /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
     #[arg(long)]
     pub max_failures: Option<MaxFailures>,
-    /// How long calls in flight may take to finish after Ctrl-C, SIGTERM or SIGHUP.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    pub grace: Duration,
+    /// How long calls in flight may take to finish after Ctrl-C, SIGTERM or SIGHUP [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub grace: Option<Duration>,
     /// Progress bar; `auto` = only when stderr is a terminal.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
     /// Print summary.json to stdout at the end (logs stay on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+impl RunningArgs {
+    /// The grace period when no flag gives one.
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

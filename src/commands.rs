@@ -17,7 +17,7 @@ use crate::input::{self, Format, InputSpec};
 use crate::job::Job;
 use crate::limiter::{Limiter, LocalLimiter};
 use crate::options::MaxFailures;
-use crate::output::{InputFingerprint, RunInfo};
+use crate::output::{InputFingerprint, RunFlags, RunInfo};
 use crate::report::ProgressMode;
 use crate::runner::{self, Finished, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -282,6 +282,7 @@ async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Resul
         limit: options.limit,
         started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         pid: std::process::id(),
+        flags: options.flags.clone(),
         run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
         shard: options.sharding.as_ref().map(|s| s.shard),
     };
@@ -301,6 +302,8 @@ struct RunOptions {
     dry_run: bool,
     max_failures: Option<MaxFailures>,
     grace: Duration,
+    /// The command-line flags to keep in run.json.
+    flags: RunFlags,
     progress: ProgressMode,
     json: bool,
     /// How the user would run this job again (for the closing hint).
@@ -373,14 +376,24 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
         limit: args.limit,
         dry_run: args.dry_run,
         max_failures: args.running.max_failures,
-        grace: args.running.grace,
+        grace: args.running.grace.unwrap_or(RunningArgs::DEFAULT_GRACE),
         progress: args.running.progress,
         json: args.running.json,
+        flags: run_flags(&args.settings, &args.running),
         rerun,
         resumable,
         sharding,
     };
     run_resolved(resolved, None, options, None, stop).await
+}
+
+/// The flags of a run that `resume` applies again.
+fn run_flags(settings: &SettingArgs, running: &RunningArgs) -> RunFlags {
+    RunFlags {
+        settings: settings.to_map(),
+        max_failures: running.max_failures.map(|m| m.to_string()),
+        grace: running.grace.map(|g| humantime::format_duration(g).to_string()),
+    }
 }
 
 /// Runs a resolved job: token first (bad credentials stop here, before any
@@ -445,11 +458,16 @@ async fn run_resolved(
     } else {
         None
     };
-    if !resuming {
+    // The run directory's own lock (`resume` takes it before it reads anything there).
+    let _dir_lock = if resuming {
+        None
+    } else {
         crate::output::create_run_dir(&dir)?;
+        let lock = crate::output::lock_run_dir(&dir)?;
         keep_spooled(&dir, &mut r)?;
         write_run_json(&dir, &r, &options).await?;
-    }
+        Some(lock)
+    };
     let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();
     tracing::info!(
         "{} {}{part} ({} input{}) into {}",
@@ -479,6 +497,9 @@ async fn run_resolved(
 async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
     let dir = args.run_dir;
     let info_path = dir.join("run.json");
+    // One process works on a run directory at a time, wherever each was
+    // started from: the lock is taken before anything in it is read.
+    let _dir_lock = if info_path.is_file() { Some(crate::output::lock_run_dir(&dir)?) } else { None };
     let text = std::fs::read_to_string(&info_path).map_err(|e| {
         Error::Usage(format!(
             "cannot read {}: {e}; resume needs the run directory of a run that started (it writes run.json first)",
@@ -519,23 +540,24 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     let job = Job::load(&info.job)?;
     // A row in doubt may have been acted on: only an idempotent job sends it again unasked.
     let in_doubt_rule = args.in_doubt.unwrap_or(if job.idempotent() { InDoubt::Resend } else { InDoubt::Fail });
-    let mut flags = match info.settings {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    };
-    // Headers come from the config again: run.json has credential headers redacted.
-    flags.remove("headers");
-    // So do token parameters: run.json has them redacted too.
-    if let Some(Value::Object(auth)) = flags.get_mut("auth") {
-        auth.remove("params");
-    }
-    flags.extend(args.settings.to_map());
+    // The run's own flags apply again, and the flags given now win over
+    // them; URLs, credentials, headers and ca_file come from the config
+    // and the environment as they are now, so a fix made there is used.
+    let given = run_flags(&args.settings, &args.running);
+    let mut flags = info.flags.clone();
+    flags.settings.extend(given.settings);
+    let bad = |flag: &str, e: String| Error::Usage(format!("{}: {flag}: {e}", info_path.display()));
+    let max_failures = given.max_failures.or(flags.max_failures);
+    let max_failures =
+        max_failures.as_deref().map(str::parse::<MaxFailures>).transpose().map_err(|e| bad("max_failures", e))?;
+    let grace = given.grace.or(flags.grace);
+    let grace = grace.as_deref().map(humantime::parse_duration).transpose().map_err(|e| bad("grace", e.to_string()))?;
     let sources = Sources {
         config_file: info.config.clone(),
         no_config: info.config.is_none(),
         profile: Some(info.profile.clone()).filter(|p| p != "default"),
         job: job.settings.clone(),
-        flags,
+        flags: flags.settings,
         env: true,
     };
     let loaded = sources.load()?;
@@ -603,10 +625,11 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         out: Some(dir.clone()),
         limit: info.limit,
         dry_run: false,
-        max_failures: args.running.max_failures,
-        grace: args.running.grace,
+        max_failures,
+        grace: grace.unwrap_or(RunningArgs::DEFAULT_GRACE),
         progress: args.running.progress,
         json: args.running.json,
+        flags: info.flags.clone(),
         rerun: rerun_command(
             &info.job,
             Some(info.profile.as_str()).filter(|p| *p != "default"),
@@ -946,7 +969,8 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
         limit: None,
         dry_run: false,
         max_failures: None,
-        grace: Duration::from_secs(30),
+        grace: RunningArgs::DEFAULT_GRACE,
+        flags: RunFlags::default(),
         progress: args.progress,
         json: args.json,
         rerun: format!("{} run {}", crate::options::program(), job_path.display()),

@@ -86,7 +86,9 @@ impl Error {
             Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Internal(_) => ExitCode::Internal,
-            Error::Output(crate::output::OutputError::Locked { .. }) => ExitCode::Locked,
+            Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. }) => {
+                ExitCode::Locked
+            }
             Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
             Error::Output(_) => ExitCode::Io,
         }

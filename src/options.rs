@@ -36,6 +36,16 @@ impl std::str::FromStr for MaxFailures {
     }
 }
 
+impl std::fmt::Display for MaxFailures {
+    /// As given on the command line: `50` or `5%`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxFailures::Count(n) => write!(f, "{n}"),
+            MaxFailures::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
 impl MaxFailures {
     /// Whether `failed` of `done` rows reach the limit.
     pub fn reached(self, failed: u64, done: u64) -> bool {

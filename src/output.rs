@@ -33,6 +33,8 @@ pub enum OutputError {
     Occupied(PathBuf),
     #[error("another run of job `{job}` is going on (pid {pid}, lock {path}); wait for it, or stop it first")]
     Locked { job: String, pid: String, path: PathBuf },
+    #[error("another bulkcall process (pid {pid}) is working on {dir}; wait for it, or stop it first")]
+    RunLocked { dir: PathBuf, pid: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -126,11 +128,30 @@ pub struct RunInfo {
     pub limit: Option<u64>,
     pub started_at: String,
     pub pid: u32,
+    /// The command-line flags the run was started with: `resume` applies
+    /// them again (its own flags win); everything else comes from the
+    /// config and the environment as they are when it resumes.
+    #[serde(default)]
+    pub flags: RunFlags,
     /// The run this directory is one shard of, and which shard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<crate::shard::Shard>,
+}
+
+/// The flags of a run that `resume` applies again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunFlags {
+    /// Setting flags (`-j`, `-r`, `--burst`, `--max-attempts`, `--timeout`), by setting name.
+    #[serde(default)]
+    pub settings: Map<String, Value>,
+    /// `--max-failures` as given (`50`, `5%`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<String>,
+    /// `--grace` as given (`45s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
 }
 
 /// An input as it was when the run started.
@@ -833,26 +854,45 @@ pub struct JobLock {
 pub fn lock_job(folder: &Path, job: &str) -> Result<JobLock, OutputError> {
     std::fs::create_dir_all(folder).map_err(io(folder))?;
     let path = folder.join(format!(".{job}.lock"));
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
+    lock(&path).map_err(|held| match held {
+        Held::By(pid) => OutputError::Locked { job: job.to_string(), pid, path: path.clone() },
+        Held::Error(e) => e,
+    })
+}
+
+/// Takes the run directory's own lock (`.lock` in it), or says who holds
+/// it. Every process that works on the directory takes it, whatever its
+/// current folder and config.
+pub fn lock_run_dir(dir: &Path) -> Result<JobLock, OutputError> {
+    let path = dir.join(".lock");
+    lock(&path).map_err(|held| match held {
+        Held::By(pid) => OutputError::RunLocked { dir: dir.to_path_buf(), pid },
+        Held::Error(e) => e,
+    })
+}
+
+/// Why a lock was not taken.
+enum Held {
+    /// Another process holds it: its pid, as it wrote it.
+    By(String),
+    Error(OutputError),
+}
+
+fn lock(path: &Path) -> Result<JobLock, Held> {
+    let io = |e| Held::Error(io(path)(e));
+    let mut file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0)
                 .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-                .map_err(io(&path))?;
+                .map_err(io)?;
             Ok(JobLock { _file: file })
         }
         Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-            Err(OutputError::Locked { job: job.to_string(), pid: holder, path })
+            Err(Held::By(std::fs::read_to_string(path).unwrap_or_default().trim().to_string()))
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 

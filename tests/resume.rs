@@ -321,3 +321,92 @@ async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
     assert_eq!(code, bulkcall::error::ExitCode::RowsFailed);
     assert_eq!(json(&out.join("summary.json"))["total"], 600);
 }
+
+/// How long the calls a gateway received took to arrive, first to last.
+fn arrival_span(gw: &Gateway) -> Duration {
+    let times: Vec<Duration> = gw.sandbox.recorded().iter().map(|c| c.at).collect();
+    times.iter().max().unwrap().saturating_sub(*times.iter().min().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_follows_the_config_as_it_is_now_with_the_runs_own_flags_unless_given_again() {
+    let old = Gateway::start(SandboxConfig { latency: Duration::from_millis(50), ..sandbox_config() }).await;
+    let new = Gateway::start(SandboxConfig { latency: Duration::from_millis(100), ..sandbox_config() }).await;
+    // The config's default concurrency is 16; each run gives its own -j.
+    let config = old.config(SECRET, "");
+    let job = old.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = old.write("rows.csv", &eligibility_csv(1, 15));
+    let interrupted = |out: &'static str, flags: &'static [&'static str]| {
+        let (old, job, input) = (&old, &job, &input);
+        async move {
+            let out = old.path(out);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let mut args = vec!["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+            args.extend_from_slice(flags);
+            let calls = old.sandbox.stats().api_calls;
+            let (code, ()) = tokio::join!(old.run_until(&args, stop.clone()), async {
+                wait_for_calls(old, calls + 3).await;
+                stop.cancel();
+            });
+            assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
+            out
+        }
+    };
+    let first = interrupted("first", &["-j", "1", "-r", "50"]).await;
+    let second = interrupted("second", &["-j", "4"]).await;
+    let run = json(&first.join("run.json"));
+    assert_eq!(run["flags"]["settings"], serde_json::json!({"concurrency": 1, "rate": 50.0}));
+    let sent_to_old = old.sandbox.stats().api_calls;
+
+    // The gateway moved: the config now names the new one.
+    let moved = new.config(SECRET, "");
+    std::fs::copy(&moved, &config).unwrap();
+
+    let code = old.run(&["resume", first.to_str().unwrap()]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::Success);
+    assert_eq!(old.sandbox.stats().api_calls, sent_to_old, "nothing more went to the old gateway");
+    let resent = new.sandbox.stats().api_calls;
+    assert!(resent >= 10, "the rest went to the new gateway: {resent}");
+    // One call at a time (the run's -j 1), 100 ms each; 16 at a time would take about 100 ms.
+    let floor = Duration::from_millis(100 * (resent - 2));
+    assert!(arrival_span(&new) >= floor, "{:?} for {resent} calls", arrival_span(&new));
+    assert_eq!(jsonl(&first.join("results.jsonl")).len(), 15);
+
+    // A flag given to resume wins over the run's own (-j 4).
+    let before = new.sandbox.recorded().len();
+    let code = old.run(&["resume", second.to_str().unwrap(), "-j", "1"]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::Success);
+    let calls = &new.sandbox.recorded()[before..];
+    assert!(calls.len() >= 8, "{}", calls.len());
+    let span = calls.last().unwrap().at - calls.first().unwrap().at;
+    assert!(span >= Duration::from_millis(100 * (calls.len() as u64 - 2)), "{span:?} for {} calls", calls.len());
+    assert_eq!(jsonl(&second.join("results.jsonl")).len(), 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_directory_is_locked_wherever_resume_is_started_from() {
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(100), ..sandbox_config() }).await;
+    // A relative out_dir: the job's lock is in a different place for each current folder.
+    let config = gw.config(SECRET, "out_dir = \"runs\"");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    let out = gw.path("run");
+    for folder in ["a", "b"] {
+        std::fs::create_dir(gw.path(folder)).unwrap();
+    }
+    let mut first = bulkcall()
+        .current_dir(gw.path("a"))
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "2"])
+        .spawn()
+        .unwrap();
+    let pid = first.id().unwrap();
+    wait_for_calls(&gw, 2).await;
+    let second = bulkcall().current_dir(gw.path("b")).args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    assert_eq!(second.status.code(), Some(75));
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(message.contains(&format!("pid {pid}")), "{message}");
+    assert!(message.contains(out.to_str().unwrap()), "{message}");
+}
