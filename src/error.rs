@@ -1,5 +1,6 @@
 //! The error of each layer meets here, and here alone errors become exit codes.
 
+use crate::coordination::CoordinationError;
 use crate::{
     config::ConfigError, input::InputError, job::JobError, output::OutputError, shard::ShardError, status::StatusError,
     token::TokenError,
@@ -24,8 +25,8 @@ pub enum ExitCode {
     Internal = 70,
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
-    /// Another run of the same job holds its lock (try again later);
-    /// `status`: a shard has not finished.
+    /// Try again later: another run of the same job holds its lock, or
+    /// Redis is unreachable at start; `status`: a shard has not finished.
     Locked = 75,
     /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.
     Interrupted = 130,
@@ -54,6 +55,8 @@ pub enum Error {
     Shard(#[from] ShardError),
     #[error(transparent)]
     Status(#[from] StatusError),
+    #[error(transparent)]
+    Coordination(#[from] CoordinationError),
     #[error("{0}")]
     Usage(String),
     #[error("aborted: {0}")]
@@ -91,6 +94,8 @@ impl Error {
             }
             Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
             Error::Output(_) => ExitCode::Io,
+            Error::Coordination(CoordinationError::Unreachable { .. }) => ExitCode::Locked,
+            Error::Coordination(_) => ExitCode::Usage,
         }
     }
 }

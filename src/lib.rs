@@ -11,7 +11,9 @@
 //! - [`job`]: the job spec and its templates: a row in, a request out.
 //! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
 //! - [`token`]: the one shared access token: fetch, early refresh, 401 invalidation.
-//! - [`limiter`]: the rate limit, Retry-After pauses, adaptive rate and retry budget.
+//! - [`limiter`]: the rate limit, Retry-After pauses, adaptive rate and retry budget;
+//!   local, or shared in Redis by every process of a run.
+//! - [`coordination`]: Redis, where the processes of a run meet.
 //! - [`options`]: the program's name for hints and `--max-failures`, shared by `cli` and `runner`.
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
@@ -27,6 +29,7 @@ pub mod answer;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod coordination;
 pub mod error;
 pub mod input;
 pub mod job;

@@ -20,6 +20,8 @@
 //! onto a failing server: each first attempt earns a fifth of a retry, time
 //! earns ten per second, and a retry spends one. It stays per process.
 
+pub mod redis;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;

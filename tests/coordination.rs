@@ -1,0 +1,143 @@
+//! Processes that share Redis: one rate limit (GCRA on Redis's clock, slots
+//! leased a few at a time), one pause, one adaptive rate; and what happens
+//! when Redis goes away and comes back. Each test starts its own
+//! redis-server on a free loopback port.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkcall::coordination::{Redis, RedisUrl};
+use bulkcall::limiter::Limiter;
+use bulkcall::limiter::redis::RedisLimiter;
+use common::redis::RedisServer;
+use tokio::time::Instant;
+
+async fn limiter(server: &RedisServer, key: &str, rate: f64, burst: u32, processes: u32) -> Arc<RedisLimiter> {
+    let url = RedisUrl::parse(&server.url().into()).unwrap();
+    let redis = Redis::connect(&url).await.expect("redis answers");
+    Arc::new(RedisLimiter::new(redis, key.into(), rate, burst, processes))
+}
+
+/// `workers` tasks on each limiter take `calls` permits in all; the times
+/// they were let through, sorted.
+async fn take(limiters: &[Arc<RedisLimiter>], workers: usize, calls: usize) -> Vec<Instant> {
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(calls));
+    let mut tasks = Vec::new();
+    for limiter in limiters {
+        for _ in 0..workers {
+            let (limiter, left) = (limiter.clone(), left.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                while left
+                    .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                        n.checked_sub(1)
+                    })
+                    .is_ok()
+                {
+                    limiter.until_ready().await;
+                    times.push(Instant::now());
+                }
+                times
+            }));
+        }
+    }
+    let mut times = Vec::new();
+    for task in tasks {
+        times.extend(task.await.unwrap());
+    }
+    times.sort();
+    times
+}
+
+/// The most calls in any one-second window.
+fn busiest_second(times: &[Instant]) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while *t - times[start] >= Duration::from_secs(1) {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_keep_one_limit_between_them() {
+    let Some(server) = RedisServer::start() else { return };
+    let (rate, burst) = (200.0, 5);
+    let mut limiters = Vec::new();
+    for _ in 0..4 {
+        limiters.push(limiter(&server, "bulkcall:{t}:limit", rate, burst, 4).await);
+    }
+    let times = take(&limiters, 8, 600).await;
+    let span = (*times.last().unwrap() - times[0]).as_secs_f64();
+    // The burst goes at once, then one call per period.
+    let achieved = (times.len() - burst as usize) as f64 / span;
+    assert!((achieved - rate).abs() / rate < 0.02, "achieved {achieved:.1}/s for a limit of {rate}/s");
+    // Measured here after each wake-up, which the timer may delay by a
+    // millisecond or two: one call more than the limit plus the burst.
+    let busiest = busiest_second(&times);
+    assert!(busiest <= rate as usize + burst as usize + 1, "{busiest} calls in one second");
+    let (round_trips, calls): (u64, u64) =
+        limiters.iter().map(|l| l.round_trips()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!(calls, 600);
+    assert!(round_trips * 2 < calls, "{round_trips} round trips to Redis for {calls} calls: slots are leased");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_on_one_process_pauses_them_all() {
+    let Some(server) = RedisServer::start() else { return };
+    let one = limiter(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
+    let other = limiter(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
+    one.pause(Duration::from_millis(600));
+    one.settled().await;
+    let start = Instant::now();
+    other.until_ready().await;
+    assert!(start.elapsed() >= Duration::from_millis(550), "the other process waited {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slow_down_after_429s_is_shared() {
+    let Some(server) = RedisServer::start() else { return };
+    let one = limiter(&server, "bulkcall:{a}:limit", 100.0, 5, 2).await;
+    let other = limiter(&server, "bulkcall:{a}:limit", 100.0, 5, 2).await;
+    one.until_ready().await;
+    for _ in 0..5 {
+        one.answered(true);
+    }
+    one.settled().await;
+    assert_eq!(other.effective_rate(), None);
+    for _ in 0..6 {
+        // Past the lease it holds, the other process asks Redis again.
+        other.until_ready().await;
+    }
+    assert_eq!(other.effective_rate(), Some(70.0), "the other process slowed down too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_process_keeps_its_share_and_comes_back() {
+    let Some(mut server) = RedisServer::start() else { return };
+    let (rate, processes) = (400.0, 4);
+    let limiter = limiter(&server, "bulkcall:{l}:limit", rate, 1, processes).await;
+    take(std::slice::from_ref(&limiter), 4, 20).await;
+    server.stop();
+    let times = take(std::slice::from_ref(&limiter), 4, 101).await;
+    assert!(!limiter.is_shared());
+    let span = (*times.last().unwrap() - times[0]).as_secs_f64();
+    let share = rate / f64::from(processes);
+    assert!(100.0 / span <= share * 1.02, "{:.1} calls/s alone, above its share of {share}/s", 100.0 / span);
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !limiter.is_shared() {
+        assert!(Instant::now() < deadline, "still on its own 10 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (before, _) = limiter.round_trips();
+    take(std::slice::from_ref(&limiter), 4, 20).await;
+    assert!(limiter.is_shared());
+    assert!(limiter.round_trips().0 > before, "leases from Redis again");
+}
