@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::*;
 use crate::config::{AuthStyle, Credentials, Loaded, Sources};
+use crate::coordination::{Manifest, Redis, RedisUrl};
 use crate::error::{Error, ExitCode};
 use crate::input::{self, Format, InputSpec};
 use crate::job::Job;
+use crate::limiter::redis::RedisLimiter;
 use crate::limiter::{Limiter, LocalLimiter};
 use crate::options::MaxFailures;
 use crate::output::{InputFingerprint, RunFlags, RunInfo};
@@ -290,6 +292,28 @@ async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Resul
     Ok(())
 }
 
+/// What every shard of the run must agree on.
+fn manifest(r: &Resolved, sharding: &Sharding) -> Result<Manifest, Error> {
+    use sha2::Digest;
+    let job = std::fs::read(&r.job.path)
+        .map_err(|e| Error::Usage(format!("cannot read the job spec {}: {e}", r.job.path.display())))?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(Manifest {
+        run_id: sharding.run_id.clone(),
+        shards: sharding.shard.count,
+        inputs: sharding
+            .inputs
+            .iter()
+            .map(|i| {
+                let name =
+                    i.path.file_name().map_or_else(|| i.path.display().to_string(), |n| n.to_string_lossy().into());
+                (name, i.sha256.clone())
+            })
+            .collect(),
+        job: hex(&sha2::Sha256::digest(&job)),
+    })
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
@@ -445,6 +469,14 @@ async fn run_resolved(
         }
         _ => crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?,
     };
+    // Redis before the token: a shard that may not start asks for none.
+    let redis = match &settings.coordination.redis_url {
+        Some(url) => Some(Redis::connect(&RedisUrl::parse(url)?).await?),
+        None => None,
+    };
+    if let (Some(redis), Some(sharding)) = (&redis, &options.sharding) {
+        crate::coordination::pin_manifest(redis, &manifest(&r, sharding)?).await?;
+    }
     let client = runner::http_client(&settings)?;
     let tokens = if authorized {
         r.loaded.token_url()?;
@@ -486,8 +518,26 @@ async fn run_resolved(
             r.job.method()
         );
     }
-    let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(settings.rate, settings.burst));
+    let shared_limit = redis.map(|redis| {
+        // The shards of a run share its limit; without shards, the runs of
+        // the job on every host do.
+        let (run_id, processes) =
+            options.sharding.as_ref().map_or((r.job.name.as_str(), 1), |s| (s.run_id.as_str(), s.shard.count));
+        let key = crate::coordination::run_key(run_id, "limit");
+        Arc::new(RedisLimiter::new(redis, key, settings.rate, settings.burst, processes))
+    });
+    let limiter: Arc<dyn Limiter> = match &shared_limit {
+        Some(shared) => shared.clone(),
+        None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
+    };
     let finished = runner::run(plan(dir.clone(), &r), tokens, limiter, stop).await?;
+    if let Some(shared) = shared_limit {
+        let (round_trips, calls) = shared.round_trips();
+        tracing::info!(
+            "shared rate limit: {round_trips} round trips to Redis for {calls} calls ({:.3} per call)",
+            round_trips as f64 / calls.max(1) as f64
+        );
+    }
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }

@@ -153,6 +153,18 @@ pub struct Settings {
     /// Where run directories go: `<out_dir>/<job>/<timestamp>/`.
     pub out_dir: PathBuf,
     pub auth: AuthSettings,
+    pub coordination: CoordinationSettings,
+}
+
+/// Where the processes of a run split over several hosts meet.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinationSettings {
+    /// `redis://` or `rediss://` (also `BULKCALL_REDIS_URL`): one rate limit
+    /// and one token for every process of a run. A password in it is a
+    /// secret: never shown, never written to run.json.
+    #[serde(skip_serializing)]
+    pub redis_url: Option<SecretString>,
 }
 
 impl Default for Settings {
@@ -176,6 +188,7 @@ impl Default for Settings {
             progress_interval: Duration::from_secs(30),
             out_dir: PathBuf::from("out"),
             auth: AuthSettings::default(),
+            coordination: CoordinationSettings::default(),
         }
     }
 }
@@ -272,10 +285,12 @@ impl Sources {
         if self.env {
             figment = figment.merge(
                 Env::prefixed("BULKCALL_")
-                    .ignore(&["profile", "config", "client_id", "client_secret", "log"])
+                    .ignore(&["profile", "config", "client_id", "client_secret", "log", "redis_url", "token_key"])
                     .split("__")
                     .global(),
             );
+            figment = figment
+                .merge(Env::raw().only(&["BULKCALL_REDIS_URL"]).map(|_| "coordination.redis_url".into()).global());
         }
         figment = figment.merge(Serialized::globals(plain(&self.flags)));
         let settings: Settings = figment.select(Profile::new(&profile)).extract()?;

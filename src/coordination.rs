@@ -104,14 +104,95 @@ impl Redis {
     }
 }
 
-/// The prefix of every key of run `run_id`.
+/// The key `what` of run `run_id`. The braces keep every key of a run on
+/// one Redis Cluster slot.
 pub fn run_key(run_id: &str, what: &str) -> String {
     format!("bulkcall:{{{run_id}}}:{what}")
+}
+
+/// What every shard of a run must agree on; the first one pins it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub run_id: String,
+    pub shards: u32,
+    /// Each input's file name and SHA-256, in order.
+    pub inputs: Vec<(String, String)>,
+    /// SHA-256 of the job spec's text.
+    pub job: String,
+}
+
+/// A manifest is forgotten this long after the first shard pinned it.
+const MANIFEST_TTL_S: u64 = 30 * 86_400;
+
+impl Manifest {
+    /// What differs between `self` (this shard) and the run's `pinned` one.
+    fn difference(&self, pinned: &Manifest) -> Option<String> {
+        if self.shards != pinned.shards {
+            return Some(format!("shard count is {}, the run's is {}", self.shards, pinned.shards));
+        }
+        if self.job != pinned.job {
+            return Some("job spec differs from the one the run started with (its SHA-256 differs)".into());
+        }
+        if self.inputs.len() != pinned.inputs.len() {
+            return Some(format!("{} inputs, the run's {}", self.inputs.len(), pinned.inputs.len()));
+        }
+        self.inputs.iter().zip(&pinned.inputs).find(|(a, b)| a.1 != b.1).map(|(a, b)| {
+            let theirs = if a.0 == b.0 { String::new() } else { format!(" ({} in the run)", b.0) };
+            format!("input {}{theirs} differs from the run's (its SHA-256 differs)", a.0)
+        })
+    }
+}
+
+/// Pins `manifest` as its run's if it is the first, or checks it against
+/// the one pinned: a shard with other inputs, another job or another shard
+/// count refuses to start.
+pub async fn pin_manifest(redis: &Redis, manifest: &Manifest) -> Result<(), CoordinationError> {
+    let key = run_key(&manifest.run_id, "manifest");
+    let text = serde_json::to_string(manifest).expect("serializable");
+    let unreachable =
+        |e: redis::RedisError| CoordinationError::Unreachable { url: redis.url.shown.clone(), reason: e.to_string() };
+    let mut conn = redis.conn.clone();
+    let mut set = redis::cmd("SET");
+    set.arg(&key).arg(&text).arg("NX").arg("EX").arg(MANIFEST_TTL_S);
+    let pinned: Option<String> = set.query_async(&mut conn).await.map_err(unreachable)?;
+    if pinned.is_some() {
+        return Ok(());
+    }
+    let mut get = redis::cmd("GET");
+    get.arg(&key);
+    let found: Option<String> = get.query_async(&mut conn).await.map_err(unreachable)?;
+    let Some(found) = found else { return Ok(()) };
+    let difference = match serde_json::from_str::<Manifest>(&found) {
+        Ok(pinned) => manifest.difference(&pinned),
+        Err(_) => Some("manifest in Redis is not one this version of bulkcall wrote".into()),
+    };
+    match difference {
+        None => Ok(()),
+        Some(difference) => Err(CoordinationError::ManifestMismatch { run_id: manifest.run_id.clone(), difference }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_names_what_differs() {
+        let run = Manifest {
+            run_id: "r".into(),
+            shards: 4,
+            inputs: vec![("a.csv".into(), "aa".into()), ("b.csv".into(), "bb".into())],
+            job: "jj".into(),
+        };
+        assert_eq!(run.difference(&run.clone()), None);
+        let other = Manifest { shards: 3, ..run.clone() };
+        assert_eq!(other.difference(&run).unwrap(), "shard count is 3, the run's is 4");
+        let mut other = run.clone();
+        other.inputs[1] = ("b.csv".into(), "cc".into());
+        assert!(other.difference(&run).unwrap().starts_with("input b.csv differs"));
+        let other = Manifest { job: "kk".into(), ..run.clone() };
+        assert!(other.difference(&run).unwrap().starts_with("job spec differs"));
+    }
 
     #[test]
     fn a_password_in_the_url_is_never_shown() {

@@ -410,7 +410,11 @@ impl RedisLimiter {
     }
 
     fn answered(&self, throttled: bool) {
-        self.fallback.answered(throttled);
+        if !self.is_shared() {
+            // Alone, the local gate slows down on its own; while shared it
+            // must not (it sees no calls go out and would judge them all 429s).
+            return self.fallback.answered(throttled);
+        }
         let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
         a.share = a.share * (1.0 - SHARE_WEIGHT) + if throttled { SHARE_WEIGHT } else { 0.0 };
         if !throttled {
@@ -418,7 +422,7 @@ impl RedisLimiter {
         }
         self.throttled.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        if a.share < THROTTLED_SHARE || a.last_cut.is_some_and(|t| now - t < CUT_EVERY) || !self.is_shared() {
+        if a.share < THROTTLED_SHARE || a.last_cut.is_some_and(|t| now - t < CUT_EVERY) {
             return;
         }
         a.last_cut = Some(now);

@@ -1,0 +1,262 @@
+//! Several real `bulkcall` processes, the shards of one run, against the
+//! sandbox with its server-side rate limit, meeting in a redis-server of
+//! the test's own: one limit between them, every row exactly once, a shard
+//! with other inputs refused, Redis lost and found mid-run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bulkcall::sandbox::{Faults, RecordedCall, SandboxConfig};
+use common::redis::RedisServer;
+use common::*;
+
+const BURST: u32 = 5;
+
+/// The tests that measure rates run one at a time: two of them at once on
+/// a small machine would measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `bulkcall run JOB INPUT --shard K/N` with the test's config, sharing
+/// `redis`.
+fn shard(
+    gw: &Gateway,
+    redis: &str,
+    job: &Path,
+    input: &Path,
+    k: u32,
+    n: u32,
+    extra: &[&str],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    command
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "--shard", &format!("{k}/{n}")])
+        .args(["--run-id", "r1", "-o", gw.path("run").to_str().unwrap(), "--burst", &BURST.to_string()])
+        .args(["-c", gw.path("bulkcall.toml").to_str().unwrap(), "-p", "test", "--progress", "never"])
+        .args(extra)
+        .env("BULKCALL_REDIS_URL", redis)
+        .env_remove("BULKCALL_TOKEN_KEY")
+        .env_remove("RUST_LOG")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Sandbox whose limit is the run's rate plus the burst: a call over it gets 429.
+async fn limited_gateway(rate: u32) -> Gateway {
+    let gw = Gateway::start(SandboxConfig {
+        faults: Faults { rate_limit: rate + BURST, ..Faults::default() },
+        ..sandbox_config()
+    })
+    .await;
+    gw.config(SECRET, "");
+    gw
+}
+
+/// Runs `n` shards at once; their exit codes and stderr.
+async fn run_shards(gw: &Gateway, redis: &str, job: &Path, input: &Path, n: u32, extra: &[&str]) -> Vec<(i32, String)> {
+    let children: Vec<_> =
+        (0..n).map(|k| shard(gw, redis, job, input, k, n, extra).spawn().expect("bulkcall starts")).collect();
+    let mut ends = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        ends.push((output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    ends
+}
+
+/// Every key in the shards' results, with how many times it is there.
+fn results_by_key(gw: &Gateway, n: u32) -> HashMap<String, usize> {
+    let mut keys = HashMap::new();
+    for k in 0..n {
+        for row in jsonl(&gw.path("run").join(format!("shard-{k}-of-{n}")).join("results.jsonl")) {
+            *keys.entry(row["key"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    keys
+}
+
+/// The most calls the gateway received in any one-second window.
+fn busiest_second(calls: &[RecordedCall]) -> usize {
+    let mut times: Vec<Duration> = calls.iter().map(|c| c.at).collect();
+    times.sort();
+    let (mut most, mut start) = (0, 0);
+    for (end, t) in times.iter().enumerate() {
+        while *t - times[start] >= Duration::from_secs(1) {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+/// How late the gateway's own runtime wakes up, at worst: on a machine so
+/// busy that it stalls the gateway, calls sent in one second are counted
+/// in the next, and no window can be judged to the call.
+struct Stalls {
+    worst: std::sync::Arc<std::sync::Mutex<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Stalls longer than this make the one-second windows unjudgeable.
+const JUDGEABLE: Duration = Duration::from_millis(10);
+
+impl Stalls {
+    fn watch() -> Stalls {
+        let worst = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let task = tokio::spawn({
+            let worst = worst.clone();
+            async move {
+                loop {
+                    let start = tokio::time::Instant::now();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let late = start.elapsed().saturating_sub(Duration::from_millis(2));
+                    let mut worst = worst.lock().unwrap();
+                    *worst = (*worst).max(late);
+                }
+            }
+        });
+        Stalls { worst, task }
+    }
+
+    /// Whether the gateway ran on time throughout; says so when not.
+    fn judgeable(self) -> bool {
+        self.task.abort();
+        let worst = *self.worst.lock().unwrap();
+        if worst > JUDGEABLE {
+            eprintln!(
+                "the machine stalled the gateway for {worst:?}: calls sent in one second were counted in the next, \
+                 so the rate is not judged this time (it is on an idle machine, as in CI)"
+            );
+        }
+        worst <= JUDGEABLE
+    }
+}
+
+/// Waits until the gateway has received `n` calls.
+async fn received(gw: &Gateway, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gw.sandbox.stats().api_calls < n {
+        assert!(tokio::time::Instant::now() < deadline, "the shards stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn assert_every_row_once(gw: &Gateway, n: u32, rows: usize) {
+    let keys = results_by_key(gw, n);
+    assert_eq!(keys.len(), rows, "every row in the shards' results");
+    assert!(keys.values().all(|&times| times == 1), "no row twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_shards_share_one_rate_limit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = RedisServer::start() else { return };
+    let (rows, rate) = (10_000, 500);
+    let gw = limited_gateway(rate).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+
+    let stalls = Stalls::watch();
+    let ends = run_shards(&gw, &redis.url(), &job, &input, 4, &["--rate", &rate.to_string(), "-j", "16"]).await;
+    for (code, stderr) in &ends {
+        assert_eq!(*code, 0, "{stderr}");
+        assert!(stderr.contains("round trips to Redis"), "{stderr}");
+    }
+    assert_every_row_once(&gw, 4, rows);
+    let calls = gw.sandbox.recorded();
+    if !stalls.judgeable() {
+        return;
+    }
+    assert_eq!(calls.len(), rows, "one call per row");
+    assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
+    let busiest = busiest_second(&calls);
+    assert!(busiest <= (rate + BURST) as usize, "{busiest} calls in one second");
+    let (first, last) = (calls.iter().map(|c| c.at).min().unwrap(), calls.iter().map(|c| c.at).max().unwrap());
+    let achieved = (rows - BURST as usize) as f64 / (last - first).as_secs_f64();
+    assert!((achieved - f64::from(rate)).abs() / f64::from(rate) < 0.02, "{achieved:.1} calls/s in all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_other_inputs_is_refused() {
+    let Some(redis) = RedisServer::start() else { return };
+    let gw = limited_gateway(1000).await;
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 20));
+    let first = shard(&gw, &redis.url(), &job, &input, 0, 2, &[]).output().await.unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+
+    std::fs::create_dir(gw.path("other")).unwrap();
+    let other = gw.write("other/rows.csv", &eligibility_csv(100, 20));
+    let refused = shard(&gw, &redis.url(), &job, &other, 1, 2, &[]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("input rows.csv differs from the run's"), "{stderr}");
+    assert!(!gw.path("run").join("shard-1-of-2").exists(), "nothing started");
+
+    let fewer = shard(&gw, &redis.url(), &job, &input, 1, 3, &[]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&fewer.stderr);
+    assert_eq!(fewer.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("shard count is 3, the run's is 2"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_at_start_is_temporary() {
+    let gw = limited_gateway(100).await;
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://app:hunter2@127.0.0.1:{port}/");
+    let out = shard(&gw, &url, &job, &input, 0, 2, &[]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains(&format!("Redis at redis://app:***@127.0.0.1:{port}/ is unreachable")), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password is never shown: {stderr}");
+    assert_eq!(gw.sandbox.stats().token_requests, 0, "nothing was asked of the gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(mut redis) = RedisServer::start() else { return };
+    let (rows, rate) = (3000, 500);
+    let gw = limited_gateway(rate).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let children: Vec<_> = (0..4)
+        .map(|k| {
+            shard(&gw, &redis.url(), &job, &input, k, 4, &["--rate", &rate.to_string(), "-j", "16"]).spawn().unwrap()
+        })
+        .collect();
+    let stalls = Stalls::watch();
+    received(&gw, 800).await;
+    redis.stop();
+    received(&gw, 1400).await;
+    redis.restart();
+    let mut stderrs = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stderrs.push(stderr);
+    }
+    assert_every_row_once(&gw, 4, rows);
+    for stderr in &stderrs {
+        assert_eq!(stderr.matches("lost Redis").count(), 1, "one warning: {stderr}");
+        assert!(stderr.contains("is back"), "{stderr}");
+    }
+    let calls = gw.sandbox.recorded();
+    if !stalls.judgeable() {
+        return;
+    }
+    assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
+    let busiest = busiest_second(&calls);
+    assert!(busiest <= (rate + BURST) as usize, "{busiest} calls in one second");
+}
