@@ -146,6 +146,9 @@ async fn a_pipe_is_read_once_and_kept_in_the_run_directory() {
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), AWKWARD.join("\n") + "\n");
     assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(json(&out.join("run.json"))["inputs"][0]["path"], kept.to_str().unwrap());
+    // resume reads the kept copy: its fingerprint matches, and the run is found finished.
+    assert_eq!(gw.run(&["resume", out.to_str().unwrap()]).await, ExitCode::RowsFailed);
+    assert_eq!(gw.sandbox.recorded().len(), AWKWARD.len(), "nothing sent again");
 }
 
 #[tokio::test]
