@@ -78,7 +78,7 @@ fn main() {
 
     // Read, render, judge the answer and record it (ledger and results), 64
     // rows at a time as 64 workers do under load: their started marks go out
-    // together, then their outcomes, then their done marks.
+    // together, then their outcomes (made durable), then their done marks.
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
     let mut writer = Writer::open(
@@ -89,7 +89,7 @@ fn main() {
         None,
     )
     .unwrap();
-    let ledger = Ledger::open(&out, false).unwrap();
+    let ledger = std::sync::Arc::new(Ledger::open(&out, false, false).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut chunk = Vec::with_capacity(64);
     let mut record_chunk = |chunk: &mut Vec<bulkcall::input::Row>| {
@@ -116,11 +116,10 @@ fn main() {
                 result: Ok(Success::new(body, judged.captured)),
                 source: Source::Record(row.record),
             };
-            writer.record(&outcome).unwrap();
             outcomes.push(outcome);
         }
-        writer.flush().unwrap();
-        ledger.done(&outcomes).unwrap();
+        // Outcomes written and made durable, then the done marks (group commit).
+        bulkcall::output::commit(&mut writer, &ledger, &outcomes.iter().collect::<Vec<_>>()).unwrap();
     };
     let started = Instant::now();
     read_all(std::slice::from_ref(&spec), &|_| {}, &mut |item| {

@@ -41,6 +41,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
     move |source| OutputError::Io { path: path.to_path_buf(), source }
 }
 
+/// Makes what was written to `file` durable: on disk, not only handed to
+/// the operating system. Tests record the order files were synced in.
+fn sync(file: &File, path: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.lock().unwrap().push((path.to_path_buf(), file.metadata().map_or(0, |m| m.len())));
+    #[cfg(not(test))]
+    let _ = path;
+    file.sync_data()
+}
+
+/// Makes a new file's name durable in its directory.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// Creates the run directory (mode 0700) and its parents.
 pub fn create_run_dir(path: &Path) -> Result<(), OutputError> {
     if path.join("run.json").exists() {
@@ -65,6 +83,7 @@ fn create_file(path: &Path) -> Result<File, OutputError> {
 /// Appending, a line a crash cut short (after a partial write) is dropped
 /// first, so the next line does not run into it.
 fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
+    let new = !append || !path.exists();
     if append {
         trim_torn_tail(path).map_err(io(path))?;
     } else {
@@ -72,7 +91,11 @@ fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
     }
     // Always in append mode: each write lands whole at the end, whichever
     // thread makes it.
-    OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))
+    let file = OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))?;
+    if new {
+        sync_dir(path).map_err(io(path))?;
+    }
+    Ok(file)
 }
 
 fn trim_torn_tail(path: &Path) -> std::io::Result<()> {
@@ -306,11 +329,13 @@ struct Lines {
     file: File,
     /// Whole lines not yet handed to the operating system.
     pending: Vec<u8>,
+    /// Lines handed to the operating system since the last sync.
+    unsynced: bool,
 }
 
 impl Lines {
     fn open(path: PathBuf, append: bool) -> Result<Lines, OutputError> {
-        Ok(Lines { file: open_file(&path, append)?, path, pending: Vec::with_capacity(64 * 1024) })
+        Ok(Lines { file: open_file(&path, append)?, path, pending: Vec::with_capacity(64 * 1024), unsynced: false })
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<(), OutputError> {
@@ -334,16 +359,26 @@ impl Lines {
     }
 
     fn flush(&mut self) -> Result<(), OutputError> {
-        flush_pending(&mut self.file, &mut self.pending, &self.path)
+        self.unsynced |= flush_pending(&mut self.file, &mut self.pending, &self.path)?;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), OutputError> {
+        if std::mem::take(&mut self.unsynced) {
+            sync(&self.file, &self.path).map_err(io(&self.path))?;
+        }
+        Ok(())
     }
 }
 
-fn flush_pending(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> Result<(), OutputError> {
-    if !pending.is_empty() {
-        file.write_all(pending).map_err(io(path))?;
-        pending.clear();
+/// Writes what is pending; true if there was anything.
+fn flush_pending(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> Result<bool, OutputError> {
+    if pending.is_empty() {
+        return Ok(false);
     }
-    Ok(())
+    file.write_all(pending).map_err(io(path))?;
+    pending.clear();
+    Ok(true)
 }
 
 /// A CSV file written one whole record at a time.
@@ -354,6 +389,8 @@ struct CsvFile {
     record: Vec<u8>,
     /// The input's delimiter for a failures file, so it reads back as the input did.
     delimiter: u8,
+    /// Records handed to the operating system since the last sync.
+    unsynced: bool,
 }
 
 const ERROR_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
@@ -366,8 +403,13 @@ impl CsvFile {
         append: bool,
     ) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
-        let mut this =
-            CsvFile { file: open_file(&path, append)?, path, record: Vec::with_capacity(1024), delimiter: b',' };
+        let mut this = CsvFile {
+            file: open_file(&path, append)?,
+            path,
+            record: Vec::with_capacity(1024),
+            delimiter: b',',
+            unsynced: false,
+        };
         if !has_header {
             this.write(header)?;
         }
@@ -383,6 +425,7 @@ impl CsvFile {
             path,
             record: Vec::with_capacity(1024),
             delimiter: headers.delimiter(),
+            unsynced: false,
         };
         if !has_header {
             this.write(headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes)))?;
@@ -401,7 +444,15 @@ impl CsvFile {
     }
 
     fn flush(&mut self) -> Result<(), OutputError> {
-        flush_pending(&mut self.file, &mut self.record, &self.path)
+        self.unsynced |= flush_pending(&mut self.file, &mut self.record, &self.path)?;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), OutputError> {
+        if std::mem::take(&mut self.unsynced) {
+            sync(&self.file, &self.path).map_err(io(&self.path))?;
+        }
+        Ok(())
     }
 }
 
@@ -604,6 +655,24 @@ impl Writer {
         Ok(())
     }
 
+    /// Makes every line flushed so far durable: one `fdatasync` per file
+    /// written to since the last call.
+    pub fn sync(&mut self) -> Result<(), OutputError> {
+        if let Some(f) = &mut self.results {
+            f.sync()?;
+        }
+        if let Some((f, _)) = &mut self.results_csv {
+            f.sync()?;
+        }
+        for f in self.failures.values_mut() {
+            match f {
+                FailureFile::Csv(f) => f.sync()?,
+                FailureFile::Jsonl(f) => f.sync()?,
+            }
+        }
+        Ok(())
+    }
+
     /// The failures files written this session, by input index, for the
     /// closing lines.
     pub fn failure_files(&self) -> Vec<(usize, PathBuf)> {
@@ -624,6 +693,21 @@ impl Writer {
 enum FailureFile {
     Csv(CsvFile),
     Jsonl(Lines),
+}
+
+/// Records a batch of outcomes for good (group commit): their lines are
+/// written and made durable, then the ledger (holding the done marks of
+/// earlier batches, whose lines were made durable before them), and only
+/// then are this batch's done marks written. A done mark is never on disk
+/// before its outcome line, at one `fdatasync` per file per batch; after a
+/// power cut, the rows with an outcome on disk and no mark are at most the
+/// last batch's, and `resume` finds them at the end of the outcome files.
+pub fn commit(writer: &mut Writer, ledger: &Ledger, outcomes: &[&Outcome]) -> Result<(), OutputError> {
+    outcomes.iter().try_for_each(|outcome| writer.record(outcome))?;
+    writer.flush()?;
+    writer.sync()?;
+    ledger.sync()?;
+    ledger.done(outcomes.iter().copied())
 }
 
 fn add_error_fields(map: &mut Map<String, Value>, errors: &[&str; 6], status: Option<u16>, attempts: u32) {
@@ -668,8 +752,13 @@ pub struct Ledger {
     file: File,
     /// `S` marks not yet written, and how many marks were ever queued.
     queued: std::sync::Mutex<(Vec<u8>, u64)>,
-    /// How many queued marks have been written.
+    /// Held while marks are written (and synced): the one writer at a time.
+    writing: std::sync::Mutex<()>,
+    /// How many queued marks have been written (and synced).
     written: std::sync::atomic::AtomicU64,
+    /// Make each `S` mark durable before its row is sent (a job that is
+    /// not idempotent: after a power cut, a row sent must be known as sent).
+    sync_started: bool,
 }
 
 /// `write!` into a byte buffer.
@@ -703,20 +792,25 @@ pub struct Done {
 }
 
 impl Ledger {
-    pub fn open(dir: &Path, append: bool) -> Result<Ledger, OutputError> {
+    /// Opens the ledger; `sync_started` makes each `S` mark durable before
+    /// [`Ledger::started`] returns.
+    pub fn open(dir: &Path, append: bool, sync_started: bool) -> Result<Ledger, OutputError> {
         let path = dir.join("journal");
         Ok(Ledger {
             file: open_file(&path, append)?,
             path,
             queued: std::sync::Mutex::new((Vec::new(), 0)),
+            writing: std::sync::Mutex::new(()),
             written: std::sync::atomic::AtomicU64::new(0),
+            sync_started,
         })
     }
 
-    /// Marks a row started, written before this returns. Workers that
-    /// mark rows in the same moment share one `write`: each queues its mark,
-    /// lets the others run once, and the first back writes every mark queued.
-    pub async fn started(&self, input: usize, row: u64) -> Result<(), OutputError> {
+    /// Marks a row started, written (with `sync_started`, durable) before
+    /// this returns. Workers that mark rows in the same moment share one
+    /// `write` and one sync: each queues its mark, lets the others run once,
+    /// and the first back writes every mark queued.
+    pub async fn started(self: &Arc<Self>, input: usize, row: u64) -> Result<(), OutputError> {
         use std::sync::atomic::Ordering;
         let mine = {
             let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
@@ -728,13 +822,37 @@ impl Ledger {
         if self.written.load(Ordering::Acquire) >= mine {
             return Ok(());
         }
-        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        if self.written.load(Ordering::Acquire) < mine {
-            (&self.file).write_all(&queued.0).map_err(io(&self.path))?;
-            queued.0.clear();
-            self.written.store(queued.1, Ordering::Release);
+        if !self.sync_started {
+            return self.write_queued(mine);
         }
+        // The sync waits for the disk: off the thread that drives the calls.
+        let ledger = self.clone();
+        tokio::task::spawn_blocking(move || ledger.write_queued(mine)).await.expect("writing marks does not panic")
+    }
+
+    /// Writes every mark queued, unless another writer already wrote
+    /// `mine`; with `sync_started`, makes them durable before saying so.
+    fn write_queued(&self, mine: u64) -> Result<(), OutputError> {
+        use std::sync::atomic::Ordering;
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.written.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let (marks, upto) = {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            (std::mem::take(&mut queued.0), queued.1)
+        };
+        (&self.file).write_all(&marks).map_err(io(&self.path))?;
+        if self.sync_started {
+            sync(&self.file, &self.path).map_err(io(&self.path))?;
+        }
+        self.written.store(upto, Ordering::Release);
         Ok(())
+    }
+
+    /// Makes every mark written so far durable.
+    pub fn sync(&self) -> Result<(), OutputError> {
+        sync(&self.file, &self.path).map_err(io(&self.path))
     }
 
     /// Marks the outcomes done, in one `write`; call it after [`Writer::flush`].
@@ -899,6 +1017,69 @@ fn lock(path: &Path) -> Result<JobLock, Held> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::{ErrorKind, Failure};
+
+    /// Every sync of every test: the file, and its length then.
+    pub(super) static SYNCED: std::sync::Mutex<Vec<(PathBuf, u64)>> = std::sync::Mutex::new(Vec::new());
+
+    /// The syncs of files in `dir` since the last call, in order.
+    fn synced(dir: &Path) -> Vec<(String, u64)> {
+        let mut all = SYNCED.lock().unwrap();
+        let (mine, others): (Vec<_>, Vec<_>) = all.drain(..).partition(|(p, _)| p.starts_with(dir));
+        *all = others;
+        mine.into_iter().map(|(p, n)| (p.file_name().unwrap().to_string_lossy().into(), n)).collect()
+    }
+
+    fn failed(number: u64) -> Outcome {
+        Outcome {
+            input: 0,
+            number,
+            line: number + 1,
+            key: format!("k{number}"),
+            attempts: 1,
+            latency: std::time::Duration::from_millis(5),
+            status: Some(400),
+            result: Err(Failure { kind: ErrorKind::ClientError, message: "HTTP 400".into() }),
+            source: Source::Record(Record::Json(Map::new())),
+        }
+    }
+
+    #[test]
+    fn a_done_mark_reaches_the_disk_only_after_its_outcome_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
+        let mut writer = Writer::open(dir.path(), inputs, false, true, None).unwrap();
+        let ledger = Ledger::open(dir.path(), false, false).unwrap();
+        let len = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+
+        commit(&mut writer, &ledger, &[&failed(1), &failed(2)]).unwrap();
+        let (failures_1, journal_1) = (len("failures.jsonl"), len("journal"));
+        // The batch's lines made durable (one sync), then the ledger as it
+        // was before this batch's marks; the marks written after.
+        assert_eq!(synced(dir.path()), [("failures.jsonl".into(), failures_1), ("journal".into(), 0)]);
+        assert!(journal_1 > 0, "the marks are written");
+
+        commit(&mut writer, &ledger, &[&failed(3)]).unwrap();
+        // The next batch makes the first batch's marks durable, after its own lines.
+        assert_eq!(
+            synced(dir.path()),
+            [("failures.jsonl".into(), len("failures.jsonl")), ("journal".into(), journal_1)]
+        );
+        let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
+        assert_eq!(journal.lines().filter(|l| l.starts_with("D\t0\t")).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn started_marks_are_durable_before_a_row_goes_out_only_when_asked() {
+        for sync_started in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Arc::new(Ledger::open(dir.path(), false, sync_started).unwrap());
+            ledger.started(0, 1).await.unwrap();
+            let expected = if sync_started { vec![("journal".to_string(), 6)] } else { vec![] };
+            assert_eq!(synced(dir.path()), expected, "sync_started = {sync_started}");
+            assert_eq!(std::fs::read_to_string(dir.path().join("journal")).unwrap(), "S\t0\t1\n");
+        }
+    }
 
     #[test]
     fn every_input_gets_a_failures_file_of_its_own() {

@@ -289,11 +289,10 @@ impl Recorder {
                 }
             }
         }
-        // The outcomes first, then the ledger's marks: a crash between the
-        // two leaves those rows in doubt, never lost.
-        outcomes.iter().try_for_each(|(outcome, _)| self.writer.record(outcome))?;
-        self.writer.flush()?;
-        shared.ledger.done(outcomes.iter().map(|(outcome, _)| outcome))
+        // The outcomes first, durable, then the ledger's marks: a crash or
+        // a power cut between the two leaves those rows in doubt, never lost.
+        let outcomes: Vec<&Outcome> = outcomes.iter().map(|(outcome, _)| outcome).collect();
+        crate::output::commit(&mut self.writer, &shared.ledger, &outcomes)
     }
 }
 
@@ -377,7 +376,16 @@ async fn lane(
     // together, then lets their workers go on.
     let mut batch = Vec::with_capacity(workers);
     while out_rx.recv_many(&mut batch, workers).await > 0 {
-        let recorded = recorder.lock().unwrap_or_else(|e| e.into_inner()).record(&shared, &batch);
+        // Recording waits for the disk (fdatasync): off the lane's thread,
+        // whose calls go on meanwhile; outcomes gather for the next batch.
+        let (recorder, shared_, taken) = (recorder.clone(), shared.clone(), std::mem::take(&mut batch));
+        let (recorded, taken) = tokio::task::spawn_blocking(move || {
+            let recorded = recorder.lock().unwrap_or_else(|e| e.into_inner()).record(&shared_, &taken);
+            (recorded, taken)
+        })
+        .await
+        .expect("recording does not panic");
+        batch = taken;
         if let Err(e) = recorded {
             // Without a place for outcomes, sending more would lose them.
             // Dropping the acknowledgements lets the workers stop.
@@ -413,7 +421,9 @@ pub async fn run(
     let writer = Writer::open(&plan.dir, input_infos(&plan), append, true, results_csv)?;
     let lanes = lane_count(concurrency);
     let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
-    let ledger = Arc::new(Ledger::open(&plan.dir, append)?);
+    // A row of a job that is not idempotent must be known as sent even
+    // after a power cut: its started mark is durable before it goes out.
+    let ledger = Arc::new(Ledger::open(&plan.dir, append, !plan.requests.idempotent())?);
     let mut stats = resume.recorded;
     stats.restart_clock();
     let live = Arc::new(Live::default());
@@ -485,6 +495,10 @@ pub async fn run(
         }
     }
     watchdog.abort();
+    // The last batch's done marks, durable too.
+    if let Err(e) = shared.ledger.sync() {
+        tracing::warn!("{e}; `resume` finds the last outcomes at the end of the outcome files");
+    }
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
     let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
