@@ -277,12 +277,21 @@ impl Recorder {
             let counter = if outcome.result.is_ok() { &live.succeeded } else { &live.failed };
             counter.fetch_add(1, Ordering::Relaxed);
             if let Some(max) = shared.max_failures {
-                // This session's rows alone, failed and done alike: a
-                // resumed run is judged on the rows it sends.
-                let (failed, done) = (live.failed.load(Ordering::Relaxed), live.done.load(Ordering::Relaxed));
+                // A count caps the run's failures, earlier sessions' too, so
+                // resuming with the same cap never piles up more; a share
+                // judges this session's rows alone, failed and done alike.
+                let done = live.done.load(Ordering::Relaxed);
+                let failed = match max {
+                    crate::options::MaxFailures::Count(_) => self.stats.failed(),
+                    crate::options::MaxFailures::Percent(_) => live.failed.load(Ordering::Relaxed),
+                };
                 if max.reached(failed, done) && !shared.stop.is_cancelled() {
+                    let of = match max {
+                        crate::options::MaxFailures::Count(_) => "the run's rows".to_string(),
+                        crate::options::MaxFailures::Percent(_) => format!("{done} rows sent"),
+                    };
                     shared.abort(Error::MaxFailures(format!(
-                        "{failed} of {done} rows sent failed, reaching --max-failures; `{} resume {}` sends the rest",
+                        "{failed} of {of} failed, reaching --max-failures; `{} resume {}` sends the rest",
                         crate::options::program(),
                         shared.dir.display()
                     )));

@@ -322,6 +322,32 @@ async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
     assert_eq!(json(&out.join("summary.json"))["total"], 600);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_failures_as_a_count_judges_a_resumed_run_on_all_its_failures() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.3, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, latency: Duration::from_millis(10), ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 600));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
+    let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
+        wait_for_calls(&gw, 500).await;
+        stop.cancel();
+    });
+    assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
+    let earlier = json(&out.join("summary.json"));
+    let (failed, total) = (earlier["failed"].as_u64().unwrap(), earlier["total"].as_u64().unwrap());
+    // A cap this session alone could never reach: fewer rows are left than it.
+    let cap = failed + 5;
+    assert!(cap > 600 - total, "{earlier}");
+
+    let code = gw.run(&["resume", out.to_str().unwrap(), "--max-failures", &cap.to_string()]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::MaxFailures, "the run's failures, earlier ones too, reach the cap");
+    let summary = json(&out.join("summary.json"));
+    assert!(summary["failed"].as_u64().unwrap() >= cap, "{summary}");
+}
+
 /// How long the calls a gateway received took to arrive, first to last.
 fn arrival_span(gw: &Gateway) -> Duration {
     let times: Vec<Duration> = gw.sandbox.recorded().iter().map(|c| c.at).collect();
