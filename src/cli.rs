@@ -333,6 +333,9 @@ pub struct FaultArgs {
     /// Share of keys whose first call(s) answer 429 with Retry-After.
     #[arg(long, default_value_t = 0.0)]
     pub fail_429: f64,
+    /// Share of keys whose first call(s) answer 503 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_503: f64,
     /// Share of keys whose first call(s) lose the connection mid-answer.
     #[arg(long, default_value_t = 0.0)]
     pub fail_reset: f64,
@@ -366,14 +369,22 @@ pub struct FaultArgs {
 
 impl FaultArgs {
     pub fn to_faults(&self) -> Result<Faults, Error> {
-        let shares =
-            [self.fail_500, self.fail_429, self.fail_reset, self.slow, self.fail_400_always, self.fail_500_always];
+        let shares = [
+            self.fail_500,
+            self.fail_429,
+            self.fail_503,
+            self.fail_reset,
+            self.slow,
+            self.fail_400_always,
+            self.fail_500_always,
+        ];
         if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
             return Err(Error::Usage("fault shares are fractions between 0 and 1 that add up to 1 at most".into()));
         }
         Ok(Faults {
             server_errors: self.fail_500,
             throttles: self.fail_429,
+            unavailable: self.fail_503,
             resets: self.fail_reset,
             slow: self.slow,
             slow_delay: self.slow_delay,

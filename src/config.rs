@@ -140,7 +140,7 @@ pub struct Settings {
     pub throttle_base: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// A Retry-After longer than this fails the row as `throttled`.
+    /// A Retry-After longer than this stops the run (exit 75), to resume later.
     #[serde(with = "humantime_serde")]
     pub retry_after_max: Duration,
     pub headers: BTreeMap<String, String>,

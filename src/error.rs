@@ -25,8 +25,9 @@ pub enum ExitCode {
     Internal = 70,
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
-    /// Try again later: another run of the same job holds its lock, or
-    /// Redis is unreachable at start; `status`: a shard has not finished.
+    /// Try again later: another run of the same job holds its lock, Redis
+    /// is unreachable at start, or the gateway asked for a pause longer than
+    /// `retry_after_max`; `status`: a shard has not finished.
     Locked = 75,
     /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.
     Interrupted = 130,
@@ -66,6 +67,10 @@ pub enum Error {
     /// The API's TLS certificate is not trusted: every call would fail alike.
     #[error("aborted: {0}")]
     Certificate(crate::outcome::UntrustedCertificate),
+    /// The gateway asked for a pause longer than `retry_after_max` (a
+    /// maintenance window): the rows not finished stay to resume.
+    #[error("stopped: {0}")]
+    Paused(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -89,9 +94,8 @@ impl Error {
             Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Internal(_) => ExitCode::Internal,
-            Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. }) => {
-                ExitCode::Locked
-            }
+            Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. })
+            | Error::Paused(_) => ExitCode::Locked,
             Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
             Error::Output(_) => ExitCode::Io,
             Error::Coordination(CoordinationError::Unreachable { .. }) => ExitCode::Locked,

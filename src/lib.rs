@@ -16,6 +16,7 @@
 //! - [`coordination`]: Redis, where the processes of a run meet.
 //! - [`options`]: the program's name for hints and `--max-failures`, shared by `cli` and `runner`.
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
+//! - [`retry`]: the retry decision after each attempt, a pure function of the verdict, the row's attempts and the job's policy.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
 //! - [`rows`]: a set of rows as one bitset per input, for `resume`.
@@ -38,6 +39,7 @@ pub mod options;
 pub mod outcome;
 pub mod output;
 pub mod report;
+pub mod retry;
 pub mod rows;
 pub mod runner;
 pub mod sandbox;

@@ -124,17 +124,25 @@ impl Outcome {
     }
 }
 
-/// What to do after an attempt.
-#[derive(Debug, PartialEq)]
+/// What one attempt came to; [`crate::retry::decide`] says what follows.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// A 2xx (the job's `success` expression judges it further).
     Done,
-    /// Try again if attempts are left; `after` is the server's Retry-After.
-    Retry { kind: ErrorKind, after: Option<Duration> },
-    /// Permanent: never retried.
-    Fail(ErrorKind),
-    /// 401: refresh the token and resend once.
+    /// 401: the token was refused, before the call was processed.
     Unauthorized,
+    /// Any other answer: its kind and status, whether `retry_on` holds the
+    /// status, and its `Retry-After`.
+    Answer { kind: ErrorKind, status: u16, retryable: bool, after: Option<Duration> },
+    /// The call failed before anything was written (connecting, the TLS
+    /// handshake): the gateway never saw it.
+    NotSent(ErrorKind),
+    /// The call went out, or may have, and no whole answer came back (a
+    /// timeout, a connection lost mid-call): the gateway may have acted on it.
+    NoAnswer(ErrorKind),
+    /// Never worth another attempt: a request that cannot be built, a
+    /// certificate that is not trusted.
+    Permanent(ErrorKind),
 }
 
 /// Classifies an answer's status. `retry_on` is the configured set of
@@ -153,21 +161,24 @@ pub fn classify_status(status: StatusCode, retry_on: &[u16], retry_after: Option
         500..=599 => ErrorKind::ServerError,
         _ => ErrorKind::ClientError,
     };
-    if retry_on.contains(&code) { Verdict::Retry { kind, after: retry_after } } else { Verdict::Fail(kind) }
+    Verdict::Answer { kind, status: code, retryable: retry_on.contains(&code), after: retry_after }
 }
 
-/// Classifies a transport error: timeouts and connection failures are retryable.
+/// Classifies a transport error: whether anything reached the gateway.
 pub fn classify_error(e: &reqwest::Error) -> Verdict {
     if untrusted_certificate(e) {
         // The same certificate answers the next attempt too.
-        Verdict::Fail(ErrorKind::Connection)
+        Verdict::Permanent(ErrorKind::Connection)
+    } else if e.is_connect() {
+        // Connecting or the TLS handshake: no byte of the request went out.
+        Verdict::NotSent(if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Connection })
     } else if e.is_timeout() {
-        Verdict::Retry { kind: ErrorKind::Timeout, after: None }
-    } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
-        Verdict::Retry { kind: ErrorKind::Connection, after: None }
+        Verdict::NoAnswer(ErrorKind::Timeout)
+    } else if e.is_request() || e.is_body() || e.is_decode() {
+        Verdict::NoAnswer(ErrorKind::Connection)
     } else {
         // Building the request failed: a bug or an unsendable value, never fixed by retrying.
-        Verdict::Fail(ErrorKind::Connection)
+        Verdict::Permanent(ErrorKind::Connection)
     }
 }
 
@@ -237,21 +248,50 @@ mod tests {
     #[test]
     fn statuses_are_classified_once() {
         let c = |code| classify_status(StatusCode::from_u16(code).unwrap(), RETRY_ON, None);
+        let answer = |kind, status, retryable| Verdict::Answer { kind, status, retryable, after: None };
         assert_eq!(c(200), Verdict::Done);
         assert_eq!(c(204), Verdict::Done);
         assert_eq!(c(401), Verdict::Unauthorized);
-        assert_eq!(c(403), Verdict::Fail(ErrorKind::ClientError), "a 403 never refreshes the token");
-        assert_eq!(c(400), Verdict::Fail(ErrorKind::ClientError));
-        assert_eq!(c(404), Verdict::Fail(ErrorKind::ClientError));
-        assert_eq!(c(429), Verdict::Retry { kind: ErrorKind::Throttled, after: None });
-        assert_eq!(c(503), Verdict::Retry { kind: ErrorKind::ServerError, after: None });
-        assert_eq!(c(501), Verdict::Fail(ErrorKind::ServerError));
-        assert_eq!(c(408), Verdict::Retry { kind: ErrorKind::Timeout, after: None });
+        assert_eq!(c(403), answer(ErrorKind::ClientError, 403, false), "a 403 never refreshes the token");
+        assert_eq!(c(400), answer(ErrorKind::ClientError, 400, false));
+        assert_eq!(c(404), answer(ErrorKind::ClientError, 404, false));
+        assert_eq!(c(429), answer(ErrorKind::Throttled, 429, true));
+        assert_eq!(c(503), answer(ErrorKind::ServerError, 503, true));
+        assert_eq!(c(501), answer(ErrorKind::ServerError, 501, false));
+        assert_eq!(c(408), answer(ErrorKind::Timeout, 408, true));
         assert_eq!(
             classify_status(StatusCode::BAD_GATEWAY, &[429], None),
-            Verdict::Fail(ErrorKind::ServerError),
+            answer(ErrorKind::ServerError, 502, false),
             "retry_on changes the set"
         );
+        let after = Some(Duration::from_secs(7));
+        assert_eq!(
+            classify_status(StatusCode::SERVICE_UNAVAILABLE, RETRY_ON, after),
+            Verdict::Answer { kind: ErrorKind::ServerError, status: 503, retryable: true, after }
+        );
+    }
+
+    #[tokio::test]
+    async fn transport_errors_say_whether_the_gateway_saw_the_call() {
+        // Nothing listens on a port just freed: refused while connecting.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = reqwest::Client::new();
+        let refused = client.post(format!("http://127.0.0.1:{port}/")).send().await.unwrap_err();
+        assert_eq!(classify_error(&refused), Verdict::NotSent(ErrorKind::Connection));
+        // A server that reads the request and never answers: a timeout
+        // after the request went out.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let timeout =
+            client.post(format!("http://{addr}/")).timeout(Duration::from_millis(200)).send().await.unwrap_err();
+        assert_eq!(classify_error(&timeout), Verdict::NoAnswer(ErrorKind::Timeout));
+        server.abort();
     }
 
     #[test]

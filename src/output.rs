@@ -743,8 +743,10 @@ impl RequestsFile {
 }
 
 /// The ledger of a run (`journal`): `S` when a row's first attempt is
-/// about to go out, `D` with its outcome once that is written. Rows with `S`
-/// and no `D` were in flight when the run stopped: in doubt.
+/// about to go out, `D` with its outcome once that is written, `R` when the
+/// run stopped before the row was finished and the gateway provably did
+/// not act on it. Rows with `S` and no later `R` or `D` were in flight when
+/// the run stopped: in doubt.
 pub struct Ledger {
     path: PathBuf,
     /// Opened for appending: each batch of lines is one `write`, whole even
@@ -855,6 +857,14 @@ impl Ledger {
         sync(&self.file, &self.path).map_err(io(&self.path))
     }
 
+    /// Marks a started row released: the run stopped before the row was
+    /// finished, and the gateway provably did not act on any of its
+    /// attempts (none went out, or each was refused before processing), so
+    /// `resume` sends it as a row never sent, not as one in doubt.
+    pub fn released(&self, input: usize, row: u64) -> Result<(), OutputError> {
+        (&self.file).write_all(format!("R\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
+    }
+
     /// Marks the outcomes done, in one `write`; call it after [`Writer::flush`].
     pub fn done<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) -> Result<(), OutputError> {
         let mut lines = String::new();
@@ -904,6 +914,9 @@ impl Ledger {
             Mark::Started(input, row) => {
                 started.insert(input, row);
             }
+            Mark::Released(input, row) => {
+                started.remove(input, row);
+            }
             Mark::Done(input, row, outcome) => {
                 if done.insert(input, row) {
                     on_done(&outcome);
@@ -938,6 +951,7 @@ impl Ledger {
             let key = || Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
             match (f[0], key()) {
                 ("S", Some((input, row))) => on_mark(Mark::Started(input, row)),
+                ("R", Some((input, row))) => on_mark(Mark::Released(input, row)),
                 ("D", Some((input, row))) if f.len() == 8 => on_mark(Mark::Done(
                     input,
                     row,
@@ -956,9 +970,11 @@ impl Ledger {
     }
 }
 
-/// One line of the ledger: (input, row) started, or done with its outcome.
+/// One line of the ledger: (input, row) started, released (not sent after
+/// all, or refused before processing), or done with its outcome.
 pub enum Mark {
     Started(usize, u64),
+    Released(usize, u64),
     Done(usize, u64, Done),
 }
 

@@ -27,6 +27,18 @@ impl RowSet {
         new
     }
 
+    /// Takes a row out; false if it was not there.
+    pub fn remove(&mut self, input: usize, row: u64) -> bool {
+        let Some(word) = self.inputs.get_mut(input).and_then(|words| words.get_mut((row / 64) as usize)) else {
+            return false;
+        };
+        let bit = 1u64 << (row % 64);
+        let was = *word & bit != 0;
+        *word &= !bit;
+        self.len -= u64::from(was);
+        was
+    }
+
     pub fn contains(&self, input: usize, row: u64) -> bool {
         let word = self.inputs.get(input).and_then(|words| words.get((row / 64) as usize));
         word.is_some_and(|w| w & (1u64 << (row % 64)) != 0)

@@ -31,6 +31,7 @@ use crate::options::MaxFailures;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
+use crate::retry::{self, Next, Policy, Used};
 use crate::rows::RowSet;
 use crate::shard::Shard;
 use crate::token::{Token, TokenSource};
@@ -106,6 +107,8 @@ struct Shared {
     tokens: Option<TokenSource>,
     /// Every attempt passes it; a Retry-After pauses it for everyone.
     limiter: Arc<dyn Limiter>,
+    /// What the job allows after a failed attempt.
+    policy: Policy,
     /// Retries left; per process, whichever limiter paces the calls.
     budget: RetryBudget,
     settings: Settings,
@@ -460,6 +463,7 @@ pub async fn run(
         requests: plan.requests.clone(),
         tokens: tokens.clone(),
         limiter: limiter.clone(),
+        policy: Policy::new(&plan.settings, plan.requests.idempotent()),
         budget: RetryBudget::default(),
         settings: plan.settings.clone(),
         live: live.clone(),
@@ -600,9 +604,102 @@ fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duration {
     ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
 }
 
-/// Takes one row to its outcome; `None` when the run stopped before it
-/// could be sent (it stays resumable).
+/// Takes one row to its outcome: render it, then attempt and decide until
+/// the decision is final. `None` when the run stopped before the row was
+/// finished: it stays to resume (released in the ledger when the gateway
+/// provably did not act on it, else in doubt).
 async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Option<Outcome> {
+    let (row, request) = match render(shared, item) {
+        Ok(rendered) => rendered,
+        Err(outcome) => return Some(outcome),
+    };
+    if shared.fail_in_doubt.contains(&(row.input, row.number)) {
+        let message =
+            "sent before the run stopped, with no recorded answer; check on the server before sending it again";
+        // Marked started: at least one attempt went out, or was about to.
+        return Some(finish(row, &request, 1, Duration::ZERO, None, fail(ErrorKind::InDoubt, message.into())));
+    }
+    let mut used = Used { attempts: 0, refreshed: false, authorized: shared.tokens.is_some() };
+    // The gateway provably did not act on any attempt so far.
+    let mut unprocessed = true;
+    let mut resend = false;
+    loop {
+        let (result, latency, token) = match attempt(shared, client, &row, &request, &mut used, resend).await {
+            Tried::Sent { result, latency, token } => (result, latency, token),
+            Tried::Stopped => return unfinished(shared, &row, &used, unprocessed),
+            Tried::Abandoned => return None,
+        };
+        resend = false;
+        let (verdict, answer, error) = match result {
+            Ok(answer) => {
+                let verdict = outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after);
+                (verdict, Some(answer), String::new())
+            }
+            Err(e) if outcome::untrusted_certificate(&e) => {
+                // Nothing reached the server: the row stays to be sent once
+                // the certificate is trusted (`resume`).
+                shared.abort(Error::Certificate(outcome::UntrustedCertificate {
+                    url: request.url.origin().ascii_serialization(),
+                    detail: outcome::describe(&e),
+                }));
+                return unfinished(shared, &row, &used, unprocessed);
+            }
+            Err(e) => (outcome::classify_error(&e), None, outcome::describe(&e)),
+        };
+        unprocessed &= retry::unprocessed(&verdict);
+        let status = answer.as_ref().map(|a| a.status.as_u16());
+        if let Some(status) = status {
+            shared.limiter.answered(status == 429);
+            if verdict != Verdict::Unauthorized {
+                shared.auth_streak.store(0, Ordering::Relaxed);
+            }
+        }
+        let message = || answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, &a.body));
+        match retry::decide(&verdict, &used, &shared.policy) {
+            Next::Refresh => {
+                // The token was refused: forget exactly that one and resend once.
+                if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
+                    tokens.invalidate(token.generation);
+                }
+                used.refreshed = true;
+                resend = true;
+            }
+            Next::Retry { kind, after } => {
+                if let Some(after) = after {
+                    shared.limiter.pause(after);
+                }
+                if !shared.budget.spend_retry() {
+                    let message =
+                        format!("{}; not retried: the retry budget is spent (too many calls are failing)", message());
+                    return Some(finish(row, &request, used.attempts, latency, status, fail(kind, message)));
+                }
+                let delay = after.unwrap_or_else(|| backoff(shared, kind, used.attempts));
+                if !wait(shared, delay).await {
+                    return unfinished(shared, &row, &used, unprocessed);
+                }
+            }
+            Next::Pause { after } => {
+                shared.abort(Error::Paused(pause_message(shared, after)));
+                return unfinished(shared, &row, &used, unprocessed);
+            }
+            Next::Fail { kind, note } => {
+                if verdict == Verdict::Unauthorized {
+                    refused_again(shared);
+                }
+                let result = fail(kind, with_note(message(), note));
+                return Some(finish(row, &request, used.attempts, latency, status, result));
+            }
+            Next::Judge { kind, note } => {
+                let Some(answer) = answer else { return unfinished(shared, &row, &used, unprocessed) };
+                return Some(judge(shared, row, &request, used.attempts, latency, answer, kind, note));
+            }
+        }
+    }
+}
+
+/// A row's request, or its outcome when it cannot be sent.
+#[allow(clippy::result_large_err)] // an outcome goes straight to the collector
+fn render(shared: &Shared, item: Item) -> Result<(Row, Request), Outcome> {
     let row = match item {
         Ok(row) => row,
         Err(bad) => {
@@ -610,35 +707,166 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
             if let Err(message) = &mut outcome.result {
                 message.message = format!("{}: {}", shared.inputs[outcome.input], message.message);
             }
-            return Some(outcome);
+            return Err(outcome);
         }
     };
-    let request = match shared.requests.render(&row) {
-        Ok(r) => r,
+    match shared.requests.render(&row) {
+        Ok(request) => Ok((row, request)),
         Err(e) => {
             let place = format!("{} line {}", shared.inputs[row.input], row.line);
-            return Some(Outcome::invalid(&row, shared.requests.key(&row), format!("{place}: {e}")));
+            Err(Outcome::invalid(&row, shared.requests.key(&row), format!("{place}: {e}")))
         }
-    };
-    let fail = |kind, message| Err(Failure { kind, message });
-    if shared.fail_in_doubt.contains(&(row.input, row.number)) {
-        let message =
-            "sent before the run stopped, with no recorded answer; check on the server before sending it again";
-        return Some(Outcome {
-            input: row.input,
-            number: row.number,
-            line: row.line,
-            key: request.key.clone(),
-            // Marked started: at least one attempt went out, or was about to.
-            attempts: 1,
-            latency: Duration::ZERO,
-            status: None,
-            result: fail(ErrorKind::InDoubt, message.to_string()),
-            source: Source::Record(row.record.clone()),
-        });
     }
-    // Takes the row: its record moves into the outcome, uncopied.
-    let outcome = |row: Row, attempts, latency, status, result| Outcome {
+}
+
+/// How an attempt went.
+enum Tried {
+    /// It went out (or failed trying): its result, how long it took, the token it carried.
+    Sent { result: Result<Answer, reqwest::Error>, latency: Duration, token: Option<Arc<Token>> },
+    /// The run stopped before it went out.
+    Stopped,
+    /// The grace period ended while it was in flight.
+    Abandoned,
+}
+
+/// One attempt: waits for the rate limiter, marks the row started before
+/// its first attempt, takes the token (as late as can be, so it cannot
+/// expire in between), sends. A resend after a token refresh is not counted.
+async fn attempt(
+    shared: &Shared,
+    client: &reqwest::Client,
+    row: &Row,
+    request: &Request,
+    used: &mut Used,
+    resend: bool,
+) -> Tried {
+    let ready = tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => false,
+        _ = shared.limiter.until_ready() => true,
+    };
+    if !ready {
+        return Tried::Stopped;
+    }
+    if !resend {
+        used.attempts += 1;
+        if used.attempts == 1 {
+            if let Err(e) = shared.ledger.started(row.input, row.number).await {
+                shared.abort(Error::Output(e));
+                return Tried::Abandoned;
+            }
+            shared.budget.earn_retry();
+        }
+    }
+    let token = match &shared.tokens {
+        Some(tokens) => {
+            let got = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => None,
+                got = tokens.get() => Some(got),
+            };
+            match got {
+                None => return Tried::Stopped,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    shared.abort(Error::Token(e));
+                    return Tried::Stopped;
+                }
+            }
+        }
+        None => None,
+    };
+    shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = send(shared, client, request, token.as_deref()) => Some(r),
+        _ = shared.hard_stop.cancelled() => None,
+    };
+    shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Some(result) => Tried::Sent { result, latency: started.elapsed(), token },
+        None => {
+            tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
+            shared.abandoned.fetch_add(1, Ordering::Relaxed);
+            Tried::Abandoned
+        }
+    }
+}
+
+/// Waits before a retry; false if the run stopped meanwhile.
+async fn wait(shared: &Shared, delay: Duration) -> bool {
+    shared.live.retrying.fetch_add(1, Ordering::Relaxed);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shared.stop.cancelled() => {}
+    }
+    shared.live.retrying.fetch_sub(1, Ordering::Relaxed);
+    !shared.stop.is_cancelled()
+}
+
+/// A row the run stopped before finishing: no outcome, so `resume` sends
+/// it. A row the gateway provably did not act on is released, so it is
+/// sent as one never sent; any other started row stays in doubt.
+fn unfinished(shared: &Shared, row: &Row, used: &Used, unprocessed: bool) -> Option<Outcome> {
+    if used.attempts > 0
+        && unprocessed
+        && let Err(e) = shared.ledger.released(row.input, row.number)
+    {
+        shared.abort(Error::Output(e));
+    }
+    None
+}
+
+/// A 401 with a fresh token: a stream of them stops the run.
+fn refused_again(shared: &Shared) {
+    let streak = shared.auth_streak.fetch_add(1, Ordering::Relaxed) + 1;
+    let limit = (shared.settings.concurrency as u64).max(10);
+    if streak >= limit {
+        shared.abort(Error::Unauthorized(format!(
+            "{streak} rows in a row were refused with 401 even with a fresh token; \
+             the credentials may lack access to this API"
+        )));
+    }
+}
+
+/// The outcome of an answer: the job's `success` expression (default: a
+/// 2xx) makes it a success, else the row fails as `kind`.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    shared: &Shared,
+    row: Row,
+    request: &Request,
+    attempts: u32,
+    latency: Duration,
+    answer: Answer,
+    kind: ErrorKind,
+    note: Option<&str>,
+) -> Outcome {
+    let status = answer.status;
+    let body = Body::new(answer.body, answer.total);
+    let judged = shared.requests.judge(status.as_u16(), &body, &row);
+    let success = status.is_success();
+    let result = if judged.ok && (success || shared.requests.has_success()) {
+        Ok(Success::new(body, judged.captured))
+    } else if success {
+        let message = answer_message(status, body.bytes());
+        fail(kind, format!("the job's success expression refused the answer: {message}"))
+    } else {
+        fail(kind, with_note(answer_message(status, body.bytes()), note))
+    };
+    finish(row, request, attempts, latency, Some(status.as_u16()), result)
+}
+
+/// A row's outcome; its record moves into it, uncopied.
+fn finish(
+    row: Row,
+    request: &Request,
+    attempts: u32,
+    latency: Duration,
+    status: Option<u16>,
+    result: Result<Success, Failure>,
+) -> Outcome {
+    Outcome {
         input: row.input,
         number: row.number,
         line: row.line,
@@ -648,181 +876,36 @@ async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Optio
         status,
         result,
         source: Source::Record(row.record),
-    };
-    let max_attempts = shared.settings.max_attempts;
-    let mut attempts = 0u32;
-    let mut refreshed = false;
-    let mut resend = false;
-    // The last failed attempt: the row's outcome if the run stops before the next.
-    let mut last: Option<(ErrorKind, String, Option<u16>, Duration)> = None;
-    // After a stop no attempt starts: a row not yet sent stays resumable, a
-    // row waiting to retry ends with its last answer.
-    let stopped = |row: Row, attempts: u32, last: Option<(ErrorKind, String, Option<u16>, Duration)>| {
-        let (kind, message, status, latency) = last?;
-        let message = format!("{message} (not retried: the run was stopped)");
-        Some(outcome(row, attempts, latency, status, fail(kind, message)))
-    };
-    loop {
-        let ready = tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => false,
-            _ = shared.limiter.until_ready() => true,
-        };
-        if !ready {
-            return stopped(row, attempts, last);
-        }
-        let token = match &shared.tokens {
-            Some(tokens) => {
-                let got = tokio::select! {
-                    biased;
-                    _ = shared.stop.cancelled() => None,
-                    got = tokens.get() => Some(got),
-                };
-                match got {
-                    None => return stopped(row, attempts, last),
-                    Some(Ok(t)) => Some(t),
-                    Some(Err(e)) => {
-                        shared.abort(Error::Token(e));
-                        return stopped(row, attempts, last);
-                    }
-                }
-            }
-            None => None,
-        };
-        if !resend {
-            attempts += 1;
-        }
-        if attempts == 1 && !resend && !refreshed {
-            if let Err(e) = shared.ledger.started(row.input, row.number).await {
-                shared.abort(Error::Output(e));
-                return None;
-            }
-            shared.budget.earn_retry();
-        }
-        resend = false;
-        shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let result = tokio::select! {
-            r = send(shared, client, &request, token.as_deref()) => Some(r),
-            _ = shared.hard_stop.cancelled() => None,
-        };
-        shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let latency = started.elapsed();
-        let Some(result) = result else {
-            tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
-            shared.abandoned.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let (verdict, answer) = match result {
-            Ok(answer) => {
-                (outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after), Some(answer))
-            }
-            Err(e) if outcome::untrusted_certificate(&e) => {
-                // Nothing reached the server: the row stays to be sent once
-                // the certificate is trusted (`resume`).
-                shared.abort(Error::Certificate(outcome::UntrustedCertificate {
-                    url: request.url.origin().ascii_serialization(),
-                    detail: outcome::describe(&e),
-                }));
-                return stopped(row, attempts, last);
-            }
-            Err(e) => {
-                let verdict = outcome::classify_error(&e);
-                if let Verdict::Fail(kind) | Verdict::Retry { kind, .. } = verdict {
-                    if attempts >= max_attempts || matches!(verdict, Verdict::Fail(_)) {
-                        return Some(outcome(row, attempts, latency, None, fail(kind, outcome::describe(&e))));
-                    }
-                    last = Some((kind, outcome::describe(&e), None, latency));
-                }
-                (verdict, None)
-            }
-        };
-        let status = answer.as_ref().map(|a| a.status.as_u16());
-        if let Some(status) = status {
-            shared.limiter.answered(status == 429);
-        }
-        if verdict != Verdict::Unauthorized && answer.is_some() {
-            shared.auth_streak.store(0, Ordering::Relaxed);
-        }
-        match verdict {
-            Verdict::Unauthorized if !refreshed && token.is_some() => {
-                // The token was refused: forget exactly that one and resend once.
-                if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
-                    tokens.invalidate(token.generation);
-                }
-                let message = answer.as_ref().map_or_else(String::new, |a| answer_message(a.status, &a.body));
-                last = Some((ErrorKind::Auth, message, status, latency));
-                refreshed = true;
-                resend = true;
-            }
-            Verdict::Unauthorized => {
-                let streak = shared.auth_streak.fetch_add(1, Ordering::Relaxed) + 1;
-                let limit = (shared.settings.concurrency as u64).max(10);
-                if streak >= limit {
-                    shared.abort(Error::Unauthorized(format!(
-                        "{streak} rows in a row were refused with 401 even with a fresh token; \
-                         the credentials may lack access to this API"
-                    )));
-                }
-                let message = answer.as_ref().map_or_else(String::new, |a| answer_message(a.status, &a.body));
-                return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Auth, message)));
-            }
-            Verdict::Retry { kind, after } if attempts < max_attempts => {
-                if let Some(answer) = &answer {
-                    last = Some((kind, answer_message(answer.status, &answer.body), status, latency));
-                }
-                let last_message = last.as_ref().map_or_else(String::new, |l| l.1.clone());
-                if let Some(after) = after {
-                    if after > shared.settings.retry_after_max {
-                        let message = format!(
-                            "the server asked to wait {} (Retry-After), longer than retry_after_max",
-                            humantime::format_duration(after)
-                        );
-                        return Some(outcome(row, attempts, latency, status, fail(ErrorKind::Throttled, message)));
-                    }
-                    shared.limiter.pause(after);
-                }
-                if !shared.budget.spend_retry() {
-                    let message =
-                        format!("{last_message}; not retried: the retry budget is spent (too many calls are failing)");
-                    return Some(outcome(row, attempts, latency, status, fail(kind, message)));
-                }
-                let delay = after.unwrap_or_else(|| backoff(shared, kind, attempts));
-                shared.live.retrying.fetch_add(1, Ordering::Relaxed);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shared.stop.cancelled() => {}
-                }
-                shared.live.retrying.fetch_sub(1, Ordering::Relaxed);
-                if shared.stop.is_cancelled() {
-                    return stopped(row, attempts, last);
-                }
-            }
-            Verdict::Retry { kind, .. } | Verdict::Fail(kind) => {
-                let Some(answer) = answer else { return stopped(row, attempts, last) };
-                let body = Body::new(answer.body, answer.total);
-                let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
-                let result = if judged.ok && shared.requests.has_success() {
-                    Ok(Success::new(body, judged.captured))
-                } else {
-                    fail(kind, answer_message(answer.status, body.bytes()))
-                };
-                return Some(outcome(row, attempts, latency, status, result));
-            }
-            Verdict::Done => {
-                let Some(answer) = answer else { return stopped(row, attempts, last) };
-                let body = Body::new(answer.body, answer.total);
-                let judged = shared.requests.judge(answer.status.as_u16(), &body, &row);
-                let result = if judged.ok {
-                    Ok(Success::new(body, judged.captured))
-                } else {
-                    let message = answer_message(answer.status, body.bytes());
-                    fail(ErrorKind::Rejected, format!("the job's success expression refused the answer: {message}"))
-                };
-                return Some(outcome(row, attempts, latency, status, result));
-            }
-        }
     }
+}
+
+fn fail(kind: ErrorKind, message: String) -> Result<Success, Failure> {
+    Err(Failure { kind, message })
+}
+
+fn with_note(message: String, note: Option<&str>) -> String {
+    match note {
+        Some(note) if message.is_empty() => note.to_string(),
+        Some(note) => format!("{message}; {note}"),
+        None => message,
+    }
+}
+
+/// What a gateway's long `Retry-After` stops the run with: the wait it
+/// asked for, when that ends, and how to go on.
+fn pause_message(shared: &Shared, after: Duration) -> String {
+    let until = SystemTime::now()
+        .checked_add(after)
+        .map(|t| format!(" (until {})", humantime::format_rfc3339_seconds(t)))
+        .unwrap_or_default();
+    format!(
+        "the gateway asked for a pause of {}{until} (Retry-After), longer than retry_after_max ({}); \
+         calls in flight were recorded and no new row was sent. When the pause is over, `{} resume {}` sends the rest",
+        humantime::format_duration(after),
+        humantime::format_duration(shared.settings.retry_after_max),
+        crate::options::program(),
+        shared.dir.display()
+    )
 }
 
 /// A dry run: renders every row into `requests.jsonl`; fetches no token and

@@ -83,7 +83,10 @@ pub struct Faults {
     pub server_errors: f64,
     /// Keys whose first `transient_attempts` calls answer 429 with Retry-After.
     pub throttles: f64,
-    /// Keys whose first `transient_attempts` calls lose their connection mid-answer.
+    /// Keys whose first `transient_attempts` calls answer 503 with Retry-After.
+    pub unavailable: f64,
+    /// Keys whose first `transient_attempts` calls lose their connection
+    /// mid-answer, after the call was processed.
     pub resets: f64,
     /// Keys whose first `transient_attempts` calls are answered after `slow_delay`.
     pub slow: f64,
@@ -94,7 +97,7 @@ pub struct Faults {
     pub broken: f64,
     /// How many calls of a transient key fail before it succeeds.
     pub transient_attempts: u32,
-    /// The Retry-After of a 429, in seconds or (`retry_after_date`) as an HTTP date.
+    /// The Retry-After of a 429 or 503, in seconds or (`retry_after_date`) as an HTTP date.
     pub retry_after: Duration,
     pub retry_after_date: bool,
     /// A server-side limit in calls per second; calls over it get 429 (0 = none).
@@ -108,6 +111,7 @@ impl Default for Faults {
         Faults {
             server_errors: 0.0,
             throttles: 0.0,
+            unavailable: 0.0,
             resets: 0.0,
             slow: 0.0,
             slow_delay: Duration::from_secs(5),
@@ -131,6 +135,7 @@ pub enum Fault {
     Slow,
     BadRequest,
     Broken,
+    Unavailable,
 }
 
 impl Faults {
@@ -159,6 +164,7 @@ impl Faults {
             (self.throttles, Fault::Throttle),
             (self.resets, Fault::Reset),
             (self.slow, Fault::Slow),
+            (self.unavailable, Fault::Unavailable),
         ] {
             if point < share {
                 return Some(fault);
@@ -219,6 +225,13 @@ pub struct RecordedCall {
     pub at: Duration,
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
+}
+
+impl RecordedCall {
+    /// The value of a header (name in lower case), if the call had it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
 }
 
 /// A running sandbox; dropping it without [`Sandbox::shutdown`] also stops the server.
@@ -850,6 +863,10 @@ impl Shared {
                 "the sandbox was told to fail this call once",
             )),
             Fault::Throttle => Injected::Answer(self.throttled()),
+            Fault::Unavailable => Injected::Answer(self.with_retry_after(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sandbox is down for maintenance; retry after the time in Retry-After",
+            )),
             Fault::Slow => Injected::Delay(faults.slow_delay),
             Fault::Reset => {
                 // Headers go out, then the connection drops mid-body.
@@ -862,6 +879,11 @@ impl Shared {
     }
 
     fn throttled(&self) -> Response {
+        self.with_retry_after(StatusCode::TOO_MANY_REQUESTS, "too many requests; retry after the time in Retry-After")
+    }
+
+    /// An error answer with the configured `Retry-After`.
+    fn with_retry_after(&self, status: StatusCode, description: &str) -> Response {
         let faults = &self.config.faults;
         let value = if faults.retry_after_date {
             // An HTTP date has whole seconds: round up so the wait is never shorter.
@@ -870,10 +892,7 @@ impl Shared {
         } else {
             faults.retry_after.as_secs().max(1).to_string()
         };
-        let mut response = gateway_errors(
-            StatusCode::TOO_MANY_REQUESTS,
-            vec![json!({ "description": "too many requests; retry after the time in Retry-After" })],
-        );
+        let mut response = gateway_errors(status, vec![json!({ "description": description })]);
         if let Ok(v) = HeaderValue::from_str(&value) {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
         }

@@ -9,7 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 use std::time::Duration;
 
-use bulkcall::sandbox::SandboxConfig;
+use bulkcall::error::ExitCode;
+use bulkcall::sandbox::{Fault, Faults, RecordedCall, SandboxConfig};
 use common::*;
 
 fn bulkcall() -> tokio::process::Command {
@@ -94,4 +95,122 @@ async fn resume_fails_the_rows_in_doubt_of_a_non_idempotent_job_by_default() {
     assert!(sent_before.difference(&recorded).all(|k| in_doubt.contains(k)), "every row sent without an outcome");
     assert!(sent_per_row(&gw).values().all(|&n| n == 1), "no claim was sent twice");
     assert_eq!(recorded.len() + records.len(), 100, "every row in exactly one output");
+}
+
+/// Faults of every kind for a claim job; `--timeout` is shorter than the
+/// slow fault's delay.
+fn every_fault() -> Faults {
+    Faults {
+        server_errors: 0.06,
+        throttles: 0.06,
+        unavailable: 0.06,
+        resets: 0.06,
+        slow: 0.06,
+        slow_delay: Duration::from_millis(1500),
+        broken: 0.04,
+        bad_requests: 0.02,
+        retry_after: Duration::from_secs(1),
+        ..Faults::default()
+    }
+}
+
+/// Runs `job` over 200 rows against a gateway with [`every_fault`]; waits
+/// until the gateway has answered every call it received.
+async fn run_with_faults(job: &str) -> (Gateway, std::path::PathBuf, HashMap<String, Vec<RecordedCall>>) {
+    let gw = Gateway::start(SandboxConfig { faults: every_fault(), ..sandbox_config() }).await;
+    gw.config(SECRET, "backoff_base = \"10ms\"\nbackoff_max = \"50ms\"");
+    let input = gw.write("claims.csv", &eligibility_csv(1, 200));
+    let job = gw.write("claims.toml", job);
+    let out = gw.path("run");
+    let code = gw.run_job(&job, &input, &out, &["--max-attempts", "3", "--timeout", "500ms"]).await;
+    assert_eq!(code, ExitCode::RowsFailed);
+    // Slow calls are answered after the client gave up on them.
+    while gw.sandbox.recorded().len() as u64 != gw.sandbox.stats().api_calls {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = gw.received_by_control_number();
+    (gw, out, calls)
+}
+
+fn outcomes(out: &std::path::Path) -> (HashSet<String>, HashMap<String, (String, String)>) {
+    let results = jsonl(&out.join("results.jsonl")).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+    let text = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (key, error, attempts) = (column("_key"), column("_error"), column("_attempts"));
+    let failed = reader
+        .records()
+        .map(Result::unwrap)
+        .map(|r| (r[key].to_string(), (r[error].to_string(), r[attempts].to_string())))
+        .collect();
+    (results, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_sent_again_only_when_the_gateway_provably_did_not_act_on_it() {
+    let (_gw, out, calls) = run_with_faults(CLAIMS_JOB).await;
+    let (results, failed) = outcomes(&out);
+    assert_eq!(results.len() + failed.len(), 200, "every row in exactly one output");
+    let faults = every_fault();
+    let mut seen = HashSet::new();
+    for n in 1..=200 {
+        let key = format!("{n:09}");
+        let fault = faults.fault_for(&key);
+        seen.insert(fault);
+        let sent = calls[&key].len();
+        let failure = |error: &str| (error.to_string(), "1".to_string());
+        match fault {
+            Some(Fault::Throttle | Fault::Unavailable) => {
+                assert!(results.contains(&key), "{key} ({fault:?}): refused before processing, sent again");
+                assert_eq!(sent, 2, "{key} ({fault:?})");
+                assert_eq!(calls[&key][0].status, if fault == Some(Fault::Throttle) { 429 } else { 503 });
+            }
+            Some(Fault::ServerError | Fault::Broken) => {
+                assert_eq!(sent, 1, "{key} ({fault:?}): a 500 may have been processed: never sent twice");
+                assert_eq!(failed[&key], failure("server_error"), "{key}");
+            }
+            Some(Fault::Reset | Fault::Slow) => {
+                assert_eq!(sent, 1, "{key} ({fault:?}): the gateway may have acted on it: never sent twice");
+                assert_eq!(failed[&key], failure("in_doubt"), "{key} ({fault:?})");
+            }
+            Some(Fault::BadRequest) => {
+                assert_eq!(sent, 1);
+                assert_eq!(failed[&key], failure("client_error"));
+            }
+            None => {
+                assert!(results.contains(&key), "{key}");
+                assert_eq!(sent, 1);
+            }
+        }
+    }
+    assert!(seen.len() >= 7, "every fault was met: {seen:?}");
+    let message = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    assert!(message.contains("not idempotent"), "the failures say why a row was not sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_idempotency_key_a_claim_is_retried_with_the_same_key_on_every_attempt() {
+    let (_gw, out, calls) = run_with_faults(&claims_job_with_key()).await;
+    let (results, failed) = outcomes(&out);
+    assert_eq!(results.len() + failed.len(), 200, "every row in exactly one output");
+    let faults = every_fault();
+    for n in 1..=200 {
+        let key = format!("{n:09}");
+        let keys: HashSet<Option<&str>> = calls[&key].iter().map(|c| c.header("idempotency-key")).collect();
+        let expected = format!("claim-{key}");
+        assert_eq!(keys, HashSet::from([Some(expected.as_str())]), "{key}: one key, on every attempt");
+        match faults.fault_for(&key) {
+            Some(Fault::Broken) => {
+                assert_eq!(calls[&key].len(), 3, "{key}: retried to max_attempts");
+                assert_eq!(failed[&key], ("server_error".to_string(), "3".to_string()));
+            }
+            Some(Fault::BadRequest) => assert_eq!(calls[&key].len(), 1),
+            Some(fault) => {
+                assert!(results.contains(&key), "{key} ({fault:?}): retried to success");
+                assert_eq!(calls[&key].len(), 2, "{key} ({fault:?})");
+            }
+            None => assert_eq!(calls[&key].len(), 1),
+        }
+    }
 }
