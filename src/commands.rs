@@ -654,7 +654,9 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     // two) are done: matched exactly on (input, row), never by row alone.
     let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
     let mut recovered = Vec::new();
-    for (input, row, outcome) in crate::output::recent_outcomes(&dir, &resolved.failures) {
+    for (input, row, outcome) in
+        crate::output::recent_outcomes(&dir, &resolved.failures, |i, row| done.contains(i, row))
+    {
         // A line that does not say its input could be another input's row.
         let Some(input) = input.filter(|&i| i < resolved.inputs.len()) else { continue };
         if done.insert(input, row) {

@@ -209,37 +209,61 @@ impl InputFingerprint {
     }
 }
 
-/// Outcomes a crash may have left without their ledger mark: the
-/// collector writes a batch of outcomes, then marks the batch done, so a
-/// crash between the two leaves at most one batch unmarked, at the end of
-/// the outcome files. This reads the last records of each (up to 4 MiB or
-/// 4,096 lines): `results.jsonl` and each input's failures file (`failures`,
-/// by input index). Returns (input if the line says, row, outcome).
-pub fn recent_outcomes(dir: &Path, failures: &[String]) -> Vec<(Option<usize>, u64, Done)> {
+/// An outcome found on file: (input if the line says, row, outcome).
+pub type Recent = (Option<usize>, u64, Done);
+
+/// Outcomes a crash may have left without their ledger mark:
+/// `results.jsonl` and each input's failures file (`failures`, by input
+/// index). Returns (input if the line says, row, outcome).
+///
+/// A batch's lines are durable before its done marks are written (in the
+/// lines' order, one write), and the ledger is synced before the next
+/// batch's marks: so the lines without a mark are a suffix of each file,
+/// after its last marked line (`marked`), however large the answers. Each
+/// file is read backwards until a marked line, and at least its last 4 MiB
+/// or 4,096 lines.
+pub fn recent_outcomes(dir: &Path, failures: &[String], marked: impl Fn(usize, u64) -> bool) -> Vec<Recent> {
     const TAIL_BYTES: u64 = 4 << 20;
     const TAIL_LINES: usize = 4096;
-    let tail = |path: &Path| -> Vec<Vec<u8>> {
+    // The lines of `path` from its end back to the first one `parse` reads
+    // as marked, newest first.
+    let tail = |path: &Path, parse: &dyn Fn(&[u8]) -> Option<Recent>| {
         use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut file) = File::open(path) else { return vec![] };
+        const CHUNK: u64 = 1 << 20;
+        let mut found = vec![];
+        let Ok(mut file) = File::open(path) else { return found };
         let len = file.metadata().map_or(0, |m| m.len());
-        let start = len.saturating_sub(TAIL_BYTES);
-        let mut bytes = Vec::new();
-        if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
-            return vec![];
+        let (mut start, mut lines_seen) = (len, 0);
+        // The bytes of a line cut by the chunk's start.
+        let mut partial: Vec<u8> = Vec::new();
+        while start > 0 {
+            let from = start.saturating_sub(CHUNK);
+            let mut bytes = vec![0; (start - from) as usize];
+            if file.seek(SeekFrom::Start(from)).is_err() || file.read_exact(&mut bytes).is_err() {
+                return found;
+            }
+            bytes.extend_from_slice(&partial);
+            start = from;
+            let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+            // The first piece may be cut unless the file starts there.
+            let first = if start > 0 { lines.remove(0).to_vec() } else { Vec::new() };
+            for line in lines.into_iter().rev().filter(|l| !l.is_empty()) {
+                lines_seen += 1;
+                let Some((input, row, done)) = parse(line) else { continue };
+                let is_marked = input.is_some_and(|i| marked(i, row));
+                if is_marked && (lines_seen >= TAIL_LINES || len - start >= TAIL_BYTES) {
+                    return found;
+                }
+                found.push((input, row, done));
+            }
+            partial = first;
         }
-        let mut lines: Vec<Vec<u8>> = bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
-        if start > 0 && !lines.is_empty() {
-            lines.remove(0); // cut in the middle
-        }
-        lines.retain(|l| !l.is_empty());
-        let skip = lines.len().saturating_sub(TAIL_LINES);
-        lines.split_off(skip)
+        found
     };
     let num = |v: &Value| v.as_u64();
-    let mut found = vec![];
-    for line in tail(&dir.join("results.jsonl")) {
-        let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
-        let Some(row) = num(&line["row"]) else { continue };
+    let mut found = tail(&dir.join("results.jsonl"), &|line| {
+        let line = serde_json::from_slice::<Value>(line).ok()?;
+        let row = num(&line["row"])?;
         let done = Done {
             status: num(&line["status"]).map(|s| s as u16),
             error: None,
@@ -248,14 +272,14 @@ pub fn recent_outcomes(dir: &Path, failures: &[String]) -> Vec<(Option<usize>, u
             at_ms: 0,
         };
         let input = num(&line["input_index"]).map(|i| i as usize).or((failures.len() == 1).then_some(0));
-        found.push((input, row, done));
-    }
+        Some((input, row, done))
+    });
     for (input, name) in failures.iter().enumerate() {
         let path = dir.join(name);
         if name.ends_with(".jsonl") {
-            for line in tail(&path) {
-                let Ok(line) = serde_json::from_slice::<Value>(&line) else { continue };
-                let Some(row) = num(&line["_row"]) else { continue };
+            found.extend(tail(&path, &|line| {
+                let line = serde_json::from_slice::<Value>(line).ok()?;
+                let row = num(&line["_row"])?;
                 let done = Done {
                     status: num(&line["_status"]).map(|s| s as u16),
                     error: line["_error"].as_str().map(str::to_string),
@@ -263,20 +287,20 @@ pub fn recent_outcomes(dir: &Path, failures: &[String]) -> Vec<(Option<usize>, u
                     latency_us: 0,
                     at_ms: 0,
                 };
-                found.push((Some(input), row, done));
-            }
+                Some((Some(input), row, done))
+            }));
             continue;
         }
         // The six failure columns end every record, and their values hold
         // no line breaks, so the last line of a record has them all.
-        for line in tail(&path) {
-            let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line.as_slice());
-            let Some(Ok(record)) = reader.byte_records().next() else { continue };
+        found.extend(tail(&path, &|line| {
+            let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line);
+            let record = reader.byte_records().next()?.ok()?;
             if record.len() < 6 {
-                continue;
+                return None;
             }
             let field = |back: usize| String::from_utf8_lossy(&record[record.len() - back]).into_owned();
-            let Ok(row) = field(6).parse() else { continue };
+            let row = field(6).parse().ok()?;
             let done = Done {
                 status: field(3).parse().ok(),
                 error: Some(field(4)),
@@ -284,8 +308,8 @@ pub fn recent_outcomes(dir: &Path, failures: &[String]) -> Vec<(Option<usize>, u
                 latency_us: 0,
                 at_ms: 0,
             };
-            found.push((Some(input), row, done));
-        }
+            Some((Some(input), row, done))
+        }));
     }
     found
 }
@@ -1058,6 +1082,26 @@ mod tests {
             result: Err(Failure { kind: ErrorKind::ClientError, message: "HTTP 400".into() }),
             source: Source::Record(Record::Json(Map::new())),
         }
+    }
+
+    #[test]
+    fn every_outcome_line_after_the_last_marked_one_is_found_however_large_the_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let answer = "x".repeat(100 * 1024);
+        let mut results = String::new();
+        // 20 rows marked done, then two batches of 64 rows written without
+        // their marks (a power cut): 12.8 MB, far beyond a fixed tail.
+        for row in 0..148u64 {
+            let line = serde_json::json!({"row": row, "input_index": 0, "status": 200, "answer": answer});
+            results.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(dir.path().join("results.jsonl"), results).unwrap();
+        let failures = ["failures.jsonl".to_string(), "failures-2.jsonl".to_string()];
+
+        let found = recent_outcomes(dir.path(), &failures, |input, row| input == 0 && row < 20);
+        let rows: std::collections::BTreeSet<u64> = found.iter().map(|(_, row, _)| *row).collect();
+        assert!((20..148).all(|row| rows.contains(&row)), "every unmarked row is found: {rows:?}");
+        assert!(found.iter().all(|(input, _, done)| *input == Some(0) && done.status == Some(200)));
     }
 
     #[test]
