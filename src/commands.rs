@@ -654,9 +654,10 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     // two) are done: matched exactly on (input, row), never by row alone.
     let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
     let mut recovered = Vec::new();
-    for (input, row, outcome) in
-        crate::output::recent_outcomes(&dir, &resolved.failures, |i, row| done.contains(i, row))
-    {
+    // Each failures file is written with its input's delimiter.
+    let failures_read: Vec<(String, u8)> =
+        resolved.failures.iter().zip(&resolved.inputs).map(|(name, spec)| (name.clone(), spec.delimiter)).collect();
+    for (input, row, outcome) in crate::output::recent_outcomes(&dir, &failures_read, |i, row| done.contains(i, row)) {
         // A line that does not say its input could be another input's row.
         let Some(input) = input.filter(|&i| i < resolved.inputs.len()) else { continue };
         if done.insert(input, row) {

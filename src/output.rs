@@ -214,7 +214,8 @@ pub type Recent = (Option<usize>, u64, Done);
 
 /// Outcomes a crash may have left without their ledger mark:
 /// `results.jsonl` and each input's failures file (`failures`, by input
-/// index). Returns (input if the line says, row, outcome).
+/// index: its name and the input's delimiter, which it is written with).
+/// Returns (input if the line says, row, outcome).
 ///
 /// A batch's lines are durable before its done marks are written (in the
 /// lines' order, one write), and the ledger is synced before the next
@@ -222,7 +223,7 @@ pub type Recent = (Option<usize>, u64, Done);
 /// after its last marked line (`marked`), however large the answers. Each
 /// file is read backwards until a marked line, and at least its last 4 MiB
 /// or 4,096 lines.
-pub fn recent_outcomes(dir: &Path, failures: &[String], marked: impl Fn(usize, u64) -> bool) -> Vec<Recent> {
+pub fn recent_outcomes(dir: &Path, failures: &[(String, u8)], marked: impl Fn(usize, u64) -> bool) -> Vec<Recent> {
     const TAIL_BYTES: u64 = 4 << 20;
     const TAIL_LINES: usize = 4096;
     // The lines of `path` from its end back to the first one `parse` reads
@@ -274,7 +275,7 @@ pub fn recent_outcomes(dir: &Path, failures: &[String], marked: impl Fn(usize, u
         let input = num(&line["input_index"]).map(|i| i as usize).or((failures.len() == 1).then_some(0));
         Some((input, row, done))
     });
-    for (input, name) in failures.iter().enumerate() {
+    for (input, (name, delimiter)) in failures.iter().enumerate() {
         let path = dir.join(name);
         if name.ends_with(".jsonl") {
             found.extend(tail(&path, &|line| {
@@ -294,7 +295,8 @@ pub fn recent_outcomes(dir: &Path, failures: &[String], marked: impl Fn(usize, u
         // The six failure columns end every record, and their values hold
         // no line breaks, so the last line of a record has them all.
         found.extend(tail(&path, &|line| {
-            let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line);
+            let mut reader =
+                csv::ReaderBuilder::new().has_headers(false).flexible(true).delimiter(*delimiter).from_reader(line);
             let record = reader.byte_records().next()?.ok()?;
             if record.len() < 6 {
                 return None;
@@ -1096,7 +1098,7 @@ mod tests {
             results.push_str(&format!("{line}\n"));
         }
         std::fs::write(dir.path().join("results.jsonl"), results).unwrap();
-        let failures = ["failures.jsonl".to_string(), "failures-2.jsonl".to_string()];
+        let failures = [("failures.jsonl".to_string(), b','), ("failures-2.jsonl".to_string(), b',')];
 
         let found = recent_outcomes(dir.path(), &failures, |input, row| input == 0 && row < 20);
         let rows: std::collections::BTreeSet<u64> = found.iter().map(|(_, row, _)| *row).collect();
@@ -1165,6 +1167,21 @@ mod tests {
             ]
         );
         assert_eq!(failure_file_names(&inputs[..1]), ["failures.csv"], "one input: the plain name");
+    }
+
+    #[test]
+    fn recent_failures_are_read_with_the_inputs_delimiter() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, d) in [("failures.csv", ';'), ("failures.b.csv", '\t')] {
+            let text = format!(
+                "id{d}amount{d}_row{d}_key{d}_error{d}_status{d}_attempts{d}_message\n7{d}1,5{d}3{d}7{d}http_4xx{d}422{d}2{d}no\n"
+            );
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let failures = [("failures.csv".to_string(), b';'), ("failures.b.csv".to_string(), b'\t')];
+        let found = recent_outcomes(dir.path(), &failures, |_, _| false);
+        let rows: Vec<_> = found.iter().map(|(i, row, d)| (*i, *row, d.status, d.attempts)).collect();
+        assert_eq!(rows, [(Some(0), 3, Some(422), 2), (Some(1), 3, Some(422), 2)]);
     }
 
     #[test]

@@ -91,6 +91,19 @@ fn add_timeline(t: &mut Timeline, dir: &Path) {
 /// The first failures: row, key, error, status, message.
 fn read_failures(dir: &Path) -> Vec<[String; 5]> {
     let mut found = Vec::new();
+    // A failures CSV is written with its input's delimiter, which run.json records.
+    let run: Value = std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let delimiter_of = |name: &str| {
+        let recorded = run["inputs"].as_array().into_iter().flatten().find(|i| i["failures"].as_str() == Some(name));
+        match recorded.and_then(|i| i["delimiter"].as_str()).and_then(|d| d.bytes().next()) {
+            Some(d) => d,
+            None if name.ends_with(".tsv") => b'\t',
+            None => b',',
+        }
+    };
     let mut files: Vec<std::path::PathBuf> =
         std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     files.sort();
@@ -110,8 +123,10 @@ fn read_failures(dir: &Path) -> Vec<[String; 5]> {
                 };
                 found.push([text("_row"), text("_key"), text("_error"), text("_status"), text("_message")]);
             }
-        } else if name.ends_with(".csv") {
-            let Ok(mut reader) = csv::Reader::from_path(&path) else { continue };
+        } else if name.ends_with(".csv") || name.ends_with(".tsv") {
+            let Ok(mut reader) = csv::ReaderBuilder::new().delimiter(delimiter_of(name)).from_path(&path) else {
+                continue;
+            };
             let Ok(headers) = reader.headers().cloned() else { continue };
             let at = |k: &str| headers.iter().position(|h| h == k);
             let columns = ["_row", "_key", "_error", "_status", "_message"].map(at);
@@ -443,6 +458,23 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_read_with_the_delimiter_run_json_records() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("run.json"),
+            r#"{"inputs":[{"failures":"failures.csv","delimiter":";"},{"failures":"failures.b.csv","delimiter":"\t"}]}"#,
+        )
+        .unwrap();
+        let header = ["id", "_row", "_key", "_error", "_status", "_attempts", "_message"];
+        for (name, d) in [("failures.csv", ";"), ("failures.b.csv", "\t")] {
+            let row = ["7", "3", "k7", "http_4xx", "422", "1", "no"];
+            std::fs::write(dir.path().join(name), format!("{}\n{}\n", header.join(d), row.join(d))).unwrap();
+        }
+        let row = ["3", "k7", "http_4xx", "422", "no"].map(String::from);
+        assert_eq!(read_failures(dir.path()), [row.clone(), row]);
+    }
 
     #[test]
     fn text_is_escaped() {
