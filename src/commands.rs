@@ -94,10 +94,18 @@ fn resolve(
         ..Sources::default()
     };
     let loaded = sources.load()?;
-    resolve_inputs(job, loaded, inputs, format)
+    resolve_inputs(job, loaded, inputs, format, &[])
 }
 
-fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf], format: Option<Format>) -> Result<Resolved, Error> {
+/// `saved`: each input's format and delimiter as a resumed run recorded
+/// them; they win over the extension and the job.
+fn resolve_inputs(
+    job: Job,
+    loaded: Loaded,
+    inputs: &[PathBuf],
+    format: Option<Format>,
+    saved: &[(Format, u8)],
+) -> Result<Resolved, Error> {
     let paths = if inputs.is_empty() { job.inputs.clone() } else { inputs.to_vec() };
     if paths.is_empty() {
         return Err(Error::Usage(format!(
@@ -112,7 +120,9 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf], format: Option<F
         .into_iter()
         .enumerate()
         .map(|(index, path)| {
-            let (format, path) = if is_stream(&path) {
+            let (format, path) = if let Some(&(format, _)) = saved.get(index) {
+                (format, path)
+            } else if is_stream(&path) {
                 let Some(format) = given else {
                     return Err(Error::Usage(format!(
                         "{} is {}: it has no file name to tell its format; give it with --format csv|json|jsonl or `format` in the job",
@@ -134,7 +144,11 @@ fn resolve_inputs(job: Job, loaded: Loaded, inputs: &[PathBuf], format: Option<F
                 (format, path)
             };
             let is_tsv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
-            let delimiter = if is_tsv && job.delimiter == b',' { b'\t' } else { job.delimiter };
+            let delimiter = match saved.get(index) {
+                Some(&(_, delimiter)) => delimiter,
+                None if is_tsv && job.delimiter == b',' => b'\t',
+                None => job.delimiter,
+            };
             Ok(InputSpec { path, format, delimiter, encoding: job.encoding })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -612,10 +626,10 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     };
     let loaded = sources.load()?;
     let inputs: Vec<PathBuf> = info.inputs.iter().map(|i| i.path.clone()).collect();
-    let mut resolved = resolve_inputs(job, loaded, &inputs, None)?;
-    for ((spec, failures), was) in resolved.inputs.iter_mut().zip(&mut resolved.failures).zip(&info.inputs) {
-        spec.format = was.format;
-        spec.delimiter = was.delimiter.bytes().next().unwrap_or(b',');
+    let saved: Vec<(Format, u8)> =
+        info.inputs.iter().map(|i| (i.format, i.delimiter.bytes().next().unwrap_or(b','))).collect();
+    let mut resolved = resolve_inputs(job, loaded, &inputs, None, &saved)?;
+    for (failures, was) in resolved.failures.iter_mut().zip(&info.inputs) {
         // Runs from before failures files were named in run.json keep the name computed now.
         if let Some(name) = &was.failures {
             failures.clone_from(name);
@@ -1009,7 +1023,7 @@ async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<E
     flags.insert("headers".into(), serde_json::json!({"environment": "sandbox"}));
     flags.insert("auth".into(), serde_json::json!({"style": "json", "token_url": sandbox.token_url(), "cache": false}));
     let loaded = Sources { job: job.settings.clone(), flags, no_config: true, ..Sources::default() }.load()?;
-    let resolved = resolve_inputs(job, loaded, &[], None)?;
+    let resolved = resolve_inputs(job, loaded, &[], None, &[])?;
     eprintln!(
         "bulkcall demo: sandbox at {}; sending the example's synthetic rows from {} (16 workers, 250 calls/s)",
         sandbox.base_url(),

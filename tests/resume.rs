@@ -436,3 +436,20 @@ async fn a_run_directory_is_locked_wherever_resume_is_started_from() {
     assert!(message.contains(&format!("pid {pid}")), "{message}");
     assert!(message.contains(out.to_str().unwrap()), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_needed_format_is_resumed_with_its_saved_format() {
+    let gw = Gateway::start(sandbox_config()).await;
+    // A regular file whose extension tells no format: the run needed --format.
+    let input = gw.write("rows.dat", &eligibility_csv(1, 20));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &["--format", "csv"]).await, bulkcall::error::ExitCode::Success);
+    // As if the process died before writing its summary.
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(gw.sandbox.stats().api_calls, 20, "the recorded rows are not sent again");
+    assert_eq!(json(&out.join("summary.json"))["total"], 20);
+}
