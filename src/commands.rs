@@ -250,11 +250,14 @@ fn default_run_dir(out_dir: &Path, job: &str) -> PathBuf {
 async fn fingerprint(inputs: &[InputSpec]) -> Result<Vec<InputFingerprint>, Error> {
     let inputs = inputs.to_vec();
     tokio::task::spawn_blocking(move || {
-        inputs.iter().map(|i| InputFingerprint::of(&i.path, i.format, i.delimiter)).collect::<std::io::Result<Vec<_>>>()
+        inputs
+            .iter()
+            .map(|i| InputFingerprint::of(&i.path, i.format, i.delimiter).map_err(|e| (i.path.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()
     })
     .await
     .expect("hashing does not panic")
-    .map_err(|e| Error::Usage(format!("cannot read an input to fingerprint it: {e}")))
+    .map_err(|(path, e)| Error::Usage(format!("cannot read input {} to fingerprint it: {e}", path.display())))
 }
 
 /// `run.json`: what `resume` needs, written before the first call goes out.
