@@ -325,17 +325,23 @@ pub struct InputInfo {
     pub failures: String,
 }
 
-/// The failures file of each input: `failures.csv` (CSV inputs) or
+/// The failures file of each input (path, format, delimiter):
+/// `failures.csv` (CSV inputs; `failures.tsv` for a tab-separated one, so
+/// it reads back with tabs when fed back) or
 /// `failures.jsonl` (JSON and JSON Lines inputs) for the first input of
 /// that kind, `failures.<stem>.<ext>` for the others, with `-2`, `-3`, …
 /// added to the stem when an earlier input took that name. No two inputs
 /// share a file, so a failure line belongs to exactly one input.
-pub fn failure_file_names(inputs: &[(PathBuf, Format)]) -> Vec<String> {
+pub fn failure_file_names(inputs: &[(PathBuf, Format, u8)]) -> Vec<String> {
     let mut taken = std::collections::HashSet::new();
     inputs
         .iter()
-        .map(|(path, format)| {
-            let ext = if *format == Format::Csv { "csv" } else { "jsonl" };
+        .map(|(path, format, delimiter)| {
+            let ext = match (format, delimiter) {
+                (Format::Csv, b'\t') => "tsv",
+                (Format::Csv, _) => "csv",
+                _ => "jsonl",
+            };
             let stem = path.file_stem().map_or_else(|| "input".into(), |s| s.to_string_lossy().into_owned());
             let name = std::iter::once(format!("failures.{ext}"))
                 .chain(std::iter::once(format!("failures.{stem}.{ext}")))
@@ -1152,8 +1158,9 @@ mod tests {
             ("claims-2.csv", Format::Csv),
             ("x/rows.jsonl", Format::Jsonl),
             ("y/rows.json", Format::Json),
+            ("z/claims.tsv", Format::Csv),
         ]
-        .map(|(p, f)| (PathBuf::from(p), f));
+        .map(|(p, f)| (PathBuf::from(p), f, if p.ends_with(".tsv") { b'\t' } else { b',' }));
         let names = failure_file_names(&inputs);
         assert_eq!(
             names,
@@ -1163,7 +1170,8 @@ mod tests {
                 "failures.claims-2.csv",
                 "failures.claims-2-2.csv",
                 "failures.jsonl",
-                "failures.rows.jsonl"
+                "failures.rows.jsonl",
+                "failures.tsv"
             ]
         );
         assert_eq!(failure_file_names(&inputs[..1]), ["failures.csv"], "one input: the plain name");

@@ -203,6 +203,22 @@ async fn a_windows_1252_csv_is_decoded_when_the_job_says_so() {
     assert_eq!(bodies_by_id(&gw.sandbox.recorded()), [r#"{"id":"w1","name":"Zoë Café €"}"#]);
 }
 
+#[tokio::test]
+async fn failures_of_a_tab_separated_input_are_a_tsv_that_feeds_back() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let input = gw.path("excel.tsv");
+    std::fs::write(&input, b"id\tname\r\nw1\tZo\xEB Caf\xE9 \x80\r\n").unwrap();
+    let out = gw.path("plain");
+    let job = gw.write("plain.toml", ECHO_JOB);
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, ExitCode::RowsFailed);
+    let failures = out.join("failures.tsv");
+    assert!(String::from_utf8_lossy(&std::fs::read(&failures).unwrap()).starts_with("id\tname\t_row\t_key"));
+
+    let job = gw.write("1252.toml", &format!("encoding = \"windows-1252\"\n{ECHO_JOB}"));
+    assert_eq!(gw.run_job(&job, &failures, &gw.path("again"), &[]).await, ExitCode::RowsFailed, "sent, and judged by the gateway");
+    assert_eq!(bodies_by_id(&gw.sandbox.recorded()), [r#"{"id":"w1","name":"Zoë Café €"}"#]);
+}
+
 /// Runs the real binary, so its stderr can be read.
 async fn run_binary(gw: &Gateway, args: &[&str]) -> (Option<i32>, String, String) {
     let config = gw.path("bulkcall.toml");
