@@ -178,8 +178,9 @@ fn resolve_inputs(
             )));
         }
     }
-    let failures =
-        crate::output::failure_file_names(&specs.iter().map(|i| (i.path.clone(), i.format, i.delimiter)).collect::<Vec<_>>());
+    let failures = crate::output::failure_file_names(
+        &specs.iter().map(|i| (i.path.clone(), i.format, i.delimiter)).collect::<Vec<_>>(),
+    );
     Ok(Resolved { job: Arc::new(job), loaded, inputs: specs, failures, spooled })
 }
 
@@ -226,8 +227,9 @@ fn keep_spooled(dir: &Path, r: &mut Resolved) -> Result<(), Error> {
         }
         spec.path = target;
     }
-    r.failures =
-        crate::output::failure_file_names(&r.inputs.iter().map(|i| (i.path.clone(), i.format, i.delimiter)).collect::<Vec<_>>());
+    r.failures = crate::output::failure_file_names(
+        &r.inputs.iter().map(|i| (i.path.clone(), i.format, i.delimiter)).collect::<Vec<_>>(),
+    );
     Ok(())
 }
 

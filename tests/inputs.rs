@@ -215,7 +215,11 @@ async fn failures_of_a_tab_separated_input_are_a_tsv_that_feeds_back() {
     assert!(String::from_utf8_lossy(&std::fs::read(&failures).unwrap()).starts_with("id\tname\t_row\t_key"));
 
     let job = gw.write("1252.toml", &format!("encoding = \"windows-1252\"\n{ECHO_JOB}"));
-    assert_eq!(gw.run_job(&job, &failures, &gw.path("again"), &[]).await, ExitCode::RowsFailed, "sent, and judged by the gateway");
+    assert_eq!(
+        gw.run_job(&job, &failures, &gw.path("again"), &[]).await,
+        ExitCode::RowsFailed,
+        "sent, and judged by the gateway"
+    );
     assert_eq!(bodies_by_id(&gw.sandbox.recorded()), [r#"{"id":"w1","name":"Zoë Café €"}"#]);
 }
 

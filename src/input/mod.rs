@@ -174,10 +174,21 @@ pub fn preflight(inputs: &[InputSpec]) -> Result<Vec<Option<Vec<String>>>, Input
         .iter()
         .map(|spec| {
             let file = source::open(spec)?.reader;
-            match spec.format {
+            let headers = match spec.format {
                 Format::Csv => csv::preflight(spec, file).map(Some),
                 Format::Json | Format::Jsonl => json::preflight(spec, file).map(|()| None),
+            }?;
+            // A compressed file cut short or damaged fails only where the
+            // damage is: it is decompressed to the end here, so it is
+            // refused before anything is sent.
+            if !matches!(Compression::of(&spec.path), Compression::None) {
+                let mut whole = source::open(spec)?.reader;
+                std::io::copy(&mut whole, &mut std::io::sink()).map_err(|e| InputError::Format {
+                    path: spec.path.clone(),
+                    message: format!("cannot be decompressed to its end (cut short or damaged?): {e}"),
+                })?;
             }
+            Ok(headers)
         })
         .collect()
 }
@@ -232,5 +243,32 @@ mod tests {
         assert_eq!(rows, 999);
         let size = std::fs::metadata(&path).unwrap().len();
         assert_eq!(seen.into_inner().last(), Some(&size), "progress ends at the compressed size");
+    }
+
+    #[test]
+    fn a_compressed_input_cut_short_is_refused_by_the_preflight() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        writeln!(gz, "id,note").unwrap();
+        for i in 0..20_000u64 {
+            writeln!(gz, "{i},{}", i.wrapping_mul(2_654_435_761) % 1_000_003).unwrap();
+        }
+        let bytes = gz.finish().unwrap();
+        let mut zst = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        zst.write_all(b"{\"id\": 1}\n").unwrap();
+        for i in 0..20_000u64 {
+            writeln!(zst, "{{\"id\": {}}}", i.wrapping_mul(2_654_435_761) % 1_000_003).unwrap();
+        }
+        let zst_bytes = zst.finish().unwrap();
+        for (name, bytes, format) in [("rows.csv.gz", bytes, Format::Csv), ("rows.jsonl.zst", zst_bytes, Format::Jsonl)]
+        {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            let spec = InputSpec { path, format, delimiter: b',', encoding: Encoding::Utf8 };
+            let e = preflight(std::slice::from_ref(&spec)).expect_err(name).to_string();
+            assert!(e.contains(name) && e.contains("decompressed"), "{e}");
+            std::fs::write(&spec.path, &bytes).unwrap();
+            preflight(&[spec]).expect("the whole file passes");
+        }
     }
 }
