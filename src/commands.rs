@@ -187,7 +187,11 @@ fn resolve_inputs(
 /// Standard input (`-`), a FIFO, `<(...)` or a device: anything that can be
 /// read only once.
 fn is_stream(path: &Path) -> bool {
-    path == Path::new("-") || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
+    // `/dev/stdin` or `/proc/self/fd/0` redirected from a regular file is
+    // that file now, and something else (or nothing) when the run is resumed.
+    let names_a_descriptor = path.starts_with("/dev/")
+        || (path.starts_with("/proc/") && path.components().nth(3).is_some_and(|c| c.as_os_str() == "fd"));
+    path == Path::new("-") || names_a_descriptor || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
 }
 
 /// Reads a stream once into a 0600 file, so the preflight, the fingerprint

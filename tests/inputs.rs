@@ -184,6 +184,27 @@ async fn standard_input_is_an_input() {
 }
 
 #[tokio::test]
+async fn dev_stdin_redirected_from_a_file_is_kept_as_a_stream_is() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("echo.toml", ECHO_JOB);
+    let rows = gw.write("rows", &(AWKWARD.join("\n") + "\n"));
+    let out = gw.path("run");
+    for (input, out) in [("/dev/stdin", out.clone()), ("/proc/self/fd/0", gw.path("run2"))] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+        command
+            .args(["run", job.to_str().unwrap(), input, "--format", "jsonl", "-o", out.to_str().unwrap()])
+            .args(["-c", config.to_str().unwrap(), "-p", "test", "--progress", "never"])
+            .stdin(std::fs::File::open(&rows).unwrap());
+        let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+        assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(out.join("input-1.jsonl").exists(), "{input} is kept in the run directory");
+        let recorded = json(&out.join("run.json"))["inputs"][0]["path"].as_str().unwrap().to_string();
+        assert!(recorded.ends_with("input-1.jsonl"), "resume reads the kept copy, not {recorded}");
+    }
+}
+
+#[tokio::test]
 async fn a_windows_1252_csv_is_decoded_when_the_job_says_so() {
     let gw = Gateway::start(sandbox_config()).await;
     let input = gw.path("excel.csv");
