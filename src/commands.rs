@@ -792,7 +792,7 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
         );
     } else {
         let how = match finished.exit {
-            ExitCode::Interrupted => "interrupted after",
+            ExitCode::Interrupted | ExitCode::Locked => "stopped after",
             ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage | ExitCode::Internal => {
                 "aborted after"
             }
@@ -857,7 +857,12 @@ fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
         }
         if matches!(
             finished.exit,
-            ExitCode::Interrupted | ExitCode::MaxFailures | ExitCode::Auth | ExitCode::Io | ExitCode::Internal
+            ExitCode::Interrupted
+                | ExitCode::Locked
+                | ExitCode::MaxFailures
+                | ExitCode::Auth
+                | ExitCode::Io
+                | ExitCode::Internal
         ) && !options.dry_run
         {
             if options.resumable {

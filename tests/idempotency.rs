@@ -214,3 +214,19 @@ async fn with_idempotency_key_a_claim_is_retried_with_the_same_key_on_every_atte
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_claims_job_runs_against_the_sandbox_with_a_key_per_claim() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let jobs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+    let out = gw.path("run");
+    let code = gw.run_job(&jobs.join("claims.toml"), &jobs.join("claims.jsonl"), &out, &[]).await;
+    assert_eq!(code, ExitCode::Success);
+    let results = jsonl(&out.join("results.jsonl"));
+    assert_eq!(results.len(), 50);
+    assert!(results.iter().all(|r| r["correlation_id"].is_string() || r["capture"]["correlation_id"].is_string()));
+    let keys: HashSet<String> =
+        gw.sandbox.recorded().iter().map(|c| c.header("idempotency-key").unwrap().to_string()).collect();
+    assert_eq!(keys.len(), 50, "one key per claim");
+    assert!(keys.iter().all(|k| k.starts_with("claim-PCN")));
+}

@@ -50,3 +50,42 @@ async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(jsonl(&out.join("results.jsonl")).len(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_retry_after_max_stops_with_75_and_resume_sends_the_rest() {
+    use bulkcall::sandbox::{Fault, Faults};
+    let faults = Faults { throttles: 0.05, retry_after: Duration::from_secs(3600), ..Faults::default() };
+    let gw = Gateway::start(SandboxConfig { faults: faults.clone(), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    // A claim job: rows refused with 429 must stay resumable, not in doubt.
+    let job = gw.write("claims.toml", CLAIMS_JOB);
+    let out = gw.path("run");
+    let output = bulkcall()
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "4"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("1h") && stderr.contains("resume"), "the pause asked for and how to go on: {stderr}");
+    assert!(!out.join("failures.csv").exists(), "no row failed for the pause");
+    let recorded = jsonl(&out.join("results.jsonl")).len();
+    assert!(recorded < 200, "rows not sent stayed unsent: {recorded}");
+
+    // Each throttled key asks for the pause once: resume until none is left.
+    let mut output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    for _ in 0..20 {
+        if output.status.code() != Some(75) {
+            break;
+        }
+        output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    }
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 200, "every row in results, none in doubt");
+    for (key, calls) in gw.received_by_control_number() {
+        let expected = if faults.fault_for(&key) == Some(Fault::Throttle) { 2 } else { 1 };
+        assert!(calls.len() <= expected, "{key} sent {} times", calls.len());
+    }
+}
