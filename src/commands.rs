@@ -574,6 +574,22 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
     // started from: the lock is taken before anything in it is read.
     let _dir_lock = if info_path.is_file() { Some(crate::output::lock_run_dir(&dir)?) } else { None };
     let text = std::fs::read_to_string(&info_path).map_err(|e| {
+        // The folder of a sharded run: each shard resumes on its own.
+        if let Ok(run) = crate::status::RunStatus::read(&dir) {
+            let left: Vec<String> = run
+                .shards
+                .iter()
+                .filter(|s| !s.state.finished())
+                .map(|s| format!("{} resume {}", crate::options::program(), s.dir.display()))
+                .collect();
+            return Error::Usage(format!(
+                "{} is the folder of a run split into {} shards: each resumes on its own (or is started again \
+                 with the same command); {}",
+                dir.display(),
+                run.shards.len(),
+                if left.is_empty() { "every shard finished".to_string() } else { left.join("; ") }
+            ));
+        }
         Error::Usage(format!(
             "cannot read {}: {e}; resume needs the run directory of a run that started (it writes run.json first)",
             info_path.display()

@@ -199,6 +199,11 @@ async fn status_and_report_cover_every_shard_and_name_the_unfinished_ones() {
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(html.contains("2 of 3 shards finished; not finished: 1/3"), "{html:.2000}");
+    // `resume` over the run's folder names the shard left to finish.
+    let output = bulkcall().args(["resume", run.to_str().unwrap()]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("split into 3 shards") && stderr.contains("shard-1-of-3"), "{stderr}");
     assert!(html.contains("nightly-1"));
 
     let code = gw.run_job(&job, &input, &run, &["--shard", "1/3", "--run-id", "nightly-1"]).await;
