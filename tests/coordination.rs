@@ -77,10 +77,12 @@ async fn four_processes_keep_one_limit_between_them() {
     // The burst goes at once, then one call per period.
     let achieved = (times.len() - burst as usize) as f64 / span;
     assert!((achieved - rate).abs() / rate < 0.02, "achieved {achieved:.1}/s for a limit of {rate}/s");
-    // Measured here after each wake-up, which the timer may delay by a
-    // millisecond or two: one call more than the limit plus the burst.
+    // Measured here after each wake-up, which a busy machine may delay by
+    // some milliseconds: a window of the measured times can hold the calls
+    // of up to 20 ms more than a second, so 2% more than the limit plus the burst.
     let busiest = busiest_second(&times);
-    assert!(busiest <= rate as usize + burst as usize + 1, "{busiest} calls in one second");
+    let most = (rate * 1.02).ceil() as usize + burst as usize;
+    assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
     let (round_trips, calls): (u64, u64) =
         limiters.iter().map(|l| l.round_trips()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     assert_eq!(calls, 600);

@@ -19,12 +19,6 @@ fn bulkcall() -> tokio::process::Command {
     command
 }
 
-async fn wait_for_calls(gw: &Gateway, n: u64) {
-    while gw.sandbox.stats().api_calls < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// How many calls the gateway received for each control number.
 fn sent_per_row(gw: &Gateway) -> HashMap<String, usize> {
     gw.received_by_control_number().into_iter().map(|(k, calls)| (k, calls.len())).collect()
@@ -70,7 +64,7 @@ async fn resume_fails_the_rows_in_doubt_of_a_non_idempotent_job_by_default() {
         .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "8"])
         .spawn()
         .unwrap();
-    wait_for_calls(&gw, 20).await;
+    gw.wait_for_calls(20).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     // Calls that arrived are answered by the gateway even though nobody reads the answer.

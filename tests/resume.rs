@@ -20,12 +20,6 @@ fn keys_in_results(path: &std::path::Path) -> Vec<String> {
     jsonl(path).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect()
 }
 
-async fn wait_for_calls(gw: &Gateway, n: u64) {
-    while gw.sandbox.stats().api_calls < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_run_is_resumed_without_resending_recorded_rows() {
     let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(20), ..sandbox_config() }).await;
@@ -39,7 +33,7 @@ async fn a_killed_run_is_resumed_without_resending_recorded_rows() {
         .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "64"])
         .spawn()
         .unwrap();
-    wait_for_calls(&gw, 1000).await;
+    gw.wait_for_calls(1000).await;
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
@@ -81,7 +75,7 @@ async fn in_doubt_rows_can_be_failed_instead_of_resent() {
         .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "8"])
         .spawn()
         .unwrap();
-    wait_for_calls(&gw, 20).await;
+    gw.wait_for_calls(20).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     // Calls that arrived are answered by the gateway even though nobody reads the answer.
@@ -136,7 +130,7 @@ async fn resume_refuses_a_changed_input_and_a_second_run_of_a_job_exits_75() {
         command
     };
     let mut first = args("a").spawn().unwrap();
-    wait_for_calls(&gw, 4).await;
+    gw.wait_for_calls(4).await;
     let second = args("b").output().await.unwrap();
     assert_eq!(second.status.code(), Some(75));
     let message = String::from_utf8_lossy(&second.stderr);
@@ -244,7 +238,7 @@ async fn many_inputs_sharing_file_names_survive_two_kills_with_every_row_in_exac
         if resume {
             child = bulkcall().args(["resume", out.to_str().unwrap()]).spawn().unwrap();
         }
-        wait_for_calls(&gw, kill_at).await;
+        gw.wait_for_calls(kill_at).await;
         child.start_kill().unwrap();
         assert_eq!(child.wait().await.unwrap().code(), None, "killed by a signal");
         let (results, failures) = outcome_keys(&out);
@@ -309,7 +303,7 @@ async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
     let stop = tokio_util::sync::CancellationToken::new();
     let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
     let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
-        wait_for_calls(&gw, 300).await;
+        gw.wait_for_calls(300).await;
         stop.cancel();
     });
     assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
@@ -332,7 +326,7 @@ async fn max_failures_as_a_count_judges_a_resumed_run_on_all_its_failures() {
     let stop = tokio_util::sync::CancellationToken::new();
     let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
     let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
-        wait_for_calls(&gw, 500).await;
+        gw.wait_for_calls(500).await;
         stop.cancel();
     });
     assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
@@ -371,7 +365,7 @@ async fn resume_follows_the_config_as_it_is_now_with_the_runs_own_flags_unless_g
             args.extend_from_slice(flags);
             let calls = old.sandbox.stats().api_calls;
             let (code, ()) = tokio::join!(old.run_until(&args, stop.clone()), async {
-                wait_for_calls(old, calls + 3).await;
+                old.wait_for_calls(calls + 3).await;
                 stop.cancel();
             });
             assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
@@ -427,7 +421,7 @@ async fn a_run_directory_is_locked_wherever_resume_is_started_from() {
         .spawn()
         .unwrap();
     let pid = first.id().unwrap();
-    wait_for_calls(&gw, 2).await;
+    gw.wait_for_calls(2).await;
     let second = bulkcall().current_dir(gw.path("b")).args(["resume", out.to_str().unwrap()]).output().await.unwrap();
     first.start_kill().unwrap();
     first.wait().await.unwrap();

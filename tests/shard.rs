@@ -101,12 +101,6 @@ async fn a_limit_is_shared_by_the_shards_and_a_bad_shard_is_refused() {
     assert_eq!(gw.sandbox.stats().api_calls, 7);
 }
 
-async fn wait_for_calls(gw: &Gateway, n: u64) {
-    while gw.sandbox.stats().api_calls < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// `--shards 2` with the index from the scheduler's environment, the run
 /// id from the job and its input; killed, then started again with the same
 /// command: it resumes its own directory without sending a recorded row again.
@@ -125,7 +119,7 @@ async fn a_killed_shard_started_again_with_the_same_command_resumes() {
         command
     };
     let mut child = command().spawn().unwrap();
-    wait_for_calls(&gw, 300).await;
+    gw.wait_for_calls(300).await;
     child.start_kill().unwrap();
     assert_eq!(child.wait().await.unwrap().code(), None, "killed by a signal");
 

@@ -15,12 +15,6 @@ fn bulkcall() -> tokio::process::Command {
     command
 }
 
-async fn wait_for_calls(gw: &Gateway, n: u64) {
-    while gw.sandbox.stats().api_calls < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
     let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(100), ..sandbox_config() }).await;
@@ -33,7 +27,7 @@ async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
         .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "4"])
         .spawn()
         .unwrap();
-    wait_for_calls(&gw, 8).await;
+    gw.wait_for_calls(8).await;
     let pid = child.id().unwrap() as libc::pid_t;
     // SAFETY: a plain kill(2) of the child this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);

@@ -40,6 +40,21 @@ impl Gateway {
         Gateway { sandbox, dir: tempfile::tempdir().unwrap() }
     }
 
+    /// Waits until the gateway has received at least `n` calls. Panics after
+    /// two minutes instead of hanging the suite when the run it waits for
+    /// ended (or died) before sending that many.
+    pub async fn wait_for_calls(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        while self.sandbox.stats().api_calls < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway received {} calls in two minutes, expected at least {n}",
+                self.sandbox.stats().api_calls
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
