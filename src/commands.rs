@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +24,7 @@ use crate::report::ProgressMode;
 use crate::runner::{self, Finished, Plan, Resume};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shard::Shard;
+use crate::token::shared::SharedStore;
 use crate::token::{Origin, TokenSource};
 
 /// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM/SIGHUP.
@@ -507,7 +508,22 @@ async fn run_resolved(
             Some(c) => c,
             None => settings.auth.credentials()?,
         };
-        let tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
+        let (client_id, secret) = (credentials.client_id.clone(), credentials.client_secret.clone());
+        let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
+        if let Some(redis) = &redis {
+            match crate::token::shared::load_key(&settings.auth)? {
+                Some(key) => {
+                    let store =
+                        SharedStore::new(redis.clone(), &settings.auth, &client_id, secret.expose_secret(), key);
+                    tokens = tokens.with_shared(store);
+                }
+                None => tracing::warn!(
+                    "{} is not set (nor auth.shared_key_file): the processes share the rate limit, \
+                     but each fetches its own token",
+                    crate::token::shared::KEY_VARIABLE
+                ),
+            }
+        }
         tokens.get().await?;
         Some(tokens)
     } else {
@@ -963,6 +979,7 @@ async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
         Origin::Cache(path) => {
             eprintln!("token from the cache {} (profile {}, no token request)", path.display(), loaded.profile)
         }
+        Origin::Shared => eprintln!("token shared through Redis (profile {}, no token request)", loaded.profile),
     }
     eprintln!("  type: {}", token.token_type);
     if let Some(scope) = &token.scope {

@@ -94,6 +94,9 @@ pub struct AuthSettings {
     pub default_lifetime: Duration,
     pub cache: bool,
     pub cache_dir: Option<PathBuf>,
+    /// The key (64 hex characters) the token shared in Redis is encrypted
+    /// with, when `BULKCALL_TOKEN_KEY` is not set.
+    pub shared_key_file: Option<PathBuf>,
 }
 
 impl Default for AuthSettings {
@@ -113,6 +116,7 @@ impl Default for AuthSettings {
             default_lifetime: Duration::from_secs(600),
             cache: true,
             cache_dir: None,
+            shared_key_file: None,
         }
     }
 }

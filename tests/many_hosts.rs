@@ -20,6 +20,24 @@ const BURST: u32 = 5;
 /// a small machine would measure each other.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A key for the shared token, as `openssl rand -hex 32` prints one.
+const TOKEN_KEY: &str = "5f0c2a9e7d41b3866e0f1d2c3b4a59687766554433221100ffeeddccbbaa9988";
+
+/// [`shard`] with the key for the shared token.
+fn shard_with_key(
+    gw: &Gateway,
+    redis: &str,
+    job: &Path,
+    input: &Path,
+    k: u32,
+    n: u32,
+    extra: &[&str],
+) -> tokio::process::Command {
+    let mut command = shard(gw, redis, job, input, k, n, extra);
+    command.env("BULKCALL_TOKEN_KEY", TOKEN_KEY);
+    command
+}
+
 /// `bulkcall run JOB INPUT --shard K/N` with the test's config, sharing
 /// `redis`.
 fn shard(
@@ -168,6 +186,7 @@ async fn four_shards_share_one_rate_limit() {
     for (code, stderr) in &ends {
         assert_eq!(*code, 0, "{stderr}");
         assert!(stderr.contains("round trips to Redis"), "{stderr}");
+        assert_eq!(stderr.matches("each fetches its own token").count(), 1, "without a key, one warning: {stderr}");
     }
     assert_every_row_once(&gw, 4, rows);
     let calls = gw.sandbox.recorded();
@@ -259,4 +278,59 @@ async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
     assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
     let busiest = busiest_second(&calls);
     assert!(busiest <= (rate + BURST) as usize, "{busiest} calls in one second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_shards_fetch_one_token_per_lifetime_and_redis_holds_it_encrypted() {
+    let Some(redis) = RedisServer::start() else { return };
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (rows, rate) = (1600, 200);
+    let lifetime = Duration::from_secs(3);
+    let gw = Gateway::start(SandboxConfig {
+        token_lifetime: lifetime,
+        faults: Faults { rate_limit: rate + BURST, ..Faults::default() },
+        ..sandbox_config()
+    })
+    .await;
+    gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let children: Vec<_> = (0..4)
+        .map(|k| {
+            shard_with_key(&gw, &redis.url(), &job, &input, k, 4, &["--rate", &rate.to_string(), "-j", "8"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // While they run, what Redis holds is sealed: no token, no field name.
+    let url = bulkcall::coordination::RedisUrl::parse(&redis.url().into()).unwrap();
+    let mut conn = bulkcall::coordination::Redis::connect(&url).await.unwrap().conn;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        let keys: Vec<String> = ::redis::cmd("KEYS").arg("bulkcall:token:*").query_async(&mut conn).await.unwrap();
+        if let Some(key) = keys.into_iter().find(|k| !k.ends_with(":lock")) {
+            break key;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no token in Redis after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let value: Option<String> = ::redis::cmd("GET").arg(&keys).query_async(&mut conn).await.unwrap();
+    let value = value.unwrap_or_default();
+    assert!(!value.contains("access_token") && !value.contains("Bearer"), "{keys} = {value}");
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(!stderr.contains("fetches its own token"), "{stderr}");
+    }
+    assert_every_row_once(&gw, 4, rows);
+    // About 8 s of 3 s tokens, each refreshed 1.1 to 1.5 s before it
+    // expires: a handful of token requests in all, never one per process.
+    let times = gw.sandbox.token_request_times();
+    let span = *times.last().unwrap() - times[0];
+    assert!(times.len() as f64 <= span.as_secs_f64() / 1.1 + 2.0, "{} token requests: {times:?}", times.len());
+    for pair in times.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_secs(1), "two token requests close together: {times:?}");
+    }
+    assert_eq!(gw.sandbox.stats().unknown_token_calls, 0);
 }

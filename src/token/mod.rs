@@ -29,7 +29,9 @@ use crate::config::{AuthSettings, AuthStyle, Credentials};
 use crate::outcome::{describe, parse_retry_after};
 
 mod cache;
+pub mod shared;
 pub use cache::DiskCache;
+use shared::SharedStore;
 
 /// Token endpoint attempts for one refresh before giving up.
 const FETCH_ATTEMPTS: u32 = 5;
@@ -76,6 +78,8 @@ pub enum Origin {
     Fetched,
     /// Read from the disk cache, written by an earlier run.
     Cache(std::path::PathBuf),
+    /// Read from Redis, fetched by another process of the run.
+    Shared,
 }
 
 impl std::fmt::Debug for Token {
@@ -100,6 +104,17 @@ impl Token {
     }
 }
 
+/// A token as stored, on disk or in Redis.
+fn entry_of(token: &Token) -> cache::Entry {
+    cache::Entry {
+        access_token: token.expose().to_string(),
+        token_type: token.token_type.clone(),
+        scope: token.scope.clone(),
+        expires_at: token.expires_at_wall.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        lifetime_s: token.lifetime.as_secs_f64(),
+    }
+}
+
 /// Where the advisory and mandatory windows start for a token that lives
 /// `lifetime` from `sent`; `jitter` in [0, 1) is drawn once per token.
 fn windows(sent: Instant, lifetime: Duration, refresh_before: Duration, jitter: f64) -> (Instant, Instant) {
@@ -120,6 +135,8 @@ struct Inner {
     credentials: Credentials,
     settings: AuthSettings,
     cache: Option<DiskCache>,
+    /// The token shared through Redis; with it the disk cache is not used.
+    shared: Option<SharedStore>,
     /// A token a call was refused with, to drop from the disk cache.
     rejected: std::sync::Mutex<Option<SecretString>>,
     /// The token workers use; swapped whole, read without a lock.
@@ -151,6 +168,7 @@ impl TokenSource {
             inner: Arc::new(Inner {
                 home: tokio::runtime::Handle::current(),
                 cache: DiskCache::new(settings, &credentials.client_id, credentials.client_secret.expose_secret()),
+                shared: None,
                 rejected: std::sync::Mutex::new(None),
                 client,
                 url: settings.token_url.clone().unwrap_or_default(),
@@ -166,6 +184,13 @@ impl TokenSource {
                 warned_no_expiry: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Shares the token with every process that uses the same store.
+    /// Call it before the source is cloned.
+    pub fn with_shared(mut self, store: SharedStore) -> TokenSource {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").shared = Some(store);
+        self
     }
 
     /// Token requests sent so far.
@@ -207,7 +232,7 @@ impl TokenSource {
         let Some(token) = current.as_ref().filter(|t| t.generation == generation) else { return };
         let previous = self.inner.current.compare_and_swap(&current, None::<Arc<Token>>);
         let swapped = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token));
-        if swapped && self.inner.cache.is_some() {
+        if swapped && (self.inner.cache.is_some() || self.inner.shared.is_some()) {
             // The next refresh drops it from the disk cache too.
             *self.inner.rejected.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(SecretString::from(token.expose().to_string()));
@@ -285,6 +310,7 @@ impl Inner {
             return Ok(token.clone());
         }
         let token = match &self.cache {
+            _ if self.shared.is_some() => self.refresh_shared(current.as_deref(), force).await?,
             None => self.fetch().await?,
             Some(cache) => {
                 // File work goes to the blocking pool: the async thread
@@ -308,17 +334,7 @@ impl Inner {
                     None if lock.is_none() => self.fetch().await?,
                     None => {
                         let token = self.fetch().await?;
-                        let entry = cache::Entry {
-                            access_token: token.expose().to_string(),
-                            token_type: token.token_type.clone(),
-                            scope: token.scope.clone(),
-                            expires_at: token
-                                .expires_at_wall
-                                .duration_since(SystemTime::UNIX_EPOCH)
-                                .unwrap_or_default()
-                                .as_secs_f64(),
-                            lifetime_s: token.lifetime.as_secs_f64(),
-                        };
+                        let entry = entry_of(&token);
                         let inner = self.clone();
                         let _ = tokio::task::spawn_blocking(move || {
                             if let Some(cache) = &inner.cache {
@@ -336,6 +352,63 @@ impl Inner {
         Ok(token)
     }
 
+    /// A refresh through Redis, single-flight across hosts: adopt the token
+    /// another process stored, or take the lock, read again, fetch, store,
+    /// release. Without Redis, this process fetches its own.
+    async fn refresh_shared(self: &Arc<Self>, current: Option<&Token>, force: bool) -> Result<Token, TokenError> {
+        let shared = self.shared.as_ref().expect("a shared store");
+        let alone = |e: String| {
+            tracing::warn!("the shared token in Redis is out of reach ({e}): fetching one for this process");
+        };
+        let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rejected) = &rejected
+            && let Err(e) = shared.remove_if(rejected.expose_secret()).await
+        {
+            alone(e);
+            return self.fetch().await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match shared.load().await {
+                Ok(entry) => {
+                    if let Some(token) = self.adopt_entry(entry, current, force, Origin::Shared) {
+                        return Ok(token);
+                    }
+                }
+                Err(e) => {
+                    alone(e);
+                    return self.fetch().await;
+                }
+            }
+            match shared.try_lock().await {
+                Ok(Some(lock)) => {
+                    // Another process may have stored one just before.
+                    if let Ok(entry) = shared.load().await
+                        && let Some(token) = self.adopt_entry(entry, current, force, Origin::Shared)
+                    {
+                        shared.unlock(&lock).await;
+                        return Ok(token);
+                    }
+                    let fetched = self.fetch().await;
+                    if let Ok(token) = &fetched
+                        && let Err(e) = shared.store(&entry_of(token)).await
+                    {
+                        tracing::warn!("could not share the new token through Redis: {e}");
+                    }
+                    shared.unlock(&lock).await;
+                    return fetched;
+                }
+                // Another process is fetching: wait for its token.
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(None) => return self.fetch().await,
+                Err(e) => {
+                    alone(e);
+                    return self.fetch().await;
+                }
+            }
+        }
+    }
+
     /// A token from the disk cache that is not the one being replaced and
     /// has time left: before its advisory window when replacing a token,
     /// before its mandatory window when there is none.
@@ -345,6 +418,17 @@ impl Inner {
         entry: Option<cache::Entry>,
         current: Option<&Token>,
         force: bool,
+    ) -> Option<Token> {
+        self.adopt_entry(entry, current, force, Origin::Cache(cache.path().into()))
+    }
+
+    /// A stored token (disk cache or Redis), on the same terms.
+    fn adopt_entry(
+        &self,
+        entry: Option<cache::Entry>,
+        current: Option<&Token>,
+        force: bool,
+        origin: Origin,
     ) -> Option<Token> {
         if force {
             return None;
@@ -358,18 +442,11 @@ impl Inner {
         let now = Instant::now();
         let sent = (now + left).checked_sub(lifetime)?;
         let token = self
-            .make_token(
-                &entry.access_token,
-                &entry.token_type,
-                entry.scope.clone(),
-                sent,
-                lifetime,
-                Origin::Cache(cache.path().into()),
-            )
+            .make_token(&entry.access_token, &entry.token_type, entry.scope.clone(), sent, lifetime, origin)
             .ok()?;
         let usable_until = if current.is_some() { token.advisory_at } else { token.mandatory_at };
         (now < usable_until).then(|| {
-            tracing::debug!(generation = token.generation, "reusing the cached token from {}", cache.path().display());
+            tracing::debug!(generation = token.generation, origin = ?token.origin, "reusing a stored token");
             token
         })
     }
