@@ -143,8 +143,9 @@ impl Stalls {
         Stalls { worst, task }
     }
 
-    /// Whether the gateway ran on time throughout; says so when not.
-    fn judgeable(self) -> bool {
+    /// Whether the gateway ran on time throughout (says so when not), and
+    /// how many calls its worst stall can have moved into one window.
+    fn judgeable(self, rate: u32) -> Option<usize> {
         self.task.abort();
         let worst = *self.worst.lock().unwrap();
         if worst > JUDGEABLE {
@@ -153,7 +154,7 @@ impl Stalls {
                  so the rate is not judged this time (it is on an idle machine, as in CI)"
             );
         }
-        worst <= JUDGEABLE
+        (worst <= JUDGEABLE).then(|| (f64::from(rate) * worst.as_secs_f64()).ceil() as usize)
     }
 }
 
@@ -190,13 +191,13 @@ async fn four_shards_share_one_rate_limit() {
     }
     assert_every_row_once(&gw, 4, rows);
     let calls = gw.sandbox.recorded();
-    if !stalls.judgeable() {
-        return;
-    }
+    let Some(moved) = stalls.judgeable(rate) else { return };
     assert_eq!(calls.len(), rows, "one call per row");
     assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
+    // A window holds the limit plus the burst, and the calls the gateway's
+    // own worst stall (at most 10 ms) counted late.
     let busiest = busiest_second(&calls);
-    assert!(busiest <= (rate + BURST) as usize, "{busiest} calls in one second");
+    assert!(busiest <= (rate + BURST) as usize + moved, "{busiest} calls in one second");
     let (first, last) = (calls.iter().map(|c| c.at).min().unwrap(), calls.iter().map(|c| c.at).max().unwrap());
     let achieved = (rows - BURST as usize) as f64 / (last - first).as_secs_f64();
     assert!((achieved - f64::from(rate)).abs() / f64::from(rate) < 0.02, "{achieved:.1} calls/s in all");
@@ -272,12 +273,10 @@ async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
         assert!(stderr.contains("is back"), "{stderr}");
     }
     let calls = gw.sandbox.recorded();
-    if !stalls.judgeable() {
-        return;
-    }
+    let Some(moved) = stalls.judgeable(rate) else { return };
     assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
     let busiest = busiest_second(&calls);
-    assert!(busiest <= (rate + BURST) as usize, "{busiest} calls in one second");
+    assert!(busiest <= (rate + BURST) as usize + moved, "{busiest} calls in one second");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
