@@ -197,7 +197,11 @@ async fn four_shards_share_one_rate_limit() {
     // A window holds the limit plus the burst, and the calls the gateway's
     // own worst stall (at most 10 ms) counted late.
     let busiest = busiest_second(&calls);
-    assert!(busiest <= (rate + BURST) as usize + moved, "{busiest} calls in one second");
+    // Calls are stamped on arrival, after the sender's own wake-up and the
+    // loopback hop, which a busy 2-core machine delays by some milliseconds
+    // more: 2% of the rate on top, the precision the total rate is held to.
+    let most = (rate + BURST) as usize + moved + rate as usize / 50;
+    assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
     let (first, last) = (calls.iter().map(|c| c.at).min().unwrap(), calls.iter().map(|c| c.at).max().unwrap());
     let achieved = (rows - BURST as usize) as f64 / (last - first).as_secs_f64();
     assert!((achieved - f64::from(rate)).abs() / f64::from(rate) < 0.02, "{achieved:.1} calls/s in all");
@@ -276,7 +280,11 @@ async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
     let Some(moved) = stalls.judgeable(rate) else { return };
     assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
     let busiest = busiest_second(&calls);
-    assert!(busiest <= (rate + BURST) as usize + moved, "{busiest} calls in one second");
+    // Calls are stamped on arrival, after the sender's own wake-up and the
+    // loopback hop, which a busy 2-core machine delays by some milliseconds
+    // more: 2% of the rate on top, the precision the total rate is held to.
+    let most = (rate + BURST) as usize + moved + rate as usize / 50;
+    assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
