@@ -14,7 +14,7 @@ use bulkcall::config::Settings;
 use bulkcall::input::{Format, InputSpec, read_all};
 use bulkcall::job::Job;
 use bulkcall::outcome::{Outcome, Source, Success};
-use bulkcall::output::{InputInfo, Ledger, Writer};
+use bulkcall::output::{GroupCommit, InputInfo, Ledger, Writer};
 
 // The allocator the binary uses.
 #[global_allocator]
@@ -78,7 +78,8 @@ fn main() {
 
     // Read, render, judge the answer and record it (ledger and results), 64
     // rows at a time as 64 workers do under load: their started marks go out
-    // together, then their outcomes (made durable), then their done marks.
+    // together, then their outcomes; as the recorder does, what was written
+    // is made durable (then marked done) once it has waited SYNC_EVERY.
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
     let mut writer = Writer::open(
@@ -90,6 +91,7 @@ fn main() {
     )
     .unwrap();
     let ledger = std::sync::Arc::new(Ledger::open(&out, false, false).unwrap());
+    let mut group = GroupCommit::default();
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut chunk = Vec::with_capacity(64);
     let mut record_chunk = |chunk: &mut Vec<bulkcall::input::Row>| {
@@ -118,8 +120,10 @@ fn main() {
             };
             outcomes.push(outcome);
         }
-        // Outcomes written and made durable, then the done marks (group commit).
-        bulkcall::output::commit(&mut writer, &ledger, &outcomes.iter().collect::<Vec<_>>()).unwrap();
+        group.write(&mut writer, &outcomes).unwrap();
+        if group.due().is_some_and(|due| Instant::now() >= due) {
+            group.sync(&mut writer, &ledger).unwrap();
+        }
     };
     let started = Instant::now();
     read_all(std::slice::from_ref(&spec), &|_| {}, &mut |item| {
@@ -131,5 +135,6 @@ fn main() {
     })
     .unwrap();
     record_chunk(&mut chunk);
+    group.sync(&mut writer, &ledger).unwrap();
     report("read + render + record", rows, started.elapsed());
 }

@@ -727,19 +727,59 @@ enum FailureFile {
     Jsonl(Lines),
 }
 
-/// Records a batch of outcomes for good (group commit): their lines are
-/// written and made durable, then the ledger (holding the done marks of
-/// earlier batches, whose lines were made durable before them), and only
-/// then are this batch's done marks written. A done mark is never on disk
-/// before its outcome line, at one `fdatasync` per file per batch; after a
-/// power cut, the rows with an outcome on disk and no mark are at most the
-/// last batch's, and `resume` finds them at the end of the outcome files.
-pub fn commit(writer: &mut Writer, ledger: &Ledger, outcomes: &[&Outcome]) -> Result<(), OutputError> {
-    outcomes.iter().try_for_each(|outcome| writer.record(outcome))?;
-    writer.flush()?;
-    writer.sync()?;
-    ledger.sync()?;
-    ledger.done(outcomes.iter().copied())
+/// How long an outcome line may wait, written but not yet durable, for
+/// others to share its sync. About a hundred syncs a second at most, however
+/// fast rows come: a power cut can take back only this last moment's
+/// outcomes (their rows are then in doubt, or unsent).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Records outcomes for good, in groups: [`GroupCommit::write`] writes their
+/// lines at once (safe from a crash of the process, not yet from a power
+/// cut) and keeps their done marks; [`GroupCommit::sync`] makes every line
+/// written so far durable, then the ledger (holding the marks of earlier
+/// groups, whose lines were made durable before them), and only then writes
+/// the group's done marks. A done mark is never on disk before its outcome
+/// line, at one `fdatasync` per file per group; after a power cut, the rows
+/// with an outcome on disk and no mark are at most the last group's, and
+/// `resume` finds them at the end of the outcome files.
+#[derive(Default)]
+pub struct GroupCommit {
+    /// Done marks of the lines written and not yet synced.
+    marks: String,
+    /// When the oldest of those lines was written.
+    since: Option<std::time::Instant>,
+}
+
+impl GroupCommit {
+    /// Writes the outcomes' lines, one write per file; their done marks
+    /// wait for the next [`GroupCommit::sync`].
+    pub fn write(&mut self, writer: &mut Writer, outcomes: &[Outcome]) -> Result<(), OutputError> {
+        outcomes.iter().try_for_each(|outcome| writer.record(outcome))?;
+        writer.flush()?;
+        for outcome in outcomes {
+            self.marks.push_str(&Ledger::done_line(outcome));
+        }
+        if !outcomes.is_empty() {
+            self.since.get_or_insert_with(std::time::Instant::now);
+        }
+        Ok(())
+    }
+
+    /// When the lines written wait to be made durable: [`SYNC_EVERY`]
+    /// after the oldest; `None` when none waits.
+    pub fn due(&self) -> Option<std::time::Instant> {
+        self.since.map(|since| since + SYNC_EVERY)
+    }
+
+    /// Makes every line written durable, then writes their done marks.
+    pub fn sync(&mut self, writer: &mut Writer, ledger: &Ledger) -> Result<(), OutputError> {
+        if self.since.take().is_none() {
+            return Ok(());
+        }
+        writer.sync()?;
+        ledger.sync()?;
+        ledger.write_marks(&std::mem::take(&mut self.marks))
+    }
 }
 
 fn add_error_fields(map: &mut Map<String, Value>, errors: &[&str; 6], status: Option<u16>, attempts: u32) {
@@ -897,12 +937,8 @@ impl Ledger {
         (&self.file).write_all(format!("R\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
     }
 
-    /// Marks the outcomes done, in one `write`; call it after [`Writer::flush`].
-    pub fn done<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) -> Result<(), OutputError> {
-        let mut lines = String::new();
-        for outcome in outcomes {
-            lines.push_str(&Self::done_line(outcome));
-        }
+    /// Writes done marks ([`Ledger::done_line`]s), in one `write`.
+    fn write_marks(&self, lines: &str) -> Result<(), OutputError> {
         (&self.file).write_all(lines.as_bytes()).map_err(io(&self.path))
     }
 
@@ -1120,14 +1156,20 @@ mod tests {
         let ledger = Ledger::open(dir.path(), false, false).unwrap();
         let len = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
 
-        commit(&mut writer, &ledger, &[&failed(1), &failed(2)]).unwrap();
+        let mut group = GroupCommit::default();
+        group.write(&mut writer, &[failed(1), failed(2)]).unwrap();
+        assert_eq!(len("journal"), 0, "no mark before the sync");
+        assert!(group.due().is_some());
+        group.sync(&mut writer, &ledger).unwrap();
         let (failures_1, journal_1) = (len("failures.jsonl"), len("journal"));
         // The batch's lines made durable (one sync), then the ledger as it
         // was before this batch's marks; the marks written after.
         assert_eq!(synced(dir.path()), [("failures.jsonl".into(), failures_1), ("journal".into(), 0)]);
         assert!(journal_1 > 0, "the marks are written");
 
-        commit(&mut writer, &ledger, &[&failed(3)]).unwrap();
+        group.write(&mut writer, &[failed(3)]).unwrap();
+        group.sync(&mut writer, &ledger).unwrap();
+        assert!(group.due().is_none(), "nothing left to sync");
         // The next batch makes the first batch's marks durable, after its own lines.
         assert_eq!(
             synced(dir.path()),

@@ -3,9 +3,11 @@
 //! A reader thread streams rows in batches into a bounded channel; lanes
 //! (a thread each) take the batches; in a lane, workers take one row at a
 //! time, render it, and send it, every attempt through the rate limiter and
-//! with the shared token; each row's outcome goes to the lane's collector,
-//! which writes it through the one [`Recorder`] and keeps statistics. A failed row is data, not an early
-//! return: only a fatal token error or a stream of 401s stops the pool.
+//! with the shared token; each row's outcome goes to the one recorder
+//! thread, which keeps statistics and writes outcomes in groups, each group
+//! made durable with one sync while the workers go on sending. A failed row
+//! is data, not an early return: only a fatal token error or a stream of
+//! 401s stops the pool.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -29,7 +31,7 @@ use crate::job::{Request, Requests};
 use crate::limiter::{Limiter, RetryBudget};
 use crate::options::MaxFailures;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
-use crate::output::{InputInfo, Ledger, OutputError, RequestsFile, Writer};
+use crate::output::{GroupCommit, InputInfo, Ledger, OutputError, RequestsFile, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
 use crate::retry::{self, Next, Policy, Used};
 use crate::rows::RowSet;
@@ -245,33 +247,20 @@ fn lane_count(concurrency: usize) -> usize {
     cores.min(concurrency.div_ceil(16)).max(1)
 }
 
-/// What every lane's collector writes through: the run's files and
-/// statistics, one lane at a time.
+/// The run's files and statistics, owned by the recorder thread.
 struct Recorder {
     writer: Writer,
+    group: GroupCommit,
     stats: Stats,
     first_failures: Vec<(String, String)>,
-    /// A write failed: nothing more is written, so a partly written buffer
-    /// is never written again after it.
-    broken: bool,
 }
 
 impl Recorder {
-    /// Records a batch of outcomes: counted, written with one write per
-    /// file, then marked done in the ledger.
-    fn record(&mut self, shared: &Shared, outcomes: &[(Outcome, oneshot::Sender<()>)]) -> Result<(), OutputError> {
-        if self.broken {
-            let source = std::io::Error::other("an earlier write failed; nothing more is written");
-            return Err(OutputError::Io { path: shared.dir.clone(), source });
-        }
-        let result = self.write(shared, outcomes);
-        self.broken = result.is_err();
-        result
-    }
-
-    fn write(&mut self, shared: &Shared, outcomes: &[(Outcome, oneshot::Sender<()>)]) -> Result<(), OutputError> {
+    /// Records outcomes: counted, and written with one write per file;
+    /// made durable and marked done at the group's sync.
+    fn record(&mut self, shared: &Shared, outcomes: &[Outcome]) -> Result<(), OutputError> {
         let live = &shared.live;
-        for (outcome, _) in outcomes {
+        for outcome in outcomes {
             self.stats.add(outcome);
             if self.first_failures.len() < SHOWN_FAILURES {
                 self.first_failures.extend(describe_failure(outcome));
@@ -303,8 +292,95 @@ impl Recorder {
         }
         // The outcomes first, durable, then the ledger's marks: a crash or
         // a power cut between the two leaves those rows in doubt, never lost.
-        let outcomes: Vec<&Outcome> = outcomes.iter().map(|(outcome, _)| outcome).collect();
-        crate::output::commit(&mut self.writer, &shared.ledger, &outcomes)
+        self.group.write(&mut self.writer, outcomes)
+    }
+
+    /// Makes the outcomes written durable and marks them done.
+    fn sync(&mut self, shared: &Shared) -> Result<(), OutputError> {
+        self.group.sync(&mut self.writer, &shared.ledger)
+    }
+}
+
+/// How often a busy recorder takes the outcomes waiting: in a beat, rather
+/// than woken by every one (a wake-up crosses threads).
+const RECORDER_BEAT: Duration = Duration::from_millis(1);
+
+/// Starts the recorder: a thread that takes the outcomes waiting and writes
+/// them at once, and makes what it wrote durable (with the done marks after
+/// it) at most [`crate::output::SYNC_EVERY`] later, so one sync serves every
+/// outcome of that moment and the syncs never hold up a call: workers wait
+/// only when the channel is full. While outcomes keep coming it takes them
+/// every [`RECORDER_BEAT`]; when none came, it waits to be woken. When a
+/// write fails, the run is aborted and the channel closed (the workers
+/// stop: without a place for outcomes, sending more would lose them). The
+/// thread hands the recorder back when every sender is gone and the last
+/// outcomes are durable.
+fn start_recorder(
+    mut recorder: Recorder,
+    shared: Arc<Shared>,
+    mut outcomes: mpsc::Receiver<Outcome>,
+) -> Result<oneshot::Receiver<Recorder>, Error> {
+    use tokio::sync::mpsc::error::TryRecvError;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start an async runtime: {e}")))?;
+    let (done_tx, done_rx) = oneshot::channel();
+    let record = async move {
+        let most = outcomes.max_capacity();
+        let mut group = Vec::with_capacity(most);
+        let (mut busy, mut open) = (false, true);
+        while open {
+            if busy {
+                tokio::time::sleep(RECORDER_BEAT).await;
+                while group.len() < most {
+                    match outcomes.try_recv() {
+                        Ok(outcome) => group.push(outcome),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+            } else {
+                tokio::select! {
+                    taken = outcomes.recv_many(&mut group, most) => open = taken > 0,
+                    () = sleep_until_some(recorder.group.due()) => {}
+                }
+            }
+            busy = !group.is_empty();
+            if busy && let Err(e) = recorder.record(&shared, &group) {
+                shared.abort(Error::Output(e));
+                return recorder;
+            }
+            group.clear();
+            if recorder.group.due().is_some_and(|due| std::time::Instant::now() >= due)
+                && let Err(e) = recorder.sync(&shared)
+            {
+                shared.abort(Error::Output(e));
+                return recorder;
+            }
+        }
+        if let Err(e) = recorder.sync(&shared) {
+            tracing::warn!("{e}; `resume` finds the last outcomes at the end of the outcome files");
+        }
+        recorder
+    };
+    std::thread::Builder::new()
+        .name("bulkcall-recorder".into())
+        .spawn(move || {
+            let _ = done_tx.send(runtime.block_on(record));
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+    Ok(done_rx)
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -316,7 +392,7 @@ fn start_lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    recorder: Arc<Mutex<Recorder>>,
+    outcomes: mpsc::Sender<Outcome>,
     client: reqwest::Client,
 ) -> Result<oneshot::Receiver<bool>, Error> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -332,7 +408,7 @@ fn start_lane(
                     return;
                 }
             };
-            let clean = runtime.block_on(lane(workers, shared, batches, recorder, client));
+            let clean = runtime.block_on(lane(workers, shared, batches, outcomes, client));
             // Do not wait for connections' tasks on the way out.
             runtime.shutdown_background();
             let _ = done_tx.send(clean);
@@ -345,7 +421,7 @@ async fn lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    recorder: Arc<Mutex<Recorder>>,
+    outcomes: mpsc::Sender<Outcome>,
     // The lane's own: its connections' I/O stays on this thread.
     client: reqwest::Client,
 ) -> bool {
@@ -360,56 +436,25 @@ async fn lane(
         }
     });
 
-    // Each outcome travels with an acknowledgement: a worker takes its next
-    // row only once the last one is recorded, so the rows in doubt after a
-    // crash are never more than `concurrency`.
-    let (out_tx, mut out_rx) = mpsc::channel::<(Outcome, oneshot::Sender<()>)>(workers);
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), out_tx.clone(), client.clone());
+        let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), outcomes.clone(), client.clone());
         set.spawn(async move {
             while !shared.stop.is_cancelled() {
                 let Ok(item) = rows.recv().await else { break };
                 if shared.stop.is_cancelled() {
                     break;
                 }
-                if let Some(outcome) = process(&shared, &client, item).await {
-                    let (ack, recorded) = oneshot::channel();
-                    if out.send((outcome, ack)).await.is_err() || recorded.await.is_err() {
-                        break;
-                    }
+                if let Some(outcome) = process(&shared, &client, item).await
+                    && out.send(outcome).await.is_err()
+                {
+                    // The recorder stopped: nowhere to put outcomes.
+                    break;
                 }
             }
         });
     }
-    drop((row_rx, out_tx));
-
-    // The lane's collector: it takes every outcome waiting and records them
-    // together, then lets their workers go on.
-    let mut batch = Vec::with_capacity(workers);
-    while out_rx.recv_many(&mut batch, workers).await > 0 {
-        // Recording waits for the disk (fdatasync): off the lane's thread,
-        // whose calls go on meanwhile; outcomes gather for the next batch.
-        let (recorder, shared_, taken) = (recorder.clone(), shared.clone(), std::mem::take(&mut batch));
-        let (recorded, taken) = tokio::task::spawn_blocking(move || {
-            let recorded = recorder.lock().unwrap_or_else(|e| e.into_inner()).record(&shared_, &taken);
-            (recorded, taken)
-        })
-        .await
-        .expect("recording does not panic");
-        batch = taken;
-        if let Err(e) = recorded {
-            // Without a place for outcomes, sending more would lose them.
-            // Dropping the acknowledgements lets the workers stop.
-            shared.abort(Error::Output(e));
-            batch.clear();
-            break;
-        }
-        for (_, ack) in batch.drain(..) {
-            let _ = ack.send(());
-        }
-    }
-    drop(out_rx);
+    drop((row_rx, outcomes));
     let mut clean = true;
     while let Some(joined) = set.join_next().await {
         clean &= joined.is_ok();
@@ -489,16 +534,21 @@ pub async fn run(
         })
     };
 
-    let recorder = Arc::new(Mutex::new(Recorder { writer, stats, first_failures: Vec::new(), broken: false }));
+    // Outcomes waiting to be recorded: at most two per worker (room for a
+    // beat of the recorder), so the rows in doubt after a crash are never
+    // more than three times the concurrency.
+    let (outcome_tx, outcome_rx) = mpsc::channel::<Outcome>((2 * concurrency).max(64));
+    let recorder = Recorder { writer, group: GroupCommit::default(), stats, first_failures: Vec::new() };
+    let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
         let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
-        match start_lane(number, workers, shared.clone(), batch_rx.clone(), recorder.clone(), client) {
+        match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), client) {
             Ok(end) => lane_ends.push(end),
             Err(e) => shared.abort(e),
         }
     }
-    drop(batch_rx);
+    drop((batch_rx, outcome_tx));
     // The first lane that ends badly stops the others.
     let mut lane_ends: futures::stream::FuturesUnordered<_> = lane_ends.into_iter().collect();
     while let Some(end) = futures::StreamExt::next(&mut lane_ends).await {
@@ -508,14 +558,10 @@ pub async fn run(
         }
     }
     watchdog.abort();
-    // The last batch's done marks, durable too.
-    if let Err(e) = shared.ledger.sync() {
-        tracing::warn!("{e}; `resume` finds the last outcomes at the end of the outcome files");
-    }
+    let Recorder { writer, mut stats, first_failures, .. } =
+        recorded.await.map_err(|_| Error::Internal("the recorder stopped unexpectedly; please report this".into()))?;
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
-    let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
-    let Recorder { writer, stats, first_failures, .. } = &mut *recorded;
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }
@@ -535,14 +581,7 @@ pub async fn run(
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
-    Ok(Finished {
-        summary,
-        exit,
-        abort,
-        failure_files: failure_files(&plan, writer),
-        first_failures: std::mem::take(first_failures),
-        rendered: 0,
-    })
+    Ok(Finished { summary, exit, abort, failure_files: failure_files(&plan, &writer), first_failures, rendered: 0 })
 }
 
 /// One attempt's answer, read up to `max_response_bytes`.
