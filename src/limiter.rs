@@ -173,6 +173,15 @@ impl LocalLimiter {
         self.count_sent();
     }
 
+    /// Takes over from a limiter that was spending the same limit (Redis
+    /// lost) and booked calls until `after`: the burst is spent, and calls
+    /// go at the rate from `after` (or now), none early, so the switch adds
+    /// no calls of its own to those already booked.
+    pub fn start_empty(&self, after: Instant) {
+        let from = after.max(Instant::now()).saturating_duration_since(self.started).as_nanos() as u64;
+        self.fixed_next_ns.fetch_max(from + self.fixed_tolerance_ns + self.fixed_period_ns, Ordering::AcqRel);
+    }
+
     /// A `Retry-After`: no call goes out before `d` from now.
     pub fn pause(&self, d: Duration) {
         let until = (self.started.elapsed() + d).as_millis() as u64;
@@ -344,6 +353,30 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(5), "a burst of 5 after a quiet spell");
         limiter.until_ready().await;
         assert!(start.elapsed() >= Duration::from_millis(98), "then the rate: {:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limiter_taking_over_spends_no_burst_and_waits_for_calls_booked() {
+        // Idle for long enough to fill a burst of 20, then taking over a
+        // limit already spent elsewhere (Redis lost): 21 calls still take
+        // 20 gaps of 10 ms, none early beyond the timer slack.
+        let limiter = LocalLimiter::new(100.0, 20);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        limiter.start_empty(start);
+        for _ in 0..21 {
+            limiter.until_ready().await;
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(198), "{took:?}: a burst was spent");
+
+        // Calls booked elsewhere until 300 ms from now: the first of this
+        // limiter's comes one gap after them.
+        let limiter = LocalLimiter::new(100.0, 20);
+        let start = Instant::now();
+        limiter.start_empty(start + Duration::from_millis(300));
+        limiter.until_ready().await;
+        assert!(start.elapsed() >= Duration::from_millis(308), "{:?}", start.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -66,10 +66,14 @@ fn shard(
     command
 }
 
-/// Sandbox whose limit is the run's rate plus the burst: a call over it gets 429.
+/// Sandbox whose limit is the run's rate plus the burst: a call over it
+/// gets 429. It counts calls in whole seconds as they arrive, after the
+/// sender's wake-up and the loopback hop, which move a call across a second's
+/// edge now and then: 2% of the rate on top, the precision the total rate is
+/// held to.
 async fn limited_gateway(rate: u32) -> Gateway {
     let gw = Gateway::start(SandboxConfig {
-        faults: Faults { rate_limit: rate + BURST, ..Faults::default() },
+        faults: Faults { rate_limit: rate + BURST + rate / 50, ..Faults::default() },
         ..sandbox_config()
     })
     .await;
@@ -278,18 +282,15 @@ async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
     }
     let calls = gw.sandbox.recorded();
     let Some(moved) = stalls.judgeable(rate) else { return };
-    // At the two switches (to rate/N alone and back) a process may spend a
-    // burst of its own: a few 429s there are retried (every row still ends
-    // once, checked above); steady overshoot would throttle far more.
+    // Slots leased before Redis was lost stay good, and a process going on
+    // alone starts after its last one, with no burst: no 429 at a switch.
     let throttled = calls.iter().filter(|c| c.status == 429).count();
-    assert!(throttled <= 2 * 4 * BURST as usize, "{throttled} calls throttled by the gateway");
+    assert_eq!(throttled, 0, "calls throttled by the gateway");
     let busiest = busiest_second(&calls);
     // Calls are stamped on arrival, after the sender's own wake-up and the
     // loopback hop, which a busy 2-core machine delays by some milliseconds
-    // more: 2% of the rate on top, the precision the total rate is held to;
-    // and at a switch the three other processes' own buckets may each spend
-    // a burst in the same second.
-    let most = (rate + 4 * BURST) as usize + moved + rate as usize / 50;
+    // more: 2% of the rate on top, the precision the total rate is held to.
+    let most = (rate + BURST) as usize + moved + rate as usize / 50;
     assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
 }
 

@@ -230,6 +230,10 @@ pub struct RedisLimiter {
     pending: Mutex<Vec<JoinHandle<()>>>,
     round_trips: Arc<AtomicU64>,
     calls: AtomicU64,
+    /// How far ahead of its answer the last lease's last slot was, in ns:
+    /// with many workers waiting, every process's, the shared schedule is
+    /// booked that far ahead.
+    booked_ahead_ns: AtomicU64,
 }
 
 impl RedisLimiter {
@@ -254,6 +258,7 @@ impl RedisLimiter {
             pending: Mutex::new(Vec::new()),
             round_trips: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
+            booked_ahead_ns: AtomicU64::new(0),
         }
     }
 
@@ -357,7 +362,10 @@ impl RedisLimiter {
         // GCRA: a slot may be spent `burst - 1` periods early. No timer
         // slack here: the anchor already makes every slot a little late.
         let tolerance = i128::from(self.burst - 1) * i128::from(period_ns);
-        Ok(Lease { anchor: Some(anchor), next_ns: i128::from(start_us) * 1000 - tolerance, period_ns, left: want })
+        let next_ns = i128::from(start_us) * 1000 - tolerance;
+        let last = next_ns + i128::from(want - 1) * i128::from(period_ns);
+        self.booked_ahead_ns.store(last.max(0) as u64, Ordering::Relaxed);
+        Ok(Lease { anchor: Some(anchor), next_ns, period_ns, left: want })
     }
 
     async fn round_trip<T: FromRedisValue + Send + 'static>(
@@ -378,6 +386,12 @@ impl RedisLimiter {
             }
             *link = Link::Lost;
         }
+        // Slots leased before stay good: every process's workers wait for
+        // theirs, up to as far ahead as the schedule was booked. This
+        // process's own pace starts after that, with no burst, so its calls
+        // never come on top of slots the others still spend.
+        let booked = Duration::from_nanos(self.booked_ahead_ns.load(Ordering::Relaxed));
+        self.fallback.start_empty(Instant::now() + booked);
         let share = self.ceiling / f64::from(self.processes);
         let pace = if share > 0.0 { format!("{share:.1} calls/s, this process's share") } else { "no limit".into() };
         tracing::warn!(
