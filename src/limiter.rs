@@ -95,6 +95,19 @@ struct Adaptive {
     measured: f64,
 }
 
+/// Waits until a `Retry-After` pause is over: `paused_until_ms` is its end
+/// in ms since `started`, and may move later while this waits.
+async fn wait_unpaused(started: Instant, paused_until_ms: &AtomicU64) {
+    loop {
+        let until = Duration::from_millis(paused_until_ms.load(Ordering::Relaxed));
+        let now = started.elapsed();
+        if until <= now {
+            return;
+        }
+        tokio::time::sleep(until - now).await;
+    }
+}
+
 /// Retries left to spend; see the module doc.
 pub struct RetryBudget(Mutex<Budget>);
 
@@ -158,14 +171,7 @@ impl LocalLimiter {
 
     /// Waits until one more call may go out.
     pub async fn until_ready(&self) {
-        loop {
-            let until = Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
-            let now = self.started.elapsed();
-            if until <= now {
-                break;
-            }
-            tokio::time::sleep(until - now).await;
-        }
+        wait_unpaused(self.started, &self.paused_until_ms).await;
         if self.fixed_period_ns > 0 {
             self.fixed_slot().await;
         }

@@ -29,7 +29,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{CALM, CUT_EVERY, FLOOR, Limiter, LocalLimiter, SHARE_WEIGHT, THROTTLED_SHARE};
+use super::{CALM, CUT_EVERY, FLOOR, Limiter, LocalLimiter, SHARE_WEIGHT, THROTTLED_SHARE, wait_unpaused};
 use crate::coordination::{ROUND_TRIP_TIMEOUT, Redis};
 
 /// How much of its share a process leases per round trip.
@@ -282,7 +282,7 @@ impl RedisLimiter {
     }
 
     async fn until_ready(&self) {
-        self.wait_pause().await;
+        wait_unpaused(self.started, &self.paused_until_ms).await;
         self.count_sent();
         let link = *self.link.lock().unwrap_or_else(|e| e.into_inner());
         match link {
@@ -310,17 +310,6 @@ impl RedisLimiter {
         };
         let paused = self.started + Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
         tokio::time::sleep_until(at.max(paused)).await;
-    }
-
-    async fn wait_pause(&self) {
-        loop {
-            let until = Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
-            let now = self.started.elapsed();
-            if until <= now {
-                return;
-            }
-            tokio::time::sleep(until - now).await;
-        }
     }
 
     fn count_sent(&self) {
