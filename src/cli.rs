@@ -215,6 +215,10 @@ pub struct ResumeArgs {
     /// `in_doubt` [default: resend for an idempotent job, fail for the others].
     #[arg(long, value_enum)]
     pub in_doubt: Option<InDoubt>,
+    /// The config file to read, when it moved since the run started [default: the run's, from run.json].
+    /// The run's profile stays.
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub settings: SettingArgs,
     #[command(flatten)]

@@ -410,6 +410,8 @@ async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) -> Result<Exi
                 run_dir: dir,
                 // The same default as `bulkcall resume`: by the job's idempotency.
                 in_doubt: None,
+                // The config file this command names, as `resume -c` would.
+                config: args.config.config,
                 settings: args.settings,
                 running: args.running,
             };
@@ -657,9 +659,21 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         max_failures.as_deref().map(str::parse::<MaxFailures>).transpose().map_err(|e| bad("max_failures", e))?;
     let grace = given.grace.or(flags.grace);
     let grace = grace.as_deref().map(humantime::parse_duration).transpose().map_err(|e| bad("grace", e.to_string()))?;
+    // The config file named now (it moved), else the run's.
+    if args.config.is_none()
+        && let Some(was) = info.config.as_deref().filter(|c| !c.exists())
+    {
+        return Err(Error::Usage(format!(
+            "the run's config file {} is gone; if it moved, `{} resume {} -c NEW_PATH` reads it from there",
+            was.display(),
+            crate::options::program(),
+            dir.display()
+        )));
+    }
+    let config_file = args.config.or_else(|| info.config.clone());
     let sources = Sources {
-        config_file: info.config.clone(),
-        no_config: info.config.is_none(),
+        no_config: config_file.is_none(),
+        config_file,
         profile: Some(info.profile.clone()).filter(|p| p != "default"),
         job: job.settings.clone(),
         flags: flags.settings,

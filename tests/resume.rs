@@ -374,6 +374,7 @@ async fn resume_follows_the_config_as_it_is_now_with_the_runs_own_flags_unless_g
     };
     let first = interrupted("first", &["-j", "1", "-r", "50"]).await;
     let second = interrupted("second", &["-j", "4"]).await;
+    let third = interrupted("third", &["-j", "1", "-r", "50"]).await;
     let run = json(&first.join("run.json"));
     assert_eq!(run["flags"]["settings"], serde_json::json!({"concurrency": 1, "rate": 50.0}));
     let sent_to_old = old.sandbox.stats().api_calls;
@@ -401,6 +402,19 @@ async fn resume_follows_the_config_as_it_is_now_with_the_runs_own_flags_unless_g
     let span = calls.last().unwrap().at - calls.first().unwrap().at;
     assert!(span >= Duration::from_millis(100 * (calls.len() as u64 - 2)), "{span:?} for {} calls", calls.len());
     assert_eq!(jsonl(&second.join("results.jsonl")).len(), 15);
+
+    // The config file itself moved: resume says how to name its new place,
+    // and reads it from there with -c, the run's profile kept.
+    let elsewhere = old.path("moved.toml");
+    std::fs::rename(&config, &elsewhere).unwrap();
+    let before = new.sandbox.stats().api_calls;
+    let code = old.run(&["resume", third.to_str().unwrap()]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::Usage, "the run's config is gone");
+    assert_eq!(new.sandbox.stats().api_calls, before, "nothing sent without a config");
+    let code = old.run(&["resume", third.to_str().unwrap(), "-c", elsewhere.to_str().unwrap()]).await;
+    assert_eq!(code, bulkcall::error::ExitCode::Success);
+    assert!(new.sandbox.stats().api_calls >= before + 10, "the rest went to the moved config's gateway");
+    assert_eq!(jsonl(&third.join("results.jsonl")).len(), 15);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

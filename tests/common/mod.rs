@@ -107,12 +107,12 @@ headers.environment = "sandbox"
 
     pub async fn run_until(&self, args: &[&str], stop: CancellationToken) -> ExitCode {
         let config = self.path("bulkcall.toml");
-        if !config.exists() {
-            self.config(SECRET, "");
-        }
         let mut argv: Vec<String> = vec!["bulkcall".into()];
         argv.extend(args.iter().map(|a| a.to_string()));
         if matches!(args[0], "run" | "validate" | "token") {
+            if !config.exists() {
+                self.config(SECRET, "");
+            }
             argv.extend(["-c".into(), config.display().to_string(), "-p".into(), "test".into()]);
         }
         if args[0] == "run" {
