@@ -1,16 +1,18 @@
 //! Processes that share Redis: one rate limit (GCRA on Redis's clock, slots
-//! leased a few at a time), one pause, one adaptive rate; and what happens
-//! when Redis goes away and comes back. Each test starts its own
-//! redis-server on a free loopback port.
+//! leased a few at a time), one pause, one adaptive rate; what happens
+//! when Redis goes away and comes back; the shared token a 401 removes.
+//! Each test starts its own redis-server on a free loopback port.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkcall::config::AuthSettings;
 use bulkcall::coordination::{Redis, RedisUrl};
 use bulkcall::limiter::Limiter;
 use bulkcall::limiter::redis::RedisLimiter;
+use bulkcall::token::shared::SharedStore;
 use common::redis::RedisServer;
 use tokio::time::Instant;
 
@@ -142,4 +144,63 @@ async fn without_redis_a_process_keeps_its_share_and_comes_back() {
     take(std::slice::from_ref(&limiter), 4, 20).await;
     assert!(limiter.is_shared());
     assert!(limiter.round_trips().0 > before, "leases from Redis again");
+}
+
+/// Two processes' handles on the token shared in Redis (same token URL,
+/// client, secret and key), each with a connection of its own.
+async fn token_stores(server: &RedisServer) -> (SharedStore, SharedStore) {
+    let settings =
+        AuthSettings { token_url: Some("https://idp.example.com/oauth2/token".into()), ..AuthSettings::default() };
+    let key = [7u8; 32];
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let redis = Redis::connect(&RedisUrl::parse(&server.url().into()).unwrap()).await.expect("redis answers");
+        stores.push(SharedStore::new(redis, &settings, "client-1", "secret-1", key));
+    }
+    let second = stores.pop().unwrap();
+    (stores.pop().unwrap(), second)
+}
+
+/// What a store reads from Redis: the access token, if any.
+async fn shared_token(store: &SharedStore) -> Option<String> {
+    store.load().await.expect("redis answers").map(|entry| entry.access_token)
+}
+
+/// A 401 on one process removes the token it was refused with, and only
+/// that one: after another process refreshed, the newer token stays for
+/// every process, so a late 401 for an old token never costs them a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_removes_only_the_token_that_was_refused() {
+    let Some(server) = RedisServer::start() else { return };
+    let (one, other) = token_stores(&server).await;
+    let expires_at = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // The stored form (`token::cache::Entry`, not exported), as Redis holds it.
+    let entry = |token: &str| {
+        serde_json::from_value(serde_json::json!({
+            "access_token": token, "token_type": "Bearer", "scope": null,
+            "expires_at": expires_at, "lifetime_s": 3600.0,
+        }))
+        .unwrap()
+    };
+
+    one.store(&entry("token-A")).await.unwrap();
+    assert_eq!(shared_token(&other).await.as_deref(), Some("token-A"), "the other process reads it");
+    // The other process refreshed: token B replaces A in Redis.
+    other.store(&entry("token-B")).await.unwrap();
+    assert_eq!(shared_token(&one).await.as_deref(), Some("token-B"));
+
+    // A call carrying A, sent before the refresh, comes back 401.
+    one.remove_if("token-A").await.unwrap();
+    assert_eq!(shared_token(&one).await.as_deref(), Some("token-B"), "B stays for this process");
+    assert_eq!(shared_token(&other).await.as_deref(), Some("token-B"), "and for the other");
+
+    // A 401 for B itself removes it: the next refresh fetches a new one.
+    other.remove_if("token-B").await.unwrap();
+    assert_eq!(shared_token(&one).await, None);
+    assert_eq!(shared_token(&other).await, None);
+    // Nothing to remove is no error.
+    one.remove_if("token-B").await.unwrap();
 }
