@@ -348,3 +348,168 @@ async fn four_shards_fetch_one_token_per_lifetime_and_redis_holds_it_encrypted()
     }
     assert_eq!(gw.sandbox.stats().unknown_token_calls, 0);
 }
+
+/// How many whole lines a results file holds so far (it may be growing:
+/// lines are counted, not parsed).
+fn lines_so_far(path: &Path) -> usize {
+    std::fs::read(path).map_or(0, |bytes| bytes.iter().filter(|&&b| b == b'\n').count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_killed_and_started_again_resumes_within_the_shared_run() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = RedisServer::start() else { return };
+    let (rows, rate) = (2000, 400);
+    let gw = limited_gateway(rate).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let extra = ["--rate", &rate.to_string(), "-j", "16"];
+    let (killed, n) = (1, 4);
+    let results = gw.path("run").join(format!("shard-{killed}-of-{n}")).join("results.jsonl");
+
+    let stalls = Stalls::watch();
+    let mut children: Vec<_> = (0..n)
+        .map(|k| shard(&gw, &redis.url(), &job, &input, k, n, &extra).spawn().expect("bulkcall starts"))
+        .collect();
+    // A good share of the run is done, and shard 1 has recorded outcomes.
+    received(&gw, 500).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while lines_so_far(&results) < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "shard {killed} recorded no outcome in 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut victim = children.remove(killed as usize);
+    victim.start_kill().unwrap();
+    assert_eq!(victim.wait().await.unwrap().code(), None, "killed by SIGKILL");
+    let before: Vec<String> = jsonl(&results).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+    let share = rows / n as usize;
+    assert!(before.len() >= 100 && before.len() < share, "{} of {share} rows recorded at the kill", before.len());
+
+    // The very same command, while the other shards go on.
+    let again = shard(&gw, &redis.url(), &job, &input, killed, n, &extra).spawn().expect("bulkcall starts");
+    children.insert(killed as usize, again);
+    let mut stderrs = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stderrs.push(stderr);
+    }
+    // The manifest in Redis took it back (this line comes after the
+    // check), and it resumed on the shared limit.
+    let restarted = &stderrs[killed as usize];
+    assert!(restarted.contains(&format!("resuming eligibility shard {killed}/{n} of run r1")), "{restarted}");
+    assert!(restarted.contains("round trips to Redis"), "{restarted}");
+
+    assert_every_row_once(&gw, n, rows);
+    let calls = gw.sandbox.recorded();
+    // Calls answered (a 429 is asked again; see below) per row key.
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    for call in calls.iter().filter(|c| c.status != 429) {
+        *answered.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    for key in &before {
+        assert_eq!(answered[key], 1, "{key} was recorded before the kill and sent again");
+    }
+    assert_eq!(answered.len(), rows, "every row reached the gateway");
+    let Some(_) = stalls.judgeable(rate) else { return };
+    // A shard dying with slots leased, and one joining again, never take
+    // the run over the limit.
+    let throttled = calls.iter().filter(|c| c.status == 429).count();
+    assert_eq!(throttled, 0, "calls throttled by the gateway");
+}
+
+/// The refresh lock of the token the test's config shares, as
+/// `token/shared.rs` names it: the first 16 bytes of SHA-256 over token
+/// URL, client id, SHA-256 of the secret and scope, in hex.
+fn token_lock_key(gw: &Gateway) -> String {
+    use sha2::Digest as _;
+    let mut id = sha2::Sha256::new();
+    id.update(gw.sandbox.token_url());
+    id.update(b"\n");
+    id.update(CLIENT_ID);
+    id.update(b"\n");
+    id.update(sha2::Sha256::digest(SECRET));
+    id.update(b"\n");
+    let id: String = id.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("bulkcall:token:{id}:lock")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_lock_left_by_a_dead_process_expires_and_one_token_is_fetched() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = RedisServer::start() else { return };
+    let rows = 400;
+    let before_start = tokio::time::Instant::now();
+    let gw = Gateway::start(sandbox_config()).await;
+    let after_start = tokio::time::Instant::now();
+    gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+
+    // A process took the refresh lock and died: its value is nobody's.
+    let lock = token_lock_key(&gw);
+    let url = bulkcall::coordination::RedisUrl::parse(&redis.url().into()).unwrap();
+    let mut conn = bulkcall::coordination::Redis::connect(&url).await.unwrap().conn;
+    let dead = "00000000000000000000000000dead00";
+    let planted: Option<String> =
+        ::redis::cmd("SET").arg(&lock).arg(dead).arg("NX").arg("PX").arg(60_000).query_async(&mut conn).await.unwrap();
+    assert!(planted.is_some());
+    let mut monitor = redis.monitor().await;
+    let children: Vec<_> = (0..4)
+        .map(|k| shard_with_key(&gw, &redis.url(), &job, &input, k, 4, &["--rate", "400", "-j", "8"]).spawn().unwrap())
+        .collect();
+
+    // Every shard tries the lock and finds it held (each has one connection).
+    let mut waiting = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while waiting.len() < 4 {
+        let line = tokio::time::timeout_at(deadline, monitor.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{} of 4 shards tried the refresh lock in 30 s", waiting.len()))
+            .unwrap()
+            .expect("MONITOR goes on");
+        if line.contains(&format!("\"SET\" \"{lock}\"")) && line.contains("\"NX\"") {
+            let client = line.split(['[', ']']).nth(1).unwrap_or_default().to_string();
+            waiting.insert(client);
+        }
+    }
+    drop(monitor);
+    assert_eq!(gw.sandbox.stats().token_requests, 0, "no shard fetched a token while the lock was held");
+    // The lock has 2 s left, as if its holder died 13 s into the 15 s the
+    // lock lives.
+    let expiring = tokio::time::Instant::now();
+    let set: i64 = ::redis::cmd("PEXPIRE").arg(&lock).arg(2000).query_async(&mut conn).await.unwrap();
+    assert_eq!(set, 1, "the planted lock is still there");
+
+    for child in children {
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("a shard ends within 60 s: none hangs behind the lock")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(!stderr.contains("fetches its own token"), "{stderr}");
+    }
+    assert_every_row_once(&gw, 4, rows);
+    assert_eq!(gw.sandbox.stats().unknown_token_calls, 0);
+    // One token for the four: whoever takes the expired lock fetches it and
+    // the others read it from Redis. (A second only if a process waited
+    // out its own 20 s deadline.)
+    let times = gw.sandbox.token_request_times();
+    assert!((1..=2).contains(&times.len()), "{} token requests: {times:?}", times.len());
+    // Not before the lock expired, and not long after: the first token
+    // request came `after` the lock was left 2 s, at least `at_least` and at
+    // most `at_most` (the sandbox's clock started between `before_start` and
+    // `after_start`).
+    let at_least = times[0].saturating_sub(expiring - before_start);
+    let at_most = times[0].saturating_sub(expiring - after_start);
+    assert!(at_least >= Duration::from_millis(1990), "a token request {at_least:?} after the lock had 2 s left");
+    assert!(at_most < Duration::from_secs(10), "the first token request {at_most:?} after the lock had 2 s left");
+    // The lock was this token's (it is stored beside it), and is gone.
+    let token_key = lock.trim_end_matches(":lock");
+    let stored: Option<String> = ::redis::cmd("GET").arg(token_key).query_async(&mut conn).await.unwrap();
+    assert!(stored.is_some(), "the token is stored under {token_key}");
+    let held: i64 = ::redis::cmd("EXISTS").arg(&lock).query_async(&mut conn).await.unwrap();
+    assert_eq!(held, 0, "the lock was released");
+}

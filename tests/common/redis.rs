@@ -6,6 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
@@ -31,6 +33,17 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `MONITOR` on a connection of its own: every command the server runs
+    /// from now on, one line each, `<time> [<db> <client address>] "<NAME>"
+    /// "<argument>" …`.
+    pub async fn monitor(&self) -> Lines<BufReader<tokio::net::TcpStream>> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.expect("redis answers");
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"), "MONITOR is on");
+        lines
     }
 
     /// Stops the server (as a crash would: its state is gone).
