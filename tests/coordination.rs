@@ -204,3 +204,33 @@ async fn a_401_removes_only_the_token_that_was_refused() {
     // Nothing to remove is no error.
     one.remove_if("token-B").await.unwrap();
 }
+
+/// The refresh lock: one holder at a time; the holder renews it while its
+/// fetch takes long (a lock near its end gets its whole time again), and
+/// nobody else can renew or release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_lock_is_held_by_one_and_renewed_only_by_its_holder() {
+    let Some(server) = RedisServer::start() else { return };
+    let (one, other) = token_stores(&server).await;
+    let lock = one.try_lock().await.unwrap().expect("nobody holds it yet");
+    assert_eq!(other.try_lock().await.unwrap(), None, "held by the first");
+
+    let url = RedisUrl::parse(&server.url().into()).unwrap();
+    let mut conn = Redis::connect(&url).await.unwrap().conn;
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("bulkcall:token:*:lock").query_async(&mut conn).await.unwrap();
+    let [key] = &keys[..] else { panic!("one lock: {keys:?}") };
+    let ttl = async |conn: &mut _| -> i64 { ::redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap() };
+    // Its time nearly out, as after a long fetch.
+    let _: i64 = ::redis::cmd("PEXPIRE").arg(key).arg(500).query_async(&mut conn).await.unwrap();
+
+    assert!(!other.renew("not-the-holder").await.unwrap(), "only the holder renews");
+    assert!(ttl(&mut conn).await <= 500);
+    assert!(one.renew(&lock).await.unwrap());
+    let renewed = ttl(&mut conn).await;
+    assert!(renewed > 5_000, "renewed for its whole time: {renewed} ms left");
+
+    other.unlock("not-the-holder").await;
+    assert_eq!(other.try_lock().await.unwrap(), None, "only the holder releases");
+    one.unlock(&lock).await;
+    assert!(other.try_lock().await.unwrap().is_some(), "free once released");
+}

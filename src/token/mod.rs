@@ -367,7 +367,10 @@ impl Inner {
             alone(e);
             return self.fetch().await;
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // A live holder keeps the lock until its fetch ends, a dead one's
+        // lapses: waiting is bounded either way. This deadline only guards
+        // against the unforeseen.
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             match shared.load().await {
                 Ok(entry) => {
@@ -389,7 +392,20 @@ impl Inner {
                         shared.unlock(&lock).await;
                         return Ok(token);
                     }
-                    let fetched = self.fetch().await;
+                    // The lock stays ours while the endpoint takes its time
+                    // (retries included); it lapses only if this process dies.
+                    let renewing = async {
+                        loop {
+                            tokio::time::sleep(shared::LOCK_RENEW_EVERY).await;
+                            if let Err(e) = shared.renew(&lock).await {
+                                tracing::debug!("could not renew the token refresh lock in Redis: {e}");
+                            }
+                        }
+                    };
+                    let fetched = tokio::select! {
+                        fetched = self.fetch() => fetched,
+                        _ = renewing => unreachable!("renewing never ends"),
+                    };
                     if let Ok(token) = &fetched
                         && let Err(e) = shared.store(&entry_of(token)).await
                     {
@@ -400,7 +416,12 @@ impl Inner {
                 }
                 // Another process is fetching: wait for its token.
                 Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok(None) => return self.fetch().await,
+                Ok(None) => {
+                    tracing::warn!(
+                        "another process has held the token refresh lock in Redis for 2 minutes: fetching one for this process"
+                    );
+                    return self.fetch().await;
+                }
                 Err(e) => {
                     alone(e);
                     return self.fetch().await;

@@ -23,8 +23,11 @@ use crate::coordination::{ROUND_TRIP_TIMEOUT, Redis};
 
 /// The environment variable holding the key (64 hex characters).
 pub const KEY_VARIABLE: &str = "BULKCALL_TOKEN_KEY";
-/// How long the refresh lock lives if its holder dies.
-const LOCK_TTL: Duration = Duration::from_secs(15);
+/// How long the refresh lock lives if its holder dies; a live holder
+/// renews it every [`LOCK_RENEW_EVERY`] until its fetch ends, however long
+/// the token endpoint takes.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+pub const LOCK_RENEW_EVERY: Duration = Duration::from_secs(3);
 
 /// The key the shared token is encrypted with: `BULKCALL_TOKEN_KEY`, or
 /// the file `auth.shared_key_file`; `None` when neither is there.
@@ -168,6 +171,20 @@ impl SharedStore {
         set.arg(&self.lock_key).arg(&id).arg("NX").arg("PX").arg(LOCK_TTL.as_millis() as u64);
         let taken: Option<String> = self.query(&set).await?;
         Ok(taken.map(|_| id))
+    }
+
+    /// Renews the lock for another [`LOCK_TTL`] if it is still ours:
+    /// whether it was.
+    pub async fn renew(&self, id: &str) -> Result<bool, String> {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+        )
+        .arg(1)
+        .arg(&self.lock_key)
+        .arg(id)
+        .arg(LOCK_TTL.as_millis() as u64);
+        self.query::<i64>(&eval).await.map(|renewed| renewed == 1)
     }
 
     /// Releases the lock if it is still ours (it may have expired and gone
