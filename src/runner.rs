@@ -362,8 +362,11 @@ fn start_recorder(
                 return recorder;
             }
         }
-        if let Err(e) = recorder.sync(&shared) {
-            tracing::warn!("{e}; `resume` finds the last outcomes at the end of the outcome files");
+        // The last group, durable, then its done marks too: a run that
+        // finished says so on disk. A failure here is the run's failure:
+        // those outcomes may not be on disk.
+        if let Err(e) = recorder.sync(&shared).and_then(|()| shared.ledger.sync()) {
+            shared.abort(Error::Output(e));
         }
         recorder
     };
@@ -534,9 +537,10 @@ pub async fn run(
         })
     };
 
-    // Outcomes waiting to be recorded: at most two per worker (room for a
-    // beat of the recorder), so the rows in doubt after a crash are never
-    // more than three times the concurrency.
+    // Outcomes waiting to be recorded: two per worker, at least 64 (room for
+    // a beat of the recorder). The rows in doubt after a crash are those in
+    // flight, those waiting, and the group the recorder holds while it
+    // writes (at most as many again): concurrency + 2 x this room at most.
     let (outcome_tx, outcome_rx) = mpsc::channel::<Outcome>((2 * concurrency).max(64));
     let recorder = Recorder { writer, group: GroupCommit::default(), stats, first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
