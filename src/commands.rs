@@ -752,10 +752,11 @@ async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationToken) -> Resu
         progress: args.running.progress,
         json: args.running.json,
         flags: info.flags.clone(),
+        // The config file read now: the one `-c` named if it moved.
         rerun: rerun_command(
             &info.job,
             Some(info.profile.as_str()).filter(|p| *p != "default"),
-            info.config.as_deref(),
+            resolved.loaded.config_file.as_deref(),
         ),
         resumable: true,
         sharding: match (info.shard, info.run_id) {
