@@ -367,10 +367,6 @@ impl Inner {
             alone(e);
             return self.fetch().await;
         }
-        // A live holder keeps the lock until its fetch ends, a dead one's
-        // lapses: waiting is bounded either way. This deadline only guards
-        // against the unforeseen.
-        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             match shared.load().await {
                 Ok(entry) => {
@@ -397,8 +393,12 @@ impl Inner {
                     let renewing = async {
                         loop {
                             tokio::time::sleep(shared::LOCK_RENEW_EVERY).await;
-                            if let Err(e) = shared.renew(&lock).await {
-                                tracing::debug!("could not renew the token refresh lock in Redis: {e}");
+                            match shared.renew(&lock).await {
+                                Ok(true) => {}
+                                // Lapsed (this process stalled, or Redis restarted):
+                                // another process may fetch too; harmless, but said.
+                                Ok(false) => tracing::debug!("the token refresh lock in Redis lapsed during the fetch"),
+                                Err(e) => tracing::debug!("could not renew the token refresh lock in Redis: {e}"),
                             }
                         }
                     };
@@ -414,14 +414,10 @@ impl Inner {
                     shared.unlock(&lock).await;
                     return fetched;
                 }
-                // Another process is fetching: wait for its token.
-                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok(None) => {
-                    tracing::warn!(
-                        "another process has held the token refresh lock in Redis for 2 minutes: fetching one for this process"
-                    );
-                    return self.fetch().await;
-                }
+                // Another process is fetching: wait for its token. A live
+                // holder keeps the lock until its fetch ends (bounded by its
+                // attempts and timeouts), a dead one's lapses within 10 s.
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => {
                     alone(e);
                     return self.fetch().await;
