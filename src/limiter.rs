@@ -188,6 +188,11 @@ impl LocalLimiter {
         self.fixed_next_ns.fetch_max(from + self.fixed_tolerance_ns + self.fixed_period_ns, Ordering::AcqRel);
     }
 
+    /// When the last call booked so far may go out at the latest.
+    pub fn booked_until(&self) -> Instant {
+        self.started + Duration::from_nanos(self.fixed_next_ns.load(Ordering::Acquire))
+    }
+
     /// A `Retry-After`: no call goes out before `d` from now.
     pub fn pause(&self, d: Duration) {
         let until = (self.started.elapsed() + d).as_millis() as u64;

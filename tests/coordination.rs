@@ -146,6 +146,37 @@ async fn without_redis_a_process_keeps_its_share_and_comes_back() {
     assert!(limiter.round_trips().0 > before, "leases from Redis again");
 }
 
+/// Many workers waiting while Redis is lost book this process's own
+/// schedule far ahead (96 workers at 25 calls/s: almost 4 s), and Redis is
+/// back before every one of them found it lost. Calls booked alone still go
+/// out at their own pace, outside the shared schedule: until they are gone
+/// the process keeps to its share, and no call waiting for a lease takes
+/// one from the fresh Redis on top of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_booked_alone_are_out_before_redis_gives_the_whole_rate_again() {
+    let Some(mut server) = RedisServer::start() else { return };
+    let (rate, processes) = (100.0, 4);
+    let limiter = limiter(&server, "bulkcall:{b}:limit", rate, 1, processes).await;
+    take(std::slice::from_ref(&limiter), 4, 5).await;
+    server.stop();
+    let taking = tokio::spawn({
+        let limiter = limiter.clone();
+        async move { take(std::slice::from_ref(&limiter), 96, 500).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limiter.is_shared() {
+        assert!(Instant::now() < deadline, "Redis not found lost");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.restart();
+    let times = taking.await.unwrap();
+    assert!(limiter.is_shared(), "back on the shared limit");
+    // This process is alone on Redis: the shared limit is all its own once
+    // back, and never more (a burst of 1, and 2% for timer wake-ups).
+    let busiest = busiest_second(&times);
+    assert!(busiest <= (rate * 1.02) as usize + 1, "{busiest} calls in one second, above {rate}/s");
+}
+
 /// Two processes' handles on the token shared in Redis (same token URL,
 /// client, secret and key), each with a connection of its own.
 async fn token_stores(server: &RedisServer) -> (SharedStore, SharedStore) {

@@ -186,7 +186,8 @@ enum Link {
     Shared,
     /// Redis is lost: this process keeps to its share alone.
     Lost,
-    /// Redis is back: shared again, but still capped at the share until then.
+    /// Redis is back: shared again, but still capped at the share until
+    /// then (the calls booked alone are gone by then).
     Back(Instant),
 }
 
@@ -221,7 +222,7 @@ pub struct RedisLimiter {
     /// holding this; the others wait for it instead of asking Redis too.
     lease: tokio::sync::Mutex<Lease>,
     /// Paces this process at its share while Redis is lost.
-    fallback: LocalLimiter,
+    fallback: Arc<LocalLimiter>,
     link: Arc<Mutex<Link>>,
     /// 429s seen since the last lease, reported with the next one.
     throttled: AtomicU64,
@@ -251,7 +252,9 @@ impl RedisLimiter {
             started: Instant::now(),
             paused_until_ms: AtomicU64::new(0),
             lease: tokio::sync::Mutex::new(Lease::default()),
-            fallback: LocalLimiter::new(rate / f64::from(processes), burst),
+            // The share of the rate and of the burst: the processes left
+            // alone together spend no more than one burst.
+            fallback: Arc::new(LocalLimiter::new(rate / f64::from(processes), (burst / processes).max(1))),
             link: Arc::new(Mutex::new(Link::Shared)),
             throttled: AtomicU64::new(0),
             adaptive: Mutex::new(Adaptive::default()),
@@ -293,6 +296,13 @@ impl RedisLimiter {
         }
         let at = {
             let mut lease = self.lease.lock().await;
+            // Redis was found lost while this call waited for the lease: it
+            // goes at this process's own pace, as every call does until
+            // Redis is back (a lease taken now would add its calls to those).
+            if *self.link.lock().unwrap_or_else(|e| e.into_inner()) == Link::Lost {
+                drop(lease);
+                return self.fallback.until_ready().await;
+            }
             match lease.take() {
                 Some(at) => at,
                 None => match self.fetch_lease().await {
@@ -387,13 +397,18 @@ impl RedisLimiter {
             "lost Redis at {} ({reason}): going on at {pace} and reconnecting in the background",
             self.redis.url
         );
-        let (redis, link) = (self.redis.clone(), Arc::downgrade(&self.link));
+        let (redis, link, fallback) = (self.redis.clone(), Arc::downgrade(&self.link), self.fallback.clone());
         self.rt.spawn(async move {
             loop {
                 tokio::time::sleep(RECONNECT_EVERY).await;
                 let Some(link) = link.upgrade() else { return };
                 if redis.ping().await {
-                    *link.lock().unwrap_or_else(|e| e.into_inner()) = Link::Back(Instant::now() + BACK_CAP);
+                    // Calls booked alone until now go out at their own pace,
+                    // outside the shared schedule: capped at the share
+                    // until the last of them has gone, and for a while after
+                    // so the other processes find Redis again too.
+                    let until = (Instant::now() + BACK_CAP).max(fallback.booked_until());
+                    *link.lock().unwrap_or_else(|e| e.into_inner()) = Link::Back(until);
                     tracing::info!("Redis at {} is back: the shared rate limit again", redis.url);
                     return;
                 }
