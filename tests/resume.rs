@@ -185,7 +185,10 @@ fn outcome_keys(out: &std::path::Path) -> (Vec<String>, Vec<String>) {
     for entry in std::fs::read_dir(out).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        if name.starts_with("failures") && name.ends_with(".csv") {
+        // A kill between a failures file's creation and its first write
+        // (header and lines go together) leaves it empty: no failures yet.
+        // `resume_writes_the_header_of_a_failures_file_left_empty_by_a_kill` holds resume to it.
+        if name.starts_with("failures") && name.ends_with(".csv") && std::fs::metadata(&path).unwrap().len() > 0 {
             let mut reader = csv::Reader::from_path(&path).unwrap();
             let key = reader.headers().unwrap().iter().position(|h| h == "_key").unwrap();
             failures.extend(reader.records().map(|r| r.unwrap()[key].to_string()));
@@ -291,6 +294,37 @@ async fn resume_never_truncates_an_outcome_file() {
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(outcome_keys(&out), (results, failures), "the outcome files are kept as they were");
     assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
+}
+
+/// A kill between a failures file's creation and its first write leaves it
+/// empty; resume gives it its header with the first failure it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_writes_the_header_of_a_failures_file_left_empty_by_a_kill() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 0.2, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 50));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, bulkcall::error::ExitCode::RowsFailed);
+    let (results, failures) = outcome_keys(&out);
+    assert!(!failures.is_empty());
+    // As if the process died with the failures file just created: nothing
+    // in it, and none of the ledger's marks on disk.
+    std::fs::write(out.join("failures.csv"), "").unwrap();
+    std::fs::write(out.join("journal"), "").unwrap();
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    assert!(text.starts_with("control_number,"), "the header first: {text}");
+    let (results_now, mut failures_now) = outcome_keys(&out);
+    let mut failed_before = failures.clone();
+    failures_now.sort();
+    failed_before.sort();
+    assert_eq!(results_now, results, "results kept as they were");
+    assert_eq!(failures_now, failed_before, "the failed rows sent again, failing again");
+    assert_eq!(gw.sandbox.stats().api_calls, 50 + failures.len() as u64, "only rows with no outcome on file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
