@@ -56,7 +56,10 @@ async fn a_killed_run_is_resumed_without_resending_recorded_rows() {
         assert_eq!(sent[key], 1, "{key} was recorded before the kill and not sent again");
     }
     let twice = sent.values().filter(|&&n| n > 1).count();
-    assert!(twice <= 64, "at most `concurrency` rows were in doubt and sent again: {twice}");
+    // In doubt: the calls in flight (64) and the outcomes waiting for the
+    // recorder (two places per worker, and the group it holds): README's bound.
+    let most = 64 + 2 * 128;
+    assert!(twice <= most, "at most {most} rows were in doubt and sent again: {twice}");
     assert_eq!(gw.sandbox.stats().api_calls, 3000 + twice as u64);
     assert!(gw.sandbox.stats().api_calls > sent_before);
     let summary = json(&out.join("summary.json"));
