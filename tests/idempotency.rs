@@ -6,18 +6,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bulkcall::error::ExitCode;
 use bulkcall::sandbox::{Fault, Faults, RecordedCall, SandboxConfig};
 use common::*;
-
-fn bulkcall() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-    command.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    command
-}
 
 /// How many calls the gateway received for each control number.
 fn sent_per_row(gw: &Gateway) -> HashMap<String, usize> {

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bulkcall::sandbox::{Faults, RecordedCall, SandboxConfig};
@@ -49,20 +48,14 @@ fn shard(
     n: u32,
     extra: &[&str],
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    let mut command = bulkcall();
     command
         .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "--shard", &format!("{k}/{n}")])
         .args(["--run-id", "r1", "-o", gw.path("run").to_str().unwrap(), "--burst", &BURST.to_string()])
         .args(["-c", gw.path("bulkcall.toml").to_str().unwrap(), "-p", "test", "--progress", "never"])
         .args(extra)
         .env("BULKCALL_REDIS_URL", redis)
-        .env_remove("BULKCALL_TOKEN_KEY")
-        .env_remove("RUST_LOG")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env_remove("BULKCALL_TOKEN_KEY");
     command
 }
 

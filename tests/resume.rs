@@ -4,17 +4,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bulkcall::sandbox::SandboxConfig;
 use common::*;
-
-fn bulkcall() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-    command.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    command
-}
 
 fn keys_in_results(path: &std::path::Path) -> Vec<String> {
     jsonl(path).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect()

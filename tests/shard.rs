@@ -12,18 +12,6 @@ use bulkcall::error::ExitCode;
 use bulkcall::sandbox::SandboxConfig;
 use common::*;
 
-fn bulkcall() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-    command
-        .env_remove("RUST_LOG")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
 fn keys_in(path: &std::path::Path) -> Vec<String> {
     jsonl(path).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect()
 }

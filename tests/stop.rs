@@ -4,17 +4,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bulkcall::sandbox::SandboxConfig;
 use common::*;
-
-fn bulkcall() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-    command.env_remove("RUST_LOG").stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    command
-}
 
 /// `bulkcall run JOB INPUT -o OUT -c CONFIG -p test -j 4`.
 fn run(job: &Path, input: &Path, out: &Path, config: &Path) -> tokio::process::Command {

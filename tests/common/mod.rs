@@ -160,6 +160,21 @@ pub fn eligibility_csv(first: u64, n: u64) -> String {
     text
 }
 
+/// The real `bulkcall` binary as a child process: no log filter or array
+/// index from the test's own environment, stdout dropped, stderr kept,
+/// killed if the test drops it.
+pub fn bulkcall() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("AWS_BATCH_JOB_ARRAY_INDEX")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 /// A query: `idempotent = true`, so timeouts and 5xx are retried and rows
 /// in doubt are sent again on resume.
 pub const ELIGIBILITY_JOB: &str = r#"
