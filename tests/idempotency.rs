@@ -30,12 +30,7 @@ async fn a_post_job_without_a_key_says_once_at_start_what_that_means_for_retries
     ] {
         let job = gw.write(name, &job);
         let out = gw.path(&format!("run-{name}"));
-        let output = bulkcall()
-            .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
-            .args(["-c", config.to_str().unwrap(), "-p", "test"])
-            .output()
-            .await
-            .unwrap();
+        let output = run_command(&job, &input, &out, &config).output().await.unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(0), "{stderr}");
         assert_eq!(stderr.matches(line).count(), expected, "{name}: {stderr}");
@@ -52,11 +47,7 @@ async fn resume_fails_the_rows_in_doubt_of_a_non_idempotent_job_by_default() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 100));
     let job = gw.write("claims.toml", CLAIMS_JOB);
     let out = gw.path("run");
-    let mut child = bulkcall()
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "8"])
-        .spawn()
-        .unwrap();
+    let mut child = run_command(&job, &input, &out, &config).args(["-j", "8"]).spawn().unwrap();
     gw.wait_for_calls(20).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();

@@ -20,10 +20,9 @@ async fn a_killed_run_is_resumed_without_resending_recorded_rows() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 3000));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let mut child = bulkcall()
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+    let mut child = run_command(&job, &input, &out, &config)
         // 64 workers: several lanes on a machine with two cores or more.
-        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "64"])
+        .args(["-j", "64"])
         .spawn()
         .unwrap();
     gw.wait_for_calls(1000).await;
@@ -66,11 +65,7 @@ async fn in_doubt_rows_can_be_failed_instead_of_resent() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 200));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let mut child = bulkcall()
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "8"])
-        .spawn()
-        .unwrap();
+    let mut child = run_command(&job, &input, &out, &config).args(["-j", "8"]).spawn().unwrap();
     gw.wait_for_calls(20).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
@@ -458,12 +453,8 @@ async fn a_run_directory_is_locked_wherever_resume_is_started_from() {
     for folder in ["a", "b"] {
         std::fs::create_dir(gw.path(folder)).unwrap();
     }
-    let mut first = bulkcall()
-        .current_dir(gw.path("a"))
-        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
-        .args(["-c", config.to_str().unwrap(), "-p", "test", "-j", "2"])
-        .spawn()
-        .unwrap();
+    let mut first =
+        run_command(&job, &input, &out, &config).current_dir(gw.path("a")).args(["-j", "2"]).spawn().unwrap();
     let pid = first.id().unwrap();
     gw.wait_for_calls(2).await;
     let second = bulkcall().current_dir(gw.path("b")).args(["resume", out.to_str().unwrap()]).output().await.unwrap();

@@ -3,25 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use bulkcall::sandbox::SandboxConfig;
 use common::*;
-
-/// `bulkcall run JOB INPUT -o OUT -c CONFIG -p test -j 4`.
-fn run(job: &Path, input: &Path, out: &Path, config: &Path) -> tokio::process::Command {
-    let mut command = bulkcall();
-    command.args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).args([
-        "-c",
-        config.to_str().unwrap(),
-        "-p",
-        "test",
-        "-j",
-        "4",
-    ]);
-    command
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
@@ -30,7 +15,7 @@ async fn a_hangup_stops_the_run_gracefully_like_sigterm() {
     let input = gw.write("rows.csv", &eligibility_csv(1, 200));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let child = run(&job, &input, &out, &config).spawn().unwrap();
+    let child = run_command(&job, &input, &out, &config).args(["-j", "4"]).spawn().unwrap();
     gw.wait_for_calls(8).await;
     let pid = child.id().unwrap() as libc::pid_t;
     // SAFETY: a plain kill(2) of the child this test started.
@@ -59,7 +44,7 @@ async fn a_retry_after_longer_than_retry_after_max_stops_with_75_and_resume_send
     // A claim job: rows refused with 429 must stay resumable, not in doubt.
     let job = gw.write("claims.toml", CLAIMS_JOB);
     let out = gw.path("run");
-    let output = run(&job, &input, &out, &config).output().await.unwrap();
+    let output = run_command(&job, &input, &out, &config).args(["-j", "4"]).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("1h") && stderr.contains("resume"), "the pause asked for and how to go on: {stderr}");
@@ -97,7 +82,7 @@ async fn rows_waiting_for_a_retry_when_the_run_stops_are_sent_by_resume_as_never
     let input = gw.write("rows.csv", &eligibility_csv(1, 40));
     let job = gw.write("claims.toml", CLAIMS_JOB);
     let out = gw.path("run");
-    let child = run(&job, &input, &out, &config).spawn().unwrap();
+    let child = run_command(&job, &input, &out, &config).args(["-j", "4"]).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !gw.sandbox.recorded().iter().any(|c| c.status == 503) {
         assert!(tokio::time::Instant::now() < deadline, "no 503 within a minute");

@@ -160,6 +160,19 @@ pub fn eligibility_csv(first: u64, n: u64) -> String {
     text
 }
 
+/// `bulkcall run JOB INPUT -o OUT -c CONFIG -p test` as a child process
+/// ([`bulkcall`]); more flags with `.args`.
+pub fn run_command(job: &Path, input: &Path, out: &Path, config: &Path) -> tokio::process::Command {
+    let mut command = bulkcall();
+    command.args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()]).args([
+        "-c",
+        config.to_str().unwrap(),
+        "-p",
+        "test",
+    ]);
+    command
+}
+
 /// The real `bulkcall` binary as a child process: no log filter or array
 /// index from the test's own environment, stdout dropped, stderr kept,
 /// killed if the test drops it.
