@@ -318,8 +318,9 @@ async fn resume_writes_the_header_of_a_failures_file_left_empty_by_a_kill() {
     assert_eq!(gw.sandbox.stats().api_calls, 50 + failures.len() as u64, "only rows with no outcome on file");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
+/// A run of 600 rows, 30% of them failing for good, stopped once the
+/// gateway has had `calls` calls: the gateway and the run directory.
+async fn stopped_with_failures(calls: u64) -> (Gateway, std::path::PathBuf) {
     let faults = bulkcall::sandbox::Faults { bad_requests: 0.3, ..Default::default() };
     let gw = Gateway::start(SandboxConfig { faults, latency: Duration::from_millis(10), ..sandbox_config() }).await;
     let input = gw.write("rows.csv", &eligibility_csv(1, 600));
@@ -328,10 +329,16 @@ async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
     let stop = tokio_util::sync::CancellationToken::new();
     let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
     let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
-        gw.wait_for_calls(300).await;
+        gw.wait_for_calls(calls).await;
         stop.cancel();
     });
     assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
+    (gw, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
+    let (gw, out) = stopped_with_failures(300).await;
     let earlier = json(&out.join("summary.json"));
     assert!(earlier["failed"].as_u64().unwrap() > 50, "{earlier}");
 
@@ -343,18 +350,7 @@ async fn max_failures_as_a_share_judges_a_resumed_run_on_the_rows_it_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_failures_as_a_count_judges_a_resumed_run_on_all_its_failures() {
-    let faults = bulkcall::sandbox::Faults { bad_requests: 0.3, ..Default::default() };
-    let gw = Gateway::start(SandboxConfig { faults, latency: Duration::from_millis(10), ..sandbox_config() }).await;
-    let input = gw.write("rows.csv", &eligibility_csv(1, 600));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-    let out = gw.path("run");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-j", "8"];
-    let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), async {
-        gw.wait_for_calls(500).await;
-        stop.cancel();
-    });
-    assert_eq!(code, bulkcall::error::ExitCode::Interrupted);
+    let (gw, out) = stopped_with_failures(500).await;
     let earlier = json(&out.join("summary.json"));
     let (failed, total) = (earlier["failed"].as_u64().unwrap(), earlier["total"].as_u64().unwrap());
     // A cap this session alone could never reach: fewer rows are left than it.
