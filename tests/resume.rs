@@ -266,8 +266,9 @@ async fn many_inputs_sharing_file_names_survive_two_kills_with_every_row_in_exac
     assert_eq!(summary["failed"].as_u64(), Some(permanent.len() as u64));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_never_truncates_an_outcome_file() {
+/// A finished run of 50 rows, 20% of them failing for good: the gateway,
+/// the run directory and the keys in results and in failures.
+async fn finished_with_failures() -> (Gateway, std::path::PathBuf, Vec<String>, Vec<String>) {
     let faults = bulkcall::sandbox::Faults { bad_requests: 0.2, ..Default::default() };
     let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
     let input = gw.write("rows.csv", &eligibility_csv(1, 50));
@@ -276,13 +277,23 @@ async fn resume_never_truncates_an_outcome_file() {
     assert_eq!(gw.run_job(&job, &input, &out, &[]).await, bulkcall::error::ExitCode::RowsFailed);
     let (results, failures) = outcome_keys(&out);
     assert!(!failures.is_empty());
-    // As if the process died after writing the outcomes, before the ledger
-    // had any of their marks.
+    (gw, out, results, failures)
+}
+
+/// As if the process had died before the ledger had any of the outcomes'
+/// marks on disk: `resume` (which finds some rows failed) starts again.
+async fn resume_after_losing_the_marks(out: &std::path::Path) {
     std::fs::write(out.join("journal"), "").unwrap();
     std::fs::remove_file(out.join("summary.json")).unwrap();
-
     let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_never_truncates_an_outcome_file() {
+    let (gw, out, results, failures) = finished_with_failures().await;
+    // As if the process died after writing the outcomes.
+    resume_after_losing_the_marks(&out).await;
     assert_eq!(outcome_keys(&out), (results, failures), "the outcome files are kept as they were");
     assert_eq!(gw.sandbox.stats().api_calls, 50, "rows with an outcome on file are not sent again");
 }
@@ -291,22 +302,11 @@ async fn resume_never_truncates_an_outcome_file() {
 /// empty; resume gives it its header with the first failure it writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_writes_the_header_of_a_failures_file_left_empty_by_a_kill() {
-    let faults = bulkcall::sandbox::Faults { bad_requests: 0.2, ..Default::default() };
-    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
-    let input = gw.write("rows.csv", &eligibility_csv(1, 50));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-    let out = gw.path("run");
-    assert_eq!(gw.run_job(&job, &input, &out, &[]).await, bulkcall::error::ExitCode::RowsFailed);
-    let (results, failures) = outcome_keys(&out);
-    assert!(!failures.is_empty());
+    let (gw, out, results, failures) = finished_with_failures().await;
     // As if the process died with the failures file just created: nothing
-    // in it, and none of the ledger's marks on disk.
+    // in it.
     std::fs::write(out.join("failures.csv"), "").unwrap();
-    std::fs::write(out.join("journal"), "").unwrap();
-    std::fs::remove_file(out.join("summary.json")).unwrap();
-
-    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
-    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    resume_after_losing_the_marks(&out).await;
     let text = std::fs::read_to_string(out.join("failures.csv")).unwrap();
     assert!(text.starts_with("control_number,"), "the header first: {text}");
     let (results_now, mut failures_now) = outcome_keys(&out);
