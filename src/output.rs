@@ -354,6 +354,13 @@ pub fn failure_file_names(inputs: &[(PathBuf, Format, u8)]) -> Vec<String> {
         .collect()
 }
 
+/// An outcome file: lines gathered, handed to the operating system, then
+/// made durable.
+trait OutcomeFile {
+    fn flush(&mut self) -> Result<(), OutputError>;
+    fn sync(&mut self) -> Result<(), OutputError>;
+}
+
 /// A JSON Lines file written one whole line at a time, straight to the
 /// operating system.
 struct Lines {
@@ -389,7 +396,9 @@ impl Lines {
         self.pending.extend_from_slice(b"}\n");
         Ok(())
     }
+}
 
+impl OutcomeFile for Lines {
     fn flush(&mut self) -> Result<(), OutputError> {
         self.unsynced |= flush_pending(&mut self.file, &mut self.pending, &self.path)?;
         Ok(())
@@ -474,7 +483,9 @@ impl CsvFile {
         self.record = w.into_inner().map_err(|e| std::io::Error::other(e.to_string())).map_err(io(&self.path))?;
         written.map_err(io(&self.path))
     }
+}
 
+impl OutcomeFile for CsvFile {
     fn flush(&mut self) -> Result<(), OutputError> {
         self.unsynced |= flush_pending(&mut self.file, &mut self.record, &self.path)?;
         Ok(())
@@ -672,34 +683,30 @@ impl Writer {
     /// Hands every recorded line to the operating system: one `write` per
     /// file. An outcome counts as recorded once this returns.
     pub fn flush(&mut self) -> Result<(), OutputError> {
-        if let Some(f) = &mut self.results {
-            f.flush()?;
-        }
-        if let Some((f, _)) = &mut self.results_csv {
-            f.flush()?;
-        }
-        for f in self.failures.values_mut() {
-            match f {
-                FailureFile::Csv(f) => f.flush()?,
-                FailureFile::Jsonl(f) => f.flush()?,
-            }
-        }
-        Ok(())
+        self.each_file(|f| f.flush())
     }
 
     /// Makes every line flushed so far durable: one `fdatasync` per file
     /// written to since the last call.
     pub fn sync(&mut self) -> Result<(), OutputError> {
+        self.each_file(|f| f.sync())
+    }
+
+    /// Calls `act` on every outcome file open.
+    fn each_file(
+        &mut self,
+        mut act: impl FnMut(&mut dyn OutcomeFile) -> Result<(), OutputError>,
+    ) -> Result<(), OutputError> {
         if let Some(f) = &mut self.results {
-            f.sync()?;
+            act(f)?;
         }
         if let Some((f, _)) = &mut self.results_csv {
-            f.sync()?;
+            act(f)?;
         }
         for f in self.failures.values_mut() {
             match f {
-                FailureFile::Csv(f) => f.sync()?,
-                FailureFile::Jsonl(f) => f.sync()?,
+                FailureFile::Csv(f) => act(f)?,
+                FailureFile::Jsonl(f) => act(f)?,
             }
         }
         Ok(())
@@ -756,8 +763,10 @@ impl GroupCommit {
     pub fn write(&mut self, writer: &mut Writer, outcomes: &[Outcome]) -> Result<(), OutputError> {
         outcomes.iter().try_for_each(|outcome| writer.record(outcome))?;
         writer.flush()?;
+        // When these outcomes were recorded: one clock reading for all.
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         for outcome in outcomes {
-            self.marks.push_str(&Ledger::done_line(outcome));
+            Ledger::push_done(&mut self.marks, outcome, at_ms as u64);
         }
         if !outcomes.is_empty() {
             self.since.get_or_insert_with(std::time::Instant::now);
@@ -937,27 +946,35 @@ impl Ledger {
         (&self.file).write_all(format!("R\t{input}\t{row}\n").as_bytes()).map_err(io(&self.path))
     }
 
-    /// Writes done marks ([`Ledger::done_line`]s), in one `write`.
+    /// Writes done marks ([`Ledger::push_done`]), in one `write`.
     fn write_marks(&self, lines: &str) -> Result<(), OutputError> {
         (&self.file).write_all(lines.as_bytes()).map_err(io(&self.path))
     }
 
-    fn done_line(outcome: &Outcome) -> String {
-        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    /// Appends `outcome`'s done mark, stamped `at_ms`, to `marks`.
+    fn push_done(marks: &mut String, outcome: &Outcome, at_ms: u64) {
         let done = Done {
             status: outcome.status,
             error: outcome.result.as_ref().err().map(|f| f.kind.as_str().to_string()),
             attempts: outcome.attempts,
             latency_us: outcome.latency.as_micros() as u64,
-            at_ms: at_ms as u64,
+            at_ms,
         };
-        Self::mark_done_line(outcome.input, outcome.number, &done)
+        Self::push_mark(marks, outcome.input, outcome.number, &done);
     }
 
-    fn mark_done_line(input: usize, row: u64, done: &Done) -> String {
-        let status = done.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+    /// The one place that writes a done mark's line.
+    fn push_mark(marks: &mut String, input: usize, row: u64, done: &Done) {
+        use std::fmt::Write as _;
+        let _ = write!(marks, "D\t{input}\t{row}\t");
+        match done.status {
+            Some(status) => {
+                let _ = write!(marks, "{status}");
+            }
+            None => marks.push('-'),
+        }
         let error = done.error.as_deref().unwrap_or("ok");
-        format!("D\t{input}\t{row}\t{status}\t{error}\t{}\t{}\t{}\n", done.attempts, done.latency_us, done.at_ms)
+        let _ = writeln!(marks, "\t{error}\t{}\t{}\t{}", done.attempts, done.latency_us, done.at_ms);
     }
 
     /// Marks done, before a resumed run sends anything, the rows whose
@@ -968,7 +985,10 @@ impl Ledger {
             return Ok(());
         }
         let path = dir.join("journal");
-        let lines: String = rows.iter().map(|(input, row, done)| Self::mark_done_line(*input, *row, done)).collect();
+        let mut lines = String::new();
+        for (input, row, done) in rows {
+            Self::push_mark(&mut lines, *input, *row, done);
+        }
         let file = open_file(&path, true)?;
         (&file).write_all(lines.as_bytes()).and_then(|()| file.sync_data()).map_err(io(&path))
     }
