@@ -301,6 +301,10 @@ impl Recorder {
     }
 }
 
+/// An outcome on its way to the recorder, with, for a job that is not
+/// idempotent, the worker's wait for it to be written.
+type ToRecord = (Outcome, Option<oneshot::Sender<()>>);
+
 /// How often a busy recorder takes the outcomes waiting: in a beat, rather
 /// than woken by every one (a wake-up crosses threads).
 const RECORDER_BEAT: Duration = Duration::from_millis(1);
@@ -318,7 +322,7 @@ const RECORDER_BEAT: Duration = Duration::from_millis(1);
 fn start_recorder(
     mut recorder: Recorder,
     shared: Arc<Shared>,
-    mut outcomes: mpsc::Receiver<Outcome>,
+    mut outcomes: mpsc::Receiver<ToRecord>,
 ) -> Result<oneshot::Receiver<Recorder>, Error> {
     use tokio::sync::mpsc::error::TryRecvError;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -350,11 +354,15 @@ fn start_recorder(
                 }
             }
             busy = !group.is_empty();
-            if busy && let Err(e) = recorder.record(&shared, &group) {
+            let (written, acks): (Vec<Outcome>, Vec<_>) = group.drain(..).unzip();
+            if busy && let Err(e) = recorder.record(&shared, &written) {
                 shared.abort(Error::Output(e));
                 return recorder;
             }
-            group.clear();
+            // Written: their workers may take their next rows.
+            for ack in acks.into_iter().flatten() {
+                let _ = ack.send(());
+            }
             if recorder.group.due().is_some_and(|due| std::time::Instant::now() >= due)
                 && let Err(e) = recorder.sync(&shared)
             {
@@ -395,7 +403,7 @@ fn start_lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    outcomes: mpsc::Sender<Outcome>,
+    outcomes: mpsc::Sender<ToRecord>,
     client: reqwest::Client,
 ) -> Result<oneshot::Receiver<bool>, Error> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -424,7 +432,7 @@ async fn lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    outcomes: mpsc::Sender<Outcome>,
+    outcomes: mpsc::Sender<ToRecord>,
     // The lane's own: its connections' I/O stays on this thread.
     client: reqwest::Client,
 ) -> bool {
@@ -439,6 +447,7 @@ async fn lane(
         }
     });
 
+    let idempotent = shared.requests.idempotent();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), outcomes.clone(), client.clone());
@@ -448,10 +457,23 @@ async fn lane(
                 if shared.stop.is_cancelled() {
                     break;
                 }
-                if let Some(outcome) = process(&shared, &client, item).await
-                    && out.send(outcome).await.is_err()
-                {
+                let Some(outcome) = process(&shared, &client, item).await else { continue };
+                // A job that is not idempotent takes its next row only once
+                // this outcome is written, so its rows in doubt after a
+                // crash are never more than the calls in flight.
+                let (ack, written) = if idempotent {
+                    (None, None)
+                } else {
+                    let (ack, written) = oneshot::channel();
+                    (Some(ack), Some(written))
+                };
+                if out.send((outcome, ack)).await.is_err() {
                     // The recorder stopped: nowhere to put outcomes.
+                    break;
+                }
+                if let Some(written) = written
+                    && written.await.is_err()
+                {
                     break;
                 }
             }
@@ -537,11 +559,14 @@ pub async fn run(
         })
     };
 
-    // Outcomes waiting to be recorded: two per worker, at least 64 (room for
-    // a beat of the recorder). The rows in doubt after a crash are those in
-    // flight, those waiting, and the group the recorder holds while it
-    // writes (at most as many again): concurrency + 2 x this room at most.
-    let (outcome_tx, outcome_rx) = mpsc::channel::<Outcome>((2 * concurrency).max(64));
+    // Outcomes waiting to be recorded: they pile up here while the recorder
+    // syncs, and a full channel makes workers wait. Eight places per worker
+    // (at least 64) keep the syncs off the calls' path. The rows in doubt
+    // after a crash: those in flight, those waiting here, and the group the
+    // recorder holds while it writes (at most as many again); a job that is
+    // not idempotent waits for each outcome to be written (see `lane`), so
+    // its rows in doubt are only those in flight.
+    let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
     let recorder = Recorder { writer, group: GroupCommit::default(), stats, first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
     let mut lane_ends = Vec::with_capacity(lanes);
