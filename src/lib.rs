@@ -24,7 +24,8 @@
 //! - [`shard`]: one run split over N processes: which rows are whose, the run id.
 //! - [`status`]: where a run and each of its shards stand, read from their directories.
 //! - [`sandbox`]: the built-in mock gateway (axum).
-//! - [`error`]: the error type of each layer and the exit codes.
+//! - [`error`]: the error type of each layer, mapped to exit codes.
+//! - [`exit`]: the exit codes of the SPEC.
 
 pub mod answer;
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod commands;
 pub mod config;
 pub mod coordination;
 pub mod error;
+pub mod exit;
 pub mod input;
 pub mod job;
 pub mod limiter;

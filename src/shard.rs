@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::output::InputFingerprint;
+use crate::input::InputFingerprint;
 
 /// The environment variables an array-job scheduler sets to the index of
 /// the process, in the order they are read.

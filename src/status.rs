@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use crate::output::{Ledger, OutputError, RunInfo};
 use crate::report::Summary;
 use crate::shard::Shard;

@@ -4,6 +4,7 @@
 //! [`InputError`] that stops the run.
 
 mod csv;
+mod fingerprint;
 mod json;
 mod source;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 pub use self::csv::CsvHeaders;
+pub use self::fingerprint::InputFingerprint;
 pub use self::source::{Compression, Encoding};
 
 /// The columns bulkcall adds to a failures file; ignored as fields when such

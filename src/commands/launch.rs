@@ -1,0 +1,255 @@
+//! The core that `run`, `resume` and `demo` share: from a resolved job to
+//! a finished run (token, run directory, run.json, the pool, the closing lines).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::*;
+use crate::config::{AuthStyle, Credentials};
+use crate::coordination::{Manifest, Redis, RedisUrl};
+use crate::error::{Error, ExitCode};
+use crate::limiter::redis::RedisLimiter;
+use crate::limiter::{Limiter, LocalLimiter};
+use crate::output::{RunFlags, RunInfo};
+use crate::runner::{self, Plan, Resume};
+use crate::token::TokenSource;
+use crate::token::shared::SharedStore;
+
+use super::close::{close, print_dry_run};
+use super::resolve::{Resolved, RunOptions, Sharding, absolute, fingerprint, keep_spooled};
+use super::write_report;
+
+/// The default run directory: `<out_dir>/<job>/<UTC timestamp>/`, with a
+/// suffix when two runs start in the same second.
+pub(super) fn default_run_dir(out_dir: &Path, job: &str) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+    let base = out_dir.join(job).join(&stamp);
+    (1..)
+        .map(|n| if n == 1 { base.clone() } else { out_dir.join(job).join(format!("{stamp}-{n}")) })
+        .find(|p| !p.exists())
+        .expect("a free name")
+}
+
+/// `run.json`: what `resume` needs, written before the first call goes out.
+pub(super) async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOptions) -> Result<(), Error> {
+    let mut inputs = match &options.sharding {
+        Some(sharding) => sharding.inputs.clone(),
+        None => fingerprint(&r.inputs).await?,
+    };
+    // Where each input is now: standard input, hashed from its spool before
+    // the run directory existed, is kept in the run directory since.
+    for (input, spec) in inputs.iter_mut().zip(&r.inputs) {
+        input.path = absolute(&spec.path);
+    }
+    for (input, failures) in inputs.iter_mut().zip(&r.failures) {
+        input.failures = Some(failures.clone());
+    }
+    let info = RunInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        job: absolute(&r.job.path),
+        job_name: r.job.name.clone(),
+        inputs,
+        profile: r.loaded.profile.clone(),
+        config: r.loaded.config_file.as_deref().map(absolute),
+        settings: {
+            let mut settings = serde_json::to_value(&r.loaded.settings).expect("serializable");
+            if let Some(Value::Object(headers)) = settings.get_mut("headers") {
+                for (name, value) in headers.iter_mut() {
+                    if crate::config::is_sensitive_header(name) {
+                        *value = Value::from("<redacted>");
+                    }
+                }
+            }
+            // Extra token parameters may be credentials too (an API key, a resource password).
+            if let Some(Value::Object(params)) = settings.pointer_mut("/auth/params") {
+                for value in params.values_mut() {
+                    *value = Value::from("<redacted>");
+                }
+            }
+            settings
+        },
+        limit: options.limit,
+        started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        pid: std::process::id(),
+        flags: options.flags.clone(),
+        run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
+        shard: options.sharding.as_ref().map(|s| s.shard),
+    };
+    crate::output::write_json(&dir.join("run.json"), &info)?;
+    Ok(())
+}
+
+/// What every shard of the run must agree on.
+pub(super) fn manifest(r: &Resolved, sharding: &Sharding) -> Result<Manifest, Error> {
+    use sha2::Digest;
+    let job = std::fs::read(&r.job.path)
+        .map_err(|e| Error::Usage(format!("cannot read the job spec {}: {e}", r.job.path.display())))?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(Manifest {
+        run_id: sharding.run_id.clone(),
+        shards: sharding.shard.count,
+        inputs: sharding
+            .inputs
+            .iter()
+            .map(|i| {
+                let name =
+                    i.path.file_name().map_or_else(|| i.path.display().to_string(), |n| n.to_string_lossy().into());
+                (name, i.sha256.clone())
+            })
+            .collect(),
+        job: hex(&sha2::Sha256::digest(&job)),
+    })
+}
+
+/// The flags of a run that `resume` applies again.
+pub(super) fn run_flags(settings: &SettingArgs, running: &RunningArgs) -> RunFlags {
+    RunFlags {
+        settings: settings.to_map(),
+        max_failures: running.max_failures.map(|m| m.to_string()),
+        grace: running.grace.map(|g| humantime::format_duration(g).to_string()),
+    }
+}
+
+/// Runs a resolved job: token first (bad credentials stop here, before any
+/// file is written), then the run directory and `run.json`, then the pool.
+pub(super) async fn run_resolved(
+    mut r: Resolved,
+    credentials: Option<Credentials>,
+    options: RunOptions,
+    resume: Option<Resume>,
+    stop: CancellationToken,
+) -> Result<ExitCode, Error> {
+    let settings = r.loaded.settings.clone();
+    let requests = Arc::new(r.job.requests(&settings)?);
+    let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
+    let authorized = settings.auth.style != AuthStyle::None;
+    let resuming = resume.is_some();
+    let mut resume = resume;
+    let mut plan = |dir: PathBuf, r: &Resolved| Plan {
+        requests: requests.clone(),
+        inputs: r.inputs.clone(),
+        failures: r.failures.clone(),
+        settings: settings.clone(),
+        limit: options.limit,
+        dir,
+        progress: options.progress,
+        grace: options.grace,
+        max_failures: options.max_failures,
+        resume: resume.take(),
+        shard: options.sharding.as_ref().map(|s| s.shard),
+        run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
+    };
+
+    if options.dry_run {
+        crate::output::create_run_dir(&dir)?;
+        keep_spooled(&dir, &mut r)?;
+        let finished = runner::dry_run(plan(dir.clone(), &r), authorized).await?;
+        print_dry_run(&dir, options.log.verbose > 0);
+        return Ok(close(&finished, &dir, &options));
+    }
+
+    // One run per job: a second one stops here, before any token request.
+    // The lock lives in the job's own output folder, wherever `-o` puts the
+    // run directory, so every run of the job meets it.
+    // A shard's lock is its own, beside its directory: the shards of a run
+    // go on at the same time.
+    let _lock = match (&options.sharding, dir.parent()) {
+        (Some(sharding), Some(run)) => {
+            crate::output::lock_job(run, &format!("{}.{}", r.job.name, sharding.shard.dir_name()))?
+        }
+        _ => crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?,
+    };
+    // Redis before the token: a shard that may not start asks for none.
+    let redis = match &settings.coordination.redis_url {
+        Some(url) => Some(Redis::connect(&RedisUrl::parse(url)?).await?),
+        None => None,
+    };
+    if let (Some(redis), Some(sharding)) = (&redis, &options.sharding) {
+        crate::coordination::pin_manifest(redis, &manifest(&r, sharding)?).await?;
+    }
+    let client = runner::http_client(&settings)?;
+    let tokens = if authorized {
+        r.loaded.token_url()?;
+        let credentials = match credentials {
+            Some(c) => c,
+            None => settings.auth.credentials()?,
+        };
+        let (client_id, secret) = (credentials.client_id.clone(), credentials.client_secret.clone());
+        let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
+        if let Some(redis) = &redis {
+            match crate::token::shared::load_key(&settings.auth)? {
+                Some(key) => {
+                    let store =
+                        SharedStore::new(redis.clone(), &settings.auth, &client_id, secret.expose_secret(), key);
+                    tokens = tokens.with_shared(store);
+                }
+                None => tracing::warn!(
+                    "{} is not set (nor auth.shared_key_file): the processes share the rate limit, \
+                     but each fetches its own token",
+                    crate::token::shared::KEY_VARIABLE
+                ),
+            }
+        }
+        tokens.get().await?;
+        Some(tokens)
+    } else {
+        None
+    };
+    // The run directory's own lock (`resume` takes it before it reads anything there).
+    let _dir_lock = if resuming {
+        None
+    } else {
+        crate::output::create_run_dir(&dir)?;
+        let lock = crate::output::lock_run_dir(&dir)?;
+        keep_spooled(&dir, &mut r)?;
+        write_run_json(&dir, &r, &options).await?;
+        Some(lock)
+    };
+    let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();
+    tracing::info!(
+        "{} {}{part} ({} input{}) into {}",
+        if resuming { "resuming" } else { "running" },
+        r.job.name,
+        r.inputs.len(),
+        if r.inputs.len() == 1 { "" } else { "s" },
+        dir.display()
+    );
+    if !requests.idempotent() {
+        tracing::info!(
+            "{} is not idempotent ({} without idempotency_key): a row is sent again only when the gateway \
+             provably did not act on it; after a timeout, a lost connection or a 5xx it fails (in_doubt or \
+             server_error) instead of risking a duplicate. Set idempotency_key, or idempotent = true for a query",
+            r.job.name,
+            r.job.method()
+        );
+    }
+    let shared_limit = redis.map(|redis| {
+        // The shards of a run share its limit; without shards, the runs of
+        // the job on every host do.
+        let (run_id, processes) =
+            options.sharding.as_ref().map_or((r.job.name.as_str(), 1), |s| (s.run_id.as_str(), s.shard.count));
+        let key = crate::coordination::run_key(run_id, "limit");
+        Arc::new(RedisLimiter::new(redis, key, settings.rate, settings.burst, processes))
+    });
+    let limiter: Arc<dyn Limiter> = match &shared_limit {
+        Some(shared) => shared.clone(),
+        None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
+    };
+    let finished = runner::run(plan(dir.clone(), &r), tokens, limiter, stop).await?;
+    if let Some(shared) = shared_limit {
+        let (round_trips, calls) = shared.round_trips();
+        tracing::info!(
+            "shared rate limit: {round_trips} round trips to Redis for {calls} calls ({:.3} per call)",
+            round_trips as f64 / calls.max(1) as f64
+        );
+    }
+    if let Err(e) = write_report(&dir) {
+        tracing::warn!("could not write report.html: {e}");
+    }
+    Ok(close(&finished, &dir, &options))
+}

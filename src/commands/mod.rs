@@ -1,0 +1,70 @@
+//! The commands: resolve the job, its configuration and inputs, fetch the
+//! first token, create the run directory, hand a plan to the runner, and
+//! print the closing lines.
+
+mod close;
+mod demo;
+mod launch;
+mod resolve;
+mod resume;
+mod run;
+mod sandbox;
+mod token;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::*;
+use crate::error::{Error, ExitCode};
+
+/// Runs a command to its exit code. `stop` is cancelled on SIGINT/SIGTERM/SIGHUP.
+pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Error> {
+    let log = cli.log;
+    match cli.command {
+        Command::Run(args) => run::run(args, log, stop).await,
+        Command::Resume(args) => resume::resume(args, log, stop).await,
+        Command::Validate(args) => validate::validate(args, &log).await,
+        Command::Token(args) => token::token(args).await,
+        Command::Sandbox(args) => sandbox::sandbox(args, stop).await,
+        Command::Demo(args) => demo::demo(args, log, stop).await,
+        Command::Report(args) => {
+            let path = write_report(&args.run_dir)?;
+            eprintln!("bulkcall: wrote {}", path.display());
+            Ok(ExitCode::Success)
+        }
+        Command::Status(args) => {
+            let run = crate::status::RunStatus::read(&args.run)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&run).expect("serializable"));
+            } else {
+                print!("{}", run.render());
+            }
+            Ok(run.exit_code())
+        }
+        Command::Completions(args) => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(args.shell, &mut Cli::command(), "bulkcall", &mut std::io::stdout());
+            Ok(ExitCode::Success)
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Error::Usage(format!("cannot print the man page: {e}")))?;
+            Ok(ExitCode::Success)
+        }
+    }
+}
+
+/// Builds and writes a run's `report.html`; in the folder of a sharded
+/// run, one page over every shard.
+pub(super) fn write_report(dir: &Path) -> Result<PathBuf, Error> {
+    let html = if dir.join("run.json").exists() || dir.join("summary.json").exists() {
+        crate::report::html::render(dir)?
+    } else {
+        crate::report::html::render_shards(&crate::status::RunStatus::read(dir)?)?
+    };
+    Ok(crate::output::write_report(dir, &html)?)
+}

@@ -1,0 +1,59 @@
+//! The one-run-per-job lock and the run directory's own lock.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use super::{OutputError, io};
+
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+/// Takes the job's lock in its output folder, or says who holds it.
+pub fn lock_job(folder: &Path, job: &str) -> Result<JobLock, OutputError> {
+    std::fs::create_dir_all(folder).map_err(io(folder))?;
+    let path = folder.join(format!(".{job}.lock"));
+    lock(&path).map_err(|held| match held {
+        Held::By(pid) => OutputError::Locked { job: job.to_string(), pid, path: path.clone() },
+        Held::Error(e) => e,
+    })
+}
+
+/// Takes the run directory's own lock (`.lock` in it), or says who holds
+/// it. Every process that works on the directory takes it, whatever its
+/// current folder and config.
+pub fn lock_run_dir(dir: &Path) -> Result<JobLock, OutputError> {
+    let path = dir.join(".lock");
+    lock(&path).map_err(|held| match held {
+        Held::By(pid) => OutputError::RunLocked { dir: dir.to_path_buf(), pid },
+        Held::Error(e) => e,
+    })
+}
+
+/// Why a lock was not taken.
+enum Held {
+    /// Another process holds it: its pid, as it wrote it.
+    By(String),
+    Error(OutputError),
+}
+
+fn lock(path: &Path) -> Result<JobLock, Held> {
+    let io = |e| Held::Error(io(path)(e));
+    let mut file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)
+                .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+                .map_err(io)?;
+            Ok(JobLock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(Held::By(std::fs::read_to_string(path).unwrap_or_default().trim().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}

@@ -1,0 +1,148 @@
+//! The run directory. This module is the only writer of files in it:
+//! `results.jsonl`, `failures.csv` / `failures.jsonl`, `requests.jsonl`,
+//! `summary.json` and `run.json`.
+//!
+//! Files hold PHI: the directory is created 0700 and every file 0600.
+//! Records are serialized whole into a buffer that [`Writer::flush`] hands
+//! to the operating system in one `write` per file, so a line is never torn
+//! and `kill -9` loses no outcome that was recorded (flushed). `journal` is the ledger that makes `resume` exact: a row is
+//! marked started before its first attempt goes out, and done after its
+//! outcome is written.
+
+mod commit;
+mod ledger;
+mod lock;
+mod recover;
+mod run_info;
+mod writer;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use commit::{GroupCommit, SYNC_EVERY};
+pub use ledger::{Done, Ledger, LedgerState, Mark};
+pub use lock::{JobLock, lock_job, lock_run_dir};
+pub use recover::{Recent, recent_outcomes};
+pub use run_info::{RunFlags, RunInfo};
+pub use writer::{InputInfo, RequestsFile, Writer, failure_file_names};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{0} already holds a run (it has a run.json); choose another --out, or finish that run with `bulkcall resume {0}`"
+    )]
+    Occupied(PathBuf),
+    #[error("another run of job `{job}` is going on (pid {pid}, lock {path}); wait for it, or stop it first")]
+    Locked { job: String, pid: String, path: PathBuf },
+    #[error("another bulkcall process (pid {pid}) is working on {dir}; wait for it, or stop it first")]
+    RunLocked { dir: PathBuf, pid: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io { path: path.to_path_buf(), source }
+}
+
+/// Makes what was written to `file` durable: on disk, not only handed to
+/// the operating system. Tests record the order files were synced in.
+fn sync(file: &File, path: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.lock().unwrap().push((path.to_path_buf(), file.metadata().map_or(0, |m| m.len())));
+    #[cfg(not(test))]
+    let _ = path;
+    file.sync_data()
+}
+
+/// Makes a new file's name durable in its directory.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Creates the run directory (mode 0700) and its parents.
+pub fn create_run_dir(path: &Path) -> Result<(), OutputError> {
+    if path.join("run.json").exists() {
+        return Err(OutputError::Occupied(path.to_path_buf()));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn create_file(path: &Path) -> Result<File, OutputError> {
+    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))
+}
+
+/// Opens a file for appending (resume) or creates it empty (a new run), in
+/// append mode either way.
+/// Appending, a line a crash cut short (after a partial write) is dropped
+/// first, so the next line does not run into it.
+fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
+    let new = !append || !path.exists();
+    if append {
+        trim_torn_tail(path).map_err(io(path))?;
+    } else {
+        create_file(path)?;
+    }
+    // Always in append mode: each write lands whole at the end, whichever
+    // thread makes it.
+    let file = OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(io(path))?;
+    if new {
+        sync_dir(path).map_err(io(path))?;
+    }
+    Ok(file)
+}
+
+fn trim_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(1 << 20);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    if tail.last().is_none_or(|&b| b == b'\n') {
+        return Ok(());
+    }
+    let keep = tail.iter().rposition(|&b| b == b'\n').map_or(start, |i| start + i as u64 + 1);
+    file.set_len(keep)
+}
+
+/// Writes a JSON document whole: to a temporary file, then renamed.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), OutputError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut file = create_file(&tmp)?;
+    let mut text = serde_json::to_vec_pretty(value).expect("serializable");
+    text.push(b'\n');
+    file.write_all(&text).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Writes `report.html` whole (temporary file, then renamed), mode 0600.
+pub fn write_report(dir: &Path, html: &str) -> Result<PathBuf, OutputError> {
+    let path = dir.join("report.html");
+    let tmp = dir.join("report.html.tmp");
+    let mut file = create_file(&tmp)?;
+    file.write_all(html.as_bytes()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+use std::sync::Arc;
+
+use serde_json::Map;
+
+use super::*;
+use crate::input::{Format, Record};
+use crate::outcome::{ErrorKind, Failure, Outcome, Source};
+
+/// Every sync of every test: the file, and its length then.
+pub(super) static SYNCED: std::sync::Mutex<Vec<(PathBuf, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// The syncs of files in `dir` since the last call, in order.
+fn synced(dir: &Path) -> Vec<(String, u64)> {
+    let mut all = SYNCED.lock().unwrap();
+    let (mine, others): (Vec<_>, Vec<_>) = all.drain(..).partition(|(p, _)| p.starts_with(dir));
+    *all = others;
+    mine.into_iter().map(|(p, n)| (p.file_name().unwrap().to_string_lossy().into(), n)).collect()
+}
+
+fn failed(number: u64) -> Outcome {
+    Outcome {
+        input: 0,
+        number,
+        line: number + 1,
+        key: format!("k{number}"),
+        attempts: 1,
+        latency: std::time::Duration::from_millis(5),
+        status: Some(400),
+        result: Err(Failure { kind: ErrorKind::ClientError, message: "HTTP 400".into() }),
+        source: Source::Record(Record::Json(Map::new())),
+    }
+}
+
+#[test]
+fn every_outcome_line_after_the_last_marked_one_is_found_however_large_the_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let answer = "x".repeat(100 * 1024);
+    let mut results = String::new();
+    // 20 rows marked done, then two batches of 64 rows written without
+    // their marks (a power cut): 12.8 MB, far beyond a fixed tail.
+    for row in 0..148u64 {
+        let line = serde_json::json!({"row": row, "input_index": 0, "status": 200, "answer": answer});
+        results.push_str(&format!("{line}\n"));
+    }
+    std::fs::write(dir.path().join("results.jsonl"), results).unwrap();
+    let failures = [("failures.jsonl".to_string(), b','), ("failures-2.jsonl".to_string(), b',')];
+
+    let found = recent_outcomes(dir.path(), &failures, |input, row| input == 0 && row < 20);
+    let rows: std::collections::BTreeSet<u64> = found.iter().map(|(_, row, _)| *row).collect();
+    assert!((20..148).all(|row| rows.contains(&row)), "every unmarked row is found: {rows:?}");
+    assert!(found.iter().all(|(input, _, done)| *input == Some(0) && done.status == Some(200)));
+}
+
+#[test]
+fn a_done_mark_reaches_the_disk_only_after_its_outcome_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
+    let mut writer = Writer::open(dir.path(), inputs, false, true, None).unwrap();
+    let ledger = Ledger::open(dir.path(), false, false).unwrap();
+    let len = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+
+    let mut group = GroupCommit::default();
+    group.write(&mut writer, &[failed(1), failed(2)]).unwrap();
+    assert_eq!(len("journal"), 0, "no mark before the sync");
+    assert!(group.due().is_some());
+    group.sync(&mut writer, &ledger).unwrap();
+    let (failures_1, journal_1) = (len("failures.jsonl"), len("journal"));
+    // The batch's lines made durable (one sync), then the ledger as it
+    // was before this batch's marks; the marks written after.
+    assert_eq!(synced(dir.path()), [("failures.jsonl".into(), failures_1), ("journal".into(), 0)]);
+    assert!(journal_1 > 0, "the marks are written");
+
+    group.write(&mut writer, &[failed(3)]).unwrap();
+    group.sync(&mut writer, &ledger).unwrap();
+    assert!(group.due().is_none(), "nothing left to sync");
+    // The next batch makes the first batch's marks durable, after its own lines.
+    assert_eq!(synced(dir.path()), [("failures.jsonl".into(), len("failures.jsonl")), ("journal".into(), journal_1)]);
+    let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
+    assert_eq!(journal.lines().filter(|l| l.starts_with("D\t0\t")).count(), 3);
+}
+
+#[tokio::test]
+async fn started_marks_are_durable_before_a_row_goes_out_only_when_asked() {
+    for sync_started in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(dir.path(), false, sync_started).unwrap());
+        ledger.started(0, 1).await.unwrap();
+        let expected = if sync_started { vec![("journal".to_string(), 6)] } else { vec![] };
+        assert_eq!(synced(dir.path()), expected, "sync_started = {sync_started}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("journal")).unwrap(), "S\t0\t1\n");
+    }
+}
+
+#[test]
+fn every_input_gets_a_failures_file_of_its_own() {
+    let inputs = [
+        ("a/claims.csv", Format::Csv),
+        ("b/claims.csv", Format::Csv),
+        ("c/claims.csv", Format::Csv),
+        ("claims-2.csv", Format::Csv),
+        ("x/rows.jsonl", Format::Jsonl),
+        ("y/rows.json", Format::Json),
+        ("z/claims.tsv", Format::Csv),
+    ]
+    .map(|(p, f)| (PathBuf::from(p), f, if p.ends_with(".tsv") { b'\t' } else { b',' }));
+    let names = failure_file_names(&inputs);
+    assert_eq!(
+        names,
+        [
+            "failures.csv",
+            "failures.claims.csv",
+            "failures.claims-2.csv",
+            "failures.claims-2-2.csv",
+            "failures.jsonl",
+            "failures.rows.jsonl",
+            "failures.tsv"
+        ]
+    );
+    assert_eq!(failure_file_names(&inputs[..1]), ["failures.csv"], "one input: the plain name");
+}
+
+#[test]
+fn recent_failures_are_read_with_the_inputs_delimiter() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, d) in [("failures.csv", ';'), ("failures.b.csv", '\t')] {
+        let text = format!(
+            "id{d}amount{d}_row{d}_key{d}_error{d}_status{d}_attempts{d}_message\n7{d}1,5{d}3{d}7{d}http_4xx{d}422{d}2{d}no\n"
+        );
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let failures = [("failures.csv".to_string(), b';'), ("failures.b.csv".to_string(), b'\t')];
+    let found = recent_outcomes(dir.path(), &failures, |_, _| false);
+    let rows: Vec<_> = found.iter().map(|(i, row, d)| (*i, *row, d.status, d.attempts)).collect();
+    assert_eq!(rows, [(Some(0), 3, Some(422), 2), (Some(1), 3, Some(422), 2)]);
+}
+
+#[test]
+fn a_ledger_line_cut_short_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("journal"), "S\t0\t1\nS\t0\t2\nD\t0\t1\t200\tok\t1\t5\t9\nS\t1\t12").unwrap();
+    let mut outcomes = 0;
+    let (done, in_doubt) = Ledger::read(dir.path(), |_| outcomes += 1).unwrap();
+    assert_eq!((done.len(), outcomes), (1, 1));
+    assert_eq!(in_doubt, [(0, 2)], "row 12 of input 1 may be row 123 cut short");
+}

@@ -1,0 +1,29 @@
+//! The HTTP client that calls and token requests go out through.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, Settings};
+
+/// An HTTP client for calls or token requests: connections are reused, the
+/// pool sized to the concurrency, HTTP/2 used when a server offers it
+/// (ALPN), `ca_file`'s certificates trusted besides the built-in roots.
+pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("bulkcall/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(settings.concurrency)
+        .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+        .timeout(settings.timeout);
+    if let Some(path) = &settings.ca_file {
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", shown.display()));
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
+}

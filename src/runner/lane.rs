@@ -1,0 +1,106 @@
+//! A lane: a thread with its own runtime and connections, running workers.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::input::Item;
+
+use super::Shared;
+use super::reader::BATCH;
+use super::recorder::ToRecord;
+use super::worker::process;
+
+/// Starts one lane: a thread running `workers` workers and their collector
+/// on an async runtime of its own. The receiver says whether every worker
+/// ended cleanly.
+pub(super) fn start_lane(
+    number: usize,
+    workers: usize,
+    shared: Arc<Shared>,
+    batches: async_channel::Receiver<Vec<Item>>,
+    outcomes: mpsc::Sender<ToRecord>,
+    client: reqwest::Client,
+) -> Result<oneshot::Receiver<bool>, Error> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("bulkcall-lane-{number}"))
+        .spawn(move || {
+            // Built here: a runtime must not be dropped on an async thread.
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    shared.abort(Error::Internal(format!("cannot start an async runtime: {e}")));
+                    let _ = done_tx.send(false);
+                    return;
+                }
+            };
+            let clean = runtime.block_on(lane(workers, shared, batches, outcomes, client));
+            // Do not wait for connections' tasks on the way out.
+            runtime.shutdown_background();
+            let _ = done_tx.send(clean);
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+    Ok(done_rx)
+}
+
+pub(super) async fn lane(
+    workers: usize,
+    shared: Arc<Shared>,
+    batches: async_channel::Receiver<Vec<Item>>,
+    outcomes: mpsc::Sender<ToRecord>,
+    // The lane's own: its connections' I/O stays on this thread.
+    client: reqwest::Client,
+) -> bool {
+    let (row_tx, row_rx) = async_channel::bounded::<Item>(BATCH);
+    let feeder = tokio::spawn(async move {
+        while let Ok(batch) = batches.recv().await {
+            for item in batch {
+                if row_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    let idempotent = shared.requests.idempotent();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), outcomes.clone(), client.clone());
+        set.spawn(async move {
+            while !shared.stop.is_cancelled() {
+                let Ok(item) = rows.recv().await else { break };
+                if shared.stop.is_cancelled() {
+                    break;
+                }
+                let Some(outcome) = process(&shared, &client, item).await else { continue };
+                // A job that is not idempotent takes its next row only once
+                // this outcome is written, so its rows in doubt after a
+                // crash are never more than the calls in flight.
+                let (ack, written) = if idempotent {
+                    (None, None)
+                } else {
+                    let (ack, written) = oneshot::channel();
+                    (Some(ack), Some(written))
+                };
+                if out.send((outcome, ack)).await.is_err() {
+                    // The recorder stopped: nowhere to put outcomes.
+                    break;
+                }
+                if let Some(written) = written
+                    && written.await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop((row_rx, outcomes));
+    let mut clean = true;
+    while let Some(joined) = set.join_next().await {
+        clean &= joined.is_ok();
+    }
+    feeder.abort();
+    clean
+}

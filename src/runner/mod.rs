@@ -1,0 +1,308 @@
+//! The pool: rows → rate limiter → workers → outcomes → the run's files.
+//!
+//! A reader thread streams rows in batches into a bounded channel; lanes
+//! (a thread each) take the batches; in a lane, workers take one row at a
+//! time, render it, and send it, every attempt through the rate limiter and
+//! with the shared token; each row's outcome goes to the one recorder
+//! thread, which keeps statistics and writes outcomes in groups, each group
+//! made durable with one sync while the workers go on sending. A failed row
+//! is data, not an early return: only a fatal token error or a stream of
+//! 401s stops the pool.
+
+mod dry;
+mod http;
+mod lane;
+mod reader;
+mod recorder;
+mod worker;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::error::{Error, ExitCode};
+use crate::input::{InputSpec, Item};
+use crate::job::Requests;
+use crate::limiter::{Limiter, RetryBudget};
+use crate::options::MaxFailures;
+use crate::outcome::Outcome;
+use crate::output::{GroupCommit, InputInfo, Ledger, Writer};
+use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
+use crate::retry::Policy;
+use crate::rows::RowSet;
+use crate::shard::Shard;
+use crate::token::TokenSource;
+
+use lane::start_lane;
+use reader::spawn_reader;
+use recorder::{Recorder, ToRecord, start_recorder};
+
+pub use dry::dry_run;
+pub use http::http_client;
+
+/// Everything a run needs, resolved.
+pub struct Plan {
+    pub requests: Arc<Requests>,
+    pub inputs: Vec<InputSpec>,
+    /// Each input's failures file name, as run.json has it.
+    pub failures: Vec<String>,
+    pub settings: Settings,
+    /// Send only the first N rows.
+    pub limit: Option<u64>,
+    /// The run directory, already created.
+    pub dir: PathBuf,
+    pub progress: ProgressMode,
+    /// How long calls in flight may take to finish after a stop.
+    pub grace: Duration,
+    /// Abort (exit 4) once this many rows have failed.
+    pub max_failures: Option<MaxFailures>,
+    /// Continuing an earlier run into the same directory.
+    pub resume: Option<Resume>,
+    /// This process's part of a run split over several: only its rows are read.
+    pub shard: Option<Shard>,
+    /// The name shared by every shard of the run (sharded runs only).
+    pub run_id: Option<String>,
+}
+
+/// What the ledger of an interrupted run says.
+#[derive(Default)]
+pub struct Resume {
+    /// Rows with a recorded outcome: never sent again.
+    pub done: RowSet,
+    /// The statistics of those rows, and how long the earlier parts of the run took.
+    pub recorded: Stats,
+    /// Rows sent with no recorded outcome.
+    pub in_doubt: HashSet<(usize, u64)>,
+    /// Write in-doubt rows to failures as `in_doubt` instead of resending them.
+    pub fail_in_doubt: bool,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub summary: Summary,
+    pub exit: ExitCode,
+    /// What stopped the run early, if anything did.
+    pub abort: Option<Error>,
+    /// The failures files written to: (input, its failures file).
+    pub failure_files: Vec<(PathBuf, PathBuf)>,
+    /// The first few failures, to show at the end: row, key, error kind
+    /// and status; then the message, which may quote the server's answer
+    /// or row values (PHI), shown only with `-v`.
+    pub first_failures: Vec<(String, String)>,
+    /// Dry runs: the requests rendered into `requests.jsonl`.
+    pub rendered: u64,
+}
+
+/// How many failures the closing lines show.
+const SHOWN_FAILURES: usize = 3;
+
+fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
+    let failure = outcome.result.as_ref().err()?;
+    let status = outcome.status.map(|s| format!(", status {s}")).unwrap_or_default();
+    let brief = format!("row {} (key {}): {}{status}", outcome.number, outcome.key, failure.kind.as_str());
+    Some((brief, failure.message.chars().take(160).collect()))
+}
+
+/// State every worker shares. Each field is here because every attempt of
+/// every row consults it.
+struct Shared {
+    requests: Arc<Requests>,
+    tokens: Option<TokenSource>,
+    /// Every attempt passes it; a Retry-After pauses it for everyone.
+    limiter: Arc<dyn Limiter>,
+    /// What the job allows after a failed attempt.
+    policy: Policy,
+    /// Retries left; per process, whichever limiter paces the calls.
+    budget: RetryBudget,
+    settings: Settings,
+    live: Arc<Live>,
+    inputs: Vec<String>,
+    /// Cancelled on SIGINT/SIGTERM/SIGHUP or abort: take no new rows.
+    stop: CancellationToken,
+    /// Cancelled when the grace period is over: drop calls in flight.
+    hard_stop: CancellationToken,
+    /// The first fatal error; it also cancels `stop`.
+    abort: Mutex<Option<Error>>,
+    /// Rows that failed with 401 on a fresh token, in a row without any
+    /// other answer in between.
+    auth_streak: AtomicU64,
+    /// Marks each row started before its first attempt goes out.
+    ledger: Arc<Ledger>,
+    /// Resuming with `--in-doubt fail`: these rows are not sent again.
+    fail_in_doubt: HashSet<(usize, u64)>,
+    /// Rows dropped in flight at the end of the grace period.
+    abandoned: AtomicU64,
+    /// Abort (exit 4) once this many rows have failed.
+    max_failures: Option<MaxFailures>,
+    /// The run directory, for messages.
+    dir: PathBuf,
+}
+
+impl Shared {
+    fn abort(&self, error: Error) {
+        let mut abort = self.abort.lock().unwrap_or_else(|e| e.into_inner());
+        if abort.is_none() {
+            tracing::error!("{error}");
+            *abort = Some(error);
+        }
+        self.stop.cancel();
+    }
+}
+
+fn input_names(inputs: &[InputSpec]) -> Vec<String> {
+    inputs
+        .iter()
+        .map(|i| i.path.file_name().map_or_else(|| i.path.display().to_string(), |n| n.to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn failure_files(plan: &Plan, writer: &Writer) -> Vec<(PathBuf, PathBuf)> {
+    writer.failure_files().into_iter().map(|(input, file)| (plan.inputs[input].path.clone(), file)).collect()
+}
+
+fn input_infos(plan: &Plan) -> Vec<InputInfo> {
+    let names = input_names(&plan.inputs).into_iter();
+    names.zip(&plan.failures).map(|(name, failures)| InputInfo { name, failures: failures.clone() }).collect()
+}
+
+/// How many lanes share the workers: one per core, and at most one per 16
+/// workers. A lane is a thread with its own async runtime, HTTP
+/// connections and collector, so a row never leaves the thread it was
+/// sent from; lanes meet only once per batch of rows and once per batch of
+/// outcomes.
+fn lane_count(concurrency: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(concurrency.div_ceil(16)).max(1)
+}
+
+/// Sends every row and records every outcome in `plan.dir`.
+pub async fn run(
+    mut plan: Plan,
+    tokens: Option<TokenSource>,
+    limiter: Arc<dyn Limiter>,
+    stop: CancellationToken,
+) -> Result<Finished, Error> {
+    let concurrency = plan.settings.concurrency;
+    // Resuming, every file is appended to: an outcome already on file is never lost.
+    let append = plan.resume.is_some();
+    let resume = plan.resume.take().unwrap_or_default();
+    let results_csv = plan.requests.results_csv();
+    let writer = Writer::open(&plan.dir, input_infos(&plan), append, true, results_csv)?;
+    let lanes = lane_count(concurrency);
+    let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
+    // A row of a job that is not idempotent must be known as sent even
+    // after a power cut: its started mark is durable before it goes out.
+    let ledger = Arc::new(Ledger::open(&plan.dir, append, !plan.requests.idempotent())?);
+    let mut stats = resume.recorded;
+    stats.restart_clock();
+    let live = Arc::new(Live::default());
+    let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
+    let progress = Progress::start(
+        plan.progress,
+        ProgressSource {
+            live: live.clone(),
+            total_bytes,
+            tokens: tokens.clone(),
+            limiter: Some(limiter.clone()),
+            inputs: input_names(&plan.inputs),
+            interval: plan.settings.progress_interval,
+        },
+    );
+
+    let (batch_tx, batch_rx) = async_channel::bounded::<Vec<Item>>(2 * lanes);
+    live.rows_to_skip.store(resume.done.len(), Ordering::Relaxed);
+    let limit = plan.limit.map(|l| plan.shard.map_or(l, |s| s.share_of(l)));
+    live.rows_limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    let reader =
+        spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, resume.done, live.clone(), stop.clone(), batch_tx);
+
+    let shared = Arc::new(Shared {
+        requests: plan.requests.clone(),
+        tokens: tokens.clone(),
+        limiter: limiter.clone(),
+        policy: Policy::new(&plan.settings, plan.requests.idempotent()),
+        budget: RetryBudget::default(),
+        settings: plan.settings.clone(),
+        live: live.clone(),
+        inputs: input_names(&plan.inputs),
+        stop: stop.clone(),
+        hard_stop: CancellationToken::new(),
+        abort: Mutex::new(None),
+        auth_streak: AtomicU64::new(0),
+        ledger,
+        fail_in_doubt: if resume.fail_in_doubt { resume.in_doubt } else { HashSet::new() },
+        abandoned: AtomicU64::new(0),
+        max_failures: plan.max_failures,
+        dir: plan.dir.clone(),
+    });
+
+    // After a stop, calls in flight get `grace` to finish.
+    let watchdog = {
+        let (stop, hard, grace) = (stop.clone(), shared.hard_stop.clone(), plan.grace);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hard.cancel();
+        })
+    };
+
+    // Outcomes waiting to be recorded: they pile up here while the recorder
+    // syncs, and a full channel makes workers wait. Eight places per worker
+    // (at least 64) keep the syncs off the calls' path. The rows in doubt
+    // after a crash: those in flight, those waiting here, and the group the
+    // recorder holds while it writes (at most as many again); a job that is
+    // not idempotent waits for each outcome to be written (see `lane`), so
+    // its rows in doubt are only those in flight.
+    let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
+    let recorder = Recorder { writer, group: GroupCommit::default(), stats, first_failures: Vec::new() };
+    let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
+    let mut lane_ends = Vec::with_capacity(lanes);
+    for (number, client) in clients.into_iter().enumerate() {
+        let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
+        match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), client) {
+            Ok(end) => lane_ends.push(end),
+            Err(e) => shared.abort(e),
+        }
+    }
+    drop((batch_rx, outcome_tx));
+    // The first lane that ends badly stops the others.
+    let mut lane_ends: futures::stream::FuturesUnordered<_> = lane_ends.into_iter().collect();
+    while let Some(end) = futures::StreamExt::next(&mut lane_ends).await {
+        if end != Ok(true) {
+            // A bug, not a row's failure: the run must not look finished.
+            shared.abort(Error::Internal("a worker stopped unexpectedly; please report this".into()));
+        }
+    }
+    watchdog.abort();
+    let Recorder { writer, mut stats, first_failures, .. } =
+        recorded.await.map_err(|_| Error::Internal("the recorder stopped unexpectedly; please report this".into()))?;
+    let read_result = reader.await.expect("the reader thread does not panic");
+    progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
+    for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
+        stats.add_abandoned();
+    }
+
+    let mut abort = shared.abort.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Err(e) = read_result
+        && abort.is_none()
+    {
+        abort = Some(Error::Input(e));
+    }
+    let exit = match &abort {
+        Some(e) => e.exit_code(),
+        None if stop.is_cancelled() => ExitCode::Interrupted,
+        None if stats.failed() > 0 => ExitCode::RowsFailed,
+        None => ExitCode::Success,
+    };
+    let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
+    summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
+    crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
+    Ok(Finished { summary, exit, abort, failure_files: failure_files(&plan, &writer), first_failures, rendered: 0 })
+}

@@ -1,0 +1,383 @@
+//! One row, from its request to its outcome: attempts, retries, the verdict.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng as _;
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
+use tokio::time::Instant;
+
+use crate::answer::Body;
+use crate::error::Error;
+use crate::input::{Item, Row};
+use crate::job::Request;
+use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
+use crate::retry::{self, Next, Used};
+use crate::token::Token;
+
+use super::Shared;
+
+/// One attempt's answer, read up to `max_response_bytes`.
+pub(super) struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+    /// The whole body's length.
+    total: u64,
+}
+
+pub(super) async fn send(
+    shared: &Shared,
+    client: &reqwest::Client,
+    request: &Request,
+    token: Option<&Token>,
+) -> Result<Answer, reqwest::Error> {
+    let mut builder = client.request(request.method.clone(), request.url.clone()).headers(request.headers.clone());
+    if let Some(token) = token {
+        builder = builder.header(AUTHORIZATION, token.header().clone());
+    }
+    if let Some(body) = &request.body {
+        builder = builder.body(body.clone());
+    }
+    let mut response = builder.send().await?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| outcome::parse_retry_after(v, SystemTime::now()));
+    let cap = shared.settings.max_response_bytes;
+    let mut body = Vec::new();
+    let mut total = 0u64;
+    while let Some(chunk) = response.chunk().await? {
+        total += chunk.len() as u64;
+        let room = cap.saturating_sub(body.len()).min(chunk.len());
+        body.extend_from_slice(&chunk[..room]);
+    }
+    Ok(Answer { status, retry_after, body, total })
+}
+
+/// A short text of an error answer for the failures file.
+pub(super) fn answer_message(status: StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(500).collect();
+    let reason = status.canonical_reason().unwrap_or("");
+    if text.is_empty() {
+        format!("HTTP {} {reason}", status.as_u16())
+    } else {
+        format!("HTTP {} {reason}: {text}", status.as_u16())
+    }
+}
+
+pub(super) fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duration {
+    let base = if kind == ErrorKind::Throttled { shared.settings.throttle_base } else { shared.settings.backoff_base };
+    let ceiling = base.saturating_mul(1u32 << (attempt - 1).min(20)).min(shared.settings.backoff_max);
+    // Full jitter: uniform over [0, ceiling].
+    ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+/// Takes one row to its outcome: render it, then attempt and decide until
+/// the decision is final. `None` when the run stopped before the row was
+/// finished: it stays to resume (released in the ledger when the gateway
+/// provably did not act on it, else in doubt).
+pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Option<Outcome> {
+    let (row, request) = match render(shared, item) {
+        Ok(rendered) => rendered,
+        Err(outcome) => return Some(outcome),
+    };
+    if shared.fail_in_doubt.contains(&(row.input, row.number)) {
+        let message =
+            "sent before the run stopped, with no recorded answer; check on the server before sending it again";
+        // Marked started: at least one attempt went out, or was about to.
+        return Some(finish(row, &request, 1, Duration::ZERO, None, fail(ErrorKind::InDoubt, message.into())));
+    }
+    let mut used = Used { attempts: 0, refreshed: false, authorized: shared.tokens.is_some() };
+    // The gateway provably did not act on any attempt so far.
+    let mut unprocessed = true;
+    let mut resend = false;
+    loop {
+        let (result, latency, token) = match attempt(shared, client, &row, &request, &mut used, resend).await {
+            Tried::Sent { result, latency, token } => (result, latency, token),
+            Tried::Stopped => return unfinished(shared, &row, &used, unprocessed),
+            Tried::Abandoned => return None,
+        };
+        resend = false;
+        let (verdict, answer, error) = match result {
+            Ok(answer) => {
+                let verdict = outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after);
+                (verdict, Some(answer), String::new())
+            }
+            Err(e) if outcome::untrusted_certificate(&e) => {
+                // Nothing reached the server: the row stays to be sent once
+                // the certificate is trusted (`resume`).
+                shared.abort(Error::Certificate(outcome::UntrustedCertificate {
+                    url: request.url.origin().ascii_serialization(),
+                    detail: outcome::describe(&e),
+                }));
+                return unfinished(shared, &row, &used, unprocessed);
+            }
+            Err(e) => (outcome::classify_error(&e), None, outcome::describe(&e)),
+        };
+        unprocessed &= retry::unprocessed(&verdict);
+        let status = answer.as_ref().map(|a| a.status.as_u16());
+        if let Some(status) = status {
+            shared.limiter.answered(status == 429);
+            if verdict != Verdict::Unauthorized {
+                shared.auth_streak.store(0, Ordering::Relaxed);
+            }
+        }
+        let message = || answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, &a.body));
+        match retry::decide(&verdict, &used, &shared.policy) {
+            Next::Refresh => {
+                // The token was refused: forget exactly that one and resend once.
+                if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
+                    tokens.invalidate(token.generation);
+                }
+                used.refreshed = true;
+                resend = true;
+            }
+            Next::Retry { kind, after } => {
+                if let Some(after) = after {
+                    shared.limiter.pause(after);
+                }
+                if !shared.budget.spend_retry() {
+                    let message =
+                        format!("{}; not retried: the retry budget is spent (too many calls are failing)", message());
+                    return Some(finish(row, &request, used.attempts, latency, status, fail(kind, message)));
+                }
+                let delay = after.unwrap_or_else(|| backoff(shared, kind, used.attempts));
+                if !wait(shared, delay).await {
+                    return unfinished(shared, &row, &used, unprocessed);
+                }
+            }
+            Next::Pause { after } => {
+                shared.abort(Error::Paused(pause_message(shared, after)));
+                return unfinished(shared, &row, &used, unprocessed);
+            }
+            Next::Fail { kind, note } => {
+                if verdict == Verdict::Unauthorized {
+                    refused_again(shared);
+                }
+                let result = fail(kind, with_note(message(), note));
+                return Some(finish(row, &request, used.attempts, latency, status, result));
+            }
+            Next::Judge { kind, note } => {
+                let Some(answer) = answer else { return unfinished(shared, &row, &used, unprocessed) };
+                return Some(judge(shared, row, &request, used.attempts, latency, answer, kind, note));
+            }
+        }
+    }
+}
+
+/// A row's request, or its outcome when it cannot be sent.
+#[allow(clippy::result_large_err)] // an outcome goes straight to the collector
+pub(super) fn render(shared: &Shared, item: Item) -> Result<(Row, Request), Outcome> {
+    let row = match item {
+        Ok(row) => row,
+        Err(bad) => {
+            let mut outcome = Outcome::bad_row(bad);
+            if let Err(message) = &mut outcome.result {
+                message.message = format!("{}: {}", shared.inputs[outcome.input], message.message);
+            }
+            return Err(outcome);
+        }
+    };
+    match shared.requests.render(&row) {
+        Ok(request) => Ok((row, request)),
+        Err(e) => {
+            let place = format!("{} line {}", shared.inputs[row.input], row.line);
+            Err(Outcome::invalid(&row, shared.requests.key(&row), format!("{place}: {e}")))
+        }
+    }
+}
+
+/// How an attempt went.
+pub(super) enum Tried {
+    /// It went out (or failed trying): its result, how long it took, the token it carried.
+    Sent { result: Result<Answer, reqwest::Error>, latency: Duration, token: Option<Arc<Token>> },
+    /// The run stopped before it went out.
+    Stopped,
+    /// The grace period ended while it was in flight.
+    Abandoned,
+}
+
+/// One attempt: waits for the rate limiter, marks the row started before
+/// its first attempt, takes the token (as late as can be, so it cannot
+/// expire in between), sends. A resend after a token refresh is not counted.
+pub(super) async fn attempt(
+    shared: &Shared,
+    client: &reqwest::Client,
+    row: &Row,
+    request: &Request,
+    used: &mut Used,
+    resend: bool,
+) -> Tried {
+    let ready = tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => false,
+        _ = shared.limiter.until_ready() => true,
+    };
+    if !ready {
+        return Tried::Stopped;
+    }
+    if !resend {
+        used.attempts += 1;
+        if used.attempts == 1 {
+            if let Err(e) = shared.ledger.started(row.input, row.number).await {
+                shared.abort(Error::Output(e));
+                return Tried::Abandoned;
+            }
+            shared.budget.earn_retry();
+        }
+    }
+    let token = match &shared.tokens {
+        Some(tokens) => {
+            let got = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => None,
+                got = tokens.get() => Some(got),
+            };
+            match got {
+                None => return Tried::Stopped,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    shared.abort(Error::Token(e));
+                    return Tried::Stopped;
+                }
+            }
+        }
+        None => None,
+    };
+    shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = send(shared, client, request, token.as_deref()) => Some(r),
+        _ = shared.hard_stop.cancelled() => None,
+    };
+    shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Some(result) => Tried::Sent { result, latency: started.elapsed(), token },
+        None => {
+            tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
+            shared.abandoned.fetch_add(1, Ordering::Relaxed);
+            Tried::Abandoned
+        }
+    }
+}
+
+/// Waits before a retry; false if the run stopped meanwhile.
+pub(super) async fn wait(shared: &Shared, delay: Duration) -> bool {
+    shared.live.retrying.fetch_add(1, Ordering::Relaxed);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shared.stop.cancelled() => {}
+    }
+    shared.live.retrying.fetch_sub(1, Ordering::Relaxed);
+    !shared.stop.is_cancelled()
+}
+
+/// A row the run stopped before finishing: no outcome, so `resume` sends
+/// it. A row the gateway provably did not act on is released, so it is
+/// sent as one never sent; any other started row stays in doubt.
+pub(super) fn unfinished(shared: &Shared, row: &Row, used: &Used, unprocessed: bool) -> Option<Outcome> {
+    if used.attempts > 0
+        && unprocessed
+        && let Err(e) = shared.ledger.released(row.input, row.number)
+    {
+        shared.abort(Error::Output(e));
+    }
+    None
+}
+
+/// A 401 with a fresh token: a stream of them stops the run.
+pub(super) fn refused_again(shared: &Shared) {
+    let streak = shared.auth_streak.fetch_add(1, Ordering::Relaxed) + 1;
+    let limit = (shared.settings.concurrency as u64).max(10);
+    if streak >= limit {
+        shared.abort(Error::Unauthorized(format!(
+            "{streak} rows in a row were refused with 401 even with a fresh token; \
+             the credentials may lack access to this API"
+        )));
+    }
+}
+
+/// The outcome of an answer: the job's `success` expression (default: a
+/// 2xx) makes it a success, else the row fails as `kind`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn judge(
+    shared: &Shared,
+    row: Row,
+    request: &Request,
+    attempts: u32,
+    latency: Duration,
+    answer: Answer,
+    kind: ErrorKind,
+    note: Option<&str>,
+) -> Outcome {
+    let status = answer.status;
+    let body = Body::new(answer.body, answer.total);
+    let judged = shared.requests.judge(status.as_u16(), &body, &row);
+    let success = status.is_success();
+    let result = if judged.ok && (success || shared.requests.has_success()) {
+        Ok(Success::new(body, judged.captured))
+    } else if success {
+        let message = answer_message(status, body.bytes());
+        fail(kind, format!("the job's success expression refused the answer: {message}"))
+    } else {
+        fail(kind, with_note(answer_message(status, body.bytes()), note))
+    };
+    finish(row, request, attempts, latency, Some(status.as_u16()), result)
+}
+
+/// A row's outcome; its record moves into it, uncopied.
+pub(super) fn finish(
+    row: Row,
+    request: &Request,
+    attempts: u32,
+    latency: Duration,
+    status: Option<u16>,
+    result: Result<Success, Failure>,
+) -> Outcome {
+    Outcome {
+        input: row.input,
+        number: row.number,
+        line: row.line,
+        key: request.key.clone(),
+        attempts,
+        latency,
+        status,
+        result,
+        source: Source::Record(row.record),
+    }
+}
+
+pub(super) fn fail(kind: ErrorKind, message: String) -> Result<Success, Failure> {
+    Err(Failure { kind, message })
+}
+
+pub(super) fn with_note(message: String, note: Option<&str>) -> String {
+    match note {
+        Some(note) if message.is_empty() => note.to_string(),
+        Some(note) => format!("{message}; {note}"),
+        None => message,
+    }
+}
+
+/// What a gateway's long `Retry-After` stops the run with: the wait it
+/// asked for, when that ends, and how to go on.
+pub(super) fn pause_message(shared: &Shared, after: Duration) -> String {
+    let until = SystemTime::now()
+        .checked_add(after)
+        .map(|t| format!(" (until {})", humantime::format_rfc3339_seconds(t)))
+        .unwrap_or_default();
+    format!(
+        "the gateway asked for a pause of {}{until} (Retry-After), longer than retry_after_max ({}); \
+         calls in flight were recorded and no new row was sent. When the pause is over, `{} resume {}` sends the rest",
+        humantime::format_duration(after),
+        humantime::format_duration(shared.settings.retry_after_max),
+        crate::options::program(),
+        shared.dir.display()
+    )
+}
