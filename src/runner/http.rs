@@ -7,9 +7,14 @@ use crate::config::{ConfigError, Settings};
 /// An HTTP client for calls or token requests: connections are reused, the
 /// pool sized to the concurrency, HTTP/2 used when a server offers it
 /// (ALPN), `ca_file`'s certificates trusted besides the built-in roots.
+///
+/// A redirect is never followed: it would carry the body (PHI), the token,
+/// the job's headers or the client secret to wherever the server points,
+/// an `http://` URL included. A `3xx` is an answer like any other.
 pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("bulkcall/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(settings.concurrency)
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
         .timeout(settings.timeout);

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng as _;
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, LOCATION, RETRY_AFTER};
 use tokio::time::Instant;
 
 use crate::answer::Body;
@@ -26,6 +26,8 @@ pub(super) struct Answer {
     body: Vec<u8>,
     /// The whole body's length.
     total: u64,
+    /// Where a `3xx` pointed (never followed).
+    location: Option<String>,
 }
 
 pub(super) async fn send(
@@ -56,19 +58,31 @@ pub(super) async fn send(
         let room = cap.saturating_sub(body.len()).min(chunk.len());
         body.extend_from_slice(&chunk[..room]);
     }
-    Ok(Answer { status, retry_after, body, total })
+    let location = status
+        .is_redirection()
+        .then(|| response.headers().get(LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .flatten();
+    Ok(Answer { status, retry_after, body, total, location })
 }
 
 /// A short text of an error answer for the failures file.
-pub(super) fn answer_message(status: StatusCode, body: &[u8]) -> String {
+/// A redirect says where it pointed, and that it was not followed.
+pub(super) fn answer_message(status: StatusCode, location: Option<&str>, body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(500).collect();
     let reason = status.canonical_reason().unwrap_or("");
-    if text.is_empty() {
-        format!("HTTP {} {reason}", status.as_u16())
-    } else {
-        format!("HTTP {} {reason}: {text}", status.as_u16())
+    let mut message = format!("HTTP {} {reason}", status.as_u16());
+    if status.is_redirection() {
+        let to = location.map_or_else(|| "no Location".to_string(), |l| format!("Location {l}"));
+        message.push_str(&format!(
+            " ({to}): a redirect, not followed (it would carry the call's body, token and headers there)"
+        ));
     }
+    if !text.is_empty() {
+        message.push_str(": ");
+        message.push_str(&text);
+    }
+    message
 }
 
 pub(super) fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duration {
@@ -128,7 +142,7 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 shared.auth_streak.store(0, Ordering::Relaxed);
             }
         }
-        let message = || answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, &a.body));
+        let message = || answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, a.location.as_deref(), &a.body));
         match retry::decide(&verdict, &used, &shared.policy) {
             Next::Refresh => {
                 // The token was refused: forget exactly that one and resend once.
@@ -316,17 +330,17 @@ pub(super) fn judge(
     kind: ErrorKind,
     note: Option<&str>,
 ) -> Outcome {
-    let status = answer.status;
+    let (status, location) = (answer.status, answer.location);
     let body = Body::new(answer.body, answer.total);
     let judged = shared.requests.judge(status.as_u16(), &body, &row);
     let success = status.is_success();
     let result = if judged.ok && (success || shared.requests.has_success()) {
         Ok(Success::new(body, judged.captured))
     } else if success {
-        let message = answer_message(status, body.bytes());
+        let message = answer_message(status, location.as_deref(), body.bytes());
         fail(kind, format!("the job's success expression refused the answer: {message}"))
     } else {
-        fail(kind, with_note(answer_message(status, body.bytes()), note))
+        fail(kind, with_note(answer_message(status, location.as_deref(), body.bytes()), note))
     };
     finish(row, request, attempts, latency, Some(status.as_u16()), result)
 }
