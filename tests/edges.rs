@@ -78,7 +78,10 @@ async fn a_redirect_is_an_answer_never_followed() {
             assert_eq!(&record[column("_error")], "client_error", "{status}");
             assert_eq!(&record[column("_status")], status.to_string());
             let message = &record[column("_message")];
-            assert!(message.contains(&format!("{target}/login?next=claims")), "{status}: names the Location: {message}");
+            assert!(
+                message.contains(&format!("{target}/login?next=claims")),
+                "{status}: names the Location: {message}"
+            );
             assert!(message.contains("not followed"), "{status}: {message}");
         }
         assert!(!out.join("results.jsonl").exists() || jsonl(&out.join("results.jsonl")).is_empty());

@@ -142,7 +142,9 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 shared.auth_streak.store(0, Ordering::Relaxed);
             }
         }
-        let message = || answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, a.location.as_deref(), &a.body));
+        let message = || {
+            answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, a.location.as_deref(), &a.body))
+        };
         match retry::decide(&verdict, &used, &shared.policy) {
             Next::Refresh => {
                 // The token was refused: forget exactly that one and resend once.
