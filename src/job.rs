@@ -326,13 +326,13 @@ mod tests {
 
     fn json_row(v: Value) -> Row {
         let Value::Object(map) = v else { panic!("object") };
-        Row { input: 0, number: 7, line: 8, record: Record::Json(map) }
+        Row { input: 0, number: 7, line: 8, record: Record::Json(map), earlier: None }
     }
 
     fn csv_row(pairs: &[(&str, &str)]) -> Row {
         let headers = CsvHeaders::for_tests(pairs.iter().map(|(k, _)| k.to_string()).collect());
         let values = pairs.iter().map(|(_, v)| v.to_string()).collect();
-        Row { input: 0, number: 3, line: 4, record: Record::Csv { headers: Arc::new(headers), values } }
+        Row { input: 0, number: 3, line: 4, record: Record::Csv { headers: Arc::new(headers), values }, earlier: None }
     }
 
     fn body(r: &Request) -> Value {

@@ -87,3 +87,164 @@ async fn a_redirect_is_an_answer_never_followed() {
         assert!(!out.join("results.jsonl").exists() || jsonl(&out.join("results.jsonl")).is_empty());
     }
 }
+
+/// The on-disk state a `kill -9` leaves in a run directory that finished:
+/// no summary, the ledger holding started marks for the rows up to
+/// `started` and done marks up to `done`, and each outcome file cut after
+/// its records of rows up to `started` (whole records: each is one write).
+fn as_if_killed(out: &std::path::Path, started: u64, done: u64) {
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+    let journal = std::fs::read_to_string(out.join("journal")).unwrap();
+    let kept: String = journal
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let row: u64 = f[2].parse().unwrap();
+            (f[0] == "S" && row <= started) || (f[0] == "D" && row <= done)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(out.join("journal"), kept).unwrap();
+    // Failures CSV: keep the header and the records of rows up to `started`.
+    let path = out.join("failures.csv");
+    let text = std::fs::read(&path).unwrap();
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(&text[..]);
+    let row = reader.headers().unwrap().iter().position(|h| h == "_row").unwrap();
+    let (mut record, mut cut) = (csv::StringRecord::new(), reader.position().byte());
+    while reader.read_record(&mut record).unwrap() {
+        if record[row].parse::<u64>().unwrap() > started {
+            break;
+        }
+        cut = reader.position().byte();
+    }
+    std::fs::write(&path, &text[..cut as usize]).unwrap();
+}
+
+/// A job that sends each input record whole as its body.
+const ECHO_JOB: &str = r#"
+url = "/medicalnetwork/professionalclaims/v3/submission"
+key = "{{ controlNumber }}"
+body = "{{ row }}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_reads_a_failures_csv_record_by_record() {
+    let faults = bulkcall::sandbox::Faults { bad_requests: 1.0, ..Default::default() };
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { faults, ..sandbox_config() }).await;
+    // Row 3's note holds lines that look like the end of failure records:
+    // one naming row 12 (not sent when the run stopped), one a row number
+    // no memory could hold.
+    let mut csv = String::from("controlNumber,note\n");
+    for id in 1..=20 {
+        let note = match id {
+            3 => "first line\n9,9,12,k12,client_error,400,1,fake\n9,9,2305843009213693951,k,client_error,400,1,x\nlast"
+                .to_string(),
+            _ => format!("note {id}"),
+        };
+        csv.push_str(&format!("{id:09},\"{note}\"\n"));
+    }
+    let input = gw.write("rows.csv", &csv);
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let config = gw.config(SECRET, "");
+    let out = gw.path("run");
+    let output = run_command(&job, &input, &out, &config).args(["-j", "1"]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    // Killed after row 5's outcome was written and row 2's marked done.
+    as_if_killed(&out, 5, 2);
+    let before = gw.sandbox.recorded().len();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let sent: Vec<String> =
+        gw.sandbox.recorded()[before..].iter().map(|c| c.body["controlNumber"].as_str().unwrap().to_string()).collect();
+    let expected: Vec<String> = (6..=20).map(|i| format!("{i:09}")).collect();
+    assert_eq!(sent, expected, "resume sends exactly the rows never sent, row 12 among them");
+
+    let mut reader = csv::Reader::from_path(out.join("failures.csv")).unwrap();
+    let ids: Vec<String> = reader.records().map(|r| r.unwrap()[0].to_string()).collect();
+    assert_eq!(ids, (1..=20).map(|i| format!("{i:09}")).collect::<Vec<_>>(), "every row once in failures");
+    assert_eq!(json(&out.join("summary.json"))["total"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_is_cut_however_long() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 10));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &["-j", "1"]).await, bulkcall::error::ExitCode::Success);
+    // Killed after row 5's outcome, in the middle of writing row 6's long
+    // answer: 1.9 MB without its newline.
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let mut kept: String = results.lines().take(5).map(|l| format!("{l}\n")).collect();
+    kept.push_str(&format!(r#"{{"row":6,"key":"000000006","status":200,"response":"{}"#, "x".repeat(1_900_000)));
+    std::fs::write(out.join("results.jsonl"), kept).unwrap();
+    let journal = std::fs::read_to_string(out.join("journal")).unwrap();
+    let marks: String = journal
+        .lines()
+        .filter(|l| l.split('\t').nth(2).unwrap().parse::<u64>().unwrap() <= 5 || *l == "S\t0\t6")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(out.join("journal"), marks).unwrap();
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines = jsonl(&out.join("results.jsonl"));
+    let rows: Vec<u64> = lines.iter().map(|l| l["row"].as_u64().unwrap()).collect();
+    assert_eq!(rows, (1..=10).collect::<Vec<_>>(), "every line whole, every row once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failures_file_keeps_every_input_field_and_feeds_back_the_original_rows() {
+    let failing = bulkcall::sandbox::Faults { bad_requests: 1.0, ..Default::default() };
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { faults: failing, ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let config = gw.config(SECRET, "");
+    // Fields with the names of bulkcall's columns, and a ragged row with
+    // two fields more than the header.
+    let csv = "controlNumber,_status,_message,note\n\
+               000000001,open,\"see, you\",a\n\
+               000000002,closed,,b\n\
+               000000003,x,y,z,extra 1,extra 2\n";
+    let records = [
+        r#"{"controlNumber":"000000004","_status":"open","_error":null,"amount":125.50}"#,
+        r#"{"controlNumber":"000000005","_record":{"x":1}}"#,
+        r#"{"controlNumber":"000000006","_raw":"not mine","plain":true}"#,
+        r#"{"controlNumber":"000000007","plain":false}"#,
+    ];
+    let inputs = [gw.write("rows.csv", csv), gw.write("rows.jsonl", &(records.join("\n") + "\n"))];
+    let runs = [gw.path("csv-run"), gw.path("jsonl-run")];
+    for (input, out) in inputs.iter().zip(&runs) {
+        let output = run_command(&job, input, out, &config).args(["-j", "1"]).output().await.unwrap();
+        assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let failures_csv = std::fs::read_to_string(runs[0].join("failures.csv")).unwrap();
+    let lines: Vec<&str> = failures_csv.lines().collect();
+    assert_eq!(lines[0], "controlNumber,_status,_message,note,_row,_key,_error,_status,_attempts,_message");
+    assert!(lines[1].starts_with("000000001,open,\"see, you\",a,1,000000001,client_error,400,1,"), "{}", lines[1]);
+    let ragged = "000000003,x,y,z,extra 1,extra 2,3,3,invalid_row,,0,";
+    assert!(lines[3].starts_with(ragged), "the ragged row whole: {}", lines[3]);
+
+    // Fed back to a gateway that takes them: the very rows of the inputs.
+    let gw2 = Gateway::start(sandbox_config()).await;
+    let config2 = gw2.config(SECRET, "");
+    let again = [gw2.path("csv-again"), gw2.path("jsonl-again")];
+    let fed = [runs[0].join("failures.csv"), runs[1].join("failures.jsonl")];
+    let expected = [1, 0];
+    for ((input, out), failed) in fed.iter().zip(&again).zip(expected) {
+        let output = run_command(&job, input, out, &config2).args(["-j", "1"]).output().await.unwrap();
+        let code = if failed > 0 { 1 } else { 0 };
+        assert_eq!(output.status.code(), Some(code), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let bodies: Vec<String> = gw2.sandbox.recorded().iter().map(|c| c.body.to_string()).collect();
+    let mut expected = vec![
+        r#"{"controlNumber":"000000001","_status":"open","_message":"see, you","note":"a"}"#.to_string(),
+        r#"{"controlNumber":"000000002","_status":"closed","_message":"","note":"b"}"#.to_string(),
+    ];
+    expected.extend(records.iter().map(|r| r.to_string()));
+    assert_eq!(bodies, expected, "each row as it stood in its input, the ragged one not sent");
+    let ragged = std::fs::read_to_string(again[0].join("failures.csv")).unwrap();
+    assert!(ragged.lines().nth(1).unwrap().starts_with("000000003,x,y,z,extra 1,extra 2,"), "{ragged}");
+}

@@ -164,8 +164,11 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
     for (input, row, outcome) in crate::output::recent_outcomes(&dir, &failures_read, |i, row| done.contains(i, row)) {
         // A line that does not say its input could be another input's row.
         let Some(input) = input.filter(|&i| i < resolved.inputs.len()) else { continue };
-        if done.insert(input, row) {
-            in_doubt.remove(&(input, row));
+        // Only a row the ledger marked started and not done can have an
+        // outcome the ledger does not know: any other row number a file
+        // holds is not one of this run's outcomes to trust.
+        if in_doubt.remove(&(input, row)) {
+            done.insert(input, row);
             recorded.add_recorded(outcome.status, outcome.error.as_deref(), outcome.attempts, outcome.latency_us);
             recovered.push((input, row, outcome));
         }

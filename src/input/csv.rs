@@ -5,44 +5,42 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::sync::Arc;
 
-use super::{BadRow, FAILURE_COLUMNS, InputError, InputSpec, Item, Raw, Record, Row};
+use super::{BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, Raw, Record, Row};
 
-/// The header of a CSV input: the kept column names and where they sit.
+/// The header of a CSV input: its column names, and whether it is a
+/// failures file bulkcall wrote (its last six columns are then bulkcall's).
 #[derive(Debug)]
 pub struct CsvHeaders {
+    /// The record's own columns: every column of the file, but for a
+    /// failures file's last six.
     names: Vec<String>,
-    /// For each kept column, its position in the file's records.
-    positions: Vec<usize>,
-    /// How many columns a record of the file has.
-    width: usize,
     by_name: HashMap<String, usize>,
+    /// The file ends every record with the six failure columns.
+    failures: bool,
     /// The file's delimiter: a failures file is written with it.
     delimiter: u8,
 }
 
 impl CsvHeaders {
-    fn new(file_names: Vec<String>, delimiter: u8) -> Result<CsvHeaders, String> {
-        let width = file_names.len();
-        // Only a failures file bulkcall wrote has all six failure columns: its
-        // added columns are not fields. Elsewhere `_key` is a field like any.
-        let failures = super::FAILURE_COLUMNS[..6].iter().all(|c| file_names.iter().any(|n| n == c));
-        let mut names = Vec::with_capacity(width);
-        let mut positions = Vec::with_capacity(width);
-        let mut by_name = HashMap::with_capacity(width);
-        for (pos, name) in file_names.into_iter().enumerate() {
-            if failures && FAILURE_COLUMNS.contains(&name.as_str()) {
-                continue;
-            }
+    fn new(mut names: Vec<String>, delimiter: u8) -> Result<CsvHeaders, String> {
+        // Only a header that ends with the six failure columns is a failures
+        // file's: then they are not fields, whatever the columns before them
+        // are called. Elsewhere `_key` is a field like any.
+        let failures = names.len() >= FAILURE_COLUMNS.len()
+            && names[names.len() - FAILURE_COLUMNS.len()..].iter().zip(FAILURE_COLUMNS).all(|(n, c)| n == c);
+        if failures {
+            names.truncate(names.len() - FAILURE_COLUMNS.len());
+        }
+        let mut by_name = HashMap::with_capacity(names.len());
+        for (pos, name) in names.iter().enumerate() {
             if name.is_empty() {
                 return Err(format!("column {} of the header has no name", pos + 1));
             }
-            if by_name.insert(name.clone(), names.len()).is_some() {
+            if by_name.insert(name.clone(), pos).is_some() {
                 return Err(format!("the header names column `{name}` twice"));
             }
-            names.push(name);
-            positions.push(pos);
         }
-        Ok(CsvHeaders { names, positions, width, by_name, delimiter })
+        Ok(CsvHeaders { names, by_name, failures, delimiter })
     }
 
     #[cfg(test)]
@@ -207,33 +205,40 @@ fn to_row(
     headers: &Arc<CsvHeaders>,
     record: &csv::ByteRecord,
 ) -> Item {
-    let field = |pos: usize| record.get(pos).unwrap_or_default();
-    // The bytes as they are, so the failures file keeps them unchanged.
+    let width = headers.names.len();
+    // A failures file's record ends with the six failure columns; the
+    // fields before them are the record as its input had it.
+    let own = FAILURE_COLUMNS.len();
+    let (fields, earlier) = if headers.failures && record.len() >= own {
+        let at = record.len() - own;
+        let column = |i: usize| std::str::from_utf8(&record[at + i]).unwrap_or_default();
+        (at, Some(Box::new(Earlier::from_columns(std::array::from_fn(column)))))
+    } else {
+        (record.len(), None)
+    };
+    // The bytes as they are, every field, so the failures file keeps them unchanged.
     let bad = |message: String| BadRow {
         input,
         number,
         line,
         message,
-        raw: Raw::Csv {
-            headers: headers.clone(),
-            values: headers.positions.iter().map(|&p| field(p).to_vec()).collect(),
-        },
+        raw: Raw::Csv { headers: headers.clone(), values: record.iter().take(fields).map(<[u8]>::to_vec).collect() },
     };
-    if record.len() != headers.width {
+    if fields != width {
         let hint = if open_quote {
             let lines = 1 + record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum::<usize>();
             format!(" (a quote is left open: it runs {lines} lines to the end of the file)")
-        } else if record.len() > headers.width {
+        } else if fields > width {
             " (an unquoted delimiter in a value?)".to_string()
         } else {
             String::new()
         };
-        let message = format!("line {line}: has {} fields but the header has {}{hint}", record.len(), headers.width);
+        let message = format!("line {line}: has {fields} fields but the header has {width}{hint}");
         return Err(bad(message));
     }
-    let mut values = Vec::with_capacity(headers.names.len());
-    for (i, &pos) in headers.positions.iter().enumerate() {
-        match std::str::from_utf8(field(pos)) {
+    let mut values = Vec::with_capacity(width);
+    for (i, field) in record.iter().take(width).enumerate() {
+        match std::str::from_utf8(field) {
             Ok(s) => values.push(s.to_string()),
             Err(_) => {
                 return Err(bad(format!(
@@ -243,7 +248,7 @@ fn to_row(
             }
         }
     }
-    Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values } })
+    Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values }, earlier })
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::{BadRow, InputError, InputSpec, Item, Raw, Record, Row};
+use super::{BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, RAW_FIELD, RECORD_FIELD, Raw, Record, Row};
 
 /// A byte cursor over a buffered file that knows its line and column.
 struct Cursor<R> {
@@ -240,21 +240,34 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
     match serde_json::from_slice::<Value>(text) {
         // A line of a failures file bulkcall wrote (it has all six failure
         // fields): those are not the record's. Elsewhere `_key` is a field like any.
-        Ok(Value::Object(mut map)) if super::FAILURE_COLUMNS[..6].iter().all(|c| map.contains_key(*c)) => {
-            for column in &super::FAILURE_COLUMNS[..6] {
-                map.shift_remove(*column);
+        Ok(Value::Object(mut map)) if FAILURE_COLUMNS.iter().all(|c| map.contains_key(*c)) => {
+            let columns = FAILURE_COLUMNS.map(|c| map.shift_remove(c).unwrap_or(Value::Null));
+            let text_of = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let texts = columns.each_ref().map(text_of);
+            let earlier = Some(Box::new(Earlier::from_columns(texts.each_ref().map(String::as_str))));
+            let only = |map: &Map<String, Value>, name: &str| map.len() == 1 && map.contains_key(name);
+            if only(&map, RECORD_FIELD)
+                && let Some(Value::Object(record)) = map.shift_remove(RECORD_FIELD)
+            {
+                // A record whose own fields have the names bulkcall adds.
+                return Ok(Row { input, number, line, record: Record::Json(record), earlier });
             }
-            match map.shift_remove("_raw") {
+            if only(&map, RAW_FIELD)
+                && let Some(Value::String(raw)) = map.shift_remove(RAW_FIELD)
+            {
                 // A row that was not JSON when it failed: read what it was again.
-                Some(Value::String(raw)) if map.is_empty() => parse_object(input, number, line, column, raw.as_bytes()),
-                Some(other) => {
-                    map.insert("_raw".into(), other);
-                    Ok(Row { input, number, line, record: Record::Json(map) })
-                }
-                None => Ok(Row { input, number, line, record: Record::Json(map) }),
+                return match parse_object(input, number, line, column, raw.as_bytes()) {
+                    Ok(row) => Ok(Row { earlier, ..row }),
+                    Err(bad) => Err(bad),
+                };
             }
+            Ok(Row { input, number, line, record: Record::Json(map), earlier })
         }
-        Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map) }),
+        Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map), earlier: None }),
         Ok(other) => Err(bad(format!("line {line}: expected an object, found {}", kind(&other)))),
         Err(e) => {
             let (l, c) = (

@@ -17,9 +17,45 @@ pub use self::csv::CsvHeaders;
 pub use self::fingerprint::InputFingerprint;
 pub use self::source::{Compression, Encoding};
 
-/// The columns bulkcall adds to a failures file; ignored as fields when such
-/// a file is read back as input, so it can be fed straight back in.
-pub const FAILURE_COLUMNS: [&str; 7] = ["_row", "_key", "_error", "_status", "_attempts", "_message", "_raw"];
+/// The columns bulkcall adds to a failures file, after the record's own
+/// fields. A file whose header ends with them (a CSV) or a line that has
+/// them all (JSON) is a failures file: read back as input, they are not
+/// fields, so it can be fed straight back in. In a CSV they are the last
+/// six of every record, by position, so an input column with the same name
+/// stays a field of its own.
+pub const FAILURE_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
+
+/// In a JSON failures line: a record that could not be read, as its text.
+pub const RAW_FIELD: &str = "_raw";
+/// In a JSON failures line: the record, when it has fields of the names
+/// bulkcall adds (so none of them is overwritten).
+pub const RECORD_FIELD: &str = "_record";
+
+/// What a failures file said of one of its records: the row it was in the
+/// run that wrote the file, and how it failed there.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Earlier {
+    /// `_row`: its position in that run's input.
+    pub row: Option<u64>,
+    /// `_error`: the kind it failed as.
+    pub error: String,
+    /// `_status`, if an answer came.
+    pub status: Option<u16>,
+    /// `_message`.
+    pub message: String,
+}
+
+impl Earlier {
+    /// From the six failure columns' values, in [`FAILURE_COLUMNS`]' order.
+    fn from_columns(values: [&str; 6]) -> Earlier {
+        Earlier {
+            row: values[0].trim().parse().ok(),
+            error: values[2].to_string(),
+            status: values[3].trim().parse().ok(),
+            message: values[5].to_string(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,6 +103,8 @@ pub struct Row {
     /// The file line where the record starts.
     pub line: u64,
     pub record: Record,
+    /// Read from a failures file: what that file said of the row.
+    pub earlier: Option<Box<Earlier>>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +150,9 @@ pub struct BadRow {
 
 #[derive(Debug, Clone)]
 pub enum Raw {
-    /// The record's bytes, column by column, as the file has them.
+    /// The record's bytes, field by field, as the file has them: every
+    /// field, those past the header's width too (a failures file's own
+    /// six columns left out).
     Csv {
         headers: Arc<CsvHeaders>,
         values: Vec<Vec<u8>>,

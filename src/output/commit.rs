@@ -11,13 +11,16 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(10)
 
 /// Records outcomes for good, in groups: [`GroupCommit::write`] writes their
 /// lines at once (safe from a crash of the process, not yet from a power
-/// cut) and keeps their done marks; [`GroupCommit::sync`] makes every line
-/// written so far durable, then the ledger (holding the marks of earlier
-/// groups, whose lines were made durable before them), and only then writes
-/// the group's done marks. A done mark is never on disk before its outcome
-/// line, at one `fdatasync` per file per group; after a power cut, the rows
-/// with an outcome on disk and no mark are at most the last group's, and
-/// `resume` finds them at the end of the outcome files.
+/// cut) and keeps their done marks; [`GroupCommit::sync`] makes the ledger
+/// durable (the started marks of these rows, written before they were
+/// sent, and the done marks of earlier groups, whose lines were made
+/// durable before them), then every line written so far, and only then
+/// writes the group's done marks. A done mark is never on disk before its
+/// outcome line, nor an outcome line before its row's started mark, at one
+/// `fdatasync` per file per group; after a power cut, the rows with an
+/// outcome on disk and no done mark are at most the last group's, each
+/// marked started, and `resume` finds them at the end of the outcome files
+/// (it trusts a line only for a row marked started).
 #[derive(Default)]
 pub struct GroupCommit {
     /// Done marks of the lines written and not yet synced.
@@ -49,13 +52,13 @@ impl GroupCommit {
         self.since.map(|since| since + SYNC_EVERY)
     }
 
-    /// Makes every line written durable, then writes their done marks.
+    /// Makes the ledger and every line written durable, then writes their done marks.
     pub fn sync(&mut self, writer: &mut Writer, ledger: &Ledger) -> Result<(), OutputError> {
         if self.since.take().is_none() {
             return Ok(());
         }
-        writer.sync()?;
         ledger.sync()?;
+        writer.sync()?;
         ledger.write_marks(&std::mem::take(&mut self.marks))
     }
 }

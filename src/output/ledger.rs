@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{OutputError, io, open_file, sync};
+use super::{OutputError, Records, io, open_file, sync};
 use crate::outcome::Outcome;
 use crate::rows::RowSet;
 
@@ -66,7 +66,7 @@ impl Ledger {
     pub fn open(dir: &Path, append: bool, sync_started: bool) -> Result<Ledger, OutputError> {
         let path = dir.join("journal");
         Ok(Ledger {
-            file: open_file(&path, append)?,
+            file: open_file(&path, append, Records::Lines)?,
             path,
             queued: std::sync::Mutex::new((Vec::new(), 0)),
             writing: std::sync::Mutex::new(()),
@@ -175,7 +175,7 @@ impl Ledger {
         for (input, row, done) in rows {
             Self::push_mark(&mut lines, *input, *row, done);
         }
-        let file = open_file(&path, true)?;
+        let file = open_file(&path, true, Records::Lines)?;
         (&file).write_all(lines.as_bytes()).and_then(|()| file.sync_data()).map_err(io(&path))
     }
 

@@ -85,14 +85,24 @@ fn create_file(path: &Path) -> Result<File, OutputError> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))
 }
 
+/// How the records of a file end, to find where the last whole one does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Records {
+    /// One record a line (JSON Lines, the ledger).
+    Lines,
+    /// CSV as the csv crate writes it: a record may hold newlines inside
+    /// quotes, so it ends at a newline outside them.
+    Csv,
+}
+
 /// Opens a file for appending (resume) or creates it empty (a new run), in
 /// append mode either way.
-/// Appending, a line a crash cut short (after a partial write) is dropped
-/// first, so the next line does not run into it.
-fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
+/// Appending, a record a crash cut short (after a partial write) is
+/// dropped first, so the next one does not run into it.
+fn open_file(path: &Path, append: bool, records: Records) -> Result<File, OutputError> {
     let new = !append || !path.exists();
     if append {
-        trim_torn_tail(path).map_err(io(path))?;
+        trim_torn_tail(path, records).map_err(io(path))?;
     } else {
         create_file(path)?;
     }
@@ -105,23 +115,65 @@ fn open_file(path: &Path, append: bool) -> Result<File, OutputError> {
     Ok(file)
 }
 
-fn trim_torn_tail(path: &Path) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
+/// Cuts what follows the last whole record, however far back it is.
+fn trim_torn_tail(path: &Path, records: Records) -> std::io::Result<()> {
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
-    let start = len.saturating_sub(1 << 20);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
-    if tail.last().is_none_or(|&b| b == b'\n') {
-        return Ok(());
+    let keep = match records {
+        Records::Lines => last_line_end(&mut file, len)?,
+        Records::Csv => whole_csv_len(&mut file)?,
+    };
+    if keep < len { file.set_len(keep) } else { Ok(()) }
+}
+
+/// Where the file's last line ends: just past its last newline (0 if none).
+fn last_line_end(file: &mut File, len: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 1 << 20;
+    let mut end = len;
+    let mut chunk = Vec::new();
+    while end > 0 {
+        let from = end.saturating_sub(CHUNK);
+        chunk.resize((end - from) as usize, 0);
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        if let Some(i) = memchr::memrchr(b'\n', &chunk) {
+            return Ok(from + i as u64 + 1);
+        }
+        end = from;
     }
-    let keep = tail.iter().rposition(|&b| b == b'\n').map_or(start, |i| start + i as u64 + 1);
-    file.set_len(keep)
+    Ok(0)
+}
+
+/// How long the part of a CSV file is that holds whole records: up to the
+/// last newline outside quotes. The csv crate quotes a field holding a
+/// quote, a delimiter or a line break and doubles the quotes in it, so
+/// outside a field a record has an even number of quotes, and a newline
+/// after an even number ends a record; a record cut short is cut inside a
+/// quoted value (an odd count) or before its newline.
+fn whole_csv_len(file: &mut File) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut offset, mut quoted, mut whole) = (0u64, false, 0u64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(whole);
+        }
+        for i in memchr::memchr2_iter(b'"', b'\n', &buf[..n]) {
+            match buf[i] {
+                b'"' => quoted = !quoted,
+                _ if !quoted => whole = offset + i as u64 + 1,
+                _ => {}
+            }
+        }
+        offset += n as u64;
+    }
 }
 
 /// Writes a JSON document whole: to a temporary file, then renamed.

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::Done;
+use crate::input::FAILURE_COLUMNS;
 
 /// An outcome found on file: (input if the line says, row, outcome).
 pub type Recent = (Option<usize>, u64, Done);
@@ -18,9 +19,13 @@ pub type Recent = (Option<usize>, u64, Done);
 /// A batch's lines are durable before its done marks are written (in the
 /// lines' order, one write), and the ledger is synced before the next
 /// batch's marks: so the lines without a mark are a suffix of each file,
-/// after its last marked line (`marked`), however large the answers. Each
-/// file is read backwards until a marked line, and at least its last 4 MiB
-/// or 4,096 lines.
+/// after its last marked line (`marked`), however large the answers. A
+/// JSON Lines file is read backwards until a marked line, and at least its
+/// last 4 MiB or 4,096 lines; a failures CSV, whose records may span lines,
+/// is read whole by the CSV parser, record by record.
+///
+/// What a file says is not trusted further: the caller takes an outcome
+/// found only for a row its ledger marked started and not done.
 pub fn recent_outcomes(dir: &Path, failures: &[(String, u8)], marked: impl Fn(usize, u64) -> bool) -> Vec<Recent> {
     const TAIL_BYTES: u64 = 4 << 20;
     const TAIL_LINES: usize = 4096;
@@ -90,26 +95,42 @@ pub fn recent_outcomes(dir: &Path, failures: &[(String, u8)], marked: impl Fn(us
             }));
             continue;
         }
-        // The six failure columns end every record, and their values hold
-        // no line breaks, so the last line of a record has them all.
-        found.extend(tail(&path, &|line| {
-            let mut reader =
-                csv::ReaderBuilder::new().has_headers(false).flexible(true).delimiter(*delimiter).from_reader(line);
-            let record = reader.byte_records().next()?.ok()?;
-            if record.len() < 6 {
-                return None;
-            }
-            let field = |back: usize| String::from_utf8_lossy(&record[record.len() - back]).into_owned();
-            let row = field(6).parse().ok()?;
-            let done = Done {
-                status: field(3).parse().ok(),
-                error: Some(field(4)),
-                attempts: field(2).parse().unwrap_or(0),
-                latency_us: 0,
-                at_ms: 0,
-            };
-            Some((Some(input), row, done))
-        }));
+        found.extend(csv_failures(&path, *delimiter, input, &marked));
+    }
+    found
+}
+
+/// The records of a failures CSV (its header's input columns, then the six
+/// failure columns, which end every record) not `marked`, read by the CSV
+/// parser up to the last whole record: a record cut short by a crash is
+/// not read.
+fn csv_failures(path: &Path, delimiter: u8, input: usize, marked: &impl Fn(usize, u64) -> bool) -> Vec<Recent> {
+    use std::io::Read;
+    let Ok(mut file) = File::open(path) else { return Vec::new() };
+    let Ok(whole) = super::whole_csv_len(&mut file) else { return Vec::new() };
+    let Ok(file) = File::open(path) else { return Vec::new() };
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(true).flexible(true).delimiter(delimiter).from_reader(file.take(whole));
+    let mut found = Vec::new();
+    let mut record = csv::ByteRecord::new();
+    while let Ok(true) = reader.read_byte_record(&mut record) {
+        let six = FAILURE_COLUMNS.len();
+        if record.len() < six {
+            continue;
+        }
+        let field = |i: usize| std::str::from_utf8(&record[record.len() - six + i]).unwrap_or_default().trim();
+        let Ok(row) = field(0).parse::<u64>() else { continue };
+        if marked(input, row) {
+            continue;
+        }
+        let done = Done {
+            status: field(3).parse().ok(),
+            error: Some(field(2).to_string()),
+            attempts: field(4).parse().unwrap_or(0),
+            latency_us: 0,
+            at_ms: 0,
+        };
+        found.push((Some(input), row, done));
     }
     found
 }

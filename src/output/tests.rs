@@ -65,16 +65,18 @@ fn a_done_mark_reaches_the_disk_only_after_its_outcome_line() {
     assert!(group.due().is_some());
     group.sync(&mut writer, &ledger).unwrap();
     let (failures_1, journal_1) = (len("failures.jsonl"), len("journal"));
-    // The batch's lines made durable (one sync), then the ledger as it
-    // was before this batch's marks; the marks written after.
-    assert_eq!(synced(dir.path()), [("failures.jsonl".into(), failures_1), ("journal".into(), 0)]);
+    // The ledger as it was before this batch's marks (its rows' started
+    // marks), then the batch's lines (one sync); the marks written after.
+    assert_eq!(synced(dir.path()), [("journal".into(), 0), ("failures.jsonl".into(), failures_1)]);
     assert!(journal_1 > 0, "the marks are written");
 
     group.write(&mut writer, &[failed(3)]).unwrap();
     group.sync(&mut writer, &ledger).unwrap();
     assert!(group.due().is_none(), "nothing left to sync");
-    // The next batch makes the first batch's marks durable, after its own lines.
-    assert_eq!(synced(dir.path()), [("failures.jsonl".into(), len("failures.jsonl")), ("journal".into(), journal_1)]);
+    // The next batch makes the first batch's marks durable (their lines
+    // were made durable at the first sync), then its own lines; its marks
+    // are written after.
+    assert_eq!(synced(dir.path()), [("journal".into(), journal_1), ("failures.jsonl".into(), len("failures.jsonl"))]);
     let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
     assert_eq!(journal.lines().filter(|l| l.starts_with("D\t0\t")).count(), 3);
 }

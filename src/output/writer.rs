@@ -10,8 +10,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{OutputError, create_file, io, open_file, sync};
-use crate::input::{CsvHeaders, Format, Raw, Record};
+use super::{OutputError, Records, create_file, io, open_file, sync};
+use crate::input::{CsvHeaders, FAILURE_COLUMNS, Format, RAW_FIELD, RECORD_FIELD, Raw, Record};
 use crate::outcome::{Outcome, Source};
 
 /// What the writer needs to know about each input.
@@ -72,7 +72,12 @@ struct Lines {
 
 impl Lines {
     fn open(path: PathBuf, append: bool) -> Result<Lines, OutputError> {
-        Ok(Lines { file: open_file(&path, append)?, path, pending: Vec::with_capacity(64 * 1024), unsynced: false })
+        Ok(Lines {
+            file: open_file(&path, append, Records::Lines)?,
+            path,
+            pending: Vec::with_capacity(64 * 1024),
+            unsynced: false,
+        })
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<(), OutputError> {
@@ -132,8 +137,6 @@ struct CsvFile {
     unsynced: bool,
 }
 
-const ERROR_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
-
 impl CsvFile {
     /// Opens the file and writes its header, unless resuming a file that has one.
     fn open<'a>(
@@ -143,7 +146,7 @@ impl CsvFile {
     ) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut this = CsvFile {
-            file: open_file(&path, append)?,
+            file: open_file(&path, append, Records::Csv)?,
             path,
             record: Vec::with_capacity(1024),
             delimiter: b',',
@@ -160,14 +163,14 @@ impl CsvFile {
     fn failures(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut this = CsvFile {
-            file: open_file(&path, append)?,
+            file: open_file(&path, append, Records::Csv)?,
             path,
             record: Vec::with_capacity(1024),
             delimiter: headers.delimiter(),
             unsynced: false,
         };
         if !has_header {
-            this.write(headers.names().iter().map(String::as_bytes).chain(ERROR_COLUMNS.map(str::as_bytes)))?;
+            this.write(headers.names().iter().map(String::as_bytes).chain(FAILURE_COLUMNS.map(str::as_bytes)))?;
         }
         Ok(this)
     }
@@ -311,13 +314,16 @@ impl Writer {
                 let status = outcome.status.map(|s| s.to_string()).unwrap_or_default();
                 let attempts = outcome.attempts.to_string();
                 let row = outcome.number.to_string();
+                // One line, whatever the message quotes: a record of a
+                // failures CSV ends with it, and resume finds its end so.
+                let message = failure.message.replace(['\r', '\n'], " ");
                 let errors = [
                     row.as_str(),
                     outcome.key.as_str(),
                     failure.kind.as_str(),
                     status.as_str(),
                     attempts.as_str(),
-                    failure.message.as_str(),
+                    message.as_str(),
                 ];
                 match &outcome.source {
                     Source::Record(Record::Csv { headers, values }) => {
@@ -328,14 +334,23 @@ impl Writer {
                         let file = self.csv_file(outcome.input, headers)?;
                         file.write(values.iter().map(Vec::as_slice).chain(errors.map(str::as_bytes)))
                     }
-                    Source::Record(Record::Json(map)) => {
-                        let mut map = map.clone();
+                    Source::Record(Record::Json(record)) => {
+                        // A record with fields of the names bulkcall adds
+                        // goes whole under `_record`: none is overwritten.
+                        let reserved = |name: &String| {
+                            FAILURE_COLUMNS.contains(&name.as_str()) || name == RAW_FIELD || name == RECORD_FIELD
+                        };
+                        let mut map = if record.keys().any(reserved) {
+                            Map::from_iter([(RECORD_FIELD.to_string(), Value::Object(record.clone()))])
+                        } else {
+                            record.clone()
+                        };
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
                         self.jsonl_file(outcome.input)?.write(&map)
                     }
                     Source::Raw(Raw::Text(text)) => {
                         let mut map = Map::new();
-                        map.insert("_raw".into(), Value::String(text.clone()));
+                        map.insert(RAW_FIELD.into(), Value::String(text.clone()));
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
                         self.jsonl_file(outcome.input)?.write(&map)
                     }

@@ -99,7 +99,15 @@ pub(super) fn backoff(shared: &Shared, kind: ErrorKind, attempt: u32) -> Duratio
 pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Option<Outcome> {
     let (row, request) = match render(shared, item) {
         Ok(rendered) => rendered,
-        Err(outcome) => return Some(outcome),
+        Err(outcome) => {
+            // Marked started like every row that gets an outcome: `resume`
+            // trusts an outcome line only for a row the ledger knows.
+            if let Err(e) = shared.ledger.started(outcome.input, outcome.number).await {
+                shared.abort(Error::Output(e));
+                return None;
+            }
+            return Some(outcome);
+        }
     };
     if shared.fail_in_doubt.contains(&(row.input, row.number)) {
         let message =
