@@ -226,7 +226,9 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// A one-line description of a transport error, with its causes.
+/// A one-line description of a transport error, with its causes, that
+/// names the server by its origin alone (scheme, host and port): a URL's
+/// path and query hold row values (PHI), and this text reaches stderr.
 pub fn describe(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut text = e.to_string();
@@ -235,6 +237,21 @@ pub fn describe(e: &reqwest::Error) -> String {
         text.push_str(": ");
         text.push_str(&s.to_string());
         source = s.source();
+    }
+    match e.url() {
+        Some(url) => without_url(text, url),
+        None => text,
+    }
+}
+
+/// `text` with `url` named by its origin: reqwest's " for url (…)" and any
+/// other place the URL, its path or its query appear.
+fn without_url(text: String, url: &url::Url) -> String {
+    let origin = url.origin().ascii_serialization();
+    let mut text = text.replace(&format!(" for url ({url})"), &format!(" to {origin}")).replace(url.as_str(), &origin);
+    let private = [url.path(), url.query().unwrap_or(""), url.fragment().unwrap_or("")];
+    for part in private.into_iter().filter(|p| p.len() > 1) {
+        text = text.replace(part, "<path>");
     }
     text
 }

@@ -248,3 +248,53 @@ async fn a_failures_file_keeps_every_input_field_and_feeds_back_the_original_row
     let ragged = std::fs::read_to_string(again[0].join("failures.csv")).unwrap();
     assert!(ragged.lines().nth(1).unwrap().starts_with("000000003,x,y,z,extra 1,extra 2,"), "{ragged}");
 }
+
+/// A job whose URL carries row values in its path and query.
+const MEMBER_JOB: &str = r#"
+method = "GET"
+url = "BASE/members/{{ member_id }}/eligibility"
+key = "{{ control_number }}"
+[query]
+dob = "{{ dob }}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_errors_name_the_server_never_the_path() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let tls = bulkcall::sandbox::Sandbox::start_tls(
+        sandbox_config(),
+        "127.0.0.1:0".parse().unwrap(),
+        cert.cert.pem().as_bytes(),
+        cert.key_pair.serialize_pem().as_bytes(),
+    )
+    .await
+    .unwrap();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = gw.config(SECRET, "max_attempts = 2\nbackoff_base = \"1ms\"");
+    let mut csv = String::from("control_number,member_id,dob\n");
+    csv.push_str("000000001,SYN-PHI-MEMBER-42,19800102\n000000002,SYN-PHI-MEMBER-43,19800103\n");
+    let input = gw.write("rows.csv", &csv);
+    for (base, code) in [(tls.base_url(), 3), (format!("http://{closed}"), 1)] {
+        let job = gw.write("members.toml", &MEMBER_JOB.replace("BASE", &base));
+        for verbose in [false, true] {
+            let out = gw.path(&format!("run-{code}-{verbose}"));
+            let mut command = run_command(&job, &input, &out, &config);
+            if verbose {
+                command.arg("-v");
+            }
+            let output = command.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(code), "{stderr}");
+            let origin = base.trim_end_matches('/');
+            for phi in ["SYN-PHI-MEMBER", "1980010"] {
+                assert!(!stderr.contains(phi), "{base} -v={verbose}: no row value on stderr: {stderr}");
+                let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap_or_default();
+                let messages: Vec<&str> = failures.lines().skip(1).map(|l| l.rsplit(',').next().unwrap()).collect();
+                assert!(messages.iter().all(|m| !m.contains(phi)), "{base}: no row value in the message: {messages:?}");
+            }
+            assert!(stderr.contains(origin) || code == 1, "{base}: names the server: {stderr}");
+        }
+    }
+}
