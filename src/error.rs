@@ -65,7 +65,9 @@ impl Error {
             Error::Internal(_) => ExitCode::Internal,
             Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. })
             | Error::Paused(_) => ExitCode::Locked,
-            Error::Output(crate::output::OutputError::Occupied(_)) => ExitCode::Usage,
+            Error::Output(crate::output::OutputError::Occupied(_) | crate::output::OutputError::NotOwned { .. }) => {
+                ExitCode::Usage
+            }
             Error::Output(_) => ExitCode::Io,
             Error::Coordination(CoordinationError::Unreachable { .. }) => ExitCode::Locked,
             Error::Coordination(_) => ExitCode::Usage,

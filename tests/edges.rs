@@ -298,3 +298,59 @@ async fn transport_errors_name_the_server_never_the_path() {
         }
     }
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_directory_is_the_owners_alone_and_nothing_lands_in_the_current_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 3));
+    // An existing world-readable folder given with -o, from a current
+    // folder that must stay empty.
+    let out = gw.path("existing");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cwd = gw.path("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let output = run_command(&job, &input, &out, &config).current_dir(&cwd).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(mode(&out), 0o700, "made the owner's alone");
+    assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0, "nothing written to the current folder");
+    for name in ["results.jsonl", "journal", "run.json", "summary.json"] {
+        assert_eq!(mode(&out.join(name)), 0o600, "{name}");
+    }
+
+    // The default run directory: out/<job>/<time>/, every folder made 0700.
+    let output = bulkcall()
+        .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"])
+        .current_dir(&cwd)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let folder = gw.path("out").join("eligibility");
+    let run = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    for dir in [gw.path("out"), folder.clone(), run] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+
+    // A folder of another user is refused before anything is sent.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let theirs = gw.path("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let calls = gw.sandbox.stats().api_calls;
+        let output = run_command(&job, &input, &theirs, &config).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("belongs to another user"), "{stderr}");
+        assert_eq!(gw.sandbox.stats().api_calls, calls, "nothing sent");
+    }
+}

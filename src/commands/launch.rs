@@ -154,15 +154,15 @@ pub(super) async fn run_resolved(
     }
 
     // One run per job: a second one stops here, before any token request.
-    // The lock lives in the job's own output folder, wherever `-o` puts the
-    // run directory, so every run of the job meets it.
-    // A shard's lock is its own, beside its directory: the shards of a run
-    // go on at the same time.
-    let _lock = match (&options.sharding, dir.parent()) {
-        (Some(sharding), Some(run)) => {
-            crate::output::lock_job(run, &format!("{}.{}", r.job.name, sharding.shard.dir_name()))?
-        }
-        _ => crate::output::lock_job(&settings.out_dir.join(&r.job.name), &r.job.name)?,
+    // The lock lives beside the run directory (in `out/<job>/` by
+    // default), so every run of the job into that folder meets it, and
+    // nothing is written to the current folder when `-o` puts the run
+    // elsewhere. A shard's lock is its own: the shards of a run go on at
+    // the same time.
+    let folder = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let _lock = match &options.sharding {
+        Some(sharding) => crate::output::lock_job(folder, &format!("{}.{}", r.job.name, sharding.shard.dir_name()))?,
+        None => crate::output::lock_job(folder, &r.job.name)?,
     };
     // Redis before the token: a shard that may not start asks for none.
     let redis = match &settings.coordination.redis_url {

@@ -14,7 +14,7 @@ pub struct JobLock {
 
 /// Takes the job's lock in its output folder, or says who holds it.
 pub fn lock_job(folder: &Path, job: &str) -> Result<JobLock, OutputError> {
-    std::fs::create_dir_all(folder).map_err(io(folder))?;
+    super::create_dirs(folder)?;
     let path = folder.join(format!(".{job}.lock"));
     lock(&path).map_err(|held| match held {
         Held::By(pid) => OutputError::Locked { job: job.to_string(), pid, path: path.clone() },

@@ -42,6 +42,10 @@ pub enum OutputError {
     Locked { job: String, pid: String, path: PathBuf },
     #[error("another bulkcall process (pid {pid}) is working on {dir}; wait for it, or stop it first")]
     RunLocked { dir: PathBuf, pid: String },
+    #[error(
+        "{path} belongs to another user (uid {owner}); a run directory holds PHI and must be yours alone: choose another --out"
+    )]
+    NotOwned { path: PathBuf, owner: u32 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -66,19 +70,38 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Creates the run directory (mode 0700) and its parents.
+/// Creates the run directory (mode 0700) and its parents. A directory that
+/// already exists is made 0700, whatever it was (its files hold PHI); one
+/// that belongs to another user is refused.
 pub fn create_run_dir(path: &Path) -> Result<(), OutputError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if path.join("run.json").exists() {
         return Err(OutputError::Occupied(path.to_path_buf()));
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        create_dirs(parent)?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
+            let meta = std::fs::metadata(path).map_err(io(path))?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(OutputError::NotOwned { path: path.to_path_buf(), owner: meta.uid() });
+            }
+            if meta.permissions().mode() & 0o777 != 0o700 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+            }
+            Ok(())
+        }
         Err(e) => Err(io(path)(e)),
     }
+}
+
+/// Creates a folder and its parents, those it creates 0700.
+fn create_dirs(path: &Path) -> Result<(), OutputError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io(path))
 }
 
 fn create_file(path: &Path) -> Result<File, OutputError> {
