@@ -221,3 +221,59 @@ fn the_image_is_multi_stage_non_root_and_holds_only_the_release_binary() {
     let ignore = std::fs::read_to_string(repo(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l.trim_end_matches('/') == "target"), "target/ stays out of the build context");
 }
+
+/// Whether `tool` runs; when it does not, CI fails and elsewhere the test is
+/// skipped, saying how to install it.
+fn have(tool: &str, install: &str) -> bool {
+    if std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let hint = format!("{tool} is not installed: {install}; .ci/run installs it");
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{hint}");
+    eprintln!("skipped: {hint}");
+    false
+}
+
+/// Every manifest validates against the API schemas of Kubernetes 1.30 (the
+/// oldest the Job's fields work on with their default feature gates) and of
+/// every later version kubernetes-validate knows, strictly: a field the API
+/// does not know, or one it requires and the manifest lacks, fails.
+#[test]
+fn every_manifest_validates_against_the_kubernetes_api_schemas_from_1_30_on() {
+    if !have("kubernetes-validate", "`pip install kubernetes-validate`") {
+        return;
+    }
+    let kustomization = &yaml("deploy/kubernetes/kustomization.yaml")[0];
+    assert_eq!(kustomization["apiVersion"], "kustomize.config.k8s.io/v1beta1");
+    assert_eq!(kustomization["kind"], "Kustomization");
+    let mut files: Vec<PathBuf> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| repo(&format!("deploy/kubernetes/{}", r.as_str().unwrap())))
+        .collect();
+    files.push(repo("deploy/kubernetes/secret.example.yaml"));
+    let mut validated = vec![];
+    for minor in 30.. {
+        let version = format!("1.{minor}");
+        let output = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--no-warn", "-k", &version])
+            .args(&files)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        if text.contains("does not support kubernetes version") {
+            break;
+        }
+        assert!(output.status.success(), "the manifests do not validate against Kubernetes {version}:\n{text}");
+        for file in &files {
+            let name = file.display().to_string();
+            assert!(
+                text.lines().any(|l| l.contains(&name) && l.contains("passed")),
+                "{name} against {version}:\n{text}"
+            );
+        }
+        validated.push(version);
+    }
+    assert!(validated.len() >= 5, "validated against 1.30 to 1.34 at least, got {validated:?}");
+}
