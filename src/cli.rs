@@ -184,6 +184,12 @@ pub struct RunArgs {
     /// Render every request into requests.jsonl and print the first few; send nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Over a failures file: rows that failed where the gateway may have acted on them (in_doubt,
+    /// server_error, a timeout or a lost connection after the call went out) are sent again (`resend`),
+    /// or left out and written to failures as they were (`fail`)
+    /// [default: resend for an idempotent job, fail for the others].
+    #[arg(long, value_enum)]
+    pub in_doubt: Option<InDoubt>,
     #[command(flatten)]
     pub sharding: ShardArgs,
     #[command(flatten)]

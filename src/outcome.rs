@@ -25,6 +25,30 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for parsing.
+    const ALL: [ErrorKind; 9] = [
+        ErrorKind::InvalidRow,
+        ErrorKind::ClientError,
+        ErrorKind::ServerError,
+        ErrorKind::Throttled,
+        ErrorKind::Timeout,
+        ErrorKind::Connection,
+        ErrorKind::Auth,
+        ErrorKind::Rejected,
+        ErrorKind::InDoubt,
+    ];
+
+    /// The kind an `_error` column names.
+    pub fn parse(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Whether a failure of this kind may have been acted on by the
+    /// gateway (it answered 5xx, or the call may have gone out).
+    pub fn may_have_acted(self) -> bool {
+        matches!(self, ErrorKind::InDoubt | ErrorKind::ServerError | ErrorKind::Timeout | ErrorKind::Connection)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::InvalidRow => "invalid_row",
@@ -122,6 +146,25 @@ impl Outcome {
             source: Source::Raw(bad.raw),
         }
     }
+}
+
+/// Said of a call that failed before any byte of it went out (connecting,
+/// the TLS handshake): the gateway never saw it, so it may be sent again.
+pub const NEVER_REACHED: &str = "the call never reached the gateway";
+
+/// Whether the gateway may have acted on a row that failed earlier, as a
+/// failures file says (`_error`, `_status`, `_message`): it was in doubt,
+/// answered 5xx, or timed out or lost its connection after it went out.
+/// Such a row of a job that is not idempotent is not sent again unasked.
+pub fn may_have_acted(earlier: &crate::input::Earlier) -> Option<ErrorKind> {
+    let kind = ErrorKind::parse(&earlier.error).filter(|k| k.may_have_acted())?;
+    let acted = match kind {
+        // A 408 is the gateway saying it did not take the request whole.
+        ErrorKind::Timeout => earlier.status != Some(408) && !earlier.message.contains(NEVER_REACHED),
+        ErrorKind::Connection => !earlier.message.contains(NEVER_REACHED),
+        _ => true,
+    };
+    acted.then_some(kind)
 }
 
 /// What one attempt came to; [`crate::retry::decide`] says what follows.

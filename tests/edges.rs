@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header::LOCATION};
 use common::*;
+use serde_json::Value;
 
 /// A server on a port of its own that counts every request it gets and
 /// answers 200: where a redirect points.
@@ -353,4 +354,82 @@ async fn the_run_directory_is_the_owners_alone_and_nothing_lands_in_the_current_
         assert!(stderr.contains("belongs to another user"), "{stderr}");
         assert_eq!(gw.sandbox.stats().api_calls, calls, "nothing sent");
     }
+}
+
+/// Sends `job` over `inputs` (more than one file: `run JOB A B`), returning
+/// the exit code and stderr.
+async fn run_over(
+    job: &std::path::Path,
+    inputs: &[std::path::PathBuf],
+    out: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> (Option<i32>, String) {
+    let mut command = run_command(job, &inputs[0], out, config);
+    command.args(&inputs[1..]).args(["-j", "1", "--max-attempts", "1"]).args(extra);
+    let output = command.output().await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_gateway_may_have_processed_is_not_sent_again_unless_told() {
+    // Claims the gateway answered 500: it may have processed them.
+    let broken = bulkcall::sandbox::Faults { broken: 1.0, ..Default::default() };
+    let gw = Gateway::start(bulkcall::sandbox::SandboxConfig { faults: broken, ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let answered = gw.write("answered.jsonl", "{\"controlNumber\":\"000000001\"}\n{\"controlNumber\":\"000000002\"}\n");
+    let (code, stderr) = run_over(&job, &[answered], &gw.path("broken"), &gw.config(SECRET, ""), &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    // Claims that never left: the gateway's port is closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let unreached =
+        gw.write("unreached.jsonl", "{\"controlNumber\":\"000000003\"}\n{\"controlNumber\":\"000000004\"}\n");
+    let nowhere = gw.write("nowhere.toml", &ECHO_JOB.replace("url = \"", &format!("url = \"http://{closed}")));
+    let (code, stderr) = run_over(&nowhere, &[unreached], &gw.path("closed"), &gw.config(SECRET, ""), &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+
+    // Both failures files fed back, as the closing lines print it.
+    let gw2 = Gateway::start(sandbox_config()).await;
+    let config2 = gw2.config(SECRET, "");
+    let fed = [gw.path("broken").join("failures.jsonl"), gw.path("closed").join("failures.jsonl")];
+    let (code, stderr) = run_over(&job, &fed, &gw2.path("again"), &config2, &[]).await;
+    assert_eq!(code, Some(1), "the claims left out are failures still: {stderr}");
+    let sent: Vec<String> = gw2.sandbox.recorded().iter().map(|c| c.body["controlNumber"].to_string()).collect();
+    assert_eq!(
+        sent,
+        ["\"000000003\"", "\"000000004\""],
+        "only the claims that never reached the gateway are sent again"
+    );
+    let summary = json(&gw2.path("again").join("summary.json"));
+    assert_eq!(summary["left_out"], 2, "{summary}");
+    assert!(stderr.contains("2 rows of the failures fed back left out"), "says what was left out: {stderr}");
+    assert!(stderr.contains("--in-doubt resend"), "and how to send them: {stderr}");
+    let left: Vec<Value> = jsonl(&gw2.path("again").join("failures.jsonl"));
+    assert_eq!(left.len(), 2);
+    for line in &left {
+        assert_eq!(line["_error"], "server_error", "{line}");
+        assert_eq!(line["_attempts"], 0, "{line}");
+        assert!(line["_message"].as_str().unwrap().starts_with("left out: it failed as server_error before"), "{line}");
+    }
+
+    // Told: the claims left out go, and only they.
+    let (code, stderr) = run_over(
+        &job,
+        &[gw2.path("again").join("failures.jsonl")],
+        &gw2.path("told"),
+        &config2,
+        &["--in-doubt", "resend"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let sent: Vec<String> = gw2.sandbox.recorded().iter().map(|c| c.body["controlNumber"].to_string()).collect();
+    assert_eq!(sent, ["\"000000003\"", "\"000000004\"", "\"000000001\"", "\"000000002\""]);
+
+    // An idempotent job sends them again unasked: the gateway keeps one copy.
+    let keyed =
+        gw.write("keyed.toml", &ECHO_JOB.replace("key = ", "idempotency_key = \"c-{{ controlNumber }}\"\nkey = "));
+    let gw3 = Gateway::start(sandbox_config()).await;
+    let (code, stderr) = run_over(&keyed, &fed[..1], &gw3.path("keyed"), &gw3.config(SECRET, ""), &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(gw3.sandbox.recorded().len(), 2);
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::cli::*;
 use crate::error::ExitCode;
+use crate::outcome::ErrorKind;
 use crate::runner::Finished;
 
 use super::resolve::RunOptions;
@@ -51,7 +52,7 @@ pub(super) fn plural(n: u64, word: &str) -> String {
 
 /// Prints the closing lines and returns the exit code. `-q` keeps only the
 /// first line; `--log-format json` prints one JSON object instead.
-pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> ExitCode {
+pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, idempotent: bool) -> ExitCode {
     let s = &finished.summary;
     if options.log.log_format == LogFormat::Json {
         let line = serde_json::json!({
@@ -126,9 +127,27 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions) -> Ex
                 eprintln!("  failures of {}: {}", input.display(), file.display());
             }
         }
-        if !finished.failure_files.is_empty() {
-            let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
+        let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
+        if !files.is_empty() {
             eprintln!("  send the failures again: {} {}", options.rerun, files.join(" "));
+            let acted = s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted));
+            let acted: Vec<String> = acted.map(|(k, n)| format!("{k} {n}")).collect();
+            if !idempotent && !acted.is_empty() {
+                eprintln!(
+                    "    it leaves out the rows the gateway may have acted on ({}): the job is not idempotent; \
+                     check them on the gateway, then add --in-doubt resend to send them too",
+                    acted.join(", ")
+                );
+            }
+        }
+        if s.left_out > 0 {
+            let rows = if s.left_out == 1 { "1 row".to_string() } else { format!("{} rows", s.left_out) };
+            eprintln!(
+                "  {rows} of the failures fed back left out, not sent: they had failed where the gateway may have \
+                 acted on them (each one's _message says how); check on the gateway, then: {} --in-doubt resend {}",
+                options.rerun,
+                files.join(" ")
+            );
         }
         if s.in_doubt > 0 {
             let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };

@@ -80,6 +80,7 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
         rerun: format!("{} run {}", crate::options::program(), job_path.display()),
         resumable: false,
         sharding: None,
+        in_doubt: None,
     };
     let exit = run_resolved(resolved, Some(credentials), options, None, stop).await;
     sandbox.shutdown().await;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use clap::ValueEnum;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -112,7 +113,18 @@ pub(super) fn run_flags(settings: &SettingArgs, running: &RunningArgs) -> RunFla
         settings: settings.to_map(),
         max_failures: running.max_failures.map(|m| m.to_string()),
         grace: running.grace.map(|g| humantime::format_duration(g).to_string()),
+        in_doubt: None,
     }
+}
+
+/// `--in-doubt` as `run.json` keeps it.
+pub(super) fn in_doubt_name(rule: InDoubt) -> String {
+    rule.to_possible_value().expect("no variant is skipped").get_name().to_string()
+}
+
+/// `--in-doubt` from `run.json`.
+pub(super) fn parse_in_doubt(name: &str) -> Result<InDoubt, String> {
+    InDoubt::from_str(name, false)
 }
 
 /// Runs a resolved job: token first (bad credentials stop here, before any
@@ -143,6 +155,11 @@ pub(super) async fn run_resolved(
         resume: resume.take(),
         shard: options.sharding.as_ref().map(|s| s.shard),
         run_id: options.sharding.as_ref().map(|s| s.run_id.clone()),
+        leave_out_earlier: options.in_doubt.unwrap_or(if requests.idempotent() {
+            InDoubt::Resend
+        } else {
+            InDoubt::Fail
+        }) == InDoubt::Fail,
     };
 
     if options.dry_run {
@@ -150,7 +167,7 @@ pub(super) async fn run_resolved(
         keep_spooled(&dir, &mut r)?;
         let finished = runner::dry_run(plan(dir.clone(), &r), authorized).await?;
         print_dry_run(&dir, options.log.verbose > 0);
-        return Ok(close(&finished, &dir, &options));
+        return Ok(close(&finished, &dir, &options, requests.idempotent()));
     }
 
     // One run per job: a second one stops here, before any token request.
@@ -251,5 +268,5 @@ pub(super) async fn run_resolved(
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }
-    Ok(close(&finished, &dir, &options))
+    Ok(close(&finished, &dir, &options, requests.idempotent()))
 }

@@ -227,6 +227,9 @@ pub(super) struct RunOptions {
     pub(super) resumable: bool,
     /// This process's part of a run split over several.
     pub(super) sharding: Option<Sharding>,
+    /// `--in-doubt`: whether rows of a failures file that the gateway may
+    /// have acted on are sent again [default: by the job's idempotency].
+    pub(super) in_doubt: Option<InDoubt>,
 }
 
 /// A shard of a run split over several processes.

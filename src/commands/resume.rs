@@ -16,7 +16,7 @@ use crate::output::RunInfo;
 use crate::runner::Resume;
 
 use super::close::rerun_command;
-use super::launch::{run_flags, run_resolved};
+use super::launch::{parse_in_doubt, run_flags, run_resolved};
 use super::resolve::resolve_inputs;
 use super::resolve::{RunOptions, Sharding};
 
@@ -92,6 +92,11 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
     let max_failures = given.max_failures.or(flags.max_failures);
     let max_failures =
         max_failures.as_deref().map(str::parse::<MaxFailures>).transpose().map_err(|e| bad("max_failures", e))?;
+    // Over a failures file, the run's own `--in-doubt` unless one is given now.
+    let earlier_rule = match args.in_doubt {
+        Some(rule) => Some(rule),
+        None => flags.in_doubt.as_deref().map(parse_in_doubt).transpose().map_err(|e| bad("in_doubt", e))?,
+    };
     let grace = given.grace.or(flags.grace);
     let grace = grace.as_deref().map(humantime::parse_duration).transpose().map_err(|e| bad("grace", e.to_string()))?;
     // The config file named now (it moved), else the run's.
@@ -201,6 +206,7 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
             (Some(shard), Some(run_id)) => Some(Sharding { shard, run_id, inputs: info.inputs.clone() }),
             _ => None,
         },
+        in_doubt: earlier_rule,
     };
     let resume = Resume { done, recorded, in_doubt, fail_in_doubt: in_doubt_rule == InDoubt::Fail };
     run_resolved(resolved, None, options, Some(resume), stop).await

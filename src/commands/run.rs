@@ -4,10 +4,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::*;
 use crate::error::{Error, ExitCode};
+use crate::output::RunFlags;
 use crate::shard::Shard;
 
 use super::close::rerun_command;
-use super::launch::{run_flags, run_resolved};
+use super::launch::{in_doubt_name, run_flags, run_resolved};
 use super::resolve::{RunOptions, Sharding};
 use super::resolve::{fingerprint, resolve};
 use super::resume::resume;
@@ -49,8 +50,9 @@ pub(super) async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) ->
             tracing::info!("shard {shard} of run {run_id} started before: resuming {}", dir.display());
             let again = ResumeArgs {
                 run_dir: dir,
-                // The same default as `bulkcall resume`: by the job's idempotency.
-                in_doubt: None,
+                // As `run` was told, else the same default as `bulkcall
+                // resume`: by the job's idempotency.
+                in_doubt: args.in_doubt,
                 // The config file this command names, as `resume -c` would.
                 config: args.config.config,
                 settings: args.settings,
@@ -70,7 +72,8 @@ pub(super) async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) ->
         grace: args.running.grace.unwrap_or(RunningArgs::DEFAULT_GRACE),
         progress: args.running.progress,
         json: args.running.json,
-        flags: run_flags(&args.settings, &args.running),
+        flags: RunFlags { in_doubt: args.in_doubt.map(in_doubt_name), ..run_flags(&args.settings, &args.running) },
+        in_doubt: args.in_doubt,
         rerun,
         resumable,
         sharding,

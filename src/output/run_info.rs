@@ -45,4 +45,7 @@ pub struct RunFlags {
     /// `--grace` as given (`45s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace: Option<String>,
+    /// `--in-doubt` as given (`resend`, `fail`) for a run over a failures file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<String>,
 }

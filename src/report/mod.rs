@@ -95,6 +95,9 @@ pub struct Stats {
     errors: BTreeMap<String, u64>,
     /// Rows sent with no recorded answer when the run stopped.
     in_doubt: u64,
+    /// Rows of a failures file not sent again (no attempt, a kind the
+    /// gateway may have acted on).
+    left_out: u64,
     /// Latency of each row's last attempt, in microseconds.
     latency: Histogram<u64>,
 }
@@ -112,6 +115,7 @@ impl Default for Stats {
             statuses: BTreeMap::new(),
             errors: BTreeMap::new(),
             in_doubt: 0,
+            left_out: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
         }
     }
@@ -132,6 +136,10 @@ pub struct Summary {
     pub succeeded: u64,
     pub failed: u64,
     pub in_doubt: u64,
+    /// Rows of a failures file not sent again: the gateway may have acted
+    /// on them (`--in-doubt fail`, the default for a job that is not idempotent).
+    #[serde(default)]
+    pub left_out: u64,
     pub attempts: u64,
     pub retries: u64,
     pub token_requests: u64,
@@ -167,6 +175,9 @@ impl Stats {
                 *self.errors.entry(kind.to_string()).or_default() += 1;
                 if kind == ErrorKind::InDoubt.as_str() {
                     self.in_doubt += 1;
+                }
+                if attempts == 0 && ErrorKind::parse(kind).is_some_and(ErrorKind::may_have_acted) {
+                    self.left_out += 1;
                 }
             }
         }
@@ -206,6 +217,7 @@ impl Stats {
             succeeded: self.succeeded,
             failed: self.failed,
             in_doubt: self.in_doubt,
+            left_out: self.left_out,
             attempts: self.attempts,
             retries: self.attempts - self.attempted,
             token_requests,

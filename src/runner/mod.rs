@@ -68,6 +68,9 @@ pub struct Plan {
     pub shard: Option<Shard>,
     /// The name shared by every shard of the run (sharded runs only).
     pub run_id: Option<String>,
+    /// Rows of a failures file that failed where the gateway may have acted
+    /// on them are left out (recorded as failures again, not sent).
+    pub leave_out_earlier: bool,
 }
 
 /// What the ledger of an interrupted run says.
@@ -137,6 +140,9 @@ struct Shared {
     ledger: Arc<Ledger>,
     /// Resuming with `--in-doubt fail`: these rows are not sent again.
     fail_in_doubt: HashSet<(usize, u64)>,
+    /// Rows of a failures file that the gateway may have acted on are not
+    /// sent again: recorded as failures, as they were.
+    leave_out_earlier: bool,
     /// Rows dropped in flight at the end of the grace period.
     abandoned: AtomicU64,
     /// Abort (exit 4) once this many rows have failed.
@@ -238,6 +244,7 @@ pub async fn run(
         auth_streak: AtomicU64::new(0),
         ledger,
         fail_in_doubt: if resume.fail_in_doubt { resume.in_doubt } else { HashSet::new() },
+        leave_out_earlier: plan.leave_out_earlier,
         abandoned: AtomicU64::new(0),
         max_failures: plan.max_failures,
         dir: plan.dir.clone(),

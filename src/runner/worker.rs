@@ -109,6 +109,26 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
             return Some(outcome);
         }
     };
+    // A row of a failures file that the gateway may have acted on: a job
+    // that is not idempotent does not send it again unless told to.
+    if shared.leave_out_earlier
+        && let Some(kind) = row.earlier.as_deref().and_then(outcome::may_have_acted)
+    {
+        if let Err(e) = shared.ledger.started(row.input, row.number).await {
+            shared.abort(Error::Output(e));
+            return None;
+        }
+        let earlier = row.earlier.as_deref().expect("checked above");
+        let message = format!(
+            "left out: it failed as {} before{}, so the gateway may have acted on it; check there, then send it \
+             with --in-doubt resend (before: {})",
+            kind.as_str(),
+            earlier.row.map(|r| format!(" (row {r})")).unwrap_or_default(),
+            earlier.message
+        );
+        // No attempt, no status of this run: the summary counts it as left out.
+        return Some(finish(row, &request, 0, Duration::ZERO, None, fail(kind, message)));
+    }
     if shared.fail_in_doubt.contains(&(row.input, row.number)) {
         let message =
             "sent before the run stopped, with no recorded answer; check on the server before sending it again";
@@ -140,7 +160,14 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 }));
                 return unfinished(shared, &row, &used, unprocessed);
             }
-            Err(e) => (outcome::classify_error(&e), None, outcome::describe(&e)),
+            Err(e) => {
+                let verdict = outcome::classify_error(&e);
+                let mut text = outcome::describe(&e);
+                if matches!(verdict, Verdict::NotSent(_)) {
+                    text = format!("{text}; {}", outcome::NEVER_REACHED);
+                }
+                (verdict, None, text)
+            }
         };
         unprocessed &= retry::unprocessed(&verdict);
         let status = answer.as_ref().map(|a| a.status.as_u16());
