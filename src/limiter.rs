@@ -5,11 +5,16 @@
 //!
 //! The local limiter has three gates, in order:
 //! - a pause set by `Retry-After`, which holds the whole pool, not one worker;
-//! - the configured rate and burst (the ceiling): GCRA, as governor has it,
-//!   with one difference that matters: a call may go up to [`SLACK`] before
-//!   its slot, so a timer that wakes a millisecond late does not push every
-//!   later slot back (governor's tolerance is whole periods, and at 5,000/s
-//!   with a burst of 1 it lost a third of the rate to timer lateness);
+//! - the configured rate and burst (the ceiling): GCRA, paced [`HEADROOM`]
+//!   below the rate. Each call books its slot before it sleeps, so a timer
+//!   that wakes late does not push the later slots back; a call may go up
+//!   to [`SLACK`] (at most half a period) before its slot, never so early
+//!   that more than the burst start at once. A call woken more than
+//!   [`LATE`] after its slot gives the slot up and books the next one:
+//!   spent late, it would go on top of the calls booked after it, and a
+//!   stalled process would send its missed calls in one clump. The
+//!   headroom pays for the calls up to [`LATE`] late, so no second holds
+//!   more than the rate and the burst, however late the host wakes;
 //! - an adaptive gate, off until the server throttles: when more than a
 //!   fifth of recent answers are 429s, each wave of them cuts the rate to
 //!   70% (AWS SDK's adaptive mode), and it climbs back once the throttling
@@ -24,14 +29,27 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How early a call may go before its slot: the timer's lateness, absorbed.
+/// How early a call may go before its slot, at most: the timer's
+/// lateness, absorbed. Never more than half a period, so the slack never
+/// lets one more call than the burst start at once.
 pub const SLACK: Duration = Duration::from_millis(2);
+
+/// A call woken later than this after its slot gives the slot up and
+/// books another. Then a window of time holds at most the calls of its
+/// slots and of the slots up to this long before it, plus the burst,
+/// however late the host wakes the process.
+pub const LATE: Duration = Duration::from_millis(10);
+
+/// The limiters pace this share below the rate: the room for the calls
+/// up to [`LATE`] late that a one-second window may hold on top of its
+/// own (1%: 4 calls at 400/s, so a second holds at most `rate + burst`).
+pub const HEADROOM: f64 = LATE.as_secs_f64();
 
 /// A wave of 429s cuts the rate once: cuts are at least this far apart.
 const CUT_EVERY: Duration = Duration::from_millis(500);
@@ -46,8 +64,8 @@ const SHARE_WEIGHT: f64 = 0.05;
 
 /// The pace of calls, as the runner sees it.
 pub trait Limiter: Send + Sync {
-    /// Waits until one more call may go out.
-    fn until_ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Waits until one more call may go out; the moment it was let through.
+    fn until_ready(&self) -> Pin<Box<dyn Future<Output = Instant> + Send + '_>>;
     /// A `Retry-After`: no call goes out before `d` from now.
     fn pause(&self, d: Duration);
     /// Every answer from the server: a run of 429s lowers the rate.
@@ -64,10 +82,12 @@ pub struct LocalLimiter {
     /// The end of a `Retry-After` pause, in ms since `started`.
     paused_until_ms: AtomicU64,
     /// The configured rate's spacing in ns (0 for `rate = 0`), how early a
-    /// call may go (the burst, plus [`SLACK`]), and the next slot.
+    /// call may go (the burst, plus the slack), and the next slot.
     fixed_period_ns: u64,
     fixed_tolerance_ns: u64,
     fixed_next_ns: AtomicU64,
+    /// Slots given up because their call woke too late.
+    given_up: AtomicU64,
     ceiling: f64,
     adaptive: Mutex<Adaptive>,
     /// The adaptive gate's spacing between calls in ns (0 = off) and its
@@ -93,6 +113,12 @@ struct Adaptive {
     second: u64,
     count: u64,
     measured: f64,
+}
+
+/// The spacing of calls in ns at `rate` calls/s paced [`HEADROOM`] below
+/// it; 0 for no limit.
+fn paced_period_ns(rate: f64) -> u64 {
+    if rate > 0.0 { (1e9 / (rate * (1.0 - HEADROOM))).max(1.0) as u64 } else { 0 }
 }
 
 /// Waits until a `Retry-After` pause is over: `paused_until_ms` is its end
@@ -122,9 +148,40 @@ const BUDGET_PER_CALL: f64 = 1.0;
 const BUDGET_PER_RETRY: f64 = 5.0;
 const BUDGET_PER_SECOND: f64 = 50.0;
 
+/// Where the moment each call is let through is logged (at trace level):
+/// `RUST_LOG=info,bulkcall::pace=trace` shows one line per call with
+/// `at_ns`, this host's monotonic clock (`CLOCK_MONOTONIC`, shared by every
+/// process on the host), to set beside a gateway's arrival times.
+pub const PACE_TARGET: &str = "bulkcall::pace";
+
+/// This host's monotonic clock in ns, the clock `std::time::Instant` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the one timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `at` on the host's monotonic clock in ns ([`monotonic_ns`]).
+pub fn monotonic_ns_at(at: std::time::Instant) -> u64 {
+    static ANCHOR: LazyLock<(std::time::Instant, u64)> = LazyLock::new(|| (std::time::Instant::now(), monotonic_ns()));
+    let (instant, ns) = *ANCHOR;
+    if at >= instant {
+        ns + (at - instant).as_nanos() as u64
+    } else {
+        ns.saturating_sub((instant - at).as_nanos() as u64)
+    }
+}
+
+/// A call was let through `at`: logged for `bulkcall::pace` (see [`PACE_TARGET`]).
+fn let_through(at: Instant) -> Instant {
+    tracing::trace!(target: PACE_TARGET, at_ns = monotonic_ns_at(at.into_std()), "call let through");
+    at
+}
+
 impl Limiter for LocalLimiter {
-    fn until_ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(LocalLimiter::until_ready(self))
+    fn until_ready(&self) -> Pin<Box<dyn Future<Output = Instant> + Send + '_>> {
+        Box::pin(async move { let_through(LocalLimiter::until_ready(self).await) })
     }
     fn pause(&self, d: Duration) {
         LocalLimiter::pause(self, d)
@@ -142,8 +199,9 @@ impl Limiter for LocalLimiter {
 
 impl LocalLimiter {
     pub fn new(rate: f64, burst: u32) -> LocalLimiter {
-        let period_ns = if rate > 0.0 { (1e9 / rate).max(1.0) as u64 } else { 0 };
-        let tolerance_ns = u64::from(burst.max(1) - 1) * period_ns + SLACK.as_nanos() as u64;
+        let period_ns = paced_period_ns(rate);
+        let slack_ns = (SLACK.as_nanos() as u64).min(period_ns / 2);
+        let tolerance_ns = u64::from(burst.max(1) - 1) * period_ns + slack_ns;
         let now = Instant::now();
         LocalLimiter {
             started: now,
@@ -151,6 +209,7 @@ impl LocalLimiter {
             fixed_period_ns: period_ns,
             fixed_tolerance_ns: tolerance_ns,
             fixed_next_ns: AtomicU64::new(0),
+            given_up: AtomicU64::new(0),
             ceiling: rate,
             adaptive: Mutex::new(Adaptive {
                 rate,
@@ -169,14 +228,20 @@ impl LocalLimiter {
         }
     }
 
-    /// Waits until one more call may go out.
-    pub async fn until_ready(&self) {
+    /// Waits until one more call may go out; the moment it was let through.
+    pub async fn until_ready(&self) -> Instant {
         wait_unpaused(self.started, &self.paused_until_ms).await;
-        if self.fixed_period_ns > 0 {
-            self.fixed_slot().await;
+        let mut at = if self.fixed_period_ns > 0 { self.fixed_slot().await } else { Instant::now() };
+        if let Some(later) = self.adaptive_slot().await {
+            at = later;
         }
-        self.adaptive_slot().await;
         self.count_sent();
+        at
+    }
+
+    /// Slots given up so far because their call woke too late.
+    pub fn given_up(&self) -> u64 {
+        self.given_up.load(Ordering::Relaxed)
     }
 
     /// Takes over from a limiter that was spending the same limit (Redis
@@ -199,38 +264,52 @@ impl LocalLimiter {
         self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 
-    /// GCRA: a call takes the next slot; it may go `tolerance` before it.
-    async fn fixed_slot(&self) {
+    /// GCRA: a call takes the next slot; it may go `tolerance` before it,
+    /// and gives it up (and takes the next) when woken too late for it.
+    /// The moment it was let through.
+    async fn fixed_slot(&self) -> Instant {
         let (period, tolerance) = (self.fixed_period_ns, self.fixed_tolerance_ns);
         loop {
-            let now = self.started.elapsed().as_nanos() as u64;
+            let now = Instant::now();
+            let now_ns = (now - self.started).as_nanos() as u64;
             let next = self.fixed_next_ns.load(Ordering::Relaxed);
             // After a quiet spell the schedule starts again from now.
-            let slot = next.max(now);
-            if self.fixed_next_ns.compare_exchange(next, slot + period, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                let earliest = slot.saturating_sub(tolerance);
-                if earliest > now {
-                    tokio::time::sleep(Duration::from_nanos(earliest - now)).await;
-                }
-                return;
+            let slot = next.max(now_ns);
+            if self.fixed_next_ns.compare_exchange(next, slot + period, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                continue;
             }
+            let earliest = slot.saturating_sub(tolerance);
+            if earliest <= now_ns {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_nanos(earliest - now_ns)).await;
+            let woke = Instant::now();
+            let late = (woke - self.started).as_nanos() as u64 - earliest;
+            if late <= LATE.as_nanos() as u64 {
+                return woke;
+            }
+            self.given_up.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(target: PACE_TARGET, late_ms = late as f64 / 1e6, "slot given up");
         }
     }
 
-    async fn adaptive_slot(&self) {
+    /// The adaptive gate's slot; when it had to wait for it, the moment it
+    /// woke.
+    async fn adaptive_slot(&self) -> Option<Instant> {
         loop {
             let period = self.period_ns.load(Ordering::Relaxed);
             if period == 0 {
-                return;
+                return None;
             }
             let now = self.started.elapsed().as_nanos() as u64;
             let next = self.next_ns.load(Ordering::Relaxed);
             let slot = next.max(now);
             if self.next_ns.compare_exchange(next, slot + period, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                if slot > now {
-                    tokio::time::sleep(Duration::from_nanos(slot - now)).await;
+                if slot <= now {
+                    return None;
                 }
-                return;
+                tokio::time::sleep(Duration::from_nanos(slot - now)).await;
+                return Some(Instant::now());
             }
         }
     }
@@ -342,6 +421,8 @@ impl RetryBudget {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -352,8 +433,9 @@ mod tests {
             limiter.until_ready().await;
         }
         let took = start.elapsed();
-        // 100 gaps of 10 ms, each call allowed up to 2 ms early.
-        assert!(took >= Duration::from_millis(998) && took <= Duration::from_millis(1000), "{took:?}");
+        // 100 gaps at 99 calls/s (1% headroom): 1,010 ms, each call allowed
+        // up to 2 ms early.
+        assert!(took >= Duration::from_millis(1008) && took <= Duration::from_millis(1011), "{took:?}");
 
         let limiter = LocalLimiter::new(10.0, 5);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -363,14 +445,83 @@ mod tests {
         }
         assert!(start.elapsed() < Duration::from_millis(5), "a burst of 5 after a quiet spell");
         limiter.until_ready().await;
-        assert!(start.elapsed() >= Duration::from_millis(98), "then the rate: {:?}", start.elapsed());
+        assert!(start.elapsed() >= Duration::from_millis(99), "then the rate: {:?}", start.elapsed());
+    }
+
+    /// The times `calls` tasks, all waiting at once, were let through, in
+    /// ns from `start`, sorted.
+    async fn let_through_together(limiter: &Arc<LocalLimiter>, calls: usize, start: Instant) -> Vec<u64> {
+        let tasks: Vec<_> = (0..calls)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.until_ready().await })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for task in tasks {
+            times.push((task.await.unwrap() - start).as_nanos() as u64);
+        }
+        times.sort_unstable();
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_high_rates_the_timer_slack_never_starts_more_than_the_burst_at_once() {
+        for burst in [1, 5] {
+            // 5,000 calls/s: 2 ms of slack would be ten calls at once.
+            let limiter = Arc::new(LocalLimiter::new(5000.0, burst));
+            tokio::time::advance(Duration::from_secs(5)).await;
+            let start = Instant::now();
+            let times = let_through_together(&limiter, 200, start).await;
+            let at_once = times.iter().filter(|&&t| t == times[0]).count();
+            assert_eq!((times[0], at_once), (0, burst as usize), "after a quiet spell, the burst goes at once");
+            // Then the timer's 1 ms ticks: each lets through the calls whose
+            // slots came since the last, the rate's worth of a millisecond.
+            let per_tick = (5000.0 * (1.0 - HEADROOM) / 1000.0_f64).ceil() as usize;
+            for tick in times.chunk_by(|a, b| a == b).skip(1) {
+                assert!(tick.len() <= per_tick, "{} calls at {} ns", tick.len(), tick[0]);
+            }
+            let paced = Duration::from_nanos(paced_period_ns(5000.0) * (200 - u64::from(burst)));
+            assert!(Duration::from_nanos(times[199]) >= paced - SLACK, "{:?} for 200 calls", times[199]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_woken_too_late_gives_its_slot_up_instead_of_going_with_the_next() {
+        // 99 calls/s paced: slots 10.1 ms apart.
+        let limiter = Arc::new(LocalLimiter::new(100.0, 1));
+        let start = Instant::now();
+        limiter.until_ready().await;
+        // Five calls book the next five slots, 10.1 to 50.5 ms, and sleep…
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.until_ready().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // …and the host wakes them only 35 ms on, as a stalled process.
+        tokio::time::advance(Duration::from_millis(35)).await;
+        let mut times = Vec::new();
+        for task in tasks {
+            times.push(task.await.unwrap() - start);
+        }
+        times.sort_unstable();
+        // Each may go 2 ms early: from 8.1, 18.2, 28.3, 38.4 and 48.5 ms.
+        // The first two are more than `LATE` behind at 35 ms: given up,
+        // their calls take the next free slots (from 58.6 and 68.7 ms)
+        // instead of going with the third, which is late by less. The
+        // timer wakes on whole milliseconds.
+        assert_eq!(limiter.given_up(), 2);
+        let ms: Vec<u128> = times.iter().map(|t| t.as_millis()).collect();
+        assert_eq!(ms, [35, 39, 49, 59, 69], "{times:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_limiter_taking_over_spends_no_burst_and_waits_for_calls_booked() {
         // Idle for long enough to fill a burst of 20, then taking over a
         // limit already spent elsewhere (Redis lost): 21 calls still take
-        // 20 gaps of 10 ms, none early beyond the timer slack.
+        // 20 gaps of 10.1 ms (99 calls/s), none early beyond the timer slack.
         let limiter = LocalLimiter::new(100.0, 20);
         tokio::time::advance(Duration::from_secs(5)).await;
         let start = Instant::now();
@@ -379,7 +530,7 @@ mod tests {
             limiter.until_ready().await;
         }
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(198), "{took:?}: a burst was spent");
+        assert!(took >= Duration::from_millis(200), "{took:?}: a burst was spent");
 
         // Calls booked elsewhere until 300 ms from now: the first of this
         // limiter's comes one gap after them.
@@ -387,7 +538,7 @@ mod tests {
         let start = Instant::now();
         limiter.start_empty(start + Duration::from_millis(300));
         limiter.until_ready().await;
-        assert!(start.elapsed() >= Duration::from_millis(308), "{:?}", start.elapsed());
+        assert!(start.elapsed() >= Duration::from_millis(310) - SLACK, "{:?}", start.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,7 +29,10 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{CALM, CUT_EVERY, FLOOR, Limiter, LocalLimiter, SHARE_WEIGHT, THROTTLED_SHARE, wait_unpaused};
+use super::{
+    CALM, CUT_EVERY, FLOOR, HEADROOM, LATE, Limiter, LocalLimiter, PACE_TARGET, SHARE_WEIGHT, THROTTLED_SHARE,
+    let_through, wait_unpaused,
+};
 use crate::coordination::{ROUND_TRIP_TIMEOUT, Redis};
 
 /// How much of its share a process leases per round trip.
@@ -44,9 +47,10 @@ const STATE_TTL_MS: u64 = 86_400_000;
 
 /// Leases `ARGV[3]` slots: returns the first slot's offset from Redis's
 /// now (µs), the spacing (ns; 0 = no limit), the shared pause's offset from
-/// now (µs; ≤ 0 = none), and the shared adaptive rate (milli-calls/s; -1 =
-/// off). Reports `ARGV[4]` 429s seen since the last lease, and raises the
-/// adaptive rate once the server has been calm.
+/// now (µs; ≤ 0 = none), the shared adaptive rate (milli-calls/s; -1 =
+/// off), and Redis's now (µs since the epoch, its `TIME`). Reports
+/// `ARGV[4]` 429s seen since the last lease, and raises the adaptive rate
+/// once the server has been calm.
 static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
@@ -86,7 +90,7 @@ end
 redis.call('PEXPIRE', KEYS[1], {ttl})
 local r = -1
 if rate then r = math.floor(rate * 1000) end
-return {{math.floor(start - now), math.floor(period), math.floor(pause - now), r}}
+return {{math.floor(start - now), math.floor(period), math.floor(pause - now), r, math.floor(now)}}
 "#,
         calm = CALM.as_micros(),
         ttl = STATE_TTL_MS,
@@ -150,11 +154,52 @@ return math.floor(cut * 1000)
     ))
 });
 
+/// How far Redis's clock may drift from this host's, at most (1 ms a
+/// second: twice what NTP slews a clock by).
+const DRIFT: f64 = 1e-3;
+
+/// Redis's clock as this host sees it: Redis's time minus this process's
+/// (ns since its start), never more than it is, as close as the quickest
+/// recent round trip tells.
+///
+/// Redis reads its `TIME` between the lease's request and its answer, so
+/// each answer bounds the offset: at least the reading minus the answer's
+/// arrival, at most the reading minus the request's departure. The offset
+/// kept is the highest lower bound seen, lowered by [`DRIFT`] as time goes
+/// on; an answer whose upper bound is below it (Redis's clock stepped back)
+/// starts again from that answer's lower bound. So an answer read late (the
+/// process stalled while it waited) does not put its slots later on this
+/// host than Redis put them in the shared schedule, on top of the slots the
+/// other processes spend after them: they are found late, and given up.
+#[derive(Default)]
+struct RedisClock {
+    offset: Option<(i128, Instant)>,
+}
+
+impl RedisClock {
+    /// The moment on this host of Redis's reading `redis_us`, taken
+    /// between `sent` and `received`: never after it was.
+    fn local(&mut self, started: Instant, redis_us: i64, sent: Instant, received: Instant) -> Instant {
+        let redis_ns = i128::from(redis_us) * 1000;
+        let lowest = redis_ns - (received - started).as_nanos() as i128;
+        let highest = redis_ns - (sent - started).as_nanos() as i128;
+        let offset = match self.offset {
+            Some((kept, at)) => {
+                let kept = kept - ((received - at).as_nanos() as f64 * DRIFT) as i128;
+                if kept > highest { lowest } else { kept.max(lowest) }
+            }
+            None => lowest,
+        };
+        self.offset = Some((offset, received));
+        started + Duration::from_nanos((redis_ns - offset).max(0) as u64)
+    }
+}
+
 /// Slots leased from Redis and not yet spent, as times on this host.
 #[derive(Default)]
 struct Lease {
-    /// When the answer arrived: Redis's "now" was at most this, so a slot
-    /// counted from here is never early.
+    /// Redis's "now" when it answered, on this host's clock
+    /// ([`RedisClock`]): a slot counted from here is never early.
     anchor: Option<Instant>,
     /// The next slot's earliest time, in ns from `anchor` (burst tolerance
     /// already taken off).
@@ -164,6 +209,7 @@ struct Lease {
 }
 
 impl Lease {
+    /// The next slot.
     fn take(&mut self) -> Option<Instant> {
         let anchor = self.anchor?;
         if self.period_ns == 0 {
@@ -221,6 +267,7 @@ pub struct RedisLimiter {
     /// The worker that finds the lease empty fetches the next one while
     /// holding this; the others wait for it instead of asking Redis too.
     lease: tokio::sync::Mutex<Lease>,
+    clock: Mutex<RedisClock>,
     /// Paces this process at its share while Redis is lost.
     fallback: Arc<LocalLimiter>,
     link: Arc<Mutex<Link>>,
@@ -231,6 +278,7 @@ pub struct RedisLimiter {
     pending: Mutex<Vec<JoinHandle<()>>>,
     round_trips: Arc<AtomicU64>,
     calls: AtomicU64,
+    given_up: AtomicU64,
     /// How far ahead of its answer the last lease's last slot was, in ns:
     /// with many workers waiting, every process's, the shared schedule is
     /// booked that far ahead.
@@ -252,6 +300,7 @@ impl RedisLimiter {
             started: Instant::now(),
             paused_until_ms: AtomicU64::new(0),
             lease: tokio::sync::Mutex::new(Lease::default()),
+            clock: Mutex::new(RedisClock::default()),
             // The share of the rate and of the burst: the processes left
             // alone together spend no more than one burst.
             fallback: Arc::new(LocalLimiter::new(rate / f64::from(processes), (burst / processes).max(1))),
@@ -261,6 +310,7 @@ impl RedisLimiter {
             pending: Mutex::new(Vec::new()),
             round_trips: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
+            given_up: AtomicU64::new(0),
             booked_ahead_ns: AtomicU64::new(0),
         }
     }
@@ -284,42 +334,60 @@ impl RedisLimiter {
         }
     }
 
-    async fn until_ready(&self) {
+    async fn until_ready(&self) -> Instant {
         wait_unpaused(self.started, &self.paused_until_ms).await;
         self.count_sent();
         let link = *self.link.lock().unwrap_or_else(|e| e.into_inner());
         match link {
             Link::Lost => return self.fallback.until_ready().await,
-            Link::Back(until) if Instant::now() < until => self.fallback.until_ready().await,
+            Link::Back(until) if Instant::now() < until => {
+                self.fallback.until_ready().await;
+            }
             Link::Back(_) => *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Link::Shared,
             Link::Shared => {}
         }
-        let at = {
-            let mut lease = self.lease.lock().await;
-            // Redis was found lost while this call waited for the lease: it
-            // goes at this process's own pace, as every call does until
-            // Redis is back (a lease taken now would add its calls to those).
-            if *self.link.lock().unwrap_or_else(|e| e.into_inner()) == Link::Lost {
-                drop(lease);
-                return self.fallback.until_ready().await;
+        loop {
+            let at = {
+                let mut lease = self.lease.lock().await;
+                // Redis was found lost while this call waited for the lease: it
+                // goes at this process's own pace, as every call does until
+                // Redis is back (a lease taken now would add its calls to those).
+                if *self.link.lock().unwrap_or_else(|e| e.into_inner()) == Link::Lost {
+                    drop(lease);
+                    return self.fallback.until_ready().await;
+                }
+                match lease.take() {
+                    Some(slot) => slot,
+                    None => match self.fetch_lease().await {
+                        Ok(fresh) => {
+                            *lease = fresh;
+                            lease.take().unwrap_or_else(Instant::now)
+                        }
+                        Err(reason) => {
+                            drop(lease);
+                            self.lost(&reason);
+                            return self.fallback.until_ready().await;
+                        }
+                    },
+                }
+            };
+            // A slot inside a `Retry-After` pause is given up too: no call
+            // goes before the pause ends, and none on top of the slots after.
+            let paused = self.started + Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
+            tokio::time::sleep_until(at.max(paused)).await;
+            let woke = Instant::now();
+            if at >= paused && woke <= at + LATE {
+                return woke;
             }
-            match lease.take() {
-                Some(at) => at,
-                None => match self.fetch_lease().await {
-                    Ok(fresh) => {
-                        *lease = fresh;
-                        lease.take().unwrap_or_else(Instant::now)
-                    }
-                    Err(reason) => {
-                        drop(lease);
-                        self.lost(&reason);
-                        return self.fallback.until_ready().await;
-                    }
-                },
-            }
-        };
-        let paused = self.started + Duration::from_millis(self.paused_until_ms.load(Ordering::Relaxed));
-        tokio::time::sleep_until(at.max(paused)).await;
+            self.given_up.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(target: PACE_TARGET, late_ms = (woke - at).as_secs_f64() * 1e3, "slot given up");
+        }
+    }
+
+    /// Slots given up so far because their call woke too late (or inside
+    /// a pause); the fallback's too.
+    pub fn given_up(&self) -> u64 {
+        self.given_up.load(Ordering::Relaxed) + self.fallback.given_up()
     }
 
     fn count_sent(&self) {
@@ -334,6 +402,12 @@ impl RedisLimiter {
         a.count += 1;
     }
 
+    /// The rate the shared schedule is spaced by: [`HEADROOM`] below the
+    /// configured one.
+    fn paced_ceiling(&self) -> f64 {
+        self.ceiling * (1.0 - HEADROOM)
+    }
+
     /// One round trip: leases about [`LEASE_SPAN`] of this process's share.
     async fn fetch_lease(&self) -> Result<Lease, String> {
         let rate = self.adaptive.lock().unwrap_or_else(|e| e.into_inner()).rate.unwrap_or(self.ceiling);
@@ -341,12 +415,14 @@ impl RedisLimiter {
         let want = ((share * LEASE_SPAN.as_secs_f64()).ceil() as u32).clamp(1, self.burst);
         let throttled = self.throttled.swap(0, Ordering::Relaxed);
         let mut invocation = LEASE.prepare_invoke();
-        invocation.key(&self.key).arg(self.ceiling).arg(self.burst).arg(want).arg(throttled);
-        let (start_us, period_ns, pause_us, rate_milli): (i64, u64, i64, i64) =
+        invocation.key(&self.key).arg(self.paced_ceiling()).arg(self.burst).arg(want).arg(throttled);
+        let sent = Instant::now();
+        let (start_us, period_ns, pause_us, rate_milli, redis_us): (i64, u64, i64, i64, i64) =
             self.round_trip(invocation).await.inspect_err(|_| {
                 self.throttled.fetch_add(throttled, Ordering::Relaxed);
             })?;
-        let anchor = Instant::now();
+        let anchor =
+            self.clock.lock().unwrap_or_else(|e| e.into_inner()).local(self.started, redis_us, sent, Instant::now());
         if pause_us > 0 {
             let until = (anchor - self.started + Duration::from_micros(pause_us as u64)).as_millis() as u64;
             self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
@@ -359,7 +435,7 @@ impl RedisLimiter {
             }
         }
         // GCRA: a slot may be spent `burst - 1` periods early. No timer
-        // slack here: the anchor already makes every slot a little late.
+        // slack here: the timer's wake-up makes every slot a little late.
         let tolerance = i128::from(self.burst - 1) * i128::from(period_ns);
         let next_ns = i128::from(start_us) * 1000 - tolerance;
         let last = next_ns + i128::from(want - 1) * i128::from(period_ns);
@@ -482,8 +558,8 @@ fn spawn_round_trip<T: FromRedisValue + Send + 'static>(
 }
 
 impl Limiter for RedisLimiter {
-    fn until_ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(RedisLimiter::until_ready(self))
+    fn until_ready(&self) -> Pin<Box<dyn Future<Output = Instant> + Send + '_>> {
+        Box::pin(async move { let_through(RedisLimiter::until_ready(self).await) })
     }
     fn pause(&self, d: Duration) {
         RedisLimiter::pause(self, d)
