@@ -335,6 +335,12 @@ impl Sandbox {
             .unwrap_or_default()
     }
 
+    /// The sandbox's start, which `RecordedCall::at` and token request
+    /// times are measured from.
+    pub fn started(&self) -> std::time::Instant {
+        self.shared.started.into_std()
+    }
+
     /// When each token request arrived, measured from the sandbox's start.
     pub fn token_request_times(&self) -> Vec<Duration> {
         self.shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).clone()

@@ -6,10 +6,12 @@
 mod common;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use bulkcall::sandbox::{Faults, RecordedCall, SandboxConfig};
+use bulkcall::sandbox::{Faults, SandboxConfig};
+use common::pace::*;
 use common::redis::RedisServer;
 use common::*;
 
@@ -59,31 +61,71 @@ fn shard(
     command
 }
 
-/// Sandbox whose limit is the run's rate plus the burst: a call over it
-/// gets 429. It counts calls in whole seconds as they arrive, after the
-/// sender's wake-up and the loopback hop, which move a call across a second's
-/// edge now and then: 2% of the rate on top, the precision the total rate is
-/// held to.
-async fn limited_gateway(rate: u32) -> Gateway {
-    let gw = Gateway::start(SandboxConfig {
-        faults: Faults { rate_limit: rate + BURST + rate / 50, ..Faults::default() },
-        ..sandbox_config()
-    })
-    .await;
+/// Sandbox that answers 429 to a call over `limit` in one of its whole
+/// seconds (counted from its start, as calls arrive).
+async fn limited_gateway(limit: u32) -> Gateway {
+    let gw =
+        Gateway::start(SandboxConfig { faults: Faults { rate_limit: limit, ..Faults::default() }, ..sandbox_config() })
+            .await;
     gw.config(SECRET, "");
     gw
 }
 
-/// Runs `n` shards at once; their exit codes and stderr.
-async fn run_shards(gw: &Gateway, redis: &str, job: &Path, input: &Path, n: u32, extra: &[&str]) -> Vec<(i32, String)> {
-    let children: Vec<_> =
-        (0..n).map(|k| shard(gw, redis, job, input, k, n, extra).spawn().expect("bulkcall starts")).collect();
-    let mut ends = Vec::new();
-    for child in children {
-        let output = child.wait_with_output().await.unwrap();
-        ends.push((output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned()));
+/// The gateway's limit for shards sharing `rate`: 10 calls a second above
+/// the rate at 400/s, as the strict gateway of issue 21 has it (the
+/// senders let through at most `rate + burst` in a second).
+fn gateway_limit(rate: u32) -> u32 {
+    rate + 2 * BURST
+}
+
+/// A shard running as a child process that logs each call it lets
+/// through ([`PACE_LOG`]); its stderr is read as it comes, so a full pipe
+/// never holds the child up.
+struct Running {
+    child: tokio::process::Child,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// How a shard ended: its exit code (none when killed) and stderr.
+struct Ended {
+    code: Option<i32>,
+    stderr: String,
+}
+
+impl Running {
+    fn start(mut command: tokio::process::Command) -> Running {
+        let mut child = command.env("RUST_LOG", PACE_LOG).spawn().expect("bulkcall starts");
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut text).await.expect("stderr is text");
+            text
+        });
+        Running { child, stderr }
     }
-    ends
+
+    async fn finish(mut self) -> Ended {
+        let status = self.child.wait().await.unwrap();
+        Ended { code: status.code(), stderr: self.stderr.await.unwrap() }
+    }
+
+    async fn kill(mut self) -> Ended {
+        self.child.start_kill().unwrap();
+        self.finish().await
+    }
+}
+
+impl Ended {
+    /// Its stderr without the line per call.
+    fn log(&self) -> String {
+        without_pace_lines(&self.stderr)
+    }
+}
+
+/// Runs `n` shards at once until they end.
+async fn run_shards(gw: &Gateway, redis: &str, job: &Path, input: &Path, n: u32, extra: &[&str]) -> Vec<Ended> {
+    let running: Vec<_> = (0..n).map(|k| Running::start(shard(gw, redis, job, input, k, n, extra))).collect();
+    futures::future::join_all(running.into_iter().map(Running::finish)).await
 }
 
 /// Every key in the shards' results, with how many times it is there.
@@ -97,30 +139,13 @@ fn results_by_key(gw: &Gateway, n: u32) -> HashMap<String, usize> {
     keys
 }
 
-/// The most calls the gateway received in any one-second window.
-fn busiest_second(calls: &[RecordedCall]) -> usize {
-    let mut times: Vec<Duration> = calls.iter().map(|c| c.at).collect();
-    times.sort();
-    let (mut most, mut start) = (0, 0);
-    for (end, t) in times.iter().enumerate() {
-        while *t - times[start] >= Duration::from_secs(1) {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
-    }
-    most
-}
-
 /// How late the gateway's own runtime wakes up, at worst: on a machine so
-/// busy that it stalls the gateway, calls sent in one second are counted
-/// in the next, and no window can be judged to the call.
+/// busy that it stalls the gateway, calls the senders spread over a second
+/// arrive in a clump, which a gateway counting to the call may refuse.
 struct Stalls {
     worst: std::sync::Arc<std::sync::Mutex<Duration>>,
     task: tokio::task::JoinHandle<()>,
 }
-
-/// Stalls longer than this make the one-second windows unjudgeable.
-const JUDGEABLE: Duration = Duration::from_millis(10);
 
 impl Stalls {
     fn watch() -> Stalls {
@@ -140,19 +165,83 @@ impl Stalls {
         Stalls { worst, task }
     }
 
-    /// Whether the gateway ran on time throughout (says so when not), and
-    /// how many calls its worst stall can have moved into one window.
-    fn judgeable(self, rate: u32) -> Option<usize> {
+    fn worst(self) -> Duration {
         self.task.abort();
-        let worst = *self.worst.lock().unwrap();
-        if worst > JUDGEABLE {
-            eprintln!(
-                "the machine stalled the gateway for {worst:?}: calls sent in one second were counted in the next, \
-                 so the rate is not judged this time (it is on an idle machine, as in CI)"
-            );
-        }
-        (worst <= JUDGEABLE).then(|| (f64::from(rate) * worst.as_secs_f64()).ceil() as usize)
+        *self.worst.lock().unwrap()
     }
+}
+
+/// The calls the shards let through (monotonic ns, sorted) and the slots
+/// they gave up.
+fn let_through(ended: &[Ended]) -> (Vec<u64>, usize) {
+    let mut sends: Vec<u64> = ended.iter().flat_map(|e| let_through_times(&e.stderr)).collect();
+    sends.sort_unstable();
+    (sends, ended.iter().map(|e| slots_given_up(&e.stderr)).sum())
+}
+
+/// The shared limit, judged where it is kept: in no second did the
+/// senders' limiters let more than `rate + burst` calls through (the
+/// headroom pays for the calls up to `limiter::LATE` late). The busiest
+/// second.
+fn assert_the_senders_kept_the_limit(sends: &[u64], rate: u32) -> usize {
+    let busiest = busiest_second(sends);
+    let most = (rate + BURST) as usize;
+    assert!(busiest <= most, "the senders let {busiest} calls through in one second (at most {most})");
+    busiest
+}
+
+/// The calls went at the paced rate (`limiter::HEADROOM` below `rate`),
+/// but for the slots given up because a call woke too late: on a loaded
+/// host those are what it costs, and only those.
+fn assert_the_paced_rate(sends: &[u64], given_up: usize, rate: u32) {
+    let span = (sends[sends.len() - 1] - sends[0]) as f64 / 1e9;
+    let paced = f64::from(rate) * (1.0 - bulkcall::limiter::HEADROOM);
+    let achieved = achieved_rate(sends, BURST as usize);
+    let expected = paced - given_up as f64 / span;
+    assert!(
+        achieved <= f64::from(rate) && (achieved - expected).abs() / paced < 0.01,
+        "{achieved:.1} calls/s in all: paced at {paced:.1}/s with {given_up} slots given up, {expected:.1}/s expected"
+    );
+}
+
+/// The gateway refused no call with 429. A gateway that stalled (`stall`)
+/// long enough to clump the calls of a second over its limit cannot be
+/// judged: `Err` says so, and the caller runs again.
+fn judge_the_gateway(gw: &Gateway, busiest: usize, rate: u32, stall: Duration) -> Result<(), String> {
+    let calls = gw.sandbox.recorded();
+    let mut arrivals: Vec<u64> = calls.iter().map(|c| arrival_ns(&gw.sandbox, c)).collect();
+    arrivals.sort_unstable();
+    let throttled = calls.iter().filter(|c| c.status == 429).count();
+    let seen = format!(
+        "{throttled} calls refused with 429; busiest second: {busiest} calls let through, {} arrived; \
+         the gateway stalled {stall:?} at worst",
+        busiest_second(&arrivals)
+    );
+    // What was seen, kept in the test's output (`--nocapture`) as a figure.
+    eprintln!("{seen}");
+    if throttled == 0 {
+        return Ok(());
+    }
+    // The calls that fit the limit when let through and not when they
+    // arrived were clumped on the way: by the gateway's own stall, when it
+    // was long enough to hold the difference, or else by the senders.
+    let room = Duration::from_secs_f64(f64::from(gateway_limit(rate) - busiest as u32) / f64::from(rate));
+    assert!(stall >= room, "{seen}: the gateway ran on time, so the senders clumped the calls");
+    Err(seen)
+}
+
+/// Runs `attempt` until the shared limit can be judged (at most three
+/// times: on a machine busy enough to stall the gateway it may not be),
+/// and skips the test when it never could ([`skip`]: a failure under CI).
+async fn judged<F: Future<Output = Result<(), String>>>(mut attempt: impl FnMut() -> F) {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        match attempt().await {
+            Ok(()) => return,
+            Err(why) => seen.push(why),
+        }
+    }
+    skip(&format!("the gateway stalled in every run, so the limit at the gateway was not judged: {seen:?}"));
 }
 
 /// Waits until the gateway has received `n` calls.
@@ -170,38 +259,33 @@ fn assert_every_row_once(gw: &Gateway, n: u32, rows: usize) {
     assert!(keys.values().all(|&times| times == 1), "no row twice");
 }
 
+/// Four shards at `--rate 400` against a gateway that refuses the 411th
+/// call of a second, on a machine as loaded as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_shards_share_one_rate_limit() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let Some(redis) = RedisServer::start() else { return };
-    let (rows, rate) = (10_000, 500);
-    let gw = limited_gateway(rate).await;
-    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-
-    let stalls = Stalls::watch();
-    let ends = run_shards(&gw, &redis.url(), &job, &input, 4, &["--rate", &rate.to_string(), "-j", "16"]).await;
-    for (code, stderr) in &ends {
-        assert_eq!(*code, 0, "{stderr}");
-        assert!(stderr.contains("round trips to Redis"), "{stderr}");
-        assert_eq!(stderr.matches("each fetches its own token").count(), 1, "without a key, one warning: {stderr}");
-    }
-    assert_every_row_once(&gw, 4, rows);
-    let calls = gw.sandbox.recorded();
-    let Some(moved) = stalls.judgeable(rate) else { return };
-    assert_eq!(calls.len(), rows, "one call per row");
-    assert!(calls.iter().all(|c| c.status == 200), "no 429 from the gateway");
-    // A window holds the limit plus the burst, and the calls the gateway's
-    // own worst stall (at most 10 ms) counted late.
-    let busiest = busiest_second(&calls);
-    // Calls are stamped on arrival, after the sender's own wake-up and the
-    // loopback hop, which a busy 2-core machine delays by some milliseconds
-    // more: 2% of the rate on top, the precision the total rate is held to.
-    let most = (rate + BURST) as usize + moved + rate as usize / 50;
-    assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
-    let (first, last) = (calls.iter().map(|c| c.at).min().unwrap(), calls.iter().map(|c| c.at).max().unwrap());
-    let achieved = (rows - BURST as usize) as f64 / (last - first).as_secs_f64();
-    assert!((achieved - f64::from(rate)).abs() / f64::from(rate) < 0.02, "{achieved:.1} calls/s in all");
+    let (rows, rate) = (6000, 400);
+    judged(|| async {
+        let Some(redis) = RedisServer::start() else { return Ok(()) };
+        let gw = limited_gateway(gateway_limit(rate)).await;
+        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+        let stalls = Stalls::watch();
+        let ended = run_shards(&gw, &redis.url(), &job, &input, 4, &["--rate", &rate.to_string(), "-j", "16"]).await;
+        let stall = stalls.worst();
+        for end in &ended {
+            assert_eq!(end.code, Some(0), "{}", end.log());
+            assert!(end.stderr.contains("round trips to Redis"), "{}", end.log());
+            assert_eq!(end.stderr.matches("each fetches its own token").count(), 1, "one warning: {}", end.log());
+        }
+        assert_every_row_once(&gw, 4, rows);
+        let (sends, given_up) = let_through(&ended);
+        assert_eq!(sends.len(), rows, "one call let through per row, none refused");
+        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
+        assert_the_paced_rate(&sends, given_up, rate);
+        judge_the_gateway(&gw, busiest, rate, stall)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,45 +330,37 @@ async fn redis_unreachable_at_start_is_temporary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let Some(mut redis) = RedisServer::start() else { return };
     let (rows, rate) = (3000, 500);
-    let gw = limited_gateway(rate).await;
-    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-    let children: Vec<_> = (0..4)
-        .map(|k| {
-            shard(&gw, &redis.url(), &job, &input, k, 4, &["--rate", &rate.to_string(), "-j", "16"]).spawn().unwrap()
-        })
-        .collect();
-    let stalls = Stalls::watch();
-    received(&gw, 800).await;
-    redis.stop();
-    received(&gw, 1400).await;
-    redis.restart();
-    let mut stderrs = Vec::new();
-    for child in children {
-        let output = child.wait_with_output().await.unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stderrs.push(stderr);
-    }
-    assert_every_row_once(&gw, 4, rows);
-    for stderr in &stderrs {
-        assert_eq!(stderr.matches("lost Redis").count(), 1, "one warning: {stderr}");
-        assert!(stderr.contains("is back"), "{stderr}");
-    }
-    let calls = gw.sandbox.recorded();
-    let Some(moved) = stalls.judgeable(rate) else { return };
-    // Slots leased before Redis was lost stay good, and a process going on
-    // alone starts after its last one, with no burst: no 429 at a switch.
-    let throttled = calls.iter().filter(|c| c.status == 429).count();
-    assert_eq!(throttled, 0, "calls throttled by the gateway");
-    let busiest = busiest_second(&calls);
-    // Calls are stamped on arrival, after the sender's own wake-up and the
-    // loopback hop, which a busy 2-core machine delays by some milliseconds
-    // more: 2% of the rate on top, the precision the total rate is held to.
-    let most = (rate + BURST) as usize + moved + rate as usize / 50;
-    assert!(busiest <= most, "{busiest} calls in one second (at most {most})");
+    judged(|| async {
+        let Some(mut redis) = RedisServer::start() else { return Ok(()) };
+        let gw = limited_gateway(gateway_limit(rate)).await;
+        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+        let extra = ["--rate", &rate.to_string(), "-j", "16"];
+        let running: Vec<_> =
+            (0..4).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, 4, &extra))).collect();
+        let stalls = Stalls::watch();
+        received(&gw, 800).await;
+        redis.stop();
+        received(&gw, 1400).await;
+        redis.restart();
+        let ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
+        let stall = stalls.worst();
+        for end in &ended {
+            assert_eq!(end.code, Some(0), "{}", end.log());
+            assert_eq!(end.stderr.matches("lost Redis").count(), 1, "one warning: {}", end.log());
+            assert!(end.stderr.contains("is back"), "{}", end.log());
+        }
+        assert_every_row_once(&gw, 4, rows);
+        // Slots leased before Redis was lost stay good, a process going on
+        // alone starts after its last one with no burst, and one back on
+        // Redis keeps to its share until the calls it booked alone are out:
+        // no second above the limit at a switch.
+        let (sends, _) = let_through(&ended);
+        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
+        judge_the_gateway(&gw, busiest, rate, stall)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,65 +427,65 @@ fn lines_so_far(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_killed_and_started_again_resumes_within_the_shared_run() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let Some(redis) = RedisServer::start() else { return };
     let (rows, rate) = (2000, 400);
-    let gw = limited_gateway(rate).await;
-    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-    let extra = ["--rate", &rate.to_string(), "-j", "16"];
-    let (killed, n) = (1, 4);
-    let results = gw.path("run").join(format!("shard-{killed}-of-{n}")).join("results.jsonl");
+    judged(|| async {
+        let Some(redis) = RedisServer::start() else { return Ok(()) };
+        let gw = limited_gateway(gateway_limit(rate)).await;
+        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+        let extra = ["--rate", &rate.to_string(), "-j", "16"];
+        let (killed, n) = (1, 4);
+        let results = gw.path("run").join(format!("shard-{killed}-of-{n}")).join("results.jsonl");
 
-    let stalls = Stalls::watch();
-    let mut children: Vec<_> = (0..n)
-        .map(|k| shard(&gw, &redis.url(), &job, &input, k, n, &extra).spawn().expect("bulkcall starts"))
-        .collect();
-    // A good share of the run is done, and shard 1 has recorded outcomes.
-    received(&gw, 500).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while lines_so_far(&results) < 100 {
-        assert!(tokio::time::Instant::now() < deadline, "shard {killed} recorded no outcome in 30 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut victim = children.remove(killed as usize);
-    victim.start_kill().unwrap();
-    assert_eq!(victim.wait().await.unwrap().code(), None, "killed by SIGKILL");
-    let before: Vec<String> = jsonl(&results).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
-    let share = rows / n as usize;
-    assert!(before.len() >= 100 && before.len() < share, "{} of {share} rows recorded at the kill", before.len());
+        let stalls = Stalls::watch();
+        let mut running: Vec<_> =
+            (0..n).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, n, &extra))).collect();
+        // A good share of the run is done, and shard 1 has recorded outcomes.
+        received(&gw, 500).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while lines_so_far(&results) < 100 {
+            assert!(tokio::time::Instant::now() < deadline, "shard {killed} recorded no outcome in 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let victim = running.remove(killed as usize).kill().await;
+        assert_eq!(victim.code, None, "killed by SIGKILL");
+        let before: Vec<String> = jsonl(&results).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+        let share = rows / n as usize;
+        assert!(before.len() >= 100 && before.len() < share, "{} of {share} rows recorded at the kill", before.len());
 
-    // The very same command, while the other shards go on.
-    let again = shard(&gw, &redis.url(), &job, &input, killed, n, &extra).spawn().expect("bulkcall starts");
-    children.insert(killed as usize, again);
-    let mut stderrs = Vec::new();
-    for child in children {
-        let output = child.wait_with_output().await.unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stderrs.push(stderr);
-    }
-    // The manifest in Redis took it back (this line comes after the
-    // check), and it resumed on the shared limit.
-    let restarted = &stderrs[killed as usize];
-    assert!(restarted.contains(&format!("resuming eligibility shard {killed}/{n} of run r1")), "{restarted}");
-    assert!(restarted.contains("round trips to Redis"), "{restarted}");
+        // The very same command, while the other shards go on.
+        running.insert(killed as usize, Running::start(shard(&gw, &redis.url(), &job, &input, killed, n, &extra)));
+        let mut ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
+        for end in &ended {
+            assert_eq!(end.code, Some(0), "{}", end.log());
+        }
+        // The manifest in Redis took it back (this line comes after the
+        // check), and it resumed on the shared limit.
+        let restarted = ended[killed as usize].log();
+        assert!(restarted.contains(&format!("resuming eligibility shard {killed}/{n} of run r1")), "{restarted}");
+        assert!(restarted.contains("round trips to Redis"), "{restarted}");
 
-    assert_every_row_once(&gw, n, rows);
-    let calls = gw.sandbox.recorded();
-    // Calls answered (a 429 is asked again; see below) per row key.
-    let mut answered: HashMap<String, usize> = HashMap::new();
-    for call in calls.iter().filter(|c| c.status != 429) {
-        *answered.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
-    }
-    for key in &before {
-        assert_eq!(answered[key], 1, "{key} was recorded before the kill and sent again");
-    }
-    assert_eq!(answered.len(), rows, "every row reached the gateway");
-    let Some(_) = stalls.judgeable(rate) else { return };
-    // A shard dying with slots leased, and one joining again, never take
-    // the run over the limit.
-    let throttled = calls.iter().filter(|c| c.status == 429).count();
-    assert_eq!(throttled, 0, "calls throttled by the gateway");
+        assert_every_row_once(&gw, n, rows);
+        let calls = gw.sandbox.recorded();
+        // Calls answered (a 429 is asked again) per row key.
+        let mut answered: HashMap<String, usize> = HashMap::new();
+        for call in calls.iter().filter(|c| c.status != 429) {
+            *answered.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+        for key in &before {
+            assert_eq!(answered[key], 1, "{key} was recorded before the kill and sent again");
+        }
+        assert_eq!(answered.len(), rows, "every row reached the gateway");
+        // A shard dying with slots leased, and one joining again, never take
+        // the run over the limit. (The killed shard may have let calls
+        // through that it never sent.)
+        ended.push(victim);
+        let (sends, _) = let_through(&ended);
+        assert!(sends.len() >= calls.len(), "{} calls let through, {} received", sends.len(), calls.len());
+        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
+        judge_the_gateway(&gw, busiest, rate, stalls.worst())
+    })
+    .await;
 }
 
 /// The refresh lock of the token the test's config shares, as
@@ -433,9 +509,7 @@ async fn a_refresh_lock_left_by_a_dead_process_expires_and_one_token_is_fetched(
     let _alone = ONE_AT_A_TIME.lock().await;
     let Some(redis) = RedisServer::start() else { return };
     let rows = 400;
-    let before_start = tokio::time::Instant::now();
     let gw = Gateway::start(sandbox_config()).await;
-    let after_start = tokio::time::Instant::now();
     gw.config(SECRET, "");
     let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
@@ -469,7 +543,7 @@ async fn a_refresh_lock_left_by_a_dead_process_expires_and_one_token_is_fetched(
     }
     drop(monitor);
     assert_eq!(gw.sandbox.stats().token_requests, 0, "no shard fetched a token while the lock was held");
-    // The lock has 2 s left, as if its holder died 13 s into the 15 s the
+    // The lock has 2 s left, as if its holder died 8 s into the 10 s the
     // lock lives.
     let expiring = tokio::time::Instant::now();
     let set: i64 = ::redis::cmd("PEXPIRE").arg(&lock).arg(2000).query_async(&mut conn).await.unwrap();
@@ -487,18 +561,15 @@ async fn a_refresh_lock_left_by_a_dead_process_expires_and_one_token_is_fetched(
     assert_every_row_once(&gw, 4, rows);
     assert_eq!(gw.sandbox.stats().unknown_token_calls, 0);
     // One token for the four: whoever takes the expired lock fetches it and
-    // the others read it from Redis. (A second only if a process waited
-    // out its own 20 s deadline.)
+    // the others read it from Redis (they wait for a lock as long as it
+    // lives, however long that is).
     let times = gw.sandbox.token_request_times();
-    assert!((1..=2).contains(&times.len()), "{} token requests: {times:?}", times.len());
-    // Not before the lock expired, and not long after: the first token
-    // request came `after` the lock was left 2 s, at least `at_least` and at
-    // most `at_most` (the sandbox's clock started between `before_start` and
-    // `after_start`).
-    let at_least = times[0].saturating_sub(expiring - before_start);
-    let at_most = times[0].saturating_sub(expiring - after_start);
-    assert!(at_least >= Duration::from_millis(1990), "a token request {at_least:?} after the lock had 2 s left");
-    assert!(at_most < Duration::from_secs(10), "the first token request {at_most:?} after the lock had 2 s left");
+    assert_eq!(times.len(), 1, "token requests: {times:?}");
+    // Not before the lock expired, and soon after: the waiting shards try
+    // the lock every 50 ms, and one of them fetches at once.
+    let after = times[0].saturating_sub(expiring - tokio::time::Instant::from_std(gw.sandbox.started()));
+    assert!(after >= Duration::from_secs(2), "a token request {after:?} after the lock had 2 s left");
+    assert!(after < Duration::from_secs(3), "the token request came {after:?} after the lock had 2 s left");
     // The lock was this token's (it is stored beside it), and is gone.
     let token_key = lock.trim_end_matches(":lock");
     let stored: Option<String> = ::redis::cmd("GET").arg(token_key).query_async(&mut conn).await.unwrap();

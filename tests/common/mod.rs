@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod pace;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -17,6 +18,26 @@ use tokio_util::sync::CancellationToken;
 
 pub const CLIENT_ID: &str = "test-client";
 pub const SECRET: &str = "s3cr3t-Do-Not-Leak-7f1e";
+
+/// Whether this is CI (`CI=true`), where a test never skips: what it
+/// needs must be there.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// The running test cannot run here, for `why`: under CI that fails it;
+/// elsewhere it says so on stderr even when the test's output is captured
+/// (one `SKIPPED` line each: `cargo test 2>&1 | grep -c '^SKIPPED'` counts
+/// them), and the caller returns.
+pub fn skip(why: &str) {
+    // libtest names each test's thread after the test.
+    let thread = std::thread::current();
+    let name = format!("{}::{}", env!("CARGO_CRATE_NAME"), thread.name().unwrap_or("?"));
+    assert!(!in_ci(), "{name} cannot be skipped under CI=true: {why}");
+    use std::io::Write as _;
+    // Straight to the process's stderr: libtest captures only `eprintln!`.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {name}: {why}");
+}
 
 /// A sandbox gateway and a folder for one test's files.
 pub struct Gateway {
