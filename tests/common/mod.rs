@@ -149,6 +149,22 @@ headers.environment = "sandbox"
         }
     }
 
+    /// Waits until the gateway has answered every call it received (calls
+    /// whose sender was killed are answered all the same), and returns how
+    /// many that is. Panics after a minute instead of hanging the suite.
+    pub async fn settled(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let received = self.sandbox.stats().api_calls;
+            let recorded = self.sandbox.recorded().len();
+            if recorded as u64 == received {
+                return recorded;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{recorded} of {received} calls answered in a minute");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// The bodies the gateway received, by `controlNumber`.
     pub fn received_by_control_number(&self) -> HashMap<String, Vec<RecordedCall>> {
         let mut map: HashMap<String, Vec<RecordedCall>> = HashMap::new();
@@ -170,6 +186,51 @@ pub fn jsonl(path: &Path) -> Vec<Value> {
 
 pub fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The rows the journal in the run directory `dir` marks started and not
+/// done, as (input, row): after a stop, the rows in doubt and those whose
+/// outcome was written just before it without its done mark. A line cut
+/// short by a kill is not a mark.
+pub fn started_not_done(dir: &Path) -> std::collections::HashSet<(usize, u64)> {
+    let journal = std::fs::read_to_string(dir.join("journal")).unwrap_or_default();
+    let mut open = std::collections::HashSet::new();
+    for line in journal.lines() {
+        let mut fields = line.split('\t');
+        let (Some(kind), Some(input), Some(row)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        let (Ok(input), Ok(row)) = (input.parse::<usize>(), row.parse::<u64>()) else { continue };
+        match kind {
+            "S" => open.insert((input, row)),
+            "D" => open.remove(&(input, row)),
+            _ => false,
+        };
+    }
+    open
+}
+
+/// The most rows a stop may leave in doubt at `-j concurrency`, README's
+/// bound ("What a crash or power cut can lose"): the calls in flight, and
+/// for an idempotent job twice the recorder channel's places (eight per
+/// worker, at least 64: the outcomes waiting in it and the group the
+/// recorder holds).
+pub fn in_doubt_at_most(concurrency: usize, idempotent: bool) -> usize {
+    if idempotent { concurrency + 2 * (8 * concurrency).max(64) } else { concurrency }
+}
+
+/// The records of a CSV file, each as its fields by column name.
+pub fn csv_records(path: &Path) -> Vec<HashMap<String, String>> {
+    let mut reader = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let headers = reader.headers().unwrap().clone();
+    reader
+        .records()
+        .map(|r| headers.iter().zip(r.unwrap().iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect())
+        .collect()
+}
+
+/// The control number of row `row` (1-based) of [`eligibility_csv`] from 1:
+/// its key in the job specs here.
+pub fn key_of_row(row: u64) -> String {
+    format!("{row:09}")
 }
 
 /// A CSV of `n` eligibility rows with 9-digit control numbers from `first`.
