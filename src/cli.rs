@@ -26,7 +26,7 @@ bulkcall run jobs/eligibility.toml -p sandbox out/eligibility/2026-11-28T181355Z
 bulkcall resume out/eligibility/2026-11-28T181355Z\n  bulkcall validate jobs/claim-status.toml -p local\n\n\
 Exit codes: 0 all rows succeeded, 1 some rows failed, 2 usage/config/input error (nothing sent), 3 credentials \
 rejected, 401s on fresh tokens or an untrusted TLS certificate, 4 --max-failures reached, 70 internal error, 74 the run directory could not be \
-written, 75 another run of the job is going on, 130 interrupted (bulkcall resume finishes it)."
+written, 75 try again later (another run of the job is going on, or the token endpoint is down), 130 interrupted (bulkcall resume finishes it)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -391,6 +391,20 @@ pub struct Credentials {
     pub client_secret: SecretString,
 }
 
+impl Credentials {
+    pub fn secret(client_id: String, client_secret: SecretString) -> Credentials {
+        Credentials { client_id, client_secret }
+    }
+
+    /// What proves the client, as a hash that shows nothing of it: the
+    /// token cache and the shared token are keyed by it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(self.client_secret.expose_secret().as_bytes());
+        format!("secret:{}", hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials").field("client_id", &self.client_id).finish_non_exhaustive()

@@ -60,6 +60,8 @@ impl Error {
             | Error::Status(_)
             | Error::Sandbox { .. }
             | Error::Report(_) => ExitCode::Usage,
+            // An outage of the token endpoint: the credentials may be fine.
+            Error::Token(TokenError::Unavailable { .. }) => ExitCode::Locked,
             Error::Token(_) | Error::Unauthorized(_) | Error::Certificate(_) => ExitCode::Auth,
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Internal(_) => ExitCode::Internal,

@@ -10,8 +10,9 @@ pub enum ExitCode {
     RowsFailed = 1,
     /// Usage, config or input-file error: nothing was sent.
     Usage = 2,
-    /// The token endpoint rejected the credentials, calls keep failing with
-    /// 401, or a server's TLS certificate is not trusted.
+    /// The token endpoint rejected the credentials (or redirected, or is not
+    /// a token endpoint), calls keep failing with 401, or a server's TLS
+    /// certificate is not trusted.
     Auth = 3,
     /// `--max-failures` was reached.
     MaxFailures = 4,
@@ -20,7 +21,8 @@ pub enum ExitCode {
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
     /// Try again later: another run of the same job holds its lock, Redis
-    /// is unreachable at start, or the gateway asked for a pause longer than
+    /// is unreachable at start, the token endpoint is unreachable or answers
+    /// 5xx through its retries, or the gateway asked for a pause longer than
     /// `retry_after_max`; `status`: a shard has not finished.
     Locked = 75,
     /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.

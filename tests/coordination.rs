@@ -181,7 +181,8 @@ async fn token_stores(server: &RedisServer) -> (SharedStore, SharedStore) {
     let mut stores = Vec::new();
     for _ in 0..2 {
         let redis = Redis::connect(&RedisUrl::parse(&server.url().into()).unwrap()).await.expect("redis answers");
-        stores.push(SharedStore::new(redis, &settings, "client-1", "secret-1", key));
+        let credentials = bulkcall::config::Credentials::secret("client-1".into(), "secret-1".to_string().into());
+        stores.push(SharedStore::new(redis, &bulkcall::token::request_key(&settings, &credentials), key));
     }
     let second = stores.pop().unwrap();
     (stores.pop().unwrap(), second)

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::ValueEnum;
-use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -196,14 +195,12 @@ pub(super) async fn run_resolved(
             Some(c) => c,
             None => settings.auth.credentials()?,
         };
-        let (client_id, secret) = (credentials.client_id.clone(), credentials.client_secret.clone());
+        let request_key = crate::token::request_key(&settings.auth, &credentials);
         let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
         if let Some(redis) = &redis {
             match crate::token::shared::load_key(&settings.auth)? {
                 Some(key) => {
-                    let store =
-                        SharedStore::new(redis.clone(), &settings.auth, &client_id, secret.expose_secret(), key);
-                    tokens = tokens.with_shared(store);
+                    tokens = tokens.with_shared(SharedStore::new(redis.clone(), &request_key, key));
                 }
                 None => tracing::warn!(
                     "{} is not set (nor auth.shared_key_file): the processes share the rate limit, \

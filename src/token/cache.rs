@@ -1,8 +1,9 @@
 //! The token cache on disk, so the next run (a cron job every five minutes)
 //! reuses a still-valid token instead of asking for a new one.
 //!
-//! One file per (token URL, client id, client secret, scopes, audience),
-//! named by a hash of them, in a 0700 directory; files are 0600, written whole (temporary file,
+//! One file per token request (style, token URL, client id, the secret's
+//! or key's fingerprint, scopes, audience, extra parameters), named by
+//! [`super::request_key`], in a 0700 directory; files are 0600, written whole (temporary file,
 //! fsync, rename). A file that others can read or that another user owns is
 //! ignored with a warning. A lock file beside it makes two runs that refresh
 //! at the same moment fetch one token between them.
@@ -14,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::AuthSettings;
 
@@ -90,30 +90,14 @@ fn private(path: &Path, meta: &std::fs::Metadata, mask: u32) -> bool {
 
 impl DiskCache {
     /// The cache for these settings, or `None` when caching is off or there
-    /// is no place for it.
-    /// The key also covers a hash of the client secret: a token fetched with
-    /// other credentials (a rotated or mistyped secret) is never reused.
-    pub fn new(settings: &AuthSettings, client_id: &str, client_secret: &str) -> Option<DiskCache> {
+    /// is no place for it. `key` is [`super::request_key`]: a token asked
+    /// for with anything else (another secret, audience or parameter) is
+    /// never reused.
+    pub fn new(settings: &AuthSettings, key: &str) -> Option<DiskCache> {
         if !settings.cache {
             return None;
         }
         let dir = cache_dir(settings)?;
-        let mut scopes: Vec<&str> = settings.scope.as_deref().unwrap_or("").split_whitespace().collect();
-        scopes.sort_unstable();
-        let secret_hash = format!("{:x}", Sha256::digest(client_secret.as_bytes()));
-        let mut hasher = Sha256::new();
-        for part in [
-            settings.token_url.as_deref().unwrap_or(""),
-            client_id,
-            &secret_hash,
-            &scopes.join(" "),
-            settings.audience.as_deref().unwrap_or(""),
-        ] {
-            hasher.update(part.as_bytes());
-            hasher.update([0]);
-        }
-        let key = format!("{:x}", hasher.finalize());
-        let key = &key[..32];
         Some(DiskCache { file: dir.join(format!("{key}.json")), lock: dir.join(format!("{key}.lock")), dir })
     }
 
@@ -228,6 +212,11 @@ mod tests {
 
     use super::*;
 
+    fn cache(settings: &AuthSettings, client_id: &str, secret: &str) -> Option<DiskCache> {
+        let credentials = crate::config::Credentials::secret(client_id.into(), secret.to_string().into());
+        DiskCache::new(settings, &crate::token::request_key(settings, &credentials))
+    }
+
     fn settings(dir: &Path) -> AuthSettings {
         AuthSettings {
             token_url: Some("https://idp.example.com/token".into()),
@@ -250,7 +239,7 @@ mod tests {
     #[test]
     fn stores_privately_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(&settings(dir.path()), "client", "secret").unwrap();
+        let cache = cache(&settings(dir.path()), "client", "secret").unwrap();
         assert!(cache.load().is_none());
         cache.store(&entry("tok-1"));
         assert_eq!(cache.load().unwrap().access_token, "tok-1");
@@ -268,19 +257,29 @@ mod tests {
     fn the_key_ignores_scope_order_but_not_the_client() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = settings(dir.path());
-        let a = DiskCache::new(&s, "client", "secret").unwrap();
+        let a = cache(&s, "client", "secret").unwrap();
         s.scope = Some("a b".into());
-        assert_eq!(DiskCache::new(&s, "client", "secret").unwrap().path(), a.path());
-        assert_ne!(DiskCache::new(&s, "other", "secret").unwrap().path(), a.path());
-        assert_ne!(DiskCache::new(&s, "client", "rotated").unwrap().path(), a.path(), "another secret, another token");
+        assert_eq!(cache(&s, "client", "secret").unwrap().path(), a.path());
+        assert_ne!(cache(&s, "other", "secret").unwrap().path(), a.path());
+        assert_ne!(cache(&s, "client", "rotated").unwrap().path(), a.path(), "another secret, another token");
+        let differs = |change: &dyn Fn(&mut AuthSettings)| {
+            let mut other = s.clone();
+            change(&mut other);
+            cache(&other, "client", "secret").unwrap().path() != a.path()
+        };
+        assert!(differs(&|o| o.audience = Some("https://fhir.example.com".into())), "audience");
+        assert!(differs(&|o| _ = o.params.insert("resource".into(), "https://other".into())), "extra parameter");
+        assert!(differs(&|o| o.style = crate::config::AuthStyle::Form), "style");
+        assert!(differs(&|o| o.token_url = Some("https://idp.example.com/other".into())), "token URL");
+        assert!(differs(&|o| o.scope = Some("a".into())), "scope");
         s.cache = false;
-        assert!(DiskCache::new(&s, "client", "secret").is_none());
+        assert!(cache(&s, "client", "secret").is_none());
     }
 
     #[test]
     fn a_lock_held_elsewhere_is_waited_for_a_bounded_time() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(DiskCache::new(&settings(dir.path()), "client", "secret").unwrap());
+        let cache = Arc::new(cache(&settings(dir.path()), "client", "secret").unwrap());
         // Another holder, as a stopped process would be: flock locks of two
         // opens of one file exclude each other even in one process.
         let held = cache.lock().expect("a free lock is taken");
@@ -296,7 +295,7 @@ mod tests {
     #[test]
     fn a_file_others_can_read_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(&settings(dir.path()), "client", "secret").unwrap();
+        let cache = cache(&settings(dir.path()), "client", "secret").unwrap();
         cache.store(&entry("tok"));
         std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(cache.load().is_none());

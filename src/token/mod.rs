@@ -35,6 +35,9 @@ use shared::SharedStore;
 
 /// Token endpoint attempts for one refresh before giving up.
 const FETCH_ATTEMPTS: u32 = 5;
+/// The most of a token endpoint's answer that is read: a token answer is a
+/// few KiB at most, and this one is held in memory.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Lifetimes outside this range are clamped.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -46,8 +49,22 @@ pub enum TokenError {
          check the client id and secret for this profile"
     )]
     Rejected { url: String, status: u16, error: String },
-    #[error("the token endpoint {url} could not give a token after {attempts} attempts: {last}")]
+    /// Unreachable, or answering 5xx (or 408/429) through every attempt:
+    /// exit 75, try again later.
+    #[error(
+        "the token endpoint {url} could not give a token after {attempts} attempts: {last}; \
+         nothing is wrong with the credentials as far as bulkcall can tell: try again later"
+    )]
     Unavailable { url: String, attempts: u32, last: String },
+    /// A 3xx: never followed, it would carry the credentials elsewhere.
+    #[error(
+        "the token endpoint {url} answered {status} with a redirect to {location}; bulkcall never follows a \
+         redirect with credentials: set auth.token_url to the endpoint itself"
+    )]
+    Redirected { url: String, status: u16, location: String },
+    /// Another 4xx (404, 405, ...): the URL is not a token endpoint.
+    #[error("the token endpoint {url} answered HTTP {status}{error}; check auth.token_url for this profile")]
+    Refused { url: String, status: u16, error: String },
     #[error("the token endpoint {url} answered something that is not a usable token: {message}")]
     BadAnswer { url: String, message: String },
     #[error(transparent)]
@@ -131,6 +148,8 @@ struct Inner {
     /// thread that outlasts the lanes.
     home: tokio::runtime::Handle,
     url: String,
+    /// The token URL as messages name it: no query, fragment or user info.
+    shown: String,
     style: AuthStyle,
     credentials: Credentials,
     settings: AuthSettings,
@@ -167,11 +186,12 @@ impl TokenSource {
         TokenSource {
             inner: Arc::new(Inner {
                 home: tokio::runtime::Handle::current(),
-                cache: DiskCache::new(settings, &credentials.client_id, credentials.client_secret.expose_secret()),
+                cache: DiskCache::new(settings, &request_key(settings, &credentials)),
                 shared: None,
                 rejected: std::sync::Mutex::new(None),
                 client,
                 url: settings.token_url.clone().unwrap_or_default(),
+                shown: shown_url(settings.token_url.as_deref().unwrap_or_default()),
                 style: settings.style,
                 credentials,
                 settings: settings.clone(),
@@ -270,7 +290,7 @@ impl Inner {
         match self.home.spawn(async move { inner.refresh(seen, force).await }).await {
             Ok(result) => result,
             Err(e) => Err(TokenError::Unavailable {
-                url: self.url.clone(),
+                url: self.shown.clone(),
                 attempts: 0,
                 last: format!("the token request's task ended early ({e})"),
             }),
@@ -507,7 +527,7 @@ impl Inner {
                 Ok(token) => return Ok(token),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Transient { message, retry_after }) => {
-                    tracing::warn!("token request {attempt}/{FETCH_ATTEMPTS} to {} failed: {message}", self.url);
+                    tracing::warn!("token request {attempt}/{FETCH_ATTEMPTS} to {} failed: {message}", self.shown);
                     last = message;
                     if attempt < FETCH_ATTEMPTS {
                         let backoff = Duration::from_millis(250 << attempt.min(6))
@@ -518,7 +538,7 @@ impl Inner {
                 }
             }
         }
-        Err(TokenError::Unavailable { url: self.url.clone(), attempts: FETCH_ATTEMPTS, last })
+        Err(TokenError::Unavailable { url: self.shown.clone(), attempts: FETCH_ATTEMPTS, last })
     }
 
     async fn fetch_once(&self) -> Result<Token, Attempt> {
@@ -558,7 +578,7 @@ impl Inner {
         let response = request.send().await.map_err(|e| {
             let message = self.mask(&describe(&e));
             if crate::outcome::untrusted_certificate(&e) {
-                let url = self.url.clone();
+                let url = self.shown.clone();
                 Attempt::Fatal(crate::outcome::UntrustedCertificate { url, detail: message }.into())
             } else {
                 Attempt::Transient { message, retry_after: None }
@@ -570,10 +590,15 @@ impl Inner {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Attempt::Transient { message: self.mask(&describe(&e)), retry_after: None })?;
+        if status.is_redirection() {
+            let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+            return Err(Attempt::Fatal(TokenError::Redirected {
+                url: self.shown.clone(),
+                status: status.as_u16(),
+                location: location_origin(&self.url, location),
+            }));
+        }
+        let body = self.read_answer(response).await?;
         let json: Option<Value> = serde_json::from_slice(&body).ok();
         let oauth_error = json.as_ref().and_then(|j| j.get("error")).and_then(Value::as_str).map(str::to_string);
         let description = json
@@ -598,17 +623,25 @@ impl Inner {
                 Some(e) => format!(" {}: {}", self.mask(e), self.mask(&description)),
                 None => format!(": {}", self.mask(&description)),
             };
-            if fatal_error || matches!(status.as_u16(), 400 | 401 | 403) {
+            let code = status.as_u16();
+            if fatal_error || matches!(code, 400 | 401 | 403) {
                 return Err(Attempt::Fatal(TokenError::Rejected {
-                    url: self.url.clone(),
-                    status: status.as_u16(),
+                    url: self.shown.clone(),
+                    status: code,
                     error: shown,
                 }));
             }
-            return Err(Attempt::Transient { message: format!("HTTP {}{shown}", status.as_u16()), retry_after });
+            if status.is_client_error() && !matches!(code, 408 | 425 | 429) {
+                return Err(Attempt::Fatal(TokenError::Refused {
+                    url: self.shown.clone(),
+                    status: code,
+                    error: shown,
+                }));
+            }
+            return Err(Attempt::Transient { message: format!("HTTP {code}{shown}"), retry_after });
         }
         let bad =
-            |message: &str| Attempt::Fatal(TokenError::BadAnswer { url: self.url.clone(), message: message.into() });
+            |message: &str| Attempt::Fatal(TokenError::BadAnswer { url: self.shown.clone(), message: message.into() });
         let json = json.ok_or_else(|| bad("the body is not JSON"))?;
         let access = json.get("access_token").and_then(Value::as_str).filter(|t| !t.is_empty());
         let access = access.ok_or_else(|| bad("no access_token in the answer"))?;
@@ -621,6 +654,32 @@ impl Inner {
         let token = self.make_token(access, token_type, scope, sent, lifetime, Origin::Fetched).map_err(|m| bad(&m))?;
         tracing::debug!(generation = token.generation, lifetime_s = lifetime.as_secs_f64(), "got a token");
         Ok(token)
+    }
+
+    /// The answer's body, [`MAX_ANSWER_BYTES`] at most: a longer one is not
+    /// a token answer, and is not read further.
+    async fn read_answer(&self, mut response: reqwest::Response) -> Result<Vec<u8>, Attempt> {
+        let too_long = || {
+            Attempt::Fatal(TokenError::BadAnswer {
+                url: self.shown.clone(),
+                message: format!("the answer is longer than {} KiB", MAX_ANSWER_BYTES / 1024),
+            })
+        };
+        if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+            return Err(too_long());
+        }
+        let mut body = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|e| Attempt::Transient { message: self.mask(&describe(&e)), retry_after: None })?;
+            let Some(chunk) = chunk else { return Ok(body) };
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(too_long());
+            }
+            body.extend_from_slice(&chunk);
+        }
     }
 
     /// `expires_in` (an integer or a numeric string), clamped; the
@@ -637,7 +696,7 @@ impl Inner {
                 if !self.warned_no_expiry.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "the token endpoint {} gave no expires_in; assuming tokens live {} (auth.default_lifetime)",
-                        self.url,
+                        self.shown,
                         humantime::format_duration(self.settings.default_lifetime)
                     );
                 }
@@ -677,6 +736,61 @@ enum Attempt {
 /// RFC 6749 §2.3.1: client id and secret are form-encoded before Basic.
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A token URL as messages show it: scheme, host, port and path; a query,
+/// a fragment or user info in it may hold a key, and stays out of logs.
+fn shown_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            let hidden = url.query().is_some() || url.fragment().is_some();
+            url.set_query(None);
+            url.set_fragment(None);
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            if hidden { format!("{url}?...") } else { url.to_string() }
+        }
+        Err(_) => "(the configured auth.token_url)".into(),
+    }
+}
+
+/// Where a redirect points, by its origin alone (a relative Location is
+/// read against the token URL).
+fn location_origin(token_url: &str, location: Option<&str>) -> String {
+    let Some(location) = location else { return "nowhere (no Location header)".into() };
+    match url::Url::parse(token_url).and_then(|base| base.join(location)) {
+        Ok(url) => url.origin().ascii_serialization(),
+        Err(_) => "a Location that is not a URL".into(),
+    }
+}
+
+/// What a token is requested with, hashed: the disk cache's file name and
+/// the shared token's Redis key. Every token-request parameter is in it, so
+/// a token for another resource, scope, client or credential is never
+/// reused; scopes are sorted, as their order means nothing.
+pub fn request_key(settings: &AuthSettings, credentials: &Credentials) -> String {
+    use sha2::Digest as _;
+    let mut scopes: Vec<&str> = settings.scope.as_deref().unwrap_or("").split_whitespace().collect();
+    scopes.sort_unstable();
+    let style = serde_json::to_string(&settings.style).unwrap_or_default();
+    let mut parts: Vec<(&str, String)> = vec![
+        ("style", style),
+        ("token_url", settings.token_url.clone().unwrap_or_default()),
+        ("client_id", credentials.client_id.clone()),
+        ("proof", credentials.fingerprint()),
+        ("scope", scopes.join(" ")),
+        ("audience", settings.audience.clone().unwrap_or_default()),
+    ];
+    parts.extend(settings.params.iter().map(|(k, v)| ("param", format!("{k}={v}"))));
+    let mut hasher = sha2::Sha256::new();
+    for (name, value) in &parts {
+        // Length-prefixed: no two lists of parts hash alike.
+        for bytes in [name.as_bytes(), value.as_bytes()] {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+    }
+    hasher.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How long a JWT lives, if the token is one with an `exp` claim: `exp -

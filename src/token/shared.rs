@@ -1,8 +1,9 @@
 //! The token shared by every process of a run, through Redis: one token
 //! request per token lifetime however many hosts ask.
 //!
-//! The token is stored under a key derived from the token URL, the client
-//! id, a hash of the secret and the scope, encrypted with AES-256-GCM under
+//! The token is stored under a key derived from every token-request
+//! parameter ([`super::request_key`]: style, token URL, client id, the
+//! secret's or key's fingerprint, scope, audience, extra parameters), encrypted with AES-256-GCM under
 //! a key that never reaches Redis (`BULKCALL_TOKEN_KEY` or
 //! `auth.shared_key_file`), with a TTL that ends before the token does.
 //! A refresh is single-flight across hosts: `SET lock NX PX`, read again,
@@ -15,7 +16,6 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use rand::Rng as _;
-use sha2::Digest as _;
 
 use super::cache::Entry;
 use crate::config::{AuthSettings, ConfigError};
@@ -73,16 +73,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl SharedStore {
-    pub fn new(redis: Redis, settings: &AuthSettings, client_id: &str, secret: &str, key: [u8; 32]) -> SharedStore {
-        let mut id = sha2::Sha256::new();
-        id.update(settings.token_url.as_deref().unwrap_or_default());
-        id.update(b"\n");
-        id.update(client_id);
-        id.update(b"\n");
-        id.update(sha2::Sha256::digest(secret));
-        id.update(b"\n");
-        id.update(settings.scope.as_deref().unwrap_or_default());
-        let id = hex(&id.finalize()[..16]);
+    /// `id` is [`super::request_key`]; `key` seals the token.
+    pub fn new(redis: Redis, id: &str, key: [u8; 32]) -> SharedStore {
         SharedStore {
             redis,
             key: format!("bulkcall:token:{id}"),
