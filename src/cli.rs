@@ -143,6 +143,16 @@ pub struct SettingArgs {
     /// Timeout per attempt, such as 30s or 500ms.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
+    /// Write the run's metrics (Prometheus text format) to this file every 10 s and at the end, atomically:
+    /// for node_exporter's textfile collector.
+    #[arg(long, value_name = "PATH", help_heading = "Metrics")]
+    pub metrics_file: Option<PathBuf>,
+    /// Serve GET /metrics on this address while the run lasts, such as 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", help_heading = "Metrics")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Push the final figures to this Prometheus Pushgateway (job=bulkcall, grouped by job name and shard).
+    #[arg(long, value_name = "URL", help_heading = "Metrics")]
+    pub metrics_push: Option<String>,
 }
 
 impl SettingArgs {
@@ -158,6 +168,19 @@ impl SettingArgs {
         put("burst", self.burst.map(Value::from));
         put("max_attempts", self.max_attempts.map(Value::from));
         put("timeout", self.timeout.map(|t| Value::from(humantime::format_duration(t).to_string())));
+        // A relative file stays where it was when `resume` runs from another folder.
+        let file = self.metrics_file.as_ref().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()));
+        let metrics: Map<String, Value> = [
+            ("file", file.map(|f| Value::from(f.display().to_string()))),
+            ("listen", self.metrics_listen.map(|a| Value::from(a.to_string()))),
+            ("push", self.metrics_push.clone().map(Value::from)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect();
+        if !metrics.is_empty() {
+            map.insert("metrics".into(), Value::Object(metrics));
+        }
         map
     }
 }

@@ -158,6 +158,20 @@ pub struct Settings {
     pub out_dir: PathBuf,
     pub auth: AuthSettings,
     pub coordination: CoordinationSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// Where the run's metrics go (Prometheus text format; see `metrics`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// A file for node_exporter's textfile collector, rewritten atomically
+    /// every 10 s and at the end.
+    pub file: Option<PathBuf>,
+    /// Where `GET /metrics` is served while the run lasts.
+    pub listen: Option<std::net::SocketAddr>,
+    /// A Pushgateway's URL: the final figures are pushed there.
+    pub push: Option<String>,
 }
 
 /// Where the processes of a run split over several hosts meet.
@@ -193,6 +207,7 @@ impl Default for Settings {
             out_dir: PathBuf::from("out"),
             auth: AuthSettings::default(),
             coordination: CoordinationSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -351,6 +366,13 @@ impl Settings {
         }
         if let Some(url) = &self.auth.token_url {
             self.check_url("auth.token_url", url)?;
+        }
+        if let Some(push) = &self.metrics.push {
+            // Figures only, no PHI: plain http to a Pushgateway in the cluster is fine.
+            match url::Url::parse(push) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                _ => return bad(format!("metrics.push `{push}` is not an http:// or https:// URL")),
+            }
         }
         Ok(())
     }

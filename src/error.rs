@@ -44,6 +44,8 @@ pub enum Error {
     Internal(String),
     #[error(transparent)]
     Report(#[from] crate::report::html::ReportError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("could not start the sandbox on {addr}: {source}")]
     Sandbox { addr: String, source: std::io::Error },
 }
@@ -59,6 +61,7 @@ impl Error {
             | Error::Shard(_)
             | Error::Status(_)
             | Error::Sandbox { .. }
+            | Error::Metrics(_)
             | Error::Report(_) => ExitCode::Usage,
             // An outage of the token endpoint: the credentials may be fine.
             Error::Token(TokenError::Unavailable { .. }) => ExitCode::Locked,

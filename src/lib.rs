@@ -20,6 +20,7 @@
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
 //! - [`output`]: the run directory; the only writer of files in it.
 //! - [`rows`]: a set of rows as one bitset per input, for `resume`.
+//! - [`metrics`]: Prometheus figures of a run: a textfile, `GET /metrics`, a Pushgateway push.
 //! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
 //! - [`shard`]: one run split over N processes: which rows are whose, the run id.
 //! - [`status`]: where a run and each of its shards stand, read from their directories.
@@ -37,6 +38,7 @@ pub mod exit;
 pub mod input;
 pub mod job;
 pub mod limiter;
+pub mod metrics;
 pub mod options;
 pub mod outcome;
 pub mod output;

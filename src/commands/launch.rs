@@ -159,6 +159,7 @@ pub(super) async fn run_resolved(
         } else {
             InDoubt::Fail
         }) == InDoubt::Fail,
+        metrics: crate::metrics::Board::default(),
     };
 
     if options.dry_run {
@@ -254,7 +255,17 @@ pub(super) async fn run_resolved(
         Some(shared) => shared.clone(),
         None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
     };
-    let finished = runner::run(plan(dir.clone(), &r), tokens, limiter, stop).await?;
+    let shard = options.sharding.as_ref().map(|s| s.shard);
+    let metrics = crate::metrics::Exporter::start(&settings.metrics, &r.job.name, shard).await?;
+    let mut planned = plan(dir.clone(), &r);
+    planned.metrics = metrics.board();
+    let finished = match runner::run(planned, tokens, limiter, stop).await {
+        Ok(finished) => finished,
+        Err(e) => {
+            metrics.finish(e.exit_code().code()).await;
+            return Err(e);
+        }
+    };
     if let Some(shared) = shared_limit {
         let (round_trips, calls) = shared.round_trips();
         tracing::info!(
@@ -265,5 +276,6 @@ pub(super) async fn run_resolved(
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }
+    metrics.finish(finished.exit.code()).await;
     Ok(close(&finished, &dir, &options, requests.idempotent()))
 }

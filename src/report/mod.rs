@@ -38,6 +38,8 @@ pub struct Live {
     pub failed: AtomicU64,
     pub in_flight: AtomicU64,
     pub retrying: AtomicU64,
+    /// Every API answer by status and every call's duration, for the metrics.
+    pub calls: crate::metrics::Calls,
 }
 
 impl Default for Live {
@@ -54,6 +56,7 @@ impl Default for Live {
             failed: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
+            calls: crate::metrics::Calls::default(),
         }
     }
 }
@@ -65,7 +68,7 @@ impl Live {
 
     /// Rows done, and the rows the inputs hold by the bytes read so far
     /// (exact once they are read to the end).
-    fn rows(&self, total_bytes: u64) -> (u64, u64) {
+    pub(crate) fn rows(&self, total_bytes: u64) -> (u64, u64) {
         let (done, read, bytes) = (Self::get(&self.done), Self::get(&self.rows_read), Self::get(&self.bytes_read));
         let (skipped, to_skip) = (Self::get(&self.rows_skipped), Self::get(&self.rows_to_skip));
         let expected = if bytes == 0 || bytes >= total_bytes {

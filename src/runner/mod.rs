@@ -71,6 +71,8 @@ pub struct Plan {
     /// Rows of a failures file that failed where the gateway may have acted
     /// on them are left out (recorded as failures again, not sent).
     pub leave_out_earlier: bool,
+    /// Where the metrics read the run's figures.
+    pub metrics: crate::metrics::Board,
 }
 
 /// What the ledger of an interrupted run says.
@@ -208,8 +210,15 @@ pub async fn run(
     let ledger = Arc::new(Ledger::open(&plan.dir, append, !plan.requests.idempotent())?);
     let mut stats = resume.recorded;
     stats.restart_clock();
+    let stats = Arc::new(Mutex::new(stats));
     let live = Arc::new(Live::default());
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
+    plan.metrics.attach(crate::metrics::Source {
+        live: live.clone(),
+        stats: stats.clone(),
+        total_bytes,
+        tokens: tokens.clone(),
+    });
     let progress = Progress::start(
         plan.progress,
         ProgressSource {
@@ -268,7 +277,7 @@ pub async fn run(
     // not idempotent waits for each outcome to be written (see `lane`), so
     // its rows in doubt are only those in flight.
     let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
-    let recorder = Recorder { writer, group: GroupCommit::default(), stats, first_failures: Vec::new() };
+    let recorder = Recorder { writer, group: GroupCommit::default(), stats: stats.clone(), first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
@@ -288,10 +297,11 @@ pub async fn run(
         }
     }
     watchdog.abort();
-    let Recorder { writer, mut stats, first_failures, .. } =
+    let Recorder { writer, first_failures, .. } =
         recorded.await.map_err(|_| Error::Internal("the recorder stopped unexpectedly; please report this".into()))?;
     let read_result = reader.await.expect("the reader thread does not panic");
     progress.finish(!stop.is_cancelled() && read_result.is_ok()).await;
+    let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }

@@ -1,7 +1,7 @@
 //! The recorder thread: every outcome written, made durable in groups, marked done.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -17,7 +17,8 @@ use super::{SHOWN_FAILURES, Shared, describe_failure};
 pub(super) struct Recorder {
     pub(super) writer: Writer,
     pub(super) group: GroupCommit,
-    pub(super) stats: Stats,
+    /// Shared with the metrics, which read it while the run goes on.
+    pub(super) stats: Arc<Mutex<Stats>>,
     pub(super) first_failures: Vec<(String, String)>,
 }
 
@@ -26,8 +27,10 @@ impl Recorder {
     /// made durable and marked done at the group's sync.
     fn record(&mut self, shared: &Shared, outcomes: &[Outcome]) -> Result<(), OutputError> {
         let live = &shared.live;
+        // Held while counting, so the metrics see the statistics and `live` agree.
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         for outcome in outcomes {
-            self.stats.add(outcome);
+            stats.add(outcome);
             if self.first_failures.len() < SHOWN_FAILURES {
                 self.first_failures.extend(describe_failure(outcome));
             }
@@ -40,7 +43,7 @@ impl Recorder {
                 // judges this session's rows alone, failed and done alike.
                 let done = live.done.load(Ordering::Relaxed);
                 let failed = match max {
-                    crate::options::MaxFailures::Count(_) => self.stats.failed(),
+                    crate::options::MaxFailures::Count(_) => stats.failed(),
                     crate::options::MaxFailures::Percent(_) => live.failed.load(Ordering::Relaxed),
                 };
                 if max.reached(failed, done) && !shared.stop.is_cancelled() {
@@ -56,6 +59,7 @@ impl Recorder {
                 }
             }
         }
+        drop(stats);
         // The outcomes first, durable, then the ledger's marks: a crash or
         // a power cut between the two leaves those rows in doubt, never lost.
         self.group.write(&mut self.writer, outcomes)

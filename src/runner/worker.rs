@@ -171,6 +171,7 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
         };
         unprocessed &= retry::unprocessed(&verdict);
         let status = answer.as_ref().map(|a| a.status.as_u16());
+        shared.live.calls.record(status, latency);
         if let Some(status) = status {
             shared.limiter.answered(status == 429);
             if verdict != Verdict::Unauthorized {
