@@ -9,11 +9,11 @@ use std::process::Output;
 use common::*;
 
 async fn bulkcall(dir: &Path, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+    common::bulkcall()
         .args(args)
         .current_dir(dir)
-        .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
         .output()
         .await
         .expect("the binary runs")

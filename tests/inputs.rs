@@ -164,20 +164,21 @@ async fn a_pipe_without_a_format_is_refused_before_anything_is_sent() {
 
 #[tokio::test]
 async fn standard_input_is_an_input() {
-    use std::io::Write;
+    use tokio::io::AsyncWriteExt;
     let gw = Gateway::start(sandbox_config()).await;
     let config = gw.config(SECRET, "");
     let job = gw.write("echo.toml", ECHO_JOB);
     let out = gw.path("run");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+    let mut child = bulkcall()
         .args(["run", job.to_str().unwrap(), "-", "--format", "jsonl", "-o", out.to_str().unwrap()])
         .args(["-c", config.to_str().unwrap(), "-p", "test", "--progress", "never"])
         .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all((AWKWARD.join("\n") + "\n").as_bytes()).unwrap();
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all((AWKWARD.join("\n") + "\n").as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().await.unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(bodies_by_id(&gw.sandbox.recorded()), AWKWARD);
     assert!(out.join("input-1.jsonl").exists());
@@ -191,12 +192,13 @@ async fn dev_stdin_redirected_from_a_file_is_kept_as_a_stream_is() {
     let rows = gw.write("rows", &(AWKWARD.join("\n") + "\n"));
     let out = gw.path("run");
     for (input, out) in [("/dev/stdin", out.clone()), ("/proc/self/fd/0", gw.path("run2"))] {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-        command
+        let output = bulkcall()
             .args(["run", job.to_str().unwrap(), input, "--format", "jsonl", "-o", out.to_str().unwrap()])
             .args(["-c", config.to_str().unwrap(), "-p", "test", "--progress", "never"])
-            .stdin(std::fs::File::open(&rows).unwrap());
-        let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+            .stdin(std::fs::File::open(&rows).unwrap())
+            .output()
+            .await
+            .unwrap();
         assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
         assert!(out.join("input-1.jsonl").exists(), "{input} is kept in the run directory");
         let recorded = json(&out.join("run.json"))["inputs"][0]["path"].as_str().unwrap().to_string();
@@ -247,9 +249,13 @@ async fn failures_of_a_tab_separated_input_are_a_tsv_that_feeds_back() {
 /// Runs the real binary, so its stderr can be read.
 async fn run_binary(gw: &Gateway, args: &[&str]) -> (Option<i32>, String, String) {
     let config = gw.path("bulkcall.toml");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"));
-    command.args(args).args(["-c", config.to_str().unwrap(), "-p", "test"]);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let output = bulkcall()
+        .args(args)
+        .args(["-c", config.to_str().unwrap(), "-p", "test"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (output.status.code(), text(&output.stdout), text(&output.stderr))
 }

@@ -79,11 +79,11 @@ async fn without_a_terminal_the_log_is_plain_lines_at_an_interval() {
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let input = gw.write("rows.csv", &eligibility_csv(1, 300));
     let out = gw.path("run");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+    let output = bulkcall()
         .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .args(["-c", config.to_str().unwrap(), "-p", "test", "--rate", "150", "--json"])
-        .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .output()
         .await

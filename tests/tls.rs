@@ -23,12 +23,7 @@ async fn tls_gateway() -> (Gateway, String) {
 /// Runs the binary, expects exit 3 naming the untrusted certificate and
 /// `ca_file`, and returns its stderr.
 async fn refused_for_its_certificate(args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("the binary runs");
+    let output = bulkcall().args(args).env("NO_COLOR", "1").output().await.expect("the binary runs");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("is not trusted") && stderr.contains("ca_file"), "says what to do: {stderr}");
@@ -116,7 +111,7 @@ async fn the_system_trust_store_is_used_too() {
     let ca = gw.write("system-ca.pem", &pem);
 
     // SSL_CERT_FILE stands in for a CA installed system-wide.
-    let trusted = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkcall"))
+    let trusted = bulkcall()
         .args(["token", "-c", config.to_str().unwrap(), "-p", "test"])
         .env("NO_COLOR", "1")
         .env("SSL_CERT_FILE", &ca)
