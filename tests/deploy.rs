@@ -147,6 +147,37 @@ fn the_indexed_job_maps_exit_codes_and_shares_a_volume_as_the_readme_says() {
     assert_eq!(rule_for(4)["action"], "FailIndex");
 }
 
+/// Each shard's `GET /metrics` is reachable from outside its pod on the
+/// port the container declares and the scrape annotations name, as README's
+/// "Watching scheduled runs" says.
+#[test]
+fn the_indexed_job_serves_metrics_where_its_scrape_annotations_point() {
+    let job = one("deploy/kubernetes/job.yaml", "Job");
+    let template = &job["spec"]["template"];
+    let container = &template["spec"]["containers"][0];
+    let listen: std::net::SocketAddr = arg(container["args"].as_array().unwrap(), "--metrics-listen").parse().unwrap();
+    assert!(listen.ip().is_unspecified(), "a scrape comes from outside the pod: {listen}");
+    let port = container["ports"]
+        .as_array()
+        .expect("the container declares its ports")
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics");
+    assert_eq!(port["containerPort"].as_u64(), Some(u64::from(listen.port())));
+    let annotations = &template["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], listen.port().to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let start = readme.find("## Watching scheduled runs").expect("README has a section \"Watching scheduled runs\"");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |end| end + 3)];
+    for promise in ["prometheus.io/scrape", &format!("--metrics-listen 0.0.0.0:{}", listen.port()), "--metrics-push"] {
+        assert!(section.contains(promise), "README's \"Watching scheduled runs\" says {promise}");
+    }
+}
+
 #[test]
 fn the_kustomization_lists_every_manifest_but_the_example_secret() {
     let kustomization = &yaml("deploy/kubernetes/kustomization.yaml")[0];

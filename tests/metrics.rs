@@ -376,3 +376,61 @@ async fn the_last_success_is_carried_over_a_failing_run() {
     let third = last_success(&file).unwrap();
     assert!(third > first, "a later success moves it on: {first} then {third}");
 }
+
+/// deploy/prometheus/alerts.yaml passes promtool, and its rules fire as
+/// README says: no success in 26 hours, a run that stopped (exit > 1).
+#[test]
+fn the_alert_rules_fire_on_a_stale_success_and_a_stopped_run() {
+    if !have("promtool", "prometheus") {
+        return;
+    }
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yaml");
+    let checked = std::process::Command::new("promtool").arg("check").arg("rules").arg(&rules).output().unwrap();
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let test = dir.path().join("alerts.test.yaml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {rules}
+evaluation_interval: 1h
+tests:
+  - interval: 1h
+    input_series:
+      # The last success at 1h, carried over by every later run.
+      - series: 'bulkcall_last_success_timestamp_seconds{{job_name="eligibility"}}'
+        values: '3600+0x40'
+      - series: 'bulkcall_exit_code{{job_name="eligibility"}}'
+        values: '0 0 1 1 75'
+    alert_rule_test:
+      - eval_time: 26h
+        alertname: BulkcallNoRecentSuccess
+        exp_alerts: []
+      - eval_time: 28h
+        alertname: BulkcallNoRecentSuccess
+        exp_alerts:
+          - exp_labels: {{severity: page, job_name: eligibility}}
+            exp_annotations: {{summary: "bulkcall eligibility: no successful run in 26 hours"}}
+      - eval_time: 3h
+        alertname: BulkcallRunStopped
+        exp_alerts: []
+      - eval_time: 4h
+        alertname: BulkcallRunStopped
+        exp_alerts:
+          - exp_labels: {{severity: ticket, job_name: eligibility}}
+            exp_annotations: {{summary: "bulkcall eligibility: the last run exited 75"}}
+"#,
+            rules = rules.display()
+        ),
+    )
+    .unwrap();
+    let tested = std::process::Command::new("promtool").arg("test").arg("rules").arg(&test).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&tested.stdout), String::from_utf8_lossy(&tested.stderr));
+    assert!(tested.status.success() && said.contains("SUCCESS"), "{said}");
+
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let alerts = std::fs::read_to_string(&rules).unwrap();
+    let expr = "time() - bulkcall_last_success_timestamp_seconds > 26 * 3600";
+    assert!(alerts.contains(expr) && readme.contains(expr), "README shows the rule alerts.yaml holds");
+}
