@@ -488,20 +488,18 @@ async fn a_shard_killed_and_started_again_resumes_within_the_shared_run() {
     .await;
 }
 
-/// The refresh lock of the token the test's config shares, as
-/// `token/shared.rs` names it: the first 16 bytes of SHA-256 over token
-/// URL, client id, SHA-256 of the secret and scope, in hex.
+/// The refresh lock of the token the test's config shares: beside the
+/// token's key, which `token::request_key` derives from every parameter
+/// of the token request (the config here sets the URL and credentials).
 fn token_lock_key(gw: &Gateway) -> String {
-    use sha2::Digest as _;
-    let mut id = sha2::Sha256::new();
-    id.update(gw.sandbox.token_url());
-    id.update(b"\n");
-    id.update(CLIENT_ID);
-    id.update(b"\n");
-    id.update(sha2::Sha256::digest(SECRET));
-    id.update(b"\n");
-    let id: String = id.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("bulkcall:token:{id}:lock")
+    let settings = bulkcall::config::AuthSettings {
+        token_url: Some(gw.sandbox.token_url()),
+        client_id: Some(CLIENT_ID.into()),
+        client_secret: Some(SECRET.to_string().into()),
+        ..Default::default()
+    };
+    let credentials = settings.credentials().expect("the test's credentials");
+    format!("bulkcall:token:{}:lock", bulkcall::token::request_key(&settings, &credentials))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,6 +535,8 @@ async fn a_refresh_lock_left_by_a_dead_process_expires_and_one_token_is_fetched(
             .unwrap()
             .expect("MONITOR goes on");
         if line.contains(&format!("\"SET\" \"{lock}\"")) && line.contains("\"NX\"") {
+            // README: the lock of a process that died lapses within 10 s.
+            assert!(line.contains("\"PX\" \"10000\""), "the refresh lock is asked for 10 s: {line}");
             let client = line.split(['[', ']']).nth(1).unwrap_or_default().to_string();
             waiting.insert(client);
         }

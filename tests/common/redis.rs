@@ -25,7 +25,7 @@ impl RedisServer {
             super::skip(hint);
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port_outside_the_ephemeral_range();
         let mut server = RedisServer { child: None, port, dir: tempfile::tempdir().unwrap() };
         server.restart();
         Some(server)
@@ -61,6 +61,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -68,7 +70,12 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server on port {} did not answer within 10s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer within 10s: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,4 +92,25 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A free loopback port below the range the kernel picks clients' ports
+/// from: while a test has its server stopped, a client reconnecting to it
+/// could otherwise be given that very port as its own (a TCP connection to
+/// itself), and the server could not start again.
+fn free_port_outside_the_ephemeral_range() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let (first, span) = (low.saturating_sub(12_000).max(1024), 10_000.min(low.saturating_sub(1024)).max(1));
+    // Spread over the span by process and time, so tests running at once
+    // rarely try the same ports.
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    for i in 0..u64::from(span) {
+        let port = first + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % u64::from(span)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
