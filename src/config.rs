@@ -147,6 +147,10 @@ pub struct Settings {
     /// A Retry-After longer than this stops the run (exit 75), to resume later.
     #[serde(with = "humantime_serde")]
     pub retry_after_max: Duration,
+    /// Calls failing at the transport level (or answered 502/503/504) this
+    /// long with no other answer stop the run (exit 75); zero: never.
+    #[serde(with = "humantime_serde")]
+    pub outage_after: Duration,
     pub headers: BTreeMap<String, String>,
     pub max_response_bytes: usize,
     /// Root certificates (PEM) trusted besides the built-in ones: a gateway
@@ -200,6 +204,7 @@ impl Default for Settings {
             throttle_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(20),
             retry_after_max: Duration::from_secs(300),
+            outage_after: Duration::from_secs(30),
             headers: BTreeMap::new(),
             max_response_bytes: 1 << 20,
             ca_file: None,

@@ -40,6 +40,9 @@ pub enum Error {
     /// maintenance window): the rows not finished stay to resume.
     #[error("stopped: {0}")]
     Paused(String),
+    /// The circuit breaker opened: the gateway is out, try again later.
+    #[error("stopped: {0}")]
+    Outage(#[from] crate::runner::Outage),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -69,7 +72,8 @@ impl Error {
             Error::MaxFailures(_) => ExitCode::MaxFailures,
             Error::Internal(_) => ExitCode::Internal,
             Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. })
-            | Error::Paused(_) => ExitCode::Locked,
+            | Error::Paused(_)
+            | Error::Outage(_) => ExitCode::Locked,
             Error::Output(crate::output::OutputError::Occupied(_) | crate::output::OutputError::NotOwned { .. }) => {
                 ExitCode::Usage
             }

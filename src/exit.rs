@@ -20,9 +20,10 @@ pub enum ExitCode {
     Internal = 70,
     /// The run directory could not be written (disk full, permissions).
     Io = 74,
-    /// Try again later: another run of the same job holds its lock, Redis
-    /// is unreachable at start, the token endpoint is unreachable or answers
-    /// 5xx through its retries, or the gateway asked for a pause longer than
+    /// Try again later: the gateway is out (the circuit breaker opened),
+    /// the token endpoint is unreachable or answers 5xx through its retries,
+    /// another run of the same job holds its lock, Redis is unreachable at
+    /// start, or the gateway asked for a pause longer than
     /// `retry_after_max`; `status`: a shard has not finished.
     Locked = 75,
     /// Stopped by SIGINT/SIGTERM/SIGHUP after a graceful stop.

@@ -273,7 +273,8 @@ async fn transport_errors_name_the_server_never_the_path() {
     .unwrap();
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let config = gw.config(SECRET, "max_attempts = 2\nbackoff_base = \"1ms\"");
+    // The circuit breaker off: each row's own failure is recorded.
+    let config = gw.config(SECRET, "max_attempts = 2\nbackoff_base = \"1ms\"\noutage_after = \"0s\"");
     let mut csv = String::from("control_number,member_id,dob\n");
     csv.push_str("000000001,SYN-PHI-MEMBER-42,19800102\n000000002,SYN-PHI-MEMBER-43,19800103\n");
     let input = gw.write("rows.csv", &csv);
@@ -385,7 +386,9 @@ async fn a_claim_the_gateway_may_have_processed_is_not_sent_again_unless_told() 
     let unreached =
         gw.write("unreached.jsonl", "{\"controlNumber\":\"000000003\"}\n{\"controlNumber\":\"000000004\"}\n");
     let nowhere = gw.write("nowhere.toml", &ECHO_JOB.replace("url = \"", &format!("url = \"http://{closed}")));
-    let (code, stderr) = run_over(&nowhere, &[unreached], &gw.path("closed"), &gw.config(SECRET, ""), &[]).await;
+    // The circuit breaker off: a claim that never left is a failure of its own.
+    let off = gw.config(SECRET, "outage_after = \"0s\"");
+    let (code, stderr) = run_over(&nowhere, &[unreached], &gw.path("closed"), &off, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
 
     // Both failures files fed back, as the closing lines print it.
@@ -432,4 +435,117 @@ async fn a_claim_the_gateway_may_have_processed_is_not_sent_again_unless_told() 
     let (code, stderr) = run_over(&keyed, &fed[..1], &gw3.path("keyed"), &gw3.config(SECRET, ""), &[]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(gw3.sandbox.recorded().len(), 2);
+}
+
+/// An API of its own, without authentication, that records the key of each
+/// call (`controlNumber`) and its answer: 200, or 502 (a proxy whose
+/// upstream is down) while `down`. It goes down by itself after `up_for`
+/// calls.
+#[derive(Clone, Default)]
+struct Api {
+    down: Arc<std::sync::atomic::AtomicBool>,
+    up_for: Arc<AtomicU64>,
+    calls: Arc<std::sync::Mutex<Vec<(String, u16)>>>,
+}
+
+impl Api {
+    async fn serve(&self, listener: tokio::net::TcpListener) {
+        let api = self.clone();
+        let app = Router::new().fallback(move |body: axum::body::Bytes| {
+            let api = api.clone();
+            async move {
+                let row: Value = serde_json::from_slice(&body).unwrap();
+                let mut calls = api.calls.lock().unwrap();
+                if calls.len() as u64 >= api.up_for.load(Ordering::SeqCst) {
+                    api.down.store(true, Ordering::SeqCst);
+                }
+                let status = if api.down.load(Ordering::SeqCst) { StatusCode::BAD_GATEWAY } else { StatusCode::OK };
+                calls.push((row["controlNumber"].as_str().unwrap().to_string(), status.as_u16()));
+                (status, "{}")
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    }
+
+    /// How many 200s each key got.
+    fn successes(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut by_key = std::collections::BTreeMap::new();
+        for (key, status) in self.calls.lock().unwrap().iter() {
+            *by_key.entry(key.clone()).or_default() += u64::from(*status == 200);
+        }
+        by_key
+    }
+}
+
+fn claims(n: u64) -> String {
+    (1..=n).map(|i| format!("{{\"controlNumber\":\"{i:09}\",\"member\":\"SYN-PHI-{i}\"}}\n")).collect()
+}
+
+/// Failure records in a run directory's failures file (none if it is absent).
+fn failure_count(dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(dir.join("failures.jsonl")).map_or(0, |f| f.lines().count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_unreachable_from_the_start_is_try_again_later_and_resume_sends_every_row() {
+    let gw = Gateway::start(sandbox_config()).await;
+    // A port nothing listens on, until the API comes back there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let job = gw.write("claims.toml", &ECHO_JOB.replace("url = \"", &format!("url = \"http://{addr}")));
+    let input = gw.write("claims.jsonl", &claims(20));
+    let config = gw.config(SECRET, "outage_after = \"1s\"\nbackoff_base = \"1ms\"\nbackoff_max = \"20ms\"");
+    let out = gw.path("run");
+    let output = run_command(&job, &input, &out, &config).args(["-j", "4"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(75), "an outage is try again later, not rows failed: {stderr}");
+    assert!(stderr.contains(&format!("the gateway at http://{addr} has not answered")), "{stderr}");
+    assert!(stderr.contains(&format!("resume {}", out.display())), "says what to run next: {stderr}");
+    assert!(!stderr.contains("SYN-PHI"), "no row value on stderr: {stderr}");
+    assert_eq!(failure_count(&out), 0, "no row is recorded as failed because of the outage");
+    assert_eq!(json(&out.join("summary.json"))["exit_code"], 75);
+
+    // The API is back: resume sends every row, each once (none was sent before).
+    let api = Api { up_for: Arc::new(AtomicU64::new(u64::MAX)), ..Api::default() };
+    api.serve(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let successes = api.successes();
+    assert_eq!(successes.len(), 20, "{successes:?}");
+    assert!(successes.values().all(|&n| n == 1), "each row once: {successes:?}");
+    assert_eq!(api.calls.lock().unwrap().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_that_goes_down_during_the_run_stops_it_and_resume_finishes_it() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let api = Api { up_for: Arc::new(AtomicU64::new(10)), ..Api::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    api.serve(listener).await;
+    // An idempotent job: a 502 may have reached the upstream, so only such a
+    // job's rows are sent again by resume (a claim's would be in doubt).
+    let job = ECHO_JOB
+        .replace("url = \"", &format!("url = \"http://{addr}"))
+        .replace("key = ", "idempotency_key = \"c-{{ controlNumber }}\"\nkey = ");
+    let job = gw.write("keyed.toml", &job);
+    let input = gw.write("claims.jsonl", &claims(40));
+    let config = gw.config(SECRET, "outage_after = \"1s\"\nbackoff_base = \"1ms\"\nbackoff_max = \"20ms\"");
+    let out = gw.path("run");
+    let output = run_command(&job, &input, &out, &config).args(["-j", "2"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("HTTP 502"), "says what the calls got: {stderr}");
+    assert_eq!(failure_count(&out), 0, "rows the outage stopped are not failures: {stderr}");
+    let summary = json(&out.join("summary.json"));
+    assert_eq!((summary["succeeded"].as_u64(), summary["failed"].as_u64()), (Some(10), Some(0)), "{summary}");
+
+    // Back up: resume sends the other 30, and only them.
+    api.down.store(false, Ordering::SeqCst);
+    api.up_for.store(u64::MAX, Ordering::SeqCst);
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let successes = api.successes();
+    assert_eq!(successes.len(), 40);
+    assert!(successes.values().all(|&n| n == 1), "each row succeeded once: {successes:?}");
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 40);
 }

@@ -9,6 +9,7 @@
 //! is data, not an early return: only a fatal token error or a stream of
 //! 401s stops the pool.
 
+mod breaker;
 mod dry;
 mod http;
 mod lane;
@@ -39,10 +40,12 @@ use crate::rows::RowSet;
 use crate::shard::Shard;
 use crate::token::TokenSource;
 
+use breaker::Breaker;
 use lane::start_lane;
 use reader::spawn_reader;
 use recorder::{Recorder, ToRecord, start_recorder};
 
+pub use breaker::Outage;
 pub use dry::dry_run;
 pub use http::http_client;
 
@@ -147,6 +150,8 @@ struct Shared {
     leave_out_earlier: bool,
     /// Rows dropped in flight at the end of the grace period.
     abandoned: AtomicU64,
+    /// Opens when the gateway is out: the run stops, its rows stay to resume.
+    breaker: Breaker,
     /// Abort (exit 4) once this many rows have failed.
     max_failures: Option<MaxFailures>,
     /// The run directory, for messages.
@@ -255,6 +260,7 @@ pub async fn run(
         fail_in_doubt: if resume.fail_in_doubt { resume.in_doubt } else { HashSet::new() },
         leave_out_earlier: plan.leave_out_earlier,
         abandoned: AtomicU64::new(0),
+        breaker: Breaker::new(plan.settings.outage_after),
         max_failures: plan.max_failures,
         dir: plan.dir.clone(),
     });

@@ -18,6 +18,7 @@ use crate::retry::{self, Next, Used};
 use crate::token::Token;
 
 use super::Shared;
+use super::breaker::{self, Hold};
 
 /// One attempt's answer, read up to `max_response_bytes`.
 pub(super) struct Answer {
@@ -172,6 +173,11 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
         unprocessed &= retry::unprocessed(&verdict);
         let status = answer.as_ref().map(|a| a.status.as_u16());
         shared.live.calls.record(status, latency);
+        let origin = || request.url.origin().ascii_serialization();
+        let what = || status.map_or_else(|| error.clone(), |s| format!("HTTP {s}"));
+        if let Some(outage) = shared.breaker.observe(&verdict, &origin(), what) {
+            shared.abort(Error::Outage(outage));
+        }
         if let Some(status) = status {
             shared.limiter.answered(status == 429);
             if verdict != Verdict::Unauthorized {
@@ -181,7 +187,12 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
         let message = || {
             answer.as_ref().map_or_else(|| error.clone(), |a| answer_message(a.status, a.location.as_deref(), &a.body))
         };
-        match retry::decide(&verdict, &used, &shared.policy) {
+        let next = retry::decide(&verdict, &used, &shared.policy);
+        // A row that failed only because the gateway is out is not a failure.
+        if matches!(next, Next::Fail { .. } | Next::Judge { .. }) && outage_holds(shared, &verdict).await {
+            return unfinished(shared, &row, &used, unprocessed);
+        }
+        match next {
             Next::Refresh => {
                 // The token was refused: forget exactly that one and resend once.
                 if let (Some(tokens), Some(token)) = (&shared.tokens, &token) {
@@ -195,6 +206,9 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                     shared.limiter.pause(after);
                 }
                 if !shared.budget.spend_retry() {
+                    if outage_holds(shared, &verdict).await {
+                        return unfinished(shared, &row, &used, unprocessed);
+                    }
                     let message =
                         format!("{}; not retried: the retry budget is spent (too many calls are failing)", message());
                     return Some(finish(row, &request, used.attempts, latency, status, fail(kind, message)));
@@ -219,6 +233,23 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 let Some(answer) = answer else { return unfinished(shared, &row, &used, unprocessed) };
                 return Some(judge(shared, row, &request, used.attempts, latency, answer, kind, note));
             }
+        }
+    }
+}
+
+/// Whether a row whose last attempt was an outage attempt is released to
+/// resume rather than recorded as failed: the breaker opened (or the run
+/// stopped) before any other call got an answer.
+async fn outage_holds(shared: &Shared, verdict: &Verdict) -> bool {
+    if !breaker::is_outage(verdict) {
+        return false;
+    }
+    match shared.breaker.hold(&shared.stop).await {
+        Hold::Record => false,
+        Hold::Release => true,
+        Hold::Opened(outage) => {
+            shared.abort(Error::Outage(outage));
+            true
         }
     }
 }

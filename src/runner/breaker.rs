@@ -1,0 +1,250 @@
+//! The circuit breaker: an outage of the gateway is not a run with failures.
+//!
+//! An attempt that fails at the transport level (connection refused, DNS,
+//! the TLS handshake, a timeout, a connection lost) or is answered 502, 503
+//! or 504 is an outage attempt; any other answer, a success or a 4xx, shows
+//! the gateway is there and ends the streak. When attempts have failed that
+//! way for `outage_after` with no other answer in between, the breaker
+//! opens: the run takes no more rows and stops with exit 75, try again later.
+//!
+//! A row whose last attempt was an outage attempt is not recorded as failed
+//! while a streak lasts: it is held until the streak ends (another row got
+//! an answer: the failure is the row's own, recorded) or the breaker opens
+//! (the row is released to `resume`, as a stopped run's rows are: sent
+//! again if the gateway provably did not act on it, else in doubt).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::Verdict;
+
+/// Whether an attempt's verdict says the gateway could not be reached or
+/// answered for (a proxy's 502, 503 or 504).
+pub(super) fn is_outage(verdict: &Verdict) -> bool {
+    match verdict {
+        Verdict::NotSent(_) | Verdict::NoAnswer(_) => true,
+        Verdict::Answer { status, .. } => matches!(status, 502..=504),
+        Verdict::Done | Verdict::Unauthorized | Verdict::Permanent(_) => false,
+    }
+}
+
+/// Why the breaker opened: the run stops with exit 75.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the gateway at {origin} has not answered for {}: {calls} calls failed in a row, the last with: {last}. \
+     No more rows are taken, and the rows the outage stopped are not recorded as failed: try again later",
+    humantime::format_duration(*lasted)
+)]
+pub struct Outage {
+    /// The origin the calls went to (never a path or query: they may hold row values).
+    pub origin: String,
+    pub lasted: Duration,
+    pub calls: u64,
+    /// The last failure, as the failures file would say it.
+    pub last: String,
+}
+
+/// What becomes of a row whose last attempt was an outage attempt.
+pub(super) enum Hold {
+    /// The gateway answered another call meanwhile: the failure is the row's own.
+    Record,
+    /// The breaker opened, or the run stopped: the row stays to resume.
+    Release,
+    /// This row's wait opened the breaker: stop the run with this.
+    Opened(Outage),
+}
+
+#[derive(Default)]
+struct Streak {
+    /// The first outage attempt since the last other answer.
+    since: Option<Instant>,
+    calls: u64,
+    origin: String,
+    last: String,
+    open: bool,
+}
+
+impl Streak {
+    fn outage(&self, now: Instant) -> Outage {
+        let lasted = self.since.map_or(Duration::ZERO, |s| now - s);
+        // Whole milliseconds read better than nanoseconds.
+        let lasted = Duration::from_millis(lasted.as_millis() as u64);
+        Outage { origin: self.origin.clone(), lasted, calls: self.calls, last: self.last.clone() }
+    }
+}
+
+pub(super) struct Breaker {
+    /// How long calls may fail with no other answer; zero: never opens.
+    window: Duration,
+    streak: Mutex<Streak>,
+    /// Wakes the rows held when a streak ends or the breaker opens.
+    changed: Notify,
+}
+
+impl Breaker {
+    pub(super) fn new(window: Duration) -> Breaker {
+        Breaker { window, streak: Mutex::new(Streak::default()), changed: Notify::new() }
+    }
+
+    fn streak(&self) -> std::sync::MutexGuard<'_, Streak> {
+        self.streak.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one attempt's verdict; `Some` when it opened the breaker.
+    /// `last` says what failed (called for outage attempts only).
+    pub(super) fn observe(&self, verdict: &Verdict, origin: &str, last: impl FnOnce() -> String) -> Option<Outage> {
+        if self.window.is_zero() {
+            return None;
+        }
+        let mut streak = self.streak();
+        if streak.open {
+            return None;
+        }
+        if !is_outage(verdict) {
+            if streak.since.take().is_some() {
+                streak.calls = 0;
+                drop(streak);
+                self.changed.notify_waiters();
+            }
+            return None;
+        }
+        let now = Instant::now();
+        let since = *streak.since.get_or_insert(now);
+        streak.calls += 1;
+        origin.clone_into(&mut streak.origin);
+        streak.last = last();
+        if now - since < self.window {
+            return None;
+        }
+        streak.open = true;
+        let outage = streak.outage(now);
+        drop(streak);
+        self.changed.notify_waiters();
+        Some(outage)
+    }
+
+    /// Waits, for a row whose last attempt was an outage attempt, until the
+    /// streak ends or the breaker opens (at the latest `outage_after` after
+    /// the streak began), or the run stops.
+    pub(super) async fn hold(&self, stop: &CancellationToken) -> Hold {
+        if self.window.is_zero() {
+            return Hold::Record;
+        }
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the streak is read: no wake-up is missed.
+            changed.as_mut().enable();
+            let deadline = {
+                let mut streak = self.streak();
+                if streak.open {
+                    return Hold::Release;
+                }
+                let Some(since) = streak.since else { return Hold::Record };
+                let now = Instant::now();
+                if now - since >= self.window {
+                    streak.open = true;
+                    let outage = streak.outage(now);
+                    drop(streak);
+                    self.changed.notify_waiters();
+                    return Hold::Opened(outage);
+                }
+                since + self.window
+            };
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = stop.cancelled() => return Hold::Release,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::ErrorKind;
+
+    const REFUSED: Verdict = Verdict::NotSent(ErrorKind::Connection);
+    const ANSWERED: Verdict =
+        Verdict::Answer { kind: ErrorKind::ClientError, status: 400, retryable: false, after: None };
+
+    fn observe(breaker: &Breaker, verdict: &Verdict) -> Option<Outage> {
+        breaker.observe(verdict, "https://gw.example", || "connection refused".into())
+    }
+
+    #[test]
+    fn outage_attempts_are_the_transport_failures_and_a_proxys_5xx() {
+        let answer = |status| Verdict::Answer { kind: ErrorKind::ServerError, status, retryable: true, after: None };
+        assert!(is_outage(&REFUSED));
+        assert!(is_outage(&Verdict::NoAnswer(ErrorKind::Timeout)));
+        assert!(is_outage(&answer(502)) && is_outage(&answer(503)) && is_outage(&answer(504)));
+        // The gateway is there: it answered.
+        assert!(!is_outage(&answer(500)) && !is_outage(&ANSWERED) && !is_outage(&Verdict::Done));
+        assert!(!is_outage(&Verdict::Unauthorized));
+        // An untrusted certificate stops the run on its own (exit 3).
+        assert!(!is_outage(&Verdict::Permanent(ErrorKind::Connection)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_window_with_no_other_answer_in_between() {
+        let breaker = Breaker::new(Duration::from_secs(30));
+        assert!(observe(&breaker, &REFUSED).is_none());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(observe(&breaker, &REFUSED).is_none(), "29 s is within the window");
+        // An answer ends the streak; the window starts again with the next failure.
+        assert!(observe(&breaker, &ANSWERED).is_none());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(observe(&breaker, &REFUSED).is_none());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let outage = observe(&breaker, &REFUSED).expect("30 s of failures open it");
+        assert_eq!((outage.calls, outage.lasted), (2, Duration::from_secs(30)));
+        assert_eq!(outage.origin, "https://gw.example");
+        // Open, it stays open: the run is stopping.
+        assert!(observe(&breaker, &REFUSED).is_none());
+        assert!(matches!(breaker.hold(&CancellationToken::new()).await, Hold::Release));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_row_is_recorded_when_another_row_gets_an_answer() {
+        let breaker = std::sync::Arc::new(Breaker::new(Duration::from_secs(30)));
+        observe(&breaker, &REFUSED);
+        let held = tokio::spawn({
+            let breaker = breaker.clone();
+            async move { breaker.hold(&CancellationToken::new()).await }
+        });
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!held.is_finished(), "held while the streak lasts");
+        observe(&breaker, &ANSWERED);
+        assert!(matches!(held.await.unwrap(), Hold::Record));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_row_opens_the_breaker_when_the_window_ends() {
+        let breaker = Breaker::new(Duration::from_secs(30));
+        observe(&breaker, &REFUSED);
+        let started = Instant::now();
+        let Hold::Opened(outage) = breaker.hold(&CancellationToken::new()).await else { panic!("opened") };
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "no later than the window's end");
+        assert_eq!(outage.calls, 1);
+        // Every other row held now is released.
+        assert!(matches!(breaker.hold(&CancellationToken::new()).await, Hold::Release));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_releases_a_held_row_and_off_never_holds() {
+        let breaker = Breaker::new(Duration::from_secs(30));
+        observe(&breaker, &REFUSED);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert!(matches!(breaker.hold(&stop).await, Hold::Release));
+        let off = Breaker::new(Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(observe(&off, &REFUSED).is_none());
+        assert!(matches!(off.hold(&CancellationToken::new()).await, Hold::Record));
+    }
+}
