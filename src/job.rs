@@ -539,12 +539,43 @@ mod tests {
             concat!(
                 r#"{"amount":3923.5950000000003,"price":125.50,"big":12345678901234567890123,"huge":1e+400,"#,
                 r#""list":[0.10,2,-7],"nested":{"list":[0.10,2,-7]},"text":"125.50 of 12345678901234567890123","#,
-                // The engine computes with floats: 125.50 is the float 125.5 there.
-                r#""engine_text":"125.5 N1"}"#
+                // Through the engine too: printed with the input's digits.
+                r#""engine_text":"125.50 N1"}"#
             )
         );
         assert_eq!(r.url.path(), "/x/125.50");
         assert_eq!(r.url.query(), Some("big=12345678901234567890123"));
+    }
+
+    #[test]
+    fn mixed_templates_print_numbers_and_booleans_as_the_input_wrote_them() {
+        let requests = job(r#"
+            url = "/x/{{ flag }}/{% if flag %}{{ price }}{% endif %}"
+            [body]
+            both = "{{ price }} {{ flag }}"
+            block = "{{ price }}{% if flag %}!{% endif %}"
+            looped = "{% for n in nested.list %}{{ n }};{% endfor %}"
+            exp = "{{ exp }}{{ '' }}"
+            computed = "{{ price * 2 }} {{ price + 0 }} {{ not flag }}"
+        "#);
+        let row = r#"{"price":125.50,"flag":true,"exp":1.0e-2,"nested":{"list":[0.10,2,-7]}}"#;
+        let r = requests.render(&json_row(serde_json::from_str(row).unwrap())).unwrap();
+        assert_eq!(
+            body(&r),
+            serde_json::json!({
+                "both": "125.50 true",
+                "block": "125.50!",
+                "looped": "0.10;2;-7;",
+                "exp": "1.0e-2",
+                // A computed value is the engine's; one equal to an input number prints as the input had it.
+                "computed": "251.0 125.50 false",
+            })
+        );
+        assert_eq!(r.url.path(), "/x/true/125.50");
+        // Two texts of one value: the engine's text, as neither can be told from the other.
+        let twice =
+            json_row(serde_json::from_str(r#"{"price":1.10,"flag":true,"exp":1.1,"nested":{"list":[]}}"#).unwrap());
+        assert_eq!(body(&requests.render(&twice).unwrap())["block"], "1.1!");
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl Requests {
             minijinja::context! {
                 status => status,
                 response => json_value(body.value()),
-                row => JValue::from_object(RowContext { record: row.record.clone(), number: row.number }),
+                row => JValue::from_object(RowContext::new(row)),
                 row_number => row.number,
             }
         };

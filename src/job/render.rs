@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::Job;
 use super::template::{Node, Part, Text, url_value};
-use super::value::{Json, json_value, scalar};
+use super::value::{DIGITS, Digits, Json, json_value, scalar};
 use crate::input::{Record, Row};
 
 /// A field's value, borrowed from the row where it can be.
@@ -67,6 +67,7 @@ impl Field<'_> {
             Value::String(s) => Some(s.as_str().into()),
             // A number as the input wrote it: `125.50` stays `125.50`.
             Value::Number(n) => Some(n.as_str().into()),
+            Value::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
             _ => None,
         }
     }
@@ -192,6 +193,14 @@ pub struct Requests {
 pub(super) struct RowContext {
     pub(super) record: Record,
     pub(super) number: u64,
+    /// The row's [`Digits`], gathered the first time a float is printed.
+    pub(super) digits: std::sync::OnceLock<Option<JValue>>,
+}
+
+impl RowContext {
+    pub(super) fn new(row: &Row) -> RowContext {
+        RowContext { record: row.record.clone(), number: row.number, digits: std::sync::OnceLock::new() }
+    }
 }
 
 impl Object for RowContext {
@@ -201,6 +210,13 @@ impl Object for RowContext {
 
     fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
         let key = key.as_str()?;
+        if key == DIGITS {
+            let digits = self.digits.get_or_init(|| match &self.record {
+                Record::Json(map) => Some(JValue::from_object(Digits::of_record(map))),
+                Record::Csv { .. } => None,
+            });
+            return digits.clone();
+        }
         match &self.record {
             Record::Csv { headers, values } => {
                 if let Some(i) = headers.index(key) {
@@ -234,7 +250,7 @@ impl Requests {
     /// Renders one row into a request.
     pub fn render(&self, row: &Row) -> Result<Request, RenderError> {
         let job = &self.job;
-        let make = || JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        let make = || JValue::from_object(RowContext::new(row));
         let ctx = Lazy { cell: std::cell::OnceCell::new(), make: &make };
         let fail = |place: &str, vars: &[String], e: minijinja::Error| -> RenderError {
             let missing: Vec<&str> = vars.iter().map(String::as_str).filter(|v| !resolves(&row.record, v)).collect();
@@ -324,7 +340,7 @@ impl Requests {
 
     /// The row's key alone, when the whole request cannot be rendered.
     pub fn key(&self, row: &Row) -> String {
-        let ctx = JValue::from_object(RowContext { record: row.record.clone(), number: row.number });
+        let ctx = JValue::from_object(RowContext::new(row));
         self.job.key.as_ref().and_then(|t| t.template.render(&ctx).ok()).unwrap_or_else(|| row.number.to_string())
     }
 

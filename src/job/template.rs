@@ -134,16 +134,41 @@ pub(super) fn envs() -> &'static Envs {
     ENVS.get_or_init(|| {
         let mut strict = Environment::new();
         strict.set_undefined_behavior(UndefinedBehavior::Strict);
+        strict.set_formatter(|out, state, value| match printed(state, value) {
+            Some(text) => out.write_str(&text).map_err(minijinja::Error::from),
+            None => minijinja::escape_formatter(out, state, value),
+        });
         let mut url = strict.clone();
-        url.set_formatter(|out, _state, value| {
+        url.set_formatter(|out, state, value| {
             let mut text = String::new();
-            url_value(&value.to_string(), &mut text)?;
+            url_value(&printed(state, value).unwrap_or_else(|| value.to_string()), &mut text)?;
             out.write_str(&text).map_err(minijinja::Error::from)
         });
         let mut lenient = Environment::new();
         lenient.set_undefined_behavior(UndefinedBehavior::Lenient);
         Envs { strict, url, lenient }
     })
+}
+
+/// How a value prints where the engine's own text would differ from the
+/// input's: a boolean as JSON writes it (`true`, never `True`), a number
+/// with the digits the row had (`125.50`, not `125.5`); `None`: as the
+/// engine prints it.
+fn printed(state: &minijinja::State, value: &minijinja::Value) -> Option<String> {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::Bool => Some(value.is_true().to_string()),
+        ValueKind::Number => {
+            let text = value.to_string();
+            if !text.contains(['.', 'e', 'E']) {
+                // An integer prints with its digits already.
+                return None;
+            }
+            let digits = state.lookup(super::value::DIGITS)?;
+            digits.downcast_object_ref::<super::value::Digits>()?.of(text.parse().ok()?).map(str::to_string)
+        }
+        _ => None,
+    }
 }
 
 /// Sources are leaked so compiled templates can live in the job: a job is

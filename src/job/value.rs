@@ -79,3 +79,45 @@ pub(super) fn number(n: &Number) -> JValue {
         None => JValue::from(text),
     }
 }
+
+/// The context's name for the row's [`Digits`]: not an identifier, so no
+/// template can name it, and looked up before the row's fields.
+pub(super) const DIGITS: &str = "\u{1}digits";
+
+/// The text each of a row's non-integer numbers had in the input, by the
+/// value the engine computes with: a printed float that equals one of
+/// them prints with the input's digits (`125.50`, `1e2`).
+#[derive(Debug, Default)]
+pub(super) struct Digits(std::collections::HashMap<u64, Option<String>>);
+
+impl Digits {
+    pub(super) fn of_record(map: &serde_json::Map<String, Value>) -> Digits {
+        let mut digits = Digits::default();
+        let mut stack: Vec<&Value> = map.values().collect();
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_none() => {
+                    if let Some(f) = n.as_f64() {
+                        let text = n.as_str();
+                        // Two texts of one value (`1.10`, `1.1`): neither is taken.
+                        let entry = digits.0.entry(f.to_bits()).or_insert_with(|| Some(text.to_string()));
+                        if entry.as_deref().is_some_and(|t| t != text) {
+                            *entry = None;
+                        }
+                    }
+                }
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.values()),
+                _ => {}
+            }
+        }
+        digits
+    }
+
+    /// The input's text of a value, if one number of the row had it.
+    pub(super) fn of(&self, value: f64) -> Option<&str> {
+        self.0.get(&value.to_bits())?.as_deref()
+    }
+}
+
+impl Object for Digits {}
