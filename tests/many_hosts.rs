@@ -191,17 +191,28 @@ fn assert_the_senders_kept_the_limit(sends: &[u64], rate: u32) -> usize {
 }
 
 /// The calls went at the paced rate (`limiter::HEADROOM` below `rate`),
-/// but for the slots given up because a call woke too late: on a loaded
-/// host those are what it costs, and only those.
-fn assert_the_paced_rate(sends: &[u64], given_up: usize, rate: u32) {
+/// never above it, and below it by no more than the slots given up
+/// because a call woke too late (within 1% of the paced rate). A host so
+/// late that calls gave slots up can also leave slots of the shared
+/// schedule unleased while every process is late (the schedule starts
+/// again from Redis's now), which no counter sees: then a rate further
+/// below cannot be judged, and `Err` says so (the caller runs again). On a
+/// host that woke every call in time it is a failure.
+fn judge_the_paced_rate(sends: &[u64], given_up: usize, rate: u32) -> Result<(), String> {
     let span = (sends[sends.len() - 1] - sends[0]) as f64 / 1e9;
     let paced = f64::from(rate) * (1.0 - bulkcall::limiter::HEADROOM);
     let achieved = achieved_rate(sends, BURST as usize);
     let expected = paced - given_up as f64 / span;
-    assert!(
-        achieved <= f64::from(rate) && (achieved - expected).abs() / paced < 0.01,
+    let seen = format!(
         "{achieved:.1} calls/s in all: paced at {paced:.1}/s with {given_up} slots given up, {expected:.1}/s expected"
     );
+    eprintln!("{seen}");
+    assert!(achieved <= f64::from(rate), "{seen}: above --rate");
+    if (achieved - expected).abs() / paced < 0.01 {
+        return Ok(());
+    }
+    assert!(given_up > 0 && achieved < expected, "{seen}: the host woke every call in time");
+    Err(seen)
 }
 
 /// The gateway refused no call with 429. A gateway that stalled (`stall`)
@@ -231,7 +242,8 @@ fn judge_the_gateway(gw: &Gateway, busiest: usize, rate: u32, stall: Duration) -
 }
 
 /// Runs `attempt` until the shared limit can be judged (at most three
-/// times: on a machine busy enough to stall the gateway it may not be),
+/// times: on a machine busy enough to stall the gateway, or to wake the
+/// senders late, it may not be),
 /// and skips the test when it never could ([`skip`]: a failure under CI).
 async fn judged<F: Future<Output = Result<(), String>>>(mut attempt: impl FnMut() -> F) {
     let mut seen = Vec::new();
@@ -241,7 +253,7 @@ async fn judged<F: Future<Output = Result<(), String>>>(mut attempt: impl FnMut(
             Err(why) => seen.push(why),
         }
     }
-    skip(&format!("the gateway stalled in every run, so the limit at the gateway was not judged: {seen:?}"));
+    skip(&format!("the host stalled in every run, so the limit was not judged: {seen:?}"));
 }
 
 /// Waits until the gateway has received `n` calls.
@@ -280,10 +292,17 @@ async fn four_shards_share_one_rate_limit() {
         }
         assert_every_row_once(&gw, 4, rows);
         let (sends, given_up) = let_through(&ended);
-        assert_eq!(sends.len(), rows, "one call let through per row, none refused");
+        // Every attempt passes the limiter: a call the gateway refused with
+        // 429 (judged below) was let through again.
+        let received = gw.sandbox.recorded().len();
+        let statuses: HashMap<u16, usize> = gw.sandbox.recorded().iter().fold(HashMap::new(), |mut m, c| {
+            *m.entry(c.status).or_default() += 1;
+            m
+        });
+        assert_eq!(sends.len(), received, "one call let through per call received: {rows} rows, {statuses:?}");
         let busiest = assert_the_senders_kept_the_limit(&sends, rate);
-        assert_the_paced_rate(&sends, given_up, rate);
-        judge_the_gateway(&gw, busiest, rate, stall)
+        judge_the_gateway(&gw, busiest, rate, stall)?;
+        judge_the_paced_rate(&sends, given_up, rate)
     })
     .await;
 }

@@ -262,3 +262,35 @@ async fn demo_sends_the_example_rows_through_its_own_sandbox() {
     assert_eq!((summary["total"].as_u64(), summary["succeeded"].as_u64()), (Some(1200), Some(1200)), "{summary}");
     assert_eq!(jsonl(&runs[0].path().join("results.jsonl")).len(), 1200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cache_locked_elsewhere_is_waited_for_10_s_then_done_without() {
+    use std::os::unix::fs::DirBuilderExt;
+    let gw = Gateway::start(sandbox_config()).await;
+    let config = gw.config(SECRET, "");
+    // Another process holds the cache's refresh lock and is stopped: the
+    // lock file is named by the token request's key, as the cache file is.
+    let settings = bulkcall::config::AuthSettings {
+        token_url: Some(gw.sandbox.token_url()),
+        client_id: Some(CLIENT_ID.into()),
+        client_secret: Some(SECRET.to_string().into()),
+        ..Default::default()
+    };
+    let key = bulkcall::token::request_key(&settings, &settings.credentials().unwrap());
+    let cache = gw.path("token-cache");
+    std::fs::DirBuilder::new().mode(0o700).create(&cache).unwrap();
+    let held = std::fs::File::create(cache.join(format!("{key}.lock"))).unwrap();
+    held.lock().unwrap();
+
+    let started = Instant::now();
+    let output = bulkcall().args(["token", "-c", config.to_str().unwrap(), "-p", "test"]).output().await.unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "a token all the same: {stderr}");
+    assert!(stderr.contains("for 10s; going on without the token cache"), "{stderr}");
+    assert_eq!(gw.sandbox.stats().token_requests, 1);
+    // It waited the 10 s, and not much more (a token request on loopback
+    // and the binary's start take well under 5 s on a busy host).
+    assert!(took >= Duration::from_secs(10) && took < Duration::from_secs(15), "took {took:?}");
+    assert!(!cache.join(format!("{key}.json")).exists(), "the cache was left alone");
+}
