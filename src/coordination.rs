@@ -5,6 +5,7 @@
 //! token (`token/shared.rs`) and the run's manifest ([`pin_manifest`]).
 //! Every key of a run starts with `bulkcall:{run id}:`, so runs never meet.
 
+use std::path::Path;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -21,9 +22,11 @@ pub enum CoordinationError {
     Unreachable { url: String, reason: String },
     #[error(
         "this shard does not belong to run `{run_id}`: its {difference}; \
-         every shard of a run needs the same job, inputs and shard count (or another --run-id)"
+         every shard of a run needs the same job, inputs, shard count and --limit (or another --run-id)"
     )]
     ManifestMismatch { run_id: String, difference: String },
+    #[error("cannot write the run's manifest {}: {source}", path.display())]
+    ManifestFile { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// `coordination.redis_url`, parsed; shown only without its password.
@@ -119,6 +122,9 @@ pub struct Manifest {
     pub inputs: Vec<(String, String)>,
     /// SHA-256 of the job spec's text.
     pub job: String,
+    /// `--limit`: the first rows of the run that its shards split.
+    #[serde(default)]
+    pub limit: Option<u64>,
 }
 
 /// A manifest is forgotten this long after the first shard pinned it.
@@ -129,6 +135,10 @@ impl Manifest {
     fn difference(&self, pinned: &Manifest) -> Option<String> {
         if self.shards != pinned.shards {
             return Some(format!("shard count is {}, the run's is {}", self.shards, pinned.shards));
+        }
+        if self.limit != pinned.limit {
+            let shown = |l: Option<u64>| l.map_or_else(|| "none".to_string(), |l| l.to_string());
+            return Some(format!("--limit is {}, the run's is {}", shown(self.limit), shown(pinned.limit)));
         }
         if self.job != pinned.job {
             return Some("job spec differs from the one the run started with (its SHA-256 differs)".into());
@@ -143,9 +153,47 @@ impl Manifest {
     }
 }
 
+/// The run folder's own record of its manifest, beside the shards' directories.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Pins `manifest` in the run's folder if this shard is the first there,
+/// or checks it against the one pinned: shards split another way (another
+/// count, `--limit`, job or inputs) never share one folder, Redis or not.
+/// The file is written whole under a temporary name, then linked into
+/// place, which fails if another shard was first.
+pub fn pin_manifest_file(folder: &Path, manifest: &Manifest) -> Result<(), CoordinationError> {
+    let path = folder.join(MANIFEST_FILE);
+    let failed = |source| CoordinationError::ManifestFile { path: path.clone(), source };
+    if !path.exists() {
+        let temp = folder.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
+        let text = serde_json::to_vec_pretty(manifest).expect("serializable");
+        let written = (|| {
+            let mut file = std::fs::File::create(&temp)?;
+            std::io::Write::write_all(&mut file, &text)?;
+            file.sync_all()?;
+            std::fs::hard_link(&temp, &path)
+        })();
+        let _ = std::fs::remove_file(&temp);
+        match written {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    let found = std::fs::read(&path).map_err(failed)?;
+    let difference = match serde_json::from_slice::<Manifest>(&found) {
+        Ok(pinned) => manifest.difference(&pinned),
+        Err(_) => Some(format!("run folder's {MANIFEST_FILE} is not one this version of bulkcall wrote")),
+    };
+    match difference {
+        None => Ok(()),
+        Some(difference) => Err(CoordinationError::ManifestMismatch { run_id: manifest.run_id.clone(), difference }),
+    }
+}
+
 /// Pins `manifest` as its run's if it is the first, or checks it against
-/// the one pinned: a shard with other inputs, another job or another shard
-/// count refuses to start.
+/// the one pinned: a shard with other inputs, another job, another shard
+/// count or `--limit` refuses to start.
 pub async fn pin_manifest(redis: &Redis, manifest: &Manifest) -> Result<(), CoordinationError> {
     let key = run_key(&manifest.run_id, "manifest");
     let text = serde_json::to_string(manifest).expect("serializable");
@@ -183,8 +231,11 @@ mod tests {
             shards: 4,
             inputs: vec![("a.csv".into(), "aa".into()), ("b.csv".into(), "bb".into())],
             job: "jj".into(),
+            limit: None,
         };
         assert_eq!(run.difference(&run.clone()), None);
+        let other = Manifest { limit: Some(100), ..run.clone() };
+        assert_eq!(other.difference(&run).unwrap(), "--limit is 100, the run's is none");
         let other = Manifest { shards: 3, ..run.clone() };
         assert_eq!(other.difference(&run).unwrap(), "shard count is 3, the run's is 4");
         let mut other = run.clone();

@@ -79,6 +79,7 @@ impl Error {
             }
             Error::Output(_) => ExitCode::Io,
             Error::Coordination(CoordinationError::Unreachable { .. }) => ExitCode::Locked,
+            Error::Coordination(CoordinationError::ManifestFile { .. }) => ExitCode::Io,
             Error::Coordination(_) => ExitCode::Usage,
         }
     }

@@ -150,8 +150,23 @@ impl Job {
             }
         };
         let method_name = file.method.as_deref().unwrap_or("POST").to_ascii_uppercase();
-        let method = Method::from_bytes(method_name.as_bytes())
-            .map_err(|_| c.invalid(format!("method `{method_name}` is not an HTTP method")))?;
+        // The methods of RFC 9110 and PATCH: a typo (`PSOT`) is a token
+        // HTTP would carry, and the gateway would answer it as something else.
+        const METHODS: [Method; 8] = [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+            Method::TRACE,
+        ];
+        let method = METHODS.into_iter().find(|m| m.as_str() == method_name).ok_or_else(|| {
+            c.invalid(format!(
+                "method `{method_name}` is not an HTTP method; use one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+            ))
+        })?;
 
         let headers = c
             .string_map("headers", &file.headers)?
@@ -351,6 +366,18 @@ mod tests {
         encounter = { serviceTypeCodes = ["30"] }
         fixed = 3
     "#;
+
+    #[test]
+    fn an_unknown_method_is_refused_when_the_job_loads() {
+        for method in ["PSOT", "GETT", "CONNECT", "", "PO ST"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, format!("method = \"{method}\"\nurl = \"/x\"\n")).unwrap();
+            let Err(err) = Job::load(&path) else { panic!("{method} accepted") };
+            let err = err.to_string();
+            assert!(err.contains("is not an HTTP method") && err.contains("job.toml"), "{method}: {err}");
+        }
+    }
 
     #[test]
     fn idempotent_by_method_by_key_or_as_declared() {

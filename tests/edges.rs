@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header::LOCATION};
+use bulkcall::error::ExitCode;
 use common::*;
 use serde_json::Value;
 
@@ -548,4 +549,63 @@ async fn an_api_that_goes_down_during_the_run_stops_it_and_resume_finishes_it() 
     assert_eq!(successes.len(), 40);
     assert!(successes.values().all(|&n| n == 1), "each row succeeded once: {successes:?}");
     assert_eq!(jsonl(&out.join("results.jsonl")).len(), 40);
+}
+
+#[tokio::test]
+async fn validate_counts_every_bad_row_and_shows_the_first_fifty() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    // 130 rows without the key's field, and 20 good ones.
+    let mut rows: String = (1..=130).map(|i| format!("{{\"other\":{i}}}\n")).collect();
+    rows.extend((1..=20).map(|i| format!("{{\"controlNumber\":\"{i:09}\"}}\n")));
+    let input = gw.write("rows.jsonl", &rows);
+    let config = gw.config(SECRET, "");
+    let output = bulkcall()
+        .args([
+            "validate",
+            job.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-c",
+            config.to_str().unwrap(),
+            "-p",
+            "test",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let named: Vec<&str> = stderr.lines().filter(|l| l.contains("rows.jsonl line")).collect();
+    assert_eq!(named.len(), 50, "{stderr}");
+    assert!(named[0].contains("line 1 (row 1)") && named[49].contains("line 50 (row 50)"), "{stderr}");
+    assert!(stderr.contains("... and 80 more"), "{stderr}");
+    assert!(stderr.contains("150 rows read: 20 ready to send, 130 cannot be sent"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_split_another_way_never_share_a_run_folder() {
+    let gw = Gateway::start(sandbox_config()).await;
+    gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 12));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let run = gw.path("run");
+    let shard = |k: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec!["--shard", k, "--run-id", "nightly"];
+        args.extend(extra);
+        args
+    };
+    assert_eq!(gw.run_job(&job, &input, &run, &shard("0/2", &[])).await, ExitCode::Success);
+    assert_eq!(gw.sandbox.stats().api_calls, 6);
+    // No Redis: the run folder's own record refuses another split, before any call.
+    for (k, extra) in [("1/3", &[][..]), ("1/2", &["--limit", "4"][..]), ("0/3", &["--limit", "12"][..])] {
+        let code = gw.run_job(&job, &input, &run, &shard(k, extra)).await;
+        assert_eq!(code, ExitCode::Usage, "shard {k} {extra:?} is refused");
+    }
+    assert_eq!(gw.sandbox.stats().api_calls, 6, "nothing sent by the refused shards");
+    assert!(!run.join("shard-1-of-3").exists() && !run.join("shard-0-of-3").exists());
+    // The other half of the same split goes.
+    assert_eq!(gw.run_job(&job, &input, &run, &shard("1/2", &[])).await, ExitCode::Success);
+    let by_key = gw.received_by_control_number();
+    assert_eq!(by_key.len(), 12);
+    assert!(by_key.values().all(|calls| calls.len() == 1), "each row once");
 }

@@ -85,7 +85,7 @@ pub(super) async fn write_run_json(dir: &Path, r: &Resolved, options: &RunOption
 }
 
 /// What every shard of the run must agree on.
-pub(super) fn manifest(r: &Resolved, sharding: &Sharding) -> Result<Manifest, Error> {
+pub(super) fn manifest(r: &Resolved, sharding: &Sharding, limit: Option<u64>) -> Result<Manifest, Error> {
     use sha2::Digest;
     let job = std::fs::read(&r.job.path)
         .map_err(|e| Error::Usage(format!("cannot read the job spec {}: {e}", r.job.path.display())))?;
@@ -103,6 +103,7 @@ pub(super) fn manifest(r: &Resolved, sharding: &Sharding) -> Result<Manifest, Er
             })
             .collect(),
         job: hex(&sha2::Sha256::digest(&job)),
+        limit,
     })
 }
 
@@ -186,8 +187,12 @@ pub(super) async fn run_resolved(
         Some(url) => Some(Redis::connect(&RedisUrl::parse(url)?).await?),
         None => None,
     };
-    if let (Some(redis), Some(sharding)) = (&redis, &options.sharding) {
-        crate::coordination::pin_manifest(redis, &manifest(&r, sharding)?).await?;
+    if let Some(sharding) = &options.sharding {
+        let manifest = manifest(&r, sharding, options.limit)?;
+        crate::coordination::pin_manifest_file(folder, &manifest)?;
+        if let Some(redis) = &redis {
+            crate::coordination::pin_manifest(redis, &manifest).await?;
+        }
     }
     let client = runner::http_client(&settings)?;
     let tokens = if authorized {

@@ -13,35 +13,41 @@ pub(super) async fn validate(args: ValidateArgs, log: &LogArgs) -> Result<ExitCo
     let requests = r.job.requests(&r.loaded.settings)?;
     let names: Vec<String> = r.inputs.iter().map(|i| i.path.display().to_string()).collect();
     let inputs = r.inputs.clone();
-    let (rows, bad) = tokio::task::spawn_blocking(move || {
-        let (mut rows, mut bad) = (0u64, Vec::new());
+    // Every bad row is counted; only the first few are kept to show, so a
+    // file of millions of bad rows needs no more memory than a good one.
+    const SHOWN: usize = 50;
+    let (rows, bad, shown) = tokio::task::spawn_blocking(move || {
+        let (mut rows, mut bad, mut shown) = (0u64, 0u64, Vec::new());
         let result = input::read_all(&inputs, &|_| {}, &mut |item| {
             rows += 1;
-            match item {
-                Err(b) => bad.push(format!("{} row {}: {}", names[b.input], b.number, b.message)),
-                Ok(row) => {
-                    if let Err(e) = requests.render(&row) {
-                        let why = if verbose { &e.message } else { e.brief() };
-                        bad.push(format!("{} line {} (row {}): {why}", names[row.input], row.line, row.number));
-                    }
+            let why = match item {
+                Err(b) => Some(format!("{} row {}: {}", names[b.input], b.number, b.message)),
+                Ok(row) => requests.render(&row).err().map(|e| {
+                    let why = if verbose { &e.message } else { e.brief() };
+                    format!("{} line {} (row {}): {why}", names[row.input], row.line, row.number)
+                }),
+            };
+            if let Some(why) = why {
+                bad += 1;
+                if shown.len() < SHOWN {
+                    shown.push(why);
                 }
             }
             true
         });
-        result.map(|()| (rows, bad))
+        result.map(|()| (rows, bad, shown))
     })
     .await
     .expect("validation does not panic")?;
-    const SHOWN: usize = 50;
-    for line in bad.iter().take(SHOWN) {
+    for line in &shown {
         eprintln!("{line}");
     }
-    if bad.len() > SHOWN {
-        eprintln!("... and {} more", bad.len() - SHOWN);
+    if bad > shown.len() as u64 {
+        eprintln!("... and {} more", bad - shown.len() as u64);
     }
-    if verbose && !bad.is_empty() {
+    if verbose && bad > 0 {
         eprintln!("(-v: the reasons above may quote row values)");
     }
-    eprintln!("bulkcall: {rows} rows read: {} ready to send, {} cannot be sent", rows - bad.len() as u64, bad.len());
-    Ok(if bad.is_empty() { ExitCode::Success } else { ExitCode::RowsFailed })
+    eprintln!("bulkcall: {rows} rows read: {} ready to send, {bad} cannot be sent", rows - bad);
+    Ok(if bad == 0 { ExitCode::Success } else { ExitCode::RowsFailed })
 }
