@@ -87,6 +87,12 @@ pub enum Command {
     ///
     /// The token itself is shown only with --print. Exit 3 when the credentials are rejected.
     Token(TokenArgs),
+    /// Print the public keys to register with the authorization server, as a JWKS (private_key_jwt).
+    ///
+    /// Never prints private material. Without --key, the profile's auth.private_key_file (or
+    /// private_key_env), key_id and algorithm: what is registered is what runs sign with.
+    /// Example: bulkcall jwks --key keys/bulkcall.pem --key-id 2026-12 > jwks.json
+    Jwks(JwksArgs),
     /// Serve the built-in mock gateway: token endpoint and sample APIs.
     ///
     /// Example: bulkcall sandbox --port 8787 --token-lifetime 2m
@@ -314,6 +320,21 @@ pub struct TokenArgs {
     /// Fetch a new token even if the cache holds a valid one (and cache the new one).
     #[arg(long)]
     pub refresh: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JwksArgs {
+    /// A PEM private key (PKCS#8 RSA, or EC P-256/P-384); repeat it for a key rotation.
+    #[arg(long)]
+    pub key: Vec<PathBuf>,
+    /// The `kid` of each --key, in order [default: the key's RFC 7638 thumbprint, as runs use].
+    #[arg(long)]
+    pub key_id: Vec<String>,
+    /// RS256 | RS384 | RS512 | ES256 | ES384 [default: RS384 for RSA, ES256 for P-256, ES384 for P-384].
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]

@@ -65,6 +65,14 @@ pub enum AuthStyle {
     Form,
     /// HTTP Basic client authentication with a form body (RFC 6749 §2.3.1).
     Basic,
+    /// An RFC 7523 client assertion signed with the client's private key
+    /// (SMART Backend Services); no secret.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
+    /// RFC 8705 mutual TLS: the client certificate proves the client, the
+    /// form body carries `client_id`; no secret.
+    #[serde(rename = "tls_client_auth")]
+    TlsClientAuth,
     /// No token: calls are sent without Authorization.
     None,
 }
@@ -97,6 +105,21 @@ pub struct AuthSettings {
     /// The key (64 hex characters) the token shared in Redis is encrypted
     /// with, when `BULKCALL_TOKEN_KEY` is not set.
     pub shared_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: the PEM private key (PKCS#8, RSA or EC P-256/P-384).
+    pub private_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: the variable holding the PEM private key instead.
+    pub private_key_env: Option<String>,
+    /// The assertion header's `kid`, as registered; default the key's RFC
+    /// 7638 thumbprint (what `bulkcall jwks` prints).
+    pub key_id: Option<String>,
+    /// RS256 | RS384 | RS512 | ES256 | ES384; default RS384 for RSA, ES256
+    /// for P-256, ES384 for P-384.
+    pub algorithm: Option<String>,
+    /// The assertion's `aud`; default the token URL as configured.
+    pub assertion_audience: Option<String>,
+    /// How long an assertion is valid (`exp - iat`), five minutes at most.
+    #[serde(with = "humantime_serde")]
+    pub assertion_lifetime: Duration,
 }
 
 impl Default for AuthSettings {
@@ -117,6 +140,12 @@ impl Default for AuthSettings {
             cache: true,
             cache_dir: None,
             shared_key_file: None,
+            private_key_file: None,
+            private_key_env: None,
+            key_id: None,
+            algorithm: None,
+            assertion_audience: None,
+            assertion_lifetime: Duration::from_secs(240),
         }
     }
 }
@@ -156,6 +185,8 @@ pub struct Settings {
     /// Root certificates (PEM) trusted besides the built-in ones: a gateway
     /// behind a private CA or a TLS-inspecting proxy.
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS (and `tls.ca_file`, the same as `ca_file`).
+    pub tls: TlsSettings,
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
     /// Where run directories go: `<out_dir>/<job>/<timestamp>/`.
@@ -176,6 +207,21 @@ pub struct MetricsSettings {
     pub listen: Option<std::net::SocketAddr>,
     /// A Pushgateway's URL: the final figures are pushed there.
     pub push: Option<String>,
+}
+
+/// TLS towards the token endpoint and every call.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Root certificates (PEM) trusted besides the built-in ones; `ca_file`
+    /// says the same.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate chain (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM): a secret, kept 0600.
+    pub client_key: Option<PathBuf>,
+    /// The variable holding the client key's PEM instead of a file.
+    pub client_key_env: Option<String>,
 }
 
 /// Where the processes of a run split over several hosts meet.
@@ -208,6 +254,7 @@ impl Default for Settings {
             headers: BTreeMap::new(),
             max_response_bytes: 1 << 20,
             ca_file: None,
+            tls: TlsSettings::default(),
             progress_interval: Duration::from_secs(30),
             out_dir: PathBuf::from("out"),
             auth: AuthSettings::default(),
@@ -325,19 +372,20 @@ impl Sources {
             && !loopback_idp
             && let Some(path) = &config_file
         {
-            warn_if_readable_by_others(path);
+            warn_if_readable_by_others(path, "a client secret");
         }
         Ok(Loaded { settings, config_file, profile })
     }
 }
 
-fn warn_if_readable_by_others(path: &Path) {
+/// Warns when others can read `path`, which holds `what` (a secret).
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o044 != 0
     {
         tracing::warn!(
-            "{} holds a client secret and can be read by other users; \
+            "{} holds {what} and can be read by other users; \
                  keep secrets in the environment or run `chmod 600 {}`",
             path.display(),
             path.display()
@@ -379,7 +427,63 @@ impl Settings {
                 _ => return bad(format!("metrics.push `{push}` is not an http:// or https:// URL")),
             }
         }
-        Ok(())
+        let lifetime = self.auth.assertion_lifetime;
+        if lifetime < Duration::from_secs(1) || lifetime > crate::token::MAX_ASSERTION_LIFETIME {
+            return bad(format!(
+                "auth.assertion_lifetime is {}: a client assertion lives from 1s to 5m",
+                humantime::format_duration(lifetime)
+            ));
+        }
+        let tls = &self.tls;
+        if tls.client_cert.is_some() != (tls.client_key.is_some() || tls.client_key_env.is_some()) {
+            return bad("tls.client_cert and tls.client_key (or tls.client_key_env) go together".into());
+        }
+        if let (Some(a), Some(b)) = (&self.ca_file, &tls.ca_file)
+            && a != b
+        {
+            return bad("ca_file and tls.ca_file name different files: keep one".into());
+        }
+        match self.auth.style {
+            AuthStyle::TlsClientAuth if tls.client_cert.is_none() => {
+                bad("auth.style = \"tls_client_auth\" needs tls.client_cert and tls.client_key".into())
+            }
+            AuthStyle::PrivateKeyJwt if self.auth.private_key_file.is_none() && self.auth.private_key_env.is_none() => {
+                bad("auth.style = \"private_key_jwt\" needs auth.private_key_file or auth.private_key_env".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The file of trusted roots: `ca_file` or `tls.ca_file`.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref().or(self.tls.ca_file.as_deref())
+    }
+
+    /// The client certificate and key, concatenated PEM, for mutual TLS.
+    pub fn client_identity(&self) -> Result<Option<(PathBuf, SecretString)>, ConfigError> {
+        let Some(cert) = &self.tls.client_cert else { return Ok(None) };
+        let read = |path: &Path, what: &str| {
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Value(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        let mut pem = read(cert, "client certificate (tls.client_cert)")?;
+        let key = match (&self.tls.client_key, &self.tls.client_key_env) {
+            (Some(path), _) => {
+                warn_if_readable_by_others(path, "a private key");
+                read(path, "client key (tls.client_key)")?
+            }
+            (None, Some(var)) => std::env::var(var).map_err(|_| ConfigError::MissingCredential {
+                what: "certificate key",
+                var: var.clone(),
+                hint: " (tls.client_key_env)",
+            })?,
+            (None, None) => unreachable!("validated: a client certificate has a key"),
+        };
+        if !pem.ends_with('\n') {
+            pem.push('\n');
+        }
+        pem.push_str(&key);
+        Ok(Some((cert.clone(), SecretString::from(pem))))
     }
 
     /// `https://` is required unless the host is loopback or `allow_http` is set.
@@ -415,20 +519,44 @@ pub fn is_loopback(url: &url::Url) -> bool {
 /// The client credentials, read from where the settings say.
 pub struct Credentials {
     pub client_id: String,
-    pub client_secret: SecretString,
+    pub proof: Proof,
+}
+
+/// What proves the client at the token endpoint.
+pub enum Proof {
+    /// `json`, `form`, `basic`.
+    Secret(SecretString),
+    /// `private_key_jwt`: the key that signs each assertion.
+    Key(std::sync::Arc<crate::token::SigningKey>),
+    /// `tls_client_auth`: the client certificate does, in the handshake;
+    /// its SHA-256, for the token cache's key.
+    Certificate(String),
 }
 
 impl Credentials {
     pub fn secret(client_id: String, client_secret: SecretString) -> Credentials {
-        Credentials { client_id, client_secret }
+        Credentials { client_id, proof: Proof::Secret(client_secret) }
+    }
+
+    /// The client secret, for the styles that send one.
+    pub fn client_secret(&self) -> Option<&str> {
+        match &self.proof {
+            Proof::Secret(s) => Some(s.expose_secret()),
+            _ => None,
+        }
     }
 
     /// What proves the client, as a hash that shows nothing of it: the
-    /// token cache and the shared token are keyed by it.
+    /// token cache and the shared token are keyed by it (a key's RFC 7638
+    /// thumbprint, a certificate's SHA-256, a secret's SHA-256).
     pub fn fingerprint(&self) -> String {
         use sha2::Digest as _;
-        let hash = sha2::Sha256::digest(self.client_secret.expose_secret().as_bytes());
-        format!("secret:{}", hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        match &self.proof {
+            Proof::Secret(s) => format!("secret:{}", hex(&sha2::Sha256::digest(s.expose_secret().as_bytes()))),
+            Proof::Key(key) => format!("jwk:{}", key.thumbprint()),
+            Proof::Certificate(hash) => format!("certificate:{hash}"),
+        }
     }
 }
 
@@ -438,10 +566,24 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-impl AuthSettings {
-    /// Reads the client id and secret: environment first, then the secret
-    /// file, then the config file.
+impl Settings {
+    /// Reads the client id and what proves the client, as the style asks.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        self.auth.credentials_with(&self.tls)
+    }
+}
+
+impl AuthSettings {
+    /// Reads the client id and its proof: for a secret, the environment
+    /// first, then the secret file, then the config file; for a key, the
+    /// key file or variable; for mutual TLS, the client certificate.
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        self.credentials_with(&TlsSettings::default())
+    }
+
+    /// [`AuthSettings::credentials`], with the client certificate `tls`
+    /// names for `tls_client_auth`.
+    pub fn credentials_with(&self, tls: &TlsSettings) -> Result<Credentials, ConfigError> {
         let from_env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
         let client_id = from_env(&self.client_id_env).or_else(|| self.client_id.clone()).ok_or_else(|| {
             ConfigError::MissingCredential {
@@ -450,6 +592,42 @@ impl AuthSettings {
                 hint: " (or auth.client_id in the profile)",
             }
         })?;
+        let keyed = matches!(self.style, AuthStyle::PrivateKeyJwt | AuthStyle::TlsClientAuth);
+        if keyed
+            && (from_env(&self.client_secret_env).is_some()
+                || self.client_secret.is_some()
+                || self.client_secret_file.is_some())
+        {
+            tracing::warn!(
+                "a client secret is set ({} or auth.client_secret) but auth.style = {:?} sends none: it is ignored",
+                self.client_secret_env,
+                self.style
+            );
+        }
+        match self.style {
+            AuthStyle::PrivateKeyJwt => {
+                let key = self.signing_key()?.ok_or_else(|| {
+                    ConfigError::Value(
+                        "auth.style = \"private_key_jwt\" needs auth.private_key_file or auth.private_key_env".into(),
+                    )
+                })?;
+                return Ok(Credentials { client_id, proof: Proof::Key(std::sync::Arc::new(key)) });
+            }
+            AuthStyle::TlsClientAuth => {
+                use sha2::Digest as _;
+                let cert = tls.client_cert.as_ref().ok_or_else(|| {
+                    ConfigError::Value(
+                        "auth.style = \"tls_client_auth\" needs tls.client_cert and tls.client_key".into(),
+                    )
+                })?;
+                let pem = std::fs::read(cert).map_err(|e| {
+                    ConfigError::Value(format!("cannot read the client certificate {}: {e}", cert.display()))
+                })?;
+                let hash = sha2::Sha256::digest(&pem).iter().map(|b| format!("{b:02x}")).collect();
+                return Ok(Credentials { client_id, proof: Proof::Certificate(hash) });
+            }
+            _ => {}
+        }
         let secret = match from_env(&self.client_secret_env) {
             Some(s) => s,
             None => match (&self.client_secret_file, &self.client_secret) {
@@ -467,7 +645,28 @@ impl AuthSettings {
                 }
             },
         };
-        Ok(Credentials { client_id, client_secret: SecretString::from(secret) })
+        Ok(Credentials::secret(client_id, SecretString::from(secret)))
+    }
+
+    /// The private key `private_key_file` or `private_key_env` names, if any.
+    pub fn signing_key(&self) -> Result<Option<crate::token::SigningKey>, ConfigError> {
+        use crate::token::SigningKey;
+        let (algorithm, kid) = (self.algorithm.as_deref(), self.key_id.as_deref());
+        let key = match (&self.private_key_file, &self.private_key_env) {
+            (Some(path), _) => SigningKey::from_file(path, algorithm, kid),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(pem) => SigningKey::from_pem(pem.as_bytes(), &format!("the variable {var}"), algorithm, kid),
+                Err(_) => {
+                    return Err(ConfigError::MissingCredential {
+                        what: "private key",
+                        var: var.clone(),
+                        hint: " (auth.private_key_env; or auth.private_key_file)",
+                    });
+                }
+            },
+            (None, None) => return Ok(None),
+        };
+        key.map(Some).map_err(ConfigError::Value)
     }
 }
 
@@ -531,9 +730,9 @@ mod tests {
         let settings = sources.load().unwrap().settings;
         assert!(!format!("{settings:?}").contains("hunter2-abc"));
         assert!(!serde_json::to_string(&settings).unwrap().contains("hunter2-abc"));
-        let credentials = settings.auth.credentials().unwrap();
+        let credentials = settings.credentials().unwrap();
         assert!(!format!("{credentials:?}").contains("hunter2-abc"));
-        assert_eq!(credentials.client_secret.expose_secret(), "hunter2-abc");
+        assert_eq!(credentials.client_secret(), Some("hunter2-abc"));
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub struct SandboxConfig {
     pub revoke_after: Option<Duration>,
     /// Faults injected into API calls, decided per row key.
     pub faults: Faults,
+    /// The client's registered public keys: token requests with a client
+    /// assertion (`private_key_jwt`) are verified against them.
+    pub jwks: Option<jsonwebtoken::jwk::JwkSet>,
+    /// Root certificates (PEM) a client certificate must chain to: over TLS
+    /// ([`Sandbox::start_tls`]) the handshake then requires one, and a token
+    /// request with the client id alone (`tls_client_auth`) is accepted.
+    pub client_ca: Option<Vec<u8>>,
 }
 
 /// Faults for testing retries, decided by the call's row key (its
@@ -190,6 +197,8 @@ impl Default for SandboxConfig {
             record: false,
             revoke_after: None,
             faults: Faults::default(),
+            jwks: None,
+            client_ca: None,
         }
     }
 }
@@ -272,12 +281,27 @@ impl Sandbox {
         let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| invalid(&e))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid(&e))?;
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let mut tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        let builder = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(&e))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
             .map_err(|e| invalid(&e))?;
+        // With client_ca, a handshake without a certificate it vouches for fails.
+        let builder = match &config.client_ca {
+            Some(pem) => {
+                let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert.map_err(|e| invalid(&e))?).map_err(|e| invalid(&e))?;
+                }
+                let verifier = tokio_rustls::rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| invalid(&e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut tls = builder.with_single_cert(chain, key).map_err(|e| invalid(&e))?;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
@@ -285,7 +309,7 @@ impl Sandbox {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let (stop, mut stopped) = oneshot::channel::<()>();
-        let service = hyper_util::service::TowerToHyperService::new(router(shared.clone()));
+        let service = hyper_util::service::TowerToHyperService::new(router(shared.clone()).layer(axum::Extension(Tls)));
         let task = tokio::spawn(async move {
             loop {
                 let tcp = tokio::select! {
@@ -344,6 +368,11 @@ impl Sandbox {
     /// When each token request arrived, measured from the sandbox's start.
     pub fn token_request_times(&self) -> Vec<Duration> {
         self.shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Why each client assertion refused so far was refused.
+    pub fn refused_assertions(&self) -> Vec<String> {
+        self.shared.refused_assertions.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Every token issued so far is rejected with 401 from now on.
@@ -442,6 +471,10 @@ struct Shared {
     attempts: Mutex<HashMap<String, u32>>,
     /// The server-side rate limit's current second and its count of calls.
     rate_window: Mutex<(u64, u32)>,
+    /// Every client assertion's `jti` seen, so none is accepted twice.
+    jtis: Mutex<std::collections::HashSet<String>>,
+    /// Why each refused client assertion was refused, in order.
+    refused_assertions: Mutex<Vec<String>>,
 }
 
 struct Issued {
@@ -498,6 +531,8 @@ impl Shared {
             token_times: Mutex::default(),
             attempts: Mutex::default(),
             rate_window: Mutex::default(),
+            jtis: Mutex::default(),
+            refused_assertions: Mutex::default(),
         }
     }
 
@@ -564,6 +599,67 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Checks a client assertion (RFC 7523, SMART Backend Services): its
+    /// type, a signature by a registered key (by `kid`), `aud` the token URL
+    /// as the client reached it, `iss` = `sub` = the client id, `exp` in the
+    /// future and at most five minutes after `iat`, a `jti` never seen.
+    fn verify_assertion(&self, parts: &Parts, params: &HashMap<String, String>, assertion: &str) -> Result<(), String> {
+        use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+        crate::token::install_crypto();
+        let Some(jwks) = &self.config.jwks else {
+            return Err("this sandbox has no registered keys (start it with --jwks FILE)".into());
+        };
+        if params.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err("client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into());
+        }
+        let header = jsonwebtoken::decode_header(assertion).map_err(|e| format!("the assertion's header: {e}"))?;
+        if !matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::ES256 | Algorithm::ES384
+        ) {
+            return Err(format!("alg {:?} is not accepted", header.alg));
+        }
+        let kid = header.kid.as_deref().ok_or("the assertion's header has no kid")?;
+        let jwk = jwks.find(kid).ok_or_else(|| format!("no registered key has kid `{kid}`"))?;
+        if let Some(alg) = jwk.common.key_algorithm
+            && alg.to_string() != format!("{:?}", header.alg)
+        {
+            return Err(format!("key `{kid}` is registered for {alg}, the assertion is {:?}", header.alg));
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key `{kid}`: {e}"))?;
+        let host = parts.headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+        let scheme = if parts.extensions.get::<Tls>().is_some() { "https" } else { "http" };
+        let audience = format!("{scheme}://{host}{TOKEN_PATH}");
+        let mut validation = Validation::new(header.alg);
+        validation.set_audience(&[&audience]);
+        validation.set_issuer(&[&self.config.client_id]);
+        validation.sub = Some(self.config.client_id.clone());
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        validation.leeway = 5;
+        let claims = jsonwebtoken::decode::<Value>(assertion, &key, &validation)
+            .map_err(|e| format!("the assertion does not verify: {e}"))?
+            .claims;
+        let (Some(iat), Some(exp)) = (claims["iat"].as_u64(), claims["exp"].as_u64()) else {
+            return Err("the assertion needs iat and exp".into());
+        };
+        if exp.saturating_sub(iat) > 300 {
+            return Err(format!("the assertion lives {} s; five minutes at most", exp.saturating_sub(iat)));
+        }
+        let jti = claims["jti"].as_str().filter(|j| !j.is_empty()).ok_or("the assertion has no jti")?;
+        if !self.jtis.lock().unwrap_or_else(PoisonError::into_inner).insert(jti.to_string()) {
+            return Err(format!("jti `{jti}` was used before: a replayed assertion"));
+        }
+        Ok(())
+    }
+}
+
+/// Marks a request that came over TLS.
+#[derive(Clone, Copy)]
+struct Tls;
+
 /// Equality whose time does not depend on where the inputs differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -610,6 +706,12 @@ async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             .and_then(|raw| String::from_utf8(raw).ok())
             .and_then(|pair| pair.split_once(':').map(|(id, secret)| (id.to_owned(), secret.to_owned())))
     });
+    if let Some(assertion) = params.get("client_assertion")
+        && let Err(why) = shared.verify_assertion(&parts, &params, assertion)
+    {
+        shared.refused_assertions.lock().unwrap_or_else(PoisonError::into_inner).push(why.clone());
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_client", &why);
+    }
     let authenticated = match &basic {
         Some(_) if params.contains_key("client_secret") => {
             return oauth_error(
@@ -620,8 +722,13 @@ async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         Some(Some((id, secret))) => shared.client_matches(id, secret, true),
         Some(None) => false,
+        None if params.contains_key("client_assertion") => true,
         None => match (params.get("client_id"), params.get("client_secret")) {
             (Some(id), Some(secret)) => shared.client_matches(id, secret, false),
+            // tls_client_auth: with client_ca the handshake verified a certificate.
+            (Some(id), None) => {
+                shared.config.client_ca.is_some() && ct_eq(id.as_bytes(), shared.config.client_id.as_bytes())
+            }
             _ => false,
         },
     };

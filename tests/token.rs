@@ -136,7 +136,7 @@ async fn a_rejected_refresh_is_one_request_whose_answer_every_waiting_worker_get
     })
     .await;
     let settings = AuthSettings { token_url: Some(gw.sandbox.token_url()), cache: false, ..AuthSettings::default() };
-    let credentials = Credentials { client_id: CLIENT_ID.into(), client_secret: SECRET.to_string().into() };
+    let credentials = Credentials::secret(CLIENT_ID.into(), SECRET.to_string().into());
     let tokens = TokenSource::new(reqwest::Client::new(), &settings, credentials);
     let first = tokens.get().await.expect("the first token");
     // A call got 401 with it: every worker now waits for a new token.

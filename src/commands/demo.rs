@@ -66,7 +66,7 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
         sandbox.base_url(),
         resolved.inputs[0].path.display()
     );
-    let credentials = Credentials { client_id: "demo-client".into(), client_secret: SecretString::from(secret) };
+    let credentials = Credentials::secret("demo-client".into(), SecretString::from(secret));
     let options = RunOptions {
         log: log.clone(),
         out: None,

@@ -199,7 +199,7 @@ pub(super) async fn run_resolved(
         r.loaded.token_url()?;
         let credentials = match credentials {
             Some(c) => c,
-            None => settings.auth.credentials()?,
+            None => settings.credentials()?,
         };
         let request_key = crate::token::request_key(&settings.auth, &credentials);
         let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials);

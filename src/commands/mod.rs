@@ -4,6 +4,7 @@
 
 mod close;
 mod demo;
+mod jwks;
 mod launch;
 mod resolve;
 mod resume;
@@ -27,6 +28,7 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
         Command::Resume(args) => resume::resume(args, log, stop).await,
         Command::Validate(args) => validate::validate(args, &log).await,
         Command::Token(args) => token::token(args).await,
+        Command::Jwks(args) => jwks::jwks(args).await,
         Command::Sandbox(args) => sandbox::sandbox(args, stop).await,
         Command::Demo(args) => demo::demo(args, log, stop).await,
         Command::Report(args) => {

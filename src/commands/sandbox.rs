@@ -25,6 +25,8 @@ pub(super) async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Resul
         record: false,
         revoke_after: args.revoke_after,
         faults: args.faults.to_faults()?,
+        jwks: None,
+        client_ca: None,
     };
     eprintln!("bulkcall sandbox listening on http://{local}");
     eprintln!("  token URL: http://{local}{}  (client id `{}`)", crate::sandbox::TOKEN_PATH, args.client_id);

@@ -6,7 +6,8 @@ use crate::config::{ConfigError, Settings};
 
 /// An HTTP client for calls or token requests: connections are reused, the
 /// pool sized to the concurrency, HTTP/2 used when a server offers it
-/// (ALPN), `ca_file`'s certificates trusted besides the built-in roots.
+/// (ALPN), `ca_file`'s certificates trusted besides the built-in roots,
+/// the `tls.client_cert` shown to servers that ask for one.
 ///
 /// A redirect is never followed: it would carry the body (PHI), the token,
 /// the job's headers or the client secret to wherever the server points,
@@ -18,8 +19,8 @@ pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> 
         .pool_max_idle_per_host(settings.concurrency)
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
         .timeout(settings.timeout);
-    if let Some(path) = &settings.ca_file {
-        let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+    if let Some(path) = settings.ca_file() {
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", shown.display()));
         let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
@@ -29,6 +30,14 @@ pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> 
         for certificate in certificates {
             builder = builder.add_root_certificate(certificate);
         }
+    }
+    // Mutual TLS: the certificate goes to every server that asks for one.
+    if let Some((cert, pem)) = settings.client_identity()? {
+        use secrecy::ExposeSecret as _;
+        let identity = reqwest::Identity::from_pem(pem.expose_secret().as_bytes()).map_err(|e| {
+            ConfigError::Value(format!("tls.client_cert {} and its key cannot be used together: {e}", cert.display()))
+        })?;
+        builder = builder.identity(identity);
     }
     builder.build().map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
 }

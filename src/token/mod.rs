@@ -25,12 +25,20 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::{AuthSettings, AuthStyle, Credentials};
+use crate::config::{AuthSettings, AuthStyle, Credentials, Proof};
 use crate::outcome::{describe, parse_retry_after};
 
 mod cache;
+mod jws;
+mod key;
 pub mod shared;
 pub use cache::DiskCache;
+pub use key::{MAX_ASSERTION_LIFETIME, SigningKey};
+
+/// Makes ring jsonwebtoken's cryptography (signing and verifying JWS).
+pub fn install_crypto() {
+    jws::install();
+}
 use shared::SharedStore;
 
 /// Token endpoint attempts for one refresh before giving up.
@@ -543,10 +551,32 @@ impl Inner {
 
     async fn fetch_once(&self) -> Result<Token, Attempt> {
         let s = &self.settings;
+        let c = &self.credentials;
+        let secret = c.client_secret().unwrap_or_default();
+        // Signed anew for every request, retries included: a jti is never reused.
+        let assertion = match &c.proof {
+            Proof::Key(key) => {
+                let audience = s.assertion_audience.as_deref().unwrap_or(&self.url);
+                let signed = key.assertion(&c.client_id, audience, s.assertion_lifetime);
+                Some(
+                    signed
+                        .map_err(|m| Attempt::Fatal(TokenError::BadAnswer { url: self.shown.clone(), message: m }))?,
+                )
+            }
+            _ => None,
+        };
         let mut fields: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        if self.style != AuthStyle::Basic {
-            fields.push(("client_id", &self.credentials.client_id));
-            fields.push(("client_secret", self.credentials.client_secret.expose_secret()));
+        match self.style {
+            AuthStyle::Json | AuthStyle::Form | AuthStyle::None => {
+                fields.push(("client_id", &c.client_id));
+                fields.push(("client_secret", secret));
+            }
+            AuthStyle::Basic => {}
+            AuthStyle::PrivateKeyJwt => {
+                fields.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
+                fields.push(("client_assertion", assertion.as_deref().unwrap_or_default()));
+            }
+            AuthStyle::TlsClientAuth => fields.push(("client_id", &c.client_id)),
         }
         if let Some(scope) = &s.scope {
             fields.push(("scope", scope));
@@ -563,13 +593,10 @@ impl Inner {
                     fields.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
                 request.json(&body)
             }
-            AuthStyle::Form | AuthStyle::None => request.form(&fields),
-            AuthStyle::Basic => request
-                .basic_auth(
-                    form_encode(&self.credentials.client_id),
-                    Some(form_encode(self.credentials.client_secret.expose_secret())),
-                )
-                .form(&fields),
+            AuthStyle::Form | AuthStyle::None | AuthStyle::PrivateKeyJwt | AuthStyle::TlsClientAuth => {
+                request.form(&fields)
+            }
+            AuthStyle::Basic => request.basic_auth(form_encode(&c.client_id), Some(form_encode(secret))).form(&fields),
         };
 
         let sent = Instant::now();
@@ -712,7 +739,7 @@ impl Inner {
     /// Masks the secret wherever a token endpoint echoes it (as is, JSON-
     /// escaped or form-encoded), then trims the text.
     fn mask(&self, text: &str) -> String {
-        let secret = self.credentials.client_secret.expose_secret();
+        let secret = self.credentials.client_secret().unwrap_or_default();
         let mut text = text.to_string();
         if !secret.is_empty() {
             let escaped = serde_json::to_string(secret).unwrap_or_default();
