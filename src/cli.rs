@@ -372,6 +372,20 @@ pub struct SandboxArgs {
     /// Revoke every token issued so far this long after the start (tests 401 recovery).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub revoke_after: Option<Duration>,
+    /// Registered client keys (a JWKS, as `bulkcall jwks` prints): client assertions (private_key_jwt) are
+    /// verified against them (signature, aud, iss/sub, exp at most 5 minutes after iat, jti never reused).
+    #[arg(long)]
+    pub jwks: Option<PathBuf>,
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM), and accept tls_client_auth token requests;
+    /// needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub faults: FaultArgs,
 }

@@ -520,6 +520,8 @@ pub fn is_loopback(url: &url::Url) -> bool {
 pub struct Credentials {
     pub client_id: String,
     pub proof: Proof,
+    /// `tls.client_cert`, to name in a message when a server refuses it.
+    pub client_cert: Option<PathBuf>,
 }
 
 /// What proves the client at the token endpoint.
@@ -535,7 +537,7 @@ pub enum Proof {
 
 impl Credentials {
     pub fn secret(client_id: String, client_secret: SecretString) -> Credentials {
-        Credentials { client_id, proof: Proof::Secret(client_secret) }
+        Credentials { client_id, proof: Proof::Secret(client_secret), client_cert: None }
     }
 
     /// The client secret, for the styles that send one.
@@ -569,7 +571,9 @@ impl std::fmt::Debug for Credentials {
 impl Settings {
     /// Reads the client id and what proves the client, as the style asks.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
-        self.auth.credentials_with(&self.tls)
+        let mut credentials = self.auth.credentials_with(&self.tls)?;
+        credentials.client_cert = self.tls.client_cert.clone();
+        Ok(credentials)
     }
 }
 
@@ -611,7 +615,7 @@ impl AuthSettings {
                         "auth.style = \"private_key_jwt\" needs auth.private_key_file or auth.private_key_env".into(),
                     )
                 })?;
-                return Ok(Credentials { client_id, proof: Proof::Key(std::sync::Arc::new(key)) });
+                return Ok(Credentials { client_id, proof: Proof::Key(std::sync::Arc::new(key)), client_cert: None });
             }
             AuthStyle::TlsClientAuth => {
                 use sha2::Digest as _;
@@ -624,7 +628,7 @@ impl AuthSettings {
                     ConfigError::Value(format!("cannot read the client certificate {}: {e}", cert.display()))
                 })?;
                 let hash = sha2::Sha256::digest(&pem).iter().map(|b| format!("{b:02x}")).collect();
-                return Ok(Credentials { client_id, proof: Proof::Certificate(hash) });
+                return Ok(Credentials { client_id, proof: Proof::Certificate(hash), client_cert: None });
             }
             _ => {}
         }

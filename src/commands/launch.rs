@@ -194,7 +194,7 @@ pub(super) async fn run_resolved(
             crate::coordination::pin_manifest(redis, &manifest).await?;
         }
     }
-    let client = runner::http_client(&settings)?;
+    let client = runner::token_client(&settings)?;
     let tokens = if authorized {
         r.loaded.token_url()?;
         let credentials = match credentials {

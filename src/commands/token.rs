@@ -23,7 +23,7 @@ pub(super) async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
             loaded.profile
         )));
     }
-    let client = runner::http_client(&loaded.settings)?;
+    let client = runner::token_client(&loaded.settings)?;
     let tokens = TokenSource::new(client, auth, loaded.settings.credentials()?);
     let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
     let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());

@@ -13,6 +13,22 @@ use crate::config::{ConfigError, Settings};
 /// the job's headers or the client secret to wherever the server points,
 /// an `http://` URL included. A `3xx` is an answer like any other.
 pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> {
+    builder(settings)?.build().map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
+}
+
+/// The client token requests go out through: [`http_client`]'s, over
+/// HTTP/1.1, one request per connection at a time, so a server refusing the
+/// client certificate after a TLS 1.3 handshake is seen as that (its alert
+/// answers the request) rather than as a connection closed under a request
+/// still queued on an HTTP/2 connection.
+pub fn token_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> {
+    builder(settings)?
+        .http1_only()
+        .build()
+        .map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
+}
+
+fn builder(settings: &Settings) -> Result<reqwest::ClientBuilder, ConfigError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("bulkcall/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
@@ -39,5 +55,5 @@ pub fn http_client(settings: &Settings) -> Result<reqwest::Client, ConfigError> 
         })?;
         builder = builder.identity(identity);
     }
-    builder.build().map_err(|e| ConfigError::Value(format!("cannot set up the HTTP client: {e}")))
+    Ok(builder)
 }

@@ -47,7 +47,7 @@ use recorder::{Recorder, ToRecord, start_recorder};
 
 pub use breaker::Outage;
 pub use dry::dry_run;
-pub use http::http_client;
+pub use http::{http_client, token_client};
 
 /// Everything a run needs, resolved.
 pub struct Plan {

@@ -77,6 +77,10 @@ pub enum TokenError {
     BadAnswer { url: String, message: String },
     #[error(transparent)]
     Certificate(#[from] crate::outcome::UntrustedCertificate),
+    /// The server refused this client's TLS certificate, or wanted one and
+    /// got none: exit 3, never retried.
+    #[error("{0}")]
+    ClientCertificate(String),
 }
 
 /// An access token and the moments that matter for it.
@@ -607,6 +611,20 @@ impl Inner {
             if crate::outcome::untrusted_certificate(&e) {
                 let url = self.shown.clone();
                 Attempt::Fatal(crate::outcome::UntrustedCertificate { url, detail: message }.into())
+            } else if let Some(alert) = refused_certificate(&e) {
+                let url = &self.shown;
+                Attempt::Fatal(TokenError::ClientCertificate(match &self.credentials.client_cert {
+                    Some(cert) => format!(
+                        "the token endpoint {url} refused the client certificate {} in the TLS handshake ({alert}): \
+                         check that tls.client_cert is the certificate registered for this client, signed by a CA \
+                         the server trusts",
+                        cert.display()
+                    ),
+                    None => format!(
+                        "the token endpoint {url} asks for a client certificate ({alert}) and no client certificate \
+                         is configured: set tls.client_cert and tls.client_key"
+                    ),
+                }))
             } else {
                 Attempt::Transient { message, retry_after: None }
             }
@@ -763,6 +781,52 @@ enum Attempt {
 /// RFC 6749 §2.3.1: client id and secret are form-encoded before Basic.
 fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The TLS alert a server refused this client's certificate with, if
+/// that is how the request failed.
+fn refused_certificate(e: &reqwest::Error) -> Option<String> {
+    use std::error::Error;
+    use tokio_rustls::rustls::{AlertDescription as Alert, Error as Tls};
+    let mut source: Option<&(dyn Error + 'static)> = Some(e);
+    while let Some(mut s) = source {
+        // An io::Error hides the error it wraps from `source()`.
+        while let Some(inner) = s.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            s = inner;
+        }
+        if let Some(Tls::AlertReceived(alert)) = s.downcast_ref::<Tls>()
+            && matches!(
+                alert,
+                Alert::BadCertificate
+                    | Alert::CertificateRequired
+                    | Alert::UnknownCA
+                    | Alert::CertificateUnknown
+                    | Alert::UnsupportedCertificate
+                    | Alert::CertificateRevoked
+                    | Alert::CertificateExpired
+                    | Alert::AccessDenied
+            )
+        {
+            return Some(format!("TLS alert {alert:?}"));
+        }
+        source = s.source();
+    }
+    // The alert as its text, when a layer between kept only that.
+    let text = crate::outcome::describe(e);
+    let (_, alert) = text.split_once("received fatal alert: ")?;
+    let alert: String = alert.chars().take_while(char::is_ascii_alphanumeric).collect();
+    [
+        "BadCertificate",
+        "CertificateRequired",
+        "UnknownCA",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "AccessDenied",
+    ]
+    .contains(&alert.as_str())
+    .then(|| format!("TLS alert {alert}"))
 }
 
 /// A token URL as messages show it: scheme, host, port and path; a query,
