@@ -362,6 +362,7 @@ async fn tokens_of_three_seconds_are_refreshed_early_by_one_assertion_each() {
     // every 1.5-1.9 s, one request each, never one per worker.
     let seconds = json(&out.join("summary.json"))["duration_s"].as_f64().unwrap();
     let times = gw.sandbox.token_request_times();
+    eprintln!("one process: {} token requests in {seconds} s", times.len());
     assert!(
         times.len() >= 4 && times.len() as f64 <= seconds / 1.5 + 2.0,
         "{} token requests in {seconds} s",
@@ -369,5 +370,57 @@ async fn tokens_of_three_seconds_are_refreshed_early_by_one_assertion_each() {
     );
     for pair in times.windows(2) {
         assert!(pair[1] - pair[0] >= Duration::from_millis(1000), "two token requests close together: {times:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_share_one_short_lived_token_per_lifetime_through_redis() {
+    let Some(()) = openssl() else { return };
+    let Some(redis) = common::redis::RedisServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = make_key(dir.path(), "bulkcall.pem", "p384");
+    let (set, _) = jwks(&["--key", key.to_str().unwrap()]).await;
+    let gw = Gateway::start(SandboxConfig {
+        jwks: Some(serde_json::from_value(set).unwrap()),
+        token_lifetime: Duration::from_secs(3),
+        record: false,
+        ..sandbox_config()
+    })
+    .await;
+    let config = key_config(&gw, &gw.sandbox.token_url(), &format!("auth.private_key_file = \"{}\"", key.display()));
+    let input = gw.write("rows.csv", &eligibility_csv(1, 600));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let shard = |k: u32| {
+        let mut command = bulkcall();
+        command
+            .args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "--shard", &format!("{k}/2")])
+            .args(["--run-id", "r1", "-o", gw.path("run").to_str().unwrap(), "--rate", "80", "-j", "8"])
+            .args(["-c", config.to_str().unwrap(), "-p", "test", "--progress", "never"])
+            .env("BULKCALL_REDIS_URL", redis.url())
+            .env("BULKCALL_TOKEN_KEY", "cd".repeat(32));
+        command.spawn().unwrap()
+    };
+    let children = [shard(0), shard(1)];
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(!stderr.contains("fetches its own token"), "{stderr}");
+    }
+    let stats = gw.sandbox.stats();
+    assert_eq!((stats.api_calls, stats.expired_token_calls, stats.unauthorized), (600, 0, 0));
+    assert!(gw.sandbox.refused_assertions().is_empty(), "{:?}", gw.sandbox.refused_assertions());
+    // About 7.5 s of 3 s tokens refreshed 1.1-1.5 s before expiry, shared by
+    // both shards: one assertion per token, never one per shard.
+    let times = gw.sandbox.token_request_times();
+    let span = *times.last().unwrap() - times[0];
+    eprintln!("two shards: {} token requests over {span:?} for {} calls", times.len(), stats.api_calls);
+    assert!(
+        times.len() >= 3 && times.len() as f64 <= span.as_secs_f64() / 1.5 + 2.0,
+        "{} token requests over {span:?}",
+        times.len()
+    );
+    for pair in times.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_secs(1), "two token requests close together: {times:?}");
     }
 }
