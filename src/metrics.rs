@@ -43,6 +43,9 @@ pub const FILE_EVERY: Duration = Duration::from_secs(10);
 /// How long a push to the Pushgateway may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the end waits for the file's timer and the server to stop.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
 const LAST_SUCCESS: &str = "bulkcall_last_success_timestamp_seconds";
 
 /// The upper bounds of `bulkcall_request_duration_seconds`, in seconds.
@@ -441,8 +444,9 @@ impl Exporter {
     pub async fn finish(self, exit: u8) {
         *self.run.ended.lock().unwrap_or_else(|e| e.into_inner()) = Some((unix_seconds(SystemTime::now()), exit));
         self.stop.cancel();
+        // A scrape still being answered may finish; none holds up the end.
         for task in self.tasks {
-            let _ = task.await;
+            let _ = tokio::time::timeout(STOP_WITHIN, task).await;
         }
         let text = self.run.render();
         if let Some(path) = &self.file

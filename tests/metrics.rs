@@ -215,9 +215,9 @@ async fn while_a_run_goes_on_the_endpoint_shows_rising_counters_and_the_file_is_
     let client = reqwest::Client::new();
     let url = format!("http://{listen}/metrics");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let succeeded = |text: &str| value(&samples(text), "bulkcall_rows", &[("outcome", "succeeded")]).unwrap();
+    let succeeded = |text: &str| value(&samples(text), "bulkcall_rows", &[("outcome", "succeeded")]).unwrap_or(-1.0);
     let mut first: Option<f64> = None;
-    let mut first_file: Option<String> = None;
+    let (mut last_scrape, mut last_file) = (String::new(), String::new());
     let (mut rose, mut rewritten) = (false, false);
     while !(rose && rewritten) {
         assert!(Instant::now() < deadline, "in 60 s: counters rose {rose}, file rewritten {rewritten}");
@@ -225,32 +225,37 @@ async fn while_a_run_goes_on_the_endpoint_shows_rising_counters_and_the_file_is_
         if let Ok(answer) = client.get(&url).send().await {
             assert_eq!(answer.headers()["content-type"], "text/plain; version=0.0.4");
             let text = answer.text().await.unwrap();
-            promtool_accepts(&text, "a scrape");
             let now = succeeded(&text);
-            if now > 0.0 {
-                assert!(value(&samples(&text), "bulkcall_rows", &[("outcome", "pending")]).unwrap() > 0.0);
-            }
-            match first {
-                None if now > 0.0 => first = Some(now),
-                Some(before) if now > before => rose = true,
-                _ => {}
-            }
-            let s = samples(&text);
-            labels_hold_no_row_values(&s, &[]);
-            assert_eq!(value(&s, "bulkcall_exit_code", &[]), None, "no exit code while the run goes on");
-        }
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            promtool_accepts(&text, "the metrics file during the run");
-            match &first_file {
-                None => first_file = Some(text),
-                Some(before) if *before != text => {
-                    assert!(succeeded(&text) > 0.0, "the rewrite holds the rows done: {text}");
-                    rewritten = true;
+            // Each scrape that says something new is checked whole.
+            if now != succeeded(&last_scrape) {
+                promtool_accepts(&text, "a scrape");
+                let s = samples(&text);
+                labels_hold_no_row_values(&s, &[]);
+                assert_eq!(value(&s, "bulkcall_exit_code", &[]), None, "no exit code while the run goes on");
+                if now > 0.0 {
+                    assert!(value(&s, "bulkcall_rows", &[("outcome", "pending")]).unwrap() > 0.0);
                 }
-                _ => {}
+                match first {
+                    None if now > 0.0 => first = Some(now),
+                    Some(before) if now > before => rose = true,
+                    _ => {}
+                }
+                last_scrape = text;
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The file: written at the start, then rewritten after 10 s; each
+        // version read is checked whole.
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && text != last_file
+        {
+            promtool_accepts(&text, "the metrics file during the run");
+            if !last_file.is_empty() {
+                assert!(succeeded(&text) > 0.0, "the rewrite holds the rows done: {text}");
+                rewritten = true;
+            }
+            last_file = text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();
     assert_eq!(run.await.unwrap(), ExitCode::Interrupted);
@@ -433,4 +438,19 @@ tests:
     let alerts = std::fs::read_to_string(&rules).unwrap();
     let expr = "time() - bulkcall_last_success_timestamp_seconds > 26 * 3600";
     assert!(alerts.contains(expr) && readme.contains(expr), "README shows the rule alerts.yaml holds");
+}
+
+/// An address that cannot be bound stops the run before anything is sent
+/// or any run directory is made (exit 2), naming the setting.
+#[tokio::test]
+async fn a_metrics_address_in_use_stops_the_run_before_it_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let gw = Gateway::start(sandbox_config()).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &["--metrics-listen", &addr]).await, ExitCode::Usage);
+    assert!(!out.exists(), "no run directory");
+    assert_eq!(gw.sandbox.stats().api_calls, 0, "nothing sent");
 }

@@ -220,6 +220,10 @@ pub(super) async fn run_resolved(
     } else {
         None
     };
+    // The metrics before the run directory: an address that cannot be
+    // bound or a file that cannot be written leaves no run behind.
+    let shard = options.sharding.as_ref().map(|s| s.shard);
+    let metrics = crate::metrics::Exporter::start(&settings.metrics, &r.job.name, shard).await?;
     // The run directory's own lock (`resume` takes it before it reads anything there).
     let _dir_lock = if resuming {
         None
@@ -260,8 +264,6 @@ pub(super) async fn run_resolved(
         Some(shared) => shared.clone(),
         None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
     };
-    let shard = options.sharding.as_ref().map(|s| s.shard);
-    let metrics = crate::metrics::Exporter::start(&settings.metrics, &r.job.name, shard).await?;
     let mut planned = plan(dir.clone(), &r);
     planned.metrics = metrics.board();
     let finished = match runner::run(planned, tokens, limiter, stop).await {
