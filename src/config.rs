@@ -180,6 +180,9 @@ pub struct Settings {
     /// long with no other answer stop the run (exit 75); zero: never.
     #[serde(with = "humantime_serde")]
     pub outage_after: Duration,
+    /// Retries each first attempt earns (besides ten a second): when many
+    /// calls fail at once, rows beyond it fail without another attempt.
+    pub retry_budget: f64,
     pub headers: BTreeMap<String, String>,
     pub max_response_bytes: usize,
     /// Root certificates (PEM) trusted besides the built-in ones: a gateway
@@ -251,6 +254,7 @@ impl Default for Settings {
             backoff_max: Duration::from_secs(20),
             retry_after_max: Duration::from_secs(300),
             outage_after: Duration::from_secs(30),
+            retry_budget: 0.2,
             headers: BTreeMap::new(),
             max_response_bytes: 1 << 20,
             ca_file: None,

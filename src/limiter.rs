@@ -140,6 +140,8 @@ pub struct RetryBudget(Mutex<Budget>);
 struct Budget {
     balance: f64,
     refilled: Instant,
+    /// What a first attempt earns, in fifths of a retry.
+    per_call: f64,
 }
 
 // The budget counts fifths of a retry, so a call's share adds up exactly.
@@ -393,15 +395,22 @@ impl LocalLimiter {
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget(Mutex::new(Budget { balance: BUDGET_PER_SECOND, refilled: Instant::now() }))
+        RetryBudget::new(BUDGET_PER_CALL / BUDGET_PER_RETRY)
     }
 }
 
 impl RetryBudget {
+    /// A budget where each first attempt earns `per_call` retries (the
+    /// `retry_budget` setting; 0.2 by default), besides ten a second.
+    pub fn new(per_call: f64) -> RetryBudget {
+        let per_call = per_call.max(0.0) * BUDGET_PER_RETRY;
+        RetryBudget(Mutex::new(Budget { balance: BUDGET_PER_SECOND, refilled: Instant::now(), per_call }))
+    }
+
     /// A first attempt went out: it earns part of a retry.
     pub fn earn_retry(&self) {
         let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        b.balance = (b.balance + BUDGET_PER_CALL).min(BUDGET_MAX);
+        b.balance = (b.balance + b.per_call).min(BUDGET_MAX);
     }
 
     /// Spends one retry, if the budget has one.

@@ -65,7 +65,10 @@ async fn watch_signals(stop: CancellationToken) {
             tracing::warn!("stopping: no new rows; calls in flight may finish (signal again to stop at once)");
             stop.cancel();
         } else {
-            eprintln!("bulkcall: stopped at once; calls that were in flight have no recorded outcome");
+            match bulkcall::runner::last_words() {
+                Some(words) => eprintln!("bulkcall: stopped at once: {words}"),
+                None => eprintln!("bulkcall: stopped at once"),
+            }
             std::process::exit(130);
         }
     }

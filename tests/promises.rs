@@ -89,7 +89,12 @@ async fn a_second_signal_stops_at_once() {
     // Well under the calls' 10 s, even on a busy machine.
     assert!(second.elapsed() < Duration::from_secs(3), "exited {:?} after the second signal", second.elapsed());
     assert_eq!(status.code(), Some(130), "{said}");
-    assert!(said.contains("calls that were in flight have no recorded outcome"), "{said}");
+    // It says what it leaves and what to run next.
+    assert!(said.contains("stopped at once: 4 rows were in flight or waiting to retry"), "{said}");
+    assert!(
+        said.contains(&format!("send the rest with: {} resume {}", env!("CARGO_BIN_EXE_bulkcall"), out.display())),
+        "{said}"
+    );
     // The four calls in flight have no outcome: in doubt, for resume.
     assert!(jsonl(&out.join("results.jsonl")).is_empty());
     // (The gateway records a call once it answered it, 10 s on: counted here

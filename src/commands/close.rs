@@ -7,7 +7,9 @@ use serde_json::Value;
 
 use crate::cli::*;
 use crate::error::ExitCode;
+use crate::options::MaxFailures;
 use crate::outcome::ErrorKind;
+use crate::output::RunFlags;
 use crate::runner::Finished;
 
 use super::resolve::RunOptions;
@@ -50,16 +52,80 @@ pub(super) fn plural(n: u64, word: &str) -> String {
     if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
 }
 
-/// Prints the closing lines and returns the exit code. `-q` keeps only the
-/// first line; `--log-format json` prints one JSON object instead.
-pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, idempotent: bool) -> ExitCode {
+/// The run's own flags as a command line carries them (` -j 4 --timeout 5s`),
+/// so a printed command runs the way this run did.
+pub(super) fn flags_text(flags: &RunFlags) -> String {
+    let mut text = String::new();
+    let names = [("concurrency", "-j"), ("rate", "-r"), ("burst", "--burst"), ("max_attempts", "--max-attempts")];
+    for (setting, flag) in names.into_iter().chain([("timeout", "--timeout")]) {
+        match flags.settings.get(setting) {
+            Some(Value::String(v)) => text.push_str(&format!(" {flag} {}", v.replace(' ', ""))),
+            Some(v) => text.push_str(&format!(" {flag} {v}")),
+            None => {}
+        }
+    }
+    if let Some(max) = &flags.max_failures {
+        text.push_str(&format!(" --max-failures {max}"));
+    }
+    if let Some(grace) = &flags.grace {
+        text.push_str(&format!(" --grace {}", grace.replace(' ', "")));
+    }
+    text
+}
+
+/// A cap that lets a resumed run go on: the resumed run counts this run's
+/// failures too, so a count is raised past them.
+fn raised(cap: MaxFailures, failed: u64) -> MaxFailures {
+    match cap {
+        MaxFailures::Count(n) => MaxFailures::Count((2 * n).max(failed + n)),
+        MaxFailures::Percent(p) => MaxFailures::Percent((2.0 * p).min(100.0)),
+    }
+}
+
+/// The one command to run next, if there is one.
+fn next_command(finished: &Finished, dir: &Path, options: &RunOptions, files: &[String]) -> Option<String> {
+    let program = crate::options::program();
+    let resume = format!("{program} resume {}", dir.display());
+    match finished.exit {
+        _ if options.dry_run => None,
+        ExitCode::Success | ExitCode::Usage => None,
+        ExitCode::RowsFailed if files.is_empty() => None,
+        ExitCode::RowsFailed => Some(format!("{}{} {}", options.rerun, flags_text(&options.flags), files.join(" "))),
+        _ if !options.resumable => Some(format!("{program} demo")),
+        ExitCode::MaxFailures => {
+            let cap = options.max_failures.unwrap_or(MaxFailures::Count(finished.summary.failed.max(1)));
+            Some(format!("{resume} --max-failures {}", raised(cap, finished.summary.failed)))
+        }
+        ExitCode::Interrupted | ExitCode::Locked | ExitCode::Auth | ExitCode::Io | ExitCode::Internal => Some(resume),
+    }
+}
+
+/// Prints the closing lines and returns the exit code. `-q` prints one line
+/// with everything a cron log needs; `--log-format json` one JSON object.
+pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: &str, idempotent: bool) -> ExitCode {
     let s = &finished.summary;
+    let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
+    let report = dir.join("report.html");
+    let report = report.exists().then_some(report);
+    let next = next_command(finished, dir, options, &files);
+    let now = SystemTime::now();
+    let how = match finished.exit {
+        _ if options.dry_run => "dry run of",
+        ExitCode::Interrupted | ExitCode::Locked => "stopped after",
+        ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage | ExitCode::Internal => "aborted after",
+        _ => "finished",
+    };
     if options.log.log_format == LogFormat::Json {
         let line = serde_json::json!({
-            "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            "timestamp": humantime::format_rfc3339_micros(now).to_string(),
             "level": if finished.exit == ExitCode::Success { "INFO" } else { "WARN" },
-            "message": "finished",
+            "message": how.split(' ').next().unwrap_or(how),
+            "job": job,
+            "exit_code": finished.exit.code(),
             "run_dir": dir,
+            "failures": files,
+            "report": report,
+            "next": next,
             "summary": s,
         });
         eprintln!("{line}");
@@ -71,16 +137,9 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, idemp
             plural(s.failed, "row"),
         );
     } else {
-        let how = match finished.exit {
-            ExitCode::Interrupted | ExitCode::Locked => "stopped after",
-            ExitCode::Auth | ExitCode::MaxFailures | ExitCode::Io | ExitCode::Usage | ExitCode::Internal => {
-                "aborted after"
-            }
-            _ => "finished",
-        };
         let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let errors = if errors.is_empty() { String::new() } else { format!(" ({})", errors.join(", ")) };
-        eprintln!(
+        let mut line = format!(
             "bulkcall: {how} {} in {:.1}s ({:.1} rows/s): {} succeeded, {} failed{errors}",
             plural(s.total, "row"),
             s.duration_s,
@@ -88,94 +147,127 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, idemp
             s.succeeded,
             s.failed,
         );
+        if options.log.quiet {
+            // One line for a cron log: when, which job, where, what next.
+            line = format!("{} {job}: {}", humantime::format_rfc3339_seconds(now), &line["bulkcall: ".len()..]);
+            line = format!("bulkcall: {line}; exit {}", finished.exit.code());
+            if s.in_doubt > 0 {
+                line.push_str(&format!("; {} in doubt", s.in_doubt));
+            }
+            line.push_str(&format!("; run directory {}", dir.display()));
+            if !files.is_empty() {
+                line.push_str(&format!("; failures {}", files.join(" ")));
+            }
+            if let Some(report) = &report {
+                line.push_str(&format!("; report {}", report.display()));
+            }
+            if let Some(next) = &next {
+                line.push_str(&format!("; next: {next}"));
+            }
+        }
+        eprintln!("{line}");
     }
     if !options.log.quiet && options.log.log_format == LogFormat::Text {
-        if !options.dry_run {
-            let throttled = s.throttled_rate.map(|r| format!("; throttled down to {r}/s")).unwrap_or_default();
-            eprintln!(
-                "  latency p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}, {}, {}{throttled}",
-                s.latency_ms.p50,
-                s.latency_ms.p90,
-                s.latency_ms.p99,
-                s.latency_ms.max,
-                plural(s.attempts, "attempt"),
-                plural(s.retries, "retry").replace("retrys", "retries"),
-                plural(s.token_requests, "token request"),
-            );
-        }
-        if !finished.first_failures.is_empty() {
-            // Messages may quote server answers and row values: PHI stays in
-            // the run directory unless -v asks for it here.
-            let verbose = options.log.verbose > 0;
-            eprintln!("  first failures:");
-            for (brief, message) in &finished.first_failures {
-                if verbose {
-                    eprintln!("    {brief}: {message}");
-                } else {
-                    eprintln!("    {brief}");
-                }
-            }
-            if verbose {
-                eprintln!("  (-v: the messages above may quote server answers and row values)");
-            } else {
-                eprintln!("  why, with server answers and row values: the failures file, readable by its owner only");
-            }
-        }
-        eprintln!("  run directory: {}", dir.display());
-        if finished.failure_files.len() > 1 {
-            for (input, file) in &finished.failure_files {
-                eprintln!("  failures of {}: {}", input.display(), file.display());
-            }
-        }
-        let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
-        if !files.is_empty() {
-            eprintln!("  send the failures again: {} {}", options.rerun, files.join(" "));
-            let acted = s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted));
-            let acted: Vec<String> = acted.map(|(k, n)| format!("{k} {n}")).collect();
-            if !idempotent && !acted.is_empty() {
-                eprintln!(
-                    "    it leaves out the rows the gateway may have acted on ({}): the job is not idempotent; \
-                     check them on the gateway, then add --in-doubt resend to send them too",
-                    acted.join(", ")
-                );
-            }
-        }
-        if s.left_out > 0 {
-            let rows = if s.left_out == 1 { "1 row".to_string() } else { format!("{} rows", s.left_out) };
-            eprintln!(
-                "  {rows} of the failures fed back left out, not sent: they had failed where the gateway may have \
-                 acted on them (each one's _message says how); check on the gateway, then: {} --in-doubt resend {}",
-                options.rerun,
-                files.join(" ")
-            );
-        }
-        if s.in_doubt > 0 {
-            let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };
-            eprintln!("  {rows} sent without a recorded answer (in doubt)");
-        }
-        if matches!(
-            finished.exit,
-            ExitCode::Interrupted
-                | ExitCode::Locked
-                | ExitCode::MaxFailures
-                | ExitCode::Auth
-                | ExitCode::Io
-                | ExitCode::Internal
-        ) && !options.dry_run
-        {
-            if options.resumable {
-                eprintln!(
-                    "  rows not yet sent are in neither file; send them with: {} resume {}",
-                    crate::options::program(),
-                    dir.display()
-                );
-            } else {
-                eprintln!("  the demo's sandbox is gone with it: run `{} demo` again", crate::options::program());
-            }
-        }
+        closing_lines(finished, dir, options, idempotent, &files, next.as_deref());
     }
     if options.json {
         println!("{}", serde_json::to_string_pretty(s).expect("serializable"));
     }
     finished.exit
+}
+
+/// The lines after the first: figures, the first failures, where things
+/// are and the command to run next.
+fn closing_lines(
+    finished: &Finished,
+    dir: &Path,
+    options: &RunOptions,
+    idempotent: bool,
+    files: &[String],
+    next: Option<&str>,
+) {
+    let s = &finished.summary;
+    if !options.dry_run {
+        let throttled = s.throttled_rate.map(|r| format!("; throttled down to {r}/s")).unwrap_or_default();
+        eprintln!(
+            "  latency p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}, {}, {}{throttled}",
+            s.latency_ms.p50,
+            s.latency_ms.p90,
+            s.latency_ms.p99,
+            s.latency_ms.max,
+            plural(s.attempts, "attempt"),
+            plural(s.retries, "retry").replace("retrys", "retries"),
+            plural(s.token_requests, "token request"),
+        );
+    }
+    if s.budget_stopped > 0 {
+        eprintln!(
+            "  {} not retried because the retry budget was spent (too many calls failing at once; \
+             retry_budget in the config sets it)",
+            plural(s.budget_stopped, "row")
+        );
+    }
+    if !finished.first_failures.is_empty() {
+        // Messages may quote server answers and row values: PHI stays in
+        // the run directory unless -v asks for it here.
+        let verbose = options.log.verbose > 0;
+        eprintln!("  first failures:");
+        for (brief, message) in &finished.first_failures {
+            if verbose {
+                eprintln!("    {brief}: {message}");
+            } else {
+                eprintln!("    {brief}");
+            }
+        }
+        if verbose {
+            eprintln!("  (-v: the messages above may quote server answers and row values)");
+        } else {
+            eprintln!("  why, with server answers and row values: the failures file, readable by its owner only");
+        }
+    }
+    eprintln!("  run directory: {}", dir.display());
+    if finished.failure_files.len() > 1 {
+        for (input, file) in &finished.failure_files {
+            eprintln!("  failures of {}: {}", input.display(), file.display());
+        }
+    }
+    let rerun = format!("{}{}", options.rerun, flags_text(&options.flags));
+    if !files.is_empty() && finished.exit == ExitCode::RowsFailed {
+        eprintln!("  send the failures again: {rerun} {}", files.join(" "));
+    }
+    if !files.is_empty() {
+        let acted = s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted));
+        let acted: Vec<String> = acted.map(|(k, n)| format!("{k} {n}")).collect();
+        if !idempotent && !acted.is_empty() {
+            eprintln!(
+                "    that leaves out the rows the gateway may have acted on ({}): the job is not idempotent; \
+                 check them on the gateway, then add --in-doubt resend to send them too",
+                acted.join(", ")
+            );
+        }
+    }
+    if s.left_out > 0 {
+        let rows = if s.left_out == 1 { "1 row".to_string() } else { format!("{} rows", s.left_out) };
+        eprintln!(
+            "  {rows} of the failures fed back left out, not sent: they had failed where the gateway may have \
+             acted on them (each one's _message says how); check on the gateway, then: {rerun} --in-doubt resend {}",
+            files.join(" ")
+        );
+    }
+    if s.in_doubt > 0 {
+        let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };
+        eprintln!("  {rows} sent without a recorded answer (in doubt)");
+    }
+    match (finished.exit, next) {
+        (ExitCode::MaxFailures, Some(next)) => eprintln!(
+            "  --max-failures stopped it: fix what fails (the failures file says why), then send the rest \
+             with a cap the resumed run can go on under (it counts this run's {} failed rows too): {next}",
+            s.failed
+        ),
+        (ExitCode::RowsFailed, _) | (_, None) => {}
+        (_, Some(next)) if options.resumable => {
+            eprintln!("  rows not yet sent are in neither file; send them with: {next}")
+        }
+        (_, Some(next)) => eprintln!("  the demo's sandbox is gone with it: run `{next}` again"),
+    }
 }

@@ -143,6 +143,7 @@ pub(super) async fn run_resolved(
     let resuming = resume.is_some();
     let mut resume = resume;
     let mut plan = |dir: PathBuf, r: &Resolved| Plan {
+        resumable: options.resumable,
         requests: requests.clone(),
         inputs: r.inputs.clone(),
         failures: r.failures.clone(),
@@ -168,7 +169,7 @@ pub(super) async fn run_resolved(
         keep_spooled(&dir, &mut r)?;
         let finished = runner::dry_run(plan(dir.clone(), &r), authorized).await?;
         print_dry_run(&dir, options.log.verbose > 0);
-        return Ok(close(&finished, &dir, &options, requests.idempotent()));
+        return Ok(close(&finished, &dir, &options, &r.job.name, requests.idempotent()));
     }
 
     // One run per job: a second one stops here, before any token request.
@@ -284,5 +285,5 @@ pub(super) async fn run_resolved(
         tracing::warn!("could not write report.html: {e}");
     }
     metrics.finish(finished.exit.code()).await;
-    Ok(close(&finished, &dir, &options, requests.idempotent()))
+    Ok(close(&finished, &dir, &options, &r.job.name, requests.idempotent()))
 }

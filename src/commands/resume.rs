@@ -154,6 +154,9 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
             (first, last) = (first.min(d.at_ms), last.max(d.at_ms));
         }
     })?;
+    if let Some(summary) = &earlier {
+        recorded.add_budget_stopped(summary.budget_stopped);
+    }
     // Time already spent: from the last summary, or (after a crash) the ledger's marks.
     recorded.add_earlier_time(match &earlier {
         Some(summary) => Duration::from_secs_f64(summary.duration_s.max(0.0)),

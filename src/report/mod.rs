@@ -101,6 +101,8 @@ pub struct Stats {
     /// Rows of a failures file not sent again (no attempt, a kind the
     /// gateway may have acted on).
     left_out: u64,
+    /// Rows the retry budget stopped, this run's and its earlier parts'.
+    budget_stopped: u64,
     /// Latency of each row's last attempt, in microseconds.
     latency: Histogram<u64>,
 }
@@ -119,6 +121,7 @@ impl Default for Stats {
             errors: BTreeMap::new(),
             in_doubt: 0,
             left_out: 0,
+            budget_stopped: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
         }
     }
@@ -155,6 +158,16 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttled_rate: Option<f64>,
     pub exit_code: u8,
+    /// Rows that failed without another attempt because the retry budget was spent.
+    #[serde(default)]
+    pub budget_stopped: u64,
+    /// Where the run's files are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<std::path::PathBuf>,
 }
 
 impl Stats {
@@ -188,6 +201,11 @@ impl Stats {
             self.attempted += 1;
             self.latency.saturating_record(latency_us.max(1));
         }
+    }
+
+    /// Rows that failed without another attempt: the retry budget was spent.
+    pub fn add_budget_stopped(&mut self, rows: u64) {
+        self.budget_stopped += rows;
     }
 
     /// A row abandoned in flight at the end of the grace period.
@@ -236,6 +254,10 @@ impl Stats {
             errors: self.errors.clone(),
             throttled_rate: None,
             exit_code,
+            budget_stopped: self.budget_stopped,
+            run_dir: None,
+            failures: Vec::new(),
+            report: None,
         }
     }
 }

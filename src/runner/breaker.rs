@@ -71,8 +71,12 @@ struct Streak {
 impl Streak {
     fn outage(&self, now: Instant) -> Outage {
         let lasted = self.since.map_or(Duration::ZERO, |s| now - s);
-        // Whole milliseconds read better than nanoseconds.
-        let lasted = Duration::from_millis(lasted.as_millis() as u64);
+        // Whole seconds read better ("30s", not "30s 2ms 113us").
+        let lasted = if lasted < Duration::from_secs(1) {
+            Duration::from_millis(lasted.as_millis() as u64)
+        } else {
+            Duration::from_secs(lasted.as_secs())
+        };
         Outage { origin: self.origin.clone(), lasted, calls: self.calls, last: self.last.clone() }
     }
 }

@@ -51,6 +51,8 @@ pub use http::{http_client, token_client};
 
 /// Everything a run needs, resolved.
 pub struct Plan {
+    /// Whether `bulkcall resume` can finish the run (not the demo's).
+    pub resumable: bool,
     pub requests: Arc<Requests>,
     pub inputs: Vec<InputSpec>,
     /// Each input's failures file name, as run.json has it.
@@ -148,10 +150,13 @@ struct Shared {
     /// Rows of a failures file that the gateway may have acted on are not
     /// sent again: recorded as failures, as they were.
     leave_out_earlier: bool,
-    /// Rows dropped in flight at the end of the grace period.
+    /// Rows left in doubt: dropped in flight at the end of the grace
+    /// period, or stopped after an attempt the gateway may have acted on.
     abandoned: AtomicU64,
     /// Opens when the gateway is out: the run stops, its rows stay to resume.
     breaker: Breaker,
+    /// Rows that failed without another attempt: the retry budget was spent.
+    budget_stopped: AtomicU64,
     /// Abort (exit 4) once this many rows have failed.
     max_failures: Option<MaxFailures>,
     /// The run directory, for messages.
@@ -195,6 +200,26 @@ fn lane_count(concurrency: usize) -> usize {
     cores.min(concurrency.div_ceil(16)).max(1)
 }
 
+/// The run this process is working on, for the last words of a process
+/// stopped at once by a second signal.
+static CURRENT: Mutex<Option<(PathBuf, bool, Arc<Live>)>> = Mutex::new(None);
+
+/// What a process stopped at once leaves: printed by the binary before it
+/// exits (the run directory, the calls in flight, the command to go on).
+pub fn last_words() -> Option<String> {
+    let current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    let (dir, resumable, live) = current.as_ref()?;
+    let in_flight = live.in_flight.load(Ordering::Relaxed) + live.retrying.load(Ordering::Relaxed);
+    let mut words = format!(
+        "{in_flight} rows were in flight or waiting to retry, with no recorded outcome (in doubt); run directory {}",
+        dir.display()
+    );
+    if *resumable {
+        words.push_str(&format!("; send the rest with: {} resume {}", crate::options::program(), dir.display()));
+    }
+    Some(words)
+}
+
 /// Sends every row and records every outcome in `plan.dir`.
 pub async fn run(
     mut plan: Plan,
@@ -217,6 +242,7 @@ pub async fn run(
     stats.restart_clock();
     let stats = Arc::new(Mutex::new(stats));
     let live = Arc::new(Live::default());
+    *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((plan.dir.clone(), plan.resumable, live.clone()));
     let total_bytes = plan.inputs.iter().filter_map(|i| std::fs::metadata(&i.path).ok()).map(|m| m.len()).sum();
     plan.metrics.attach(crate::metrics::Source {
         live: live.clone(),
@@ -248,7 +274,7 @@ pub async fn run(
         tokens: tokens.clone(),
         limiter: limiter.clone(),
         policy: Policy::new(&plan.settings, plan.requests.idempotent()),
-        budget: RetryBudget::default(),
+        budget: RetryBudget::new(plan.settings.retry_budget),
         settings: plan.settings.clone(),
         live: live.clone(),
         inputs: input_names(&plan.inputs),
@@ -261,6 +287,7 @@ pub async fn run(
         leave_out_earlier: plan.leave_out_earlier,
         abandoned: AtomicU64::new(0),
         breaker: Breaker::new(plan.settings.outage_after),
+        budget_stopped: AtomicU64::new(0),
         max_failures: plan.max_failures,
         dir: plan.dir.clone(),
     });
@@ -311,6 +338,7 @@ pub async fn run(
     for _ in 0..shared.abandoned.load(Ordering::Relaxed) {
         stats.add_abandoned();
     }
+    stats.add_budget_stopped(shared.budget_stopped.load(Ordering::Relaxed));
 
     let mut abort = shared.abort.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Err(e) = read_result
@@ -326,6 +354,11 @@ pub async fn run(
     };
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
+    let failure_files = failure_files(&plan, &writer);
+    summary.run_dir = Some(plan.dir.clone());
+    summary.failures = failure_files.iter().map(|(_, file)| file.clone()).collect();
+    // Written from this summary right after.
+    summary.report = Some(plan.dir.join("report.html"));
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
-    Ok(Finished { summary, exit, abort, failure_files: failure_files(&plan, &writer), first_failures, rendered: 0 })
+    Ok(Finished { summary, exit, abort, failure_files, first_failures, rendered: 0 })
 }

@@ -209,8 +209,11 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                     if outage_holds(shared, &verdict).await {
                         return unfinished(shared, &row, &used, unprocessed);
                     }
-                    let message =
-                        format!("{}; not retried: the retry budget is spent (too many calls are failing)", message());
+                    shared.budget_stopped.fetch_add(1, Ordering::Relaxed);
+                    let message = format!(
+                        "{}; not retried: the retry budget is spent (too many calls are failing; see retry_budget)",
+                        message()
+                    );
                     return Some(finish(row, &request, used.attempts, latency, status, fail(kind, message)));
                 }
                 let delay = after.unwrap_or_else(|| backoff(shared, kind, used.attempts));
@@ -365,6 +368,10 @@ pub(super) async fn wait(shared: &Shared, delay: Duration) -> bool {
 /// it. A row the gateway provably did not act on is released, so it is
 /// sent as one never sent; any other started row stays in doubt.
 pub(super) fn unfinished(shared: &Shared, row: &Row, used: &Used, unprocessed: bool) -> Option<Outcome> {
+    if used.attempts > 0 && !unprocessed {
+        // Started, with no answer to record: the summary counts it in doubt.
+        shared.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
     if used.attempts > 0
         && unprocessed
         && let Err(e) = shared.ledger.released(row.input, row.number)

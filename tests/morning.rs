@@ -1,0 +1,124 @@
+//! The morning after: what a cron log, a JSON log and the closing lines
+//! tell the on-call person, and that the command they print works when
+//! followed literally.
+
+mod common;
+
+use bulkcall::sandbox::{Faults, SandboxConfig};
+use common::*;
+use serde_json::Value;
+
+/// Claims sent one at a time, each attempt once.
+const FLAGS: [&str; 6] = ["-j", "1", "--max-attempts", "1", "--timeout", "5s"];
+
+fn claims_input(gw: &Gateway, n: u64) -> std::path::PathBuf {
+    let rows: String = (1..=n).map(|i| format!("{{\"controlNumber\":\"{i:09}\"}}\n")).collect();
+    gw.write("claims.jsonl", &rows)
+}
+
+const ECHO_JOB: &str =
+    "url = \"/medicalnetwork/professionalclaims/v3/submission\"\nkey = \"{{ controlNumber }}\"\nbody = \"{{ row }}\"\n";
+
+/// Runs a printed command as it stands (words split on spaces: the paths
+/// here have none).
+async fn follow(command: &str) -> (Option<i32>, String) {
+    let words: Vec<&str> = command.split(' ').collect();
+    assert_eq!(words[0], env!("CARGO_BIN_EXE_bulkcall"), "the command names this binary: {command}");
+    let output = bulkcall().args(&words[1..]).output().await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_q_one_line_says_when_what_where_and_what_next() {
+    let faults = Faults { bad_requests: 0.3, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let input = claims_input(&gw, 40);
+    let out = gw.path("run");
+    let output = run_command(&job, &input, &out, &gw.config(SECRET, "")).args(FLAGS).arg("-q").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for the cron log: {stderr}");
+    let line = lines[0];
+    // bulkcall: 2026-12-02T03:00:14Z claims: finished 40 rows ...
+    let stamp = line.strip_prefix("bulkcall: ").unwrap().split(' ').next().unwrap();
+    assert!(humantime::parse_rfc3339(stamp).is_ok() && stamp.ends_with('Z'), "a UTC time first: {line}");
+    let failures = out.join("failures.jsonl");
+    let failed = jsonl(&failures).len();
+    assert!(failed > 0 && failed < 40, "{failed}");
+    for part in [
+        " claims: finished 40 rows".to_string(),
+        format!("{} failed (client_error {failed})", failed),
+        "; exit 1".to_string(),
+        format!("; run directory {}", out.display()),
+        format!("; failures {}", failures.display()),
+        format!("; report {}", out.join("report.html").display()),
+    ] {
+        assert!(line.contains(&part), "{part:?} in {line}");
+    }
+    // The next command carries the run's flags, and works as printed.
+    let next = line.split("; next: ").nth(1).expect("a next command");
+    assert!(next.ends_with(&format!("-j 1 --max-attempts 1 --timeout 5s {}", failures.display())), "{next}");
+    let again = gw.path("again");
+    let (code, stderr) = follow(&format!("{next} -o {} -q", again.display())).await;
+    assert_eq!(code, Some(1), "the same rows fail again at this gateway: {stderr}");
+    assert_eq!(jsonl(&again.join("failures.jsonl")).len(), failed, "{stderr}");
+
+    // summary.json says where everything is.
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["run_dir"], Value::from(out.display().to_string()));
+    assert_eq!(summary["failures"], serde_json::json!([failures.display().to_string()]));
+    assert_eq!(summary["report"], Value::from(out.join("report.html").display().to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_log_ends_with_one_event_holding_the_same() {
+    let faults = Faults { bad_requests: 0.3, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let input = claims_input(&gw, 20);
+    let out = gw.path("run");
+    let config = gw.config(SECRET, "");
+    let output =
+        run_command(&job, &input, &out, &config).args(FLAGS).args(["--log-format", "json"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last: Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(last["message"], "finished", "{last}");
+    assert_eq!(last["job"], "claims");
+    assert_eq!(last["exit_code"], 1);
+    assert_eq!(last["run_dir"], Value::from(out.display().to_string()));
+    assert_eq!(last["failures"][0], Value::from(out.join("failures.jsonl").display().to_string()));
+    assert_eq!(last["report"], Value::from(out.join("report.html").display().to_string()));
+    assert!(last["next"].as_str().unwrap().ends_with("failures.jsonl"), "{last}");
+    assert_eq!(last["summary"]["total"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_max_failures_the_printed_resume_goes_on() {
+    let broken = Faults { bad_requests: 1.0, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults: broken, ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let input = claims_input(&gw, 30);
+    let out = gw.path("run");
+    let config = gw.config(SECRET, "");
+    let output =
+        run_command(&job, &input, &out, &config).args(FLAGS).args(["--max-failures", "5"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    let failed = json(&out.join("summary.json"))["failed"].as_u64().unwrap();
+    let next = stderr.lines().find_map(|l| l.split("it counts this run's ").nth(1)).expect("advice on the cap");
+    let next = next.split(": ").nth(1).unwrap();
+    let cap = (2 * 5).max(failed + 5);
+    assert_eq!(next, format!("{} resume {} --max-failures {cap}", env!("CARGO_BIN_EXE_bulkcall"), out.display()));
+
+    // The cause fixed (the config now points at a gateway that takes the
+    // claims), the printed command sends the rest instead of aborting again.
+    let gw2 = Gateway::start(sandbox_config()).await;
+    let text = std::fs::read_to_string(&config).unwrap().replace(&gw.sandbox.base_url(), &gw2.sandbox.base_url());
+    std::fs::write(&config, text.replace(&gw.sandbox.token_url(), &gw2.sandbox.token_url())).unwrap();
+    let (code, stderr) = follow(next).await;
+    assert_eq!(code, Some(1), "finished, with the first session's failures: {stderr}");
+    let summary = json(&out.join("summary.json"));
+    assert_eq!((summary["total"].as_u64(), summary["failed"].as_u64()), (Some(30), Some(failed)), "{summary}");
+}
