@@ -221,3 +221,28 @@ async fn the_sandbox_command_verifies_assertions_and_requires_client_certificate
     assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
     sandbox.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_refusing_the_client_certificate_stops_the_run_with_exit_3_and_resume_sends_the_rows() {
+    let s = setup().await;
+    let other = Ca::new("someone else's CA");
+    let (foreign, foreign_key, _) = s.client(&other, "foreign");
+    // No token endpoint: the API's handshake is the first to judge the certificate.
+    let config = s.config("auth.style = \"none\"", &client_tls(&foreign, &foreign_key));
+    let (code, stderr) = s.run(&config, "run").await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("the API") && stderr.contains(&foreign.display().to_string()), "{stderr}");
+    assert_eq!(s.tls.stats().api_calls, 0, "nothing reached the API");
+    let failures = std::fs::read_to_string(s.gw.path("run").join("failures.csv")).unwrap_or_default();
+    assert!(failures.lines().count() <= 1, "no row was failed for it: {failures}");
+
+    // The right certificate in place, resume sends every row.
+    let (cert, key, _) = s.client(&s.ca, "client");
+    s.config("auth.style = \"tls_client_auth\"", &client_tls(&cert, &key));
+    let out = s.gw.path("run");
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(s.tls.stats().api_calls, 20, "{stderr}");
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 20);
+}

@@ -161,6 +161,18 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 }));
                 return unfinished(shared, &row, &used, unprocessed);
             }
+            Err(e) if let Some(alert) = crate::token::refused_certificate(&e) => {
+                // The API refused this client's certificate in the handshake:
+                // every call would meet the same. Nothing was processed.
+                let cert = shared.settings.tls.client_cert.as_deref();
+                shared.abort(Error::Token(crate::token::TokenError::client_certificate(
+                    &request.url.origin().ascii_serialization(),
+                    "the API",
+                    cert,
+                    &alert,
+                )));
+                return unfinished(shared, &row, &used, unprocessed);
+            }
             Err(e) => {
                 let verdict = outcome::classify_error(&e);
                 let mut text = outcome::describe(&e);

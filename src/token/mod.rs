@@ -612,19 +612,8 @@ impl Inner {
                 let url = self.shown.clone();
                 Attempt::Fatal(crate::outcome::UntrustedCertificate { url, detail: message }.into())
             } else if let Some(alert) = refused_certificate(&e) {
-                let url = &self.shown;
-                Attempt::Fatal(TokenError::ClientCertificate(match &self.credentials.client_cert {
-                    Some(cert) => format!(
-                        "the token endpoint {url} refused the client certificate {} in the TLS handshake ({alert}): \
-                         check that tls.client_cert is the certificate registered for this client, signed by a CA \
-                         the server trusts",
-                        cert.display()
-                    ),
-                    None => format!(
-                        "the token endpoint {url} asks for a client certificate ({alert}) and no client certificate \
-                         is configured: set tls.client_cert and tls.client_key"
-                    ),
-                }))
+                let cert = self.credentials.client_cert.as_deref();
+                Attempt::Fatal(TokenError::client_certificate(&self.shown, "the token endpoint", cert, &alert))
             } else {
                 Attempt::Transient { message, retry_after: None }
             }
@@ -783,9 +772,27 @@ fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+impl TokenError {
+    /// `server` (the token endpoint or the API, at `url`) refused the
+    /// client certificate `cert` (or wanted one and none is configured).
+    pub fn client_certificate(url: &str, server: &str, cert: Option<&std::path::Path>, alert: &str) -> TokenError {
+        TokenError::ClientCertificate(match cert {
+            Some(cert) => format!(
+                "{server} {url} refused the client certificate {} in the TLS handshake ({alert}): check that \
+                 tls.client_cert is the certificate registered for this client, signed by a CA the server trusts",
+                cert.display()
+            ),
+            None => format!(
+                "{server} {url} asks for a client certificate ({alert}) and no client certificate is configured: \
+                 set tls.client_cert and tls.client_key"
+            ),
+        })
+    }
+}
+
 /// The TLS alert a server refused this client's certificate with, if
 /// that is how the request failed.
-fn refused_certificate(e: &reqwest::Error) -> Option<String> {
+pub fn refused_certificate(e: &reqwest::Error) -> Option<String> {
     use std::error::Error;
     use tokio_rustls::rustls::{AlertDescription as Alert, Error as Tls};
     let mut source: Option<&(dyn Error + 'static)> = Some(e);
