@@ -220,9 +220,16 @@ async fn rs384_and_es384_assertions_are_accepted_by_the_sandbox_and_verified_by_
         let input = gw.write("rows.csv", &eligibility_csv(1, 20));
         let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
         let run_dir = gw.path("run");
-        let output = run_command(&job, &input, &run_dir, &config).output().await.unwrap();
+        // A secret left in the environment is ignored, said once, never sent.
+        let output = run_command(&job, &input, &run_dir, &config)
+            .env("BULKCALL_CLIENT_SECRET", "left-over-secret-4b1d")
+            .output()
+            .await
+            .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(0), "{kind}: {stderr}");
+        assert_eq!(stderr.matches("sends none: it is ignored").count(), 1, "{kind}: one warning: {stderr}");
+        assert!(!stderr.contains("left-over-secret"), "{kind}");
         assert_eq!(gw.sandbox.stats().token_requests, 3, "{kind}: two 503s, then a token");
         assert_eq!(gw.sandbox.stats().api_calls, 20);
         assert!(gw.sandbox.refused_assertions().is_empty(), "{kind}: {:?}", gw.sandbox.refused_assertions());
@@ -235,7 +242,7 @@ async fn rs384_and_es384_assertions_are_accepted_by_the_sandbox_and_verified_by_
             assert_eq!(f["grant_type"], "client_credentials");
             assert_eq!(f["client_assertion_type"], "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
             assert_eq!(f["scope"], "system/Patient.read system/Coverage.read");
-            assert!(!f.contains_key("client_secret"), "{kind}: no secret");
+            assert!(!f.contains_key("client_secret") && !body.contains("left-over-secret"), "{kind}: no secret");
             let (header, claims) = claims(&f["client_assertion"]);
             assert_eq!(header["alg"], alg);
             assert_eq!(header["kid"], "2026-12");
@@ -282,6 +289,18 @@ async fn a_replayed_assertion_and_an_unregistered_key_are_refused() {
     let config = key_config(&gw, &url, &extra);
     let out = bulkcall_with(&["token", "-c", config.to_str().unwrap(), "-p", "test"]).await;
     assert_eq!(out.code, Some(0), "the default kid (the thumbprint) is the one jwks printed: {}", out.stderr);
+    // The same key from a variable (auth.private_key_env).
+    let from_env =
+        format!("auth.private_key_env = \"EHR_KEY\"\nauth.assertion_audience = \"{}\"", gw.sandbox.token_url());
+    let env_config = key_config(&gw, &url, &from_env);
+    let out = bulkcall()
+        .args(["token", "-c", env_config.to_str().unwrap(), "-p", "test"])
+        .env("EHR_KEY", std::fs::read_to_string(&key).unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bodies.lock().unwrap().len(), 2);
 
     // The same assertion again, as an eavesdropper would send it.
     let body = bodies.lock().unwrap()[0].clone();
