@@ -299,6 +299,9 @@ pub struct ValidateArgs {
     pub format: Option<Format>,
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// Print the counts and the first reasons as one JSON object to stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {

@@ -122,3 +122,39 @@ async fn after_max_failures_the_printed_resume_goes_on() {
     let summary = json(&out.join("summary.json"));
     assert_eq!((summary["total"].as_u64(), summary["failed"].as_u64()), (Some(30), Some(failed)), "{summary}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_json_stdout_holds_one_json_document() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let mut rows: String = (1..=8).map(|i| format!("{{\"controlNumber\":\"{i:09}\"}}\n")).collect();
+    rows.push_str("{\"other\":1}\n");
+    let input = gw.write("claims.jsonl", &rows);
+    let config = gw.config(SECRET, "");
+    for verbose in [false, true] {
+        let out = gw.path(&format!("dry-{verbose}"));
+        let mut command = run_command(&job, &input, &out, &config);
+        command.args(["--dry-run", "--json"]).stdout(std::process::Stdio::piped());
+        if verbose {
+            command.arg("-v");
+        }
+        let output = command.output().await.unwrap();
+        let summary: Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
+        assert_eq!((summary["total"].as_u64(), summary["failed"].as_u64()), (Some(9), Some(1)), "{summary}");
+    }
+    let output = bulkcall()
+        .args(["validate", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap()])
+        .args(["-p", "test", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let counts: Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
+    assert_eq!(
+        (counts["rows"].as_u64(), counts["ready"].as_u64(), counts["invalid"].as_u64()),
+        (Some(9), Some(8), Some(1))
+    );
+    assert!(counts["first_invalid"][0].as_str().unwrap().contains("line 9 (row 9)"), "{counts}");
+    assert_eq!(gw.sandbox.stats().api_calls, 0, "nothing sent");
+}

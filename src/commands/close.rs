@@ -16,15 +16,17 @@ use super::resolve::RunOptions;
 
 /// Shows the first requests of a dry run: row, key and method; whole (URL,
 /// headers, body: row values) only with -v.
-pub(super) fn print_dry_run(dir: &Path, verbose: bool) {
+/// Under `--json` they go to stderr: stdout holds the summary alone.
+pub(super) fn print_dry_run(dir: &Path, verbose: bool, json: bool) {
     let path = dir.join("requests.jsonl");
+    let show = |line: &str| if json { eprintln!("{line}") } else { println!("{line}") };
     if let Ok(text) = std::fs::read_to_string(&path) {
         for line in text.lines().take(3) {
             if verbose {
-                println!("{line}");
+                show(line);
             } else if let Ok(request) = serde_json::from_str::<Value>(line) {
                 let text = |field: &str| request[field].as_str().unwrap_or_default().to_string();
-                println!("row {} (key {}): {}", request["row"], text("key"), text("method"));
+                show(&format!("row {} (key {}): {}", request["row"], text("key"), text("method")));
             }
         }
         if verbose {

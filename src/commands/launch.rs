@@ -168,7 +168,7 @@ pub(super) async fn run_resolved(
         crate::output::create_run_dir(&dir)?;
         keep_spooled(&dir, &mut r)?;
         let finished = runner::dry_run(plan(dir.clone(), &r), authorized).await?;
-        print_dry_run(&dir, options.log.verbose > 0);
+        print_dry_run(&dir, options.log.verbose > 0, options.json);
         return Ok(close(&finished, &dir, &options, &r.job.name, requests.idempotent()));
     }
 

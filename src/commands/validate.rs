@@ -39,6 +39,10 @@ pub(super) async fn validate(args: ValidateArgs, log: &LogArgs) -> Result<ExitCo
     })
     .await
     .expect("validation does not panic")?;
+    if args.json {
+        let json = serde_json::json!({ "rows": rows, "ready": rows - bad, "invalid": bad, "first_invalid": shown });
+        println!("{}", serde_json::to_string_pretty(&json).expect("serializable"));
+    }
     for line in &shown {
         eprintln!("{line}");
     }

@@ -43,6 +43,8 @@ pub async fn dry_run(plan: Plan, authorized: bool) -> Result<Finished, Error> {
                     Ok(request) => {
                         requests.write(&dry_request(&row, &request, authorized))?;
                         rendered += 1;
+                        // Ready to send: counted in the summary's total (and succeeded), no attempt.
+                        stats.add_recorded(None, None, 0, 0);
                         None
                     }
                     Err(e) => {
