@@ -171,12 +171,25 @@ impl Stalls {
     }
 }
 
-/// The calls the shards let through (monotonic ns, sorted) and the slots
-/// they gave up.
-fn let_through(ended: &[Ended]) -> (Vec<u64>, usize) {
+/// The calls the shards let through (monotonic ns, sorted), and the slots
+/// they lost: given up by calls woken too late, or lapsed unleased.
+fn let_through(ended: &[Ended]) -> (Vec<u64>, Lost) {
     let mut sends: Vec<u64> = ended.iter().flat_map(|e| let_through_times(&e.stderr)).collect();
     sends.sort_unstable();
-    (sends, ended.iter().map(|e| slots_given_up(&e.stderr)).sum())
+    let lost = Lost {
+        given_up: ended.iter().map(|e| slots_given_up(&e.stderr) as u64).sum(),
+        lapsed: ended.iter().map(|e| slots_lapsed(&e.stderr)).sum(),
+    };
+    (sends, lost)
+}
+
+/// Slots of the shared schedule no call went in.
+#[derive(Debug)]
+struct Lost {
+    /// Given up by a call woken more than `limiter::LATE` after its slot.
+    given_up: u64,
+    /// Lapsed while no process leased (each process late, or none waiting).
+    lapsed: u64,
 }
 
 /// The shared limit, judged where it is kept: in no second did the
@@ -191,28 +204,18 @@ fn assert_the_senders_kept_the_limit(sends: &[u64], rate: u32) -> usize {
 }
 
 /// The calls went at the paced rate (`limiter::HEADROOM` below `rate`),
-/// never above it, and below it by no more than the slots given up
-/// because a call woke too late (within 1% of the paced rate). A host so
-/// late that calls gave slots up can also leave slots of the shared
-/// schedule unleased while every process is late (the schedule starts
-/// again from Redis's now), which no counter sees: then a rate further
-/// below cannot be judged, and `Err` says so (the caller runs again). On a
-/// host that woke every call in time it is a failure.
-fn judge_the_paced_rate(sends: &[u64], given_up: usize, rate: u32) -> Result<(), String> {
+/// never above it, and below it by the slots lost and no more (within 1%
+/// of the paced rate): on a loaded host those are what it costs, and only
+/// those.
+fn assert_the_paced_rate(sends: &[u64], lost: &Lost, rate: u32) {
     let span = (sends[sends.len() - 1] - sends[0]) as f64 / 1e9;
     let paced = f64::from(rate) * (1.0 - bulkcall::limiter::HEADROOM);
     let achieved = achieved_rate(sends, BURST as usize);
-    let expected = paced - given_up as f64 / span;
-    let seen = format!(
-        "{achieved:.1} calls/s in all: paced at {paced:.1}/s with {given_up} slots given up, {expected:.1}/s expected"
-    );
+    let expected = paced - (lost.given_up + lost.lapsed) as f64 / span;
+    let seen = format!("{achieved:.1} calls/s in all: paced at {paced:.1}/s with {lost:?}, {expected:.1}/s expected");
     eprintln!("{seen}");
     assert!(achieved <= f64::from(rate), "{seen}: above --rate");
-    if (achieved - expected).abs() / paced < 0.01 {
-        return Ok(());
-    }
-    assert!(given_up > 0 && achieved < expected, "{seen}: the host woke every call in time");
-    Err(seen)
+    assert!((achieved - expected).abs() / paced < 0.01, "{seen}");
 }
 
 /// The gateway refused no call with 429. A gateway that stalled (`stall`)
@@ -242,8 +245,7 @@ fn judge_the_gateway(gw: &Gateway, busiest: usize, rate: u32, stall: Duration) -
 }
 
 /// Runs `attempt` until the shared limit can be judged (at most three
-/// times: on a machine busy enough to stall the gateway, or to wake the
-/// senders late, it may not be),
+/// times: on a machine busy enough to stall the gateway it may not be),
 /// and skips the test when it never could ([`skip`]: a failure under CI).
 async fn judged<F: Future<Output = Result<(), String>>>(mut attempt: impl FnMut() -> F) {
     let mut seen = Vec::new();
@@ -291,7 +293,7 @@ async fn four_shards_share_one_rate_limit() {
             assert_eq!(end.stderr.matches("each fetches its own token").count(), 1, "one warning: {}", end.log());
         }
         assert_every_row_once(&gw, 4, rows);
-        let (sends, given_up) = let_through(&ended);
+        let (sends, lost) = let_through(&ended);
         // Every attempt passes the limiter: a call the gateway refused with
         // 429 (judged below) was let through again.
         let received = gw.sandbox.recorded().len();
@@ -301,8 +303,8 @@ async fn four_shards_share_one_rate_limit() {
         });
         assert_eq!(sends.len(), received, "one call let through per call received: {rows} rows, {statuses:?}");
         let busiest = assert_the_senders_kept_the_limit(&sends, rate);
-        judge_the_gateway(&gw, busiest, rate, stall)?;
-        judge_the_paced_rate(&sends, given_up, rate)
+        assert_the_paced_rate(&sends, &lost, rate);
+        judge_the_gateway(&gw, busiest, rate, stall)
     })
     .await;
 }

@@ -48,7 +48,9 @@ const STATE_TTL_MS: u64 = 86_400_000;
 /// Leases `ARGV[3]` slots: returns the first slot's offset from Redis's
 /// now (µs), the spacing (ns; 0 = no limit), the shared pause's offset from
 /// now (µs; ≤ 0 = none), the shared adaptive rate (milli-calls/s; -1 =
-/// off), and Redis's now (µs since the epoch, its `TIME`). Reports
+/// off), Redis's now (µs since the epoch, its `TIME`), and how long the
+/// shared schedule had lapsed (µs): from its last booked slot, or the end
+/// of a pause, to now, when no process leased in between. Reports
 /// `ARGV[4]` 429s seen since the last lease, and raises the adaptive rate
 /// once the server has been calm.
 static LEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -81,6 +83,8 @@ if rate and now - last_throttle >= {calm} and now - last_raise >= 1000000 then
   end
 end
 local effective = rate or ceiling
+local lapsed = 0
+if tat > 0 then lapsed = math.max(0, now - math.max(tat, pause)) end
 local start = math.max(tat, now, pause)
 local period = 0
 if effective > 0 then
@@ -90,7 +94,7 @@ end
 redis.call('PEXPIRE', KEYS[1], {ttl})
 local r = -1
 if rate then r = math.floor(rate * 1000) end
-return {{math.floor(start - now), math.floor(period), math.floor(pause - now), r, math.floor(now)}}
+return {{math.floor(start - now), math.floor(period), math.floor(pause - now), r, math.floor(now), math.floor(lapsed)}}
 "#,
         calm = CALM.as_micros(),
         ttl = STATE_TTL_MS,
@@ -279,6 +283,7 @@ pub struct RedisLimiter {
     round_trips: Arc<AtomicU64>,
     calls: AtomicU64,
     given_up: AtomicU64,
+    lapsed: AtomicU64,
     /// How far ahead of its answer the last lease's last slot was, in ns:
     /// with many workers waiting, every process's, the shared schedule is
     /// booked that far ahead.
@@ -311,6 +316,7 @@ impl RedisLimiter {
             round_trips: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
             given_up: AtomicU64::new(0),
+            lapsed: AtomicU64::new(0),
             booked_ahead_ns: AtomicU64::new(0),
         }
     }
@@ -390,6 +396,12 @@ impl RedisLimiter {
         self.given_up.load(Ordering::Relaxed) + self.fallback.given_up()
     }
 
+    /// Slots of the shared schedule that lapsed unleased, found by this
+    /// process's leases (each lapse is found by one process).
+    pub fn lapsed(&self) -> u64 {
+        self.lapsed.load(Ordering::Relaxed)
+    }
+
     fn count_sent(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
@@ -417,10 +429,17 @@ impl RedisLimiter {
         let mut invocation = LEASE.prepare_invoke();
         invocation.key(&self.key).arg(self.paced_ceiling()).arg(self.burst).arg(want).arg(throttled);
         let sent = Instant::now();
-        let (start_us, period_ns, pause_us, rate_milli, redis_us): (i64, u64, i64, i64, i64) =
+        let (start_us, period_ns, pause_us, rate_milli, redis_us, lapsed_us): (i64, u64, i64, i64, i64, u64) =
             self.round_trip(invocation).await.inspect_err(|_| {
                 self.throttled.fetch_add(throttled, Ordering::Relaxed);
             })?;
+        if period_ns > 0 && lapsed_us > 0 {
+            // Slots nobody leased: every process was late, or had no call
+            // waiting. Counted, so a rate below the limit can be explained.
+            let slots = lapsed_us * 1000 / period_ns;
+            self.lapsed.fetch_add(slots, Ordering::Relaxed);
+            tracing::trace!(target: PACE_TARGET, slots, "shared schedule lapsed");
+        }
         let anchor =
             self.clock.lock().unwrap_or_else(|e| e.into_inner()).local(self.started, redis_us, sent, Instant::now());
         if pause_us > 0 {

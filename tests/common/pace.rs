@@ -29,6 +29,19 @@ pub fn slots_given_up(stderr: &str) -> usize {
     stderr.matches("slot given up").count()
 }
 
+/// How many slots of the shared schedule lapsed unleased, as a child's
+/// Redis limiter found them.
+pub fn slots_lapsed(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter(|line| line.contains("shared schedule lapsed"))
+        .map(|line| {
+            let slots = line.split("slots=").nth(1).unwrap_or_else(|| panic!("no slots in {line}"));
+            slots.split_whitespace().next().unwrap().parse::<u64>().unwrap_or_else(|e| panic!("slots in {line}: {e}"))
+        })
+        .sum()
+}
+
 /// The child's stderr without the per-call lines, for an assertion message.
 pub fn without_pace_lines(stderr: &str) -> String {
     stderr.lines().filter(|l| !l.contains("bulkcall::pace") && !l.contains("at_ns=")).collect::<Vec<_>>().join("\n")
