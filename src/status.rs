@@ -50,7 +50,7 @@ impl State {
     pub fn describe(self) -> String {
         match self {
             State::NotStarted => "not started".into(),
-            State::Unfinished => "running or crashed".into(),
+            State::Unfinished => "crashed (no process on it)".into(),
             State::Finished(0) => "finished".into(),
             State::Finished(_) => "finished, rows failed".into(),
             State::Stopped(130) => "interrupted (exit 130)".into(),
@@ -71,6 +71,10 @@ pub struct ShardStatus {
     pub done: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// The pid of the process working on it now (it holds the directory's
+    /// lock): a run going on, or a resume of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
     /// Rows sent without a recorded answer: failed as `in_doubt`, or
     /// started with no outcome yet (in flight, or lost in a crash).
     pub in_doubt: u64,
@@ -178,14 +182,14 @@ impl RunStatus {
         );
         for s in &self.shards {
             let shard = s.shard.map_or_else(|| "-".to_string(), |s| s.to_string());
+            let state = match &s.running {
+                Some(pid) => format!("running (pid {pid})"),
+                None => s.state.describe(),
+            };
             let _ = writeln!(
                 out,
-                "{shard:<8} {:<24} {:>10} {:>10} {:>10} {:>9}",
-                s.state.describe(),
-                s.done,
-                s.succeeded,
-                s.failed,
-                s.in_doubt
+                "{shard:<8} {state:<24} {:>10} {:>10} {:>10} {:>9}",
+                s.done, s.succeeded, s.failed, s.in_doubt
             );
         }
         if self.shards.len() > 1 {
@@ -198,12 +202,18 @@ impl RunStatus {
             let _ = writeln!(out, "not finished: {}", names.join(", "));
         }
         for s in unfinished.iter().filter(|s| matches!(s.state, State::Unfinished | State::Stopped(_))) {
-            let _ = writeln!(
-                out,
-                "  unless it is running: {} resume {} (or start the shard again with the same command)",
-                crate::options::program(),
-                s.dir.display()
-            );
+            let program = crate::options::program();
+            let _ = match (&s.running, s.shard) {
+                (Some(pid), _) => {
+                    writeln!(out, "  {}: pid {pid} is working on it; wait for it to end", s.dir.display())
+                }
+                (None, Some(_)) => writeln!(
+                    out,
+                    "  send the rest: {program} resume {} (or start the shard again with the same command)",
+                    s.dir.display()
+                ),
+                (None, None) => writeln!(out, "  send the rest: {program} resume {}", s.dir.display()),
+            };
         }
         out
     }
@@ -222,6 +232,7 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
         succeeded: 0,
         failed: 0,
         in_doubt: 0,
+        running: None,
         summary: None,
     };
     if !dir.join("run.json").exists() {
@@ -246,5 +257,6 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
     (status.succeeded, status.failed, status.in_doubt) = (succeeded, failed, in_doubt);
     status.in_doubt += started.len() as u64;
     status.summary = summary;
+    status.running = crate::output::run_dir_holder(dir);
     Ok(status)
 }

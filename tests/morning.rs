@@ -158,3 +158,35 @@ async fn under_json_stdout_holds_one_json_document() {
     assert!(counts["first_invalid"][0].as_str().unwrap().contains("line 9 (row 9)"), "{counts}");
     assert_eq!(gw.sandbox.stats().api_calls, 0, "nothing sent");
 }
+
+/// `bulkcall status DIR`: its exit code and what it prints.
+async fn status(dir: &std::path::Path) -> (Option<i32>, String) {
+    let output =
+        bulkcall().args(["status", dir.to_str().unwrap()]).stdout(std::process::Stdio::piped()).output().await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_a_run_going_on_from_one_that_crashed() {
+    // Calls of 10 s: the run is going on while status reads it.
+    let gw = Gateway::start(SandboxConfig { latency: std::time::Duration::from_secs(10), ..sandbox_config() }).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, 20));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let out = gw.path("run");
+    let mut child = run_command(&job, &input, &out, &gw.config(SECRET, "")).args(["-j", "2"]).spawn().unwrap();
+    gw.wait_for_calls(2).await;
+    let (code, text) = status(&out).await;
+    assert_eq!(code, Some(75), "{text}");
+    let pid = child.id().unwrap();
+    assert!(text.contains(&format!("running (pid {pid})")), "{text}");
+    assert!(text.contains(&format!("pid {pid} is working on it; wait for it to end")), "{text}");
+    assert!(!text.contains("resume"), "no resume while it runs: {text}");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let (code, text) = status(&out).await;
+    assert_eq!(code, Some(75), "{text}");
+    assert!(text.contains("crashed (no process on it)"), "{text}");
+    // Not a shard: no advice to start "the shard" again.
+    let resume = format!("send the rest: {} resume {}\n", env!("CARGO_BIN_EXE_bulkcall"), out.display());
+    assert!(text.contains(&resume) && !text.contains("shard again"), "{text}");
+}

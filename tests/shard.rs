@@ -124,7 +124,7 @@ async fn a_killed_shard_started_again_with_the_same_command_resumes() {
     let dir = runs[0].path().join("shard-1-of-2");
     let (code, text) = status(&runs[0].path()).await;
     assert_eq!(code, Some(75), "{text}");
-    assert!(text.contains("running or crashed") && text.contains("not started"), "{text}");
+    assert!(text.contains("crashed (no process on it)") && text.contains("not started"), "{text}");
     let before: HashSet<String> = keys_in(&dir.join("results.jsonl")).into_iter().collect();
     let in_doubt = started_not_done(&dir).len();
     assert!(in_doubt <= most, "at most {most} rows in doubt after the kill: {in_doubt}");

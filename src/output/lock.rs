@@ -33,6 +33,24 @@ pub fn lock_run_dir(dir: &Path) -> Result<JobLock, OutputError> {
     })
 }
 
+/// The pid of the process working on a run directory now, if one is: it
+/// holds the directory's lock. The lock is tried shared for an instant and
+/// never kept, so `status` reads a run without stopping anyone.
+pub fn run_dir_holder(dir: &Path) -> Option<String> {
+    let path = dir.join(".lock");
+    let file = File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            None
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Some(std::fs::read_to_string(&path).unwrap_or_default().trim().to_string())
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
 /// Why a lock was not taken.
 enum Held {
     /// Another process holds it: its pid, as it wrote it.

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 pub use commit::{GroupCommit, SYNC_EVERY};
 pub use ledger::{Done, Ledger, LedgerState, Mark};
-pub use lock::{JobLock, lock_job, lock_run_dir};
+pub use lock::{JobLock, lock_job, lock_run_dir, run_dir_holder};
 pub use recover::{Recent, recent_outcomes};
 pub use run_info::{RunFlags, RunInfo};
 pub use writer::{InputInfo, RequestsFile, Writer, failure_file_names};
