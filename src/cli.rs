@@ -110,6 +110,12 @@ pub enum Command {
     /// Exit 0 when every shard finished and every row succeeded, 1 when every shard finished and some rows failed,
     /// 75 while a shard has not finished. Example: bulkcall status out/eligibility/nightly-1
     Status(StatusArgs),
+    /// The runs in the output folder, newest first: start, state, rows and exit code.
+    ///
+    /// State is finished, finished with rows failed, stopped, aborted, crashed, running (pid) or pending
+    /// (shards to start). out/<job>/latest points to each job's newest run.
+    /// Example: bulkcall runs eligibility -p production
+    Runs(RunsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///
     /// Example: bulkcall completions bash > /etc/bash_completion.d/bulkcall
@@ -481,6 +487,20 @@ pub struct StatusArgs {
     /// The run directory, or the folder holding a run's shard-K-of-N directories.
     pub run: PathBuf,
     /// Print the state as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// A job's name, or its spec file: only its runs [default: every job's].
+    pub job: Option<String>,
+    /// The folder of runs [default: the config's out_dir, `out`].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the list as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }

@@ -190,3 +190,56 @@ async fn status_tells_a_run_going_on_from_one_that_crashed() {
     let resume = format!("send the rest: {} resume {}\n", env!("CARGO_BIN_EXE_bulkcall"), out.display());
     assert!(text.contains(&resume) && !text.contains("shard again"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_lists_a_jobs_runs_newest_first_and_latest_points_at_the_newest() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let config = gw.config(SECRET, "");
+    let good = claims_input(&gw, 5);
+    let mixed = gw.write("mixed.jsonl", "{\"controlNumber\":\"000000001\"}\n{\"other\":1}\n{\"other\":2}\n");
+    // (Read with output(): a child whose stderr pipe is dropped dies writing to it.)
+    let run = |input: &std::path::Path, extra: &[&str]| {
+        let mut command = bulkcall();
+        command.args(["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap()]);
+        command.args(["-p", "test", "-j", "1"]).args(extra);
+        command
+    };
+    // No -o: into out/claims/<start time>/, as a scheduled run does.
+    let o = run(&good, &[]).output().await.unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&mixed, &[]).output().await.unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&mixed, &["--max-failures", "1"]).output().await.unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let output = bulkcall()
+        .args(["runs", "claims", "-c", config.to_str().unwrap(), "-p", "test"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three runs: {text}");
+    let states = ["aborted", "finished, rows failed", "finished"];
+    for (line, (state, exit)) in lines[1..].iter().zip(states.iter().zip(["4", "1", "0"])) {
+        assert!(line.contains(" claims ") && line.contains(state), "{state} in {line}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[words.len() - 2], exit, "{line}");
+    }
+    let output = bulkcall()
+        .args(["runs", job.to_str().unwrap(), "--json", "-c", config.to_str().unwrap(), "-p", "test"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let listed: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!((listed[0]["done"].as_u64(), listed[0]["exit_code"].as_u64()), (Some(2), Some(4)), "{listed:?}");
+    assert_eq!((listed[2]["succeeded"].as_u64(), listed[2]["failed"].as_u64()), (Some(5), Some(0)));
+    let newest = std::path::PathBuf::from(listed[0]["path"].as_str().unwrap());
+    let latest = std::fs::read_link(gw.path("out").join("claims").join("latest")).unwrap();
+    assert_eq!(latest, newest.file_name().unwrap(), "latest names the newest run");
+}

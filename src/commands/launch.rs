@@ -233,6 +233,14 @@ pub(super) async fn run_resolved(
         let lock = crate::output::lock_run_dir(&dir)?;
         keep_spooled(&dir, &mut r)?;
         write_run_json(&dir, &r, &options).await?;
+        // `out/<job>/latest` at the newest run in the job's folder of runs
+        // (a split run's folder, not a shard's directory); none for a run
+        // that -o puts elsewhere.
+        let run = if options.sharding.is_some() { folder } else { dir.as_path() };
+        let runs = settings.out_dir.join(&r.job.name);
+        if run.parent() == Some(runs.as_path()) {
+            crate::output::point_latest(&runs, run);
+        }
         Some(lock)
     };
     let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();

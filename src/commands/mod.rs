@@ -9,6 +9,7 @@ mod launch;
 mod resolve;
 mod resume;
 mod run;
+mod runs;
 mod sandbox;
 mod token;
 mod validate;
@@ -45,6 +46,7 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
             }
             Ok(run.exit_code())
         }
+        Command::Runs(args) => runs::runs(args),
         Command::Completions(args) => {
             use clap::CommandFactory as _;
             clap_complete::generate(args.shell, &mut Cli::command(), "bulkcall", &mut std::io::stdout());

@@ -73,6 +73,20 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 /// Creates the run directory (mode 0700) and its parents. A directory that
 /// already exists is made 0700, whatever it was (its files hold PHI); one
 /// that belongs to another user is refused.
+/// Points `latest` in a folder of runs at `run` (a name in that folder),
+/// replacing the link whole: `out/<job>/latest` is the newest run. A link
+/// that cannot be made is only a convenience lost: warned, not fatal.
+pub fn point_latest(folder: &Path, run: &Path) {
+    let Some(name) = run.file_name() else { return };
+    let temp = folder.join(format!(".latest.{}", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let made = std::os::unix::fs::symlink(name, &temp).and_then(|()| std::fs::rename(&temp, folder.join("latest")));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&temp);
+        tracing::warn!("could not point {} at {}: {e}", folder.join("latest").display(), run.display());
+    }
+}
+
 pub fn create_run_dir(path: &Path) -> Result<(), OutputError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if path.join("run.json").exists() {
