@@ -27,7 +27,7 @@ pub(super) async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
     let tokens = TokenSource::new(client, auth, loaded.settings.credentials()?);
     let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
     let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());
-    let url = auth.token_url.as_deref().unwrap_or("");
+    let url = crate::token::shown_url(auth.token_url.as_deref().unwrap_or(""));
     match &token.origin {
         Origin::Fetched => eprintln!("token fetched now from {url} (profile {})", loaded.profile),
         Origin::Cache(path) => {

@@ -838,7 +838,7 @@ pub fn refused_certificate(e: &reqwest::Error) -> Option<String> {
 
 /// A token URL as messages show it: scheme, host, port and path; a query,
 /// a fragment or user info in it may hold a key, and stays out of logs.
-fn shown_url(raw: &str) -> String {
+pub fn shown_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             let hidden = url.query().is_some() || url.fragment().is_some();
