@@ -346,8 +346,9 @@ fn last_success(file: &Path) -> Option<f64> {
     value(&samples(&std::fs::read_to_string(file).unwrap()), "bulkcall_last_success_timestamp_seconds", &[])
 }
 
-/// The last success survives a failing run: it is carried over from the
-/// file's previous content, and a later success moves it on.
+/// The last success survives a failing run and one its token endpoint
+/// stops: it is carried over from the file's previous content, and a later
+/// success moves it on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_success_is_carried_over_a_failing_run() {
     if !have("promtool", "prometheus") {
@@ -375,6 +376,14 @@ async fn the_last_success_is_carried_over_a_failing_run() {
     assert_eq!(value(&s, "bulkcall_exit_code", &[]), Some(1.0));
     assert_eq!(value(&s, "bulkcall_rows", &[("outcome", "failed")]), Some(10.0));
     assert_eq!(last_success(&file), Some(first), "carried over the failing run");
+
+    // Credentials rejected: the run stops before the pool (exit 3), and says so.
+    bad.config("not-the-secret", "");
+    assert_eq!(bad.run_job(&job, &input, &bad.path("run-2b"), &flag).await, ExitCode::Auth);
+    let text = std::fs::read_to_string(&file).unwrap();
+    promtool_accepts(&text, "the file after a run stopped by its token endpoint");
+    assert_eq!(value(&samples(&text), "bulkcall_exit_code", &[]), Some(3.0));
+    assert_eq!(last_success(&file), Some(first), "carried over the stopped run");
 
     let input = good.write("rows-3.csv", &eligibility_csv(100, 5));
     assert_eq!(good.run_job(&good_job, &input, &good.path("run-3"), &flag).await, ExitCode::Success);

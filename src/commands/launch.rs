@@ -129,12 +129,30 @@ pub(super) fn parse_in_doubt(name: &str) -> Result<InDoubt, String> {
 
 /// Runs a resolved job: token first (bad credentials stop here, before any
 /// file is written), then the run directory and `run.json`, then the pool.
+/// The metrics, once started, end with the run's exit code, whatever
+/// stopped it.
 pub(super) async fn run_resolved(
+    r: Resolved,
+    credentials: Option<Credentials>,
+    options: RunOptions,
+    resume: Option<Resume>,
+    stop: CancellationToken,
+) -> Result<ExitCode, Error> {
+    let mut metrics = None;
+    let result = run_job(r, credentials, options, resume, stop, &mut metrics).await;
+    if let Some(metrics) = metrics {
+        metrics.finish(result.as_ref().map_or_else(|e| e.exit_code(), |code| *code).code()).await;
+    }
+    result
+}
+
+async fn run_job(
     mut r: Resolved,
     credentials: Option<Credentials>,
     options: RunOptions,
     resume: Option<Resume>,
     stop: CancellationToken,
+    metrics: &mut Option<crate::metrics::Exporter>,
 ) -> Result<ExitCode, Error> {
     let settings = r.loaded.settings.clone();
     let requests = Arc::new(r.job.requests(&settings)?);
@@ -183,6 +201,12 @@ pub(super) async fn run_resolved(
         Some(sharding) => crate::output::lock_job(folder, &format!("{}.{}", r.job.name, sharding.shard.dir_name()))?,
         None => crate::output::lock_job(folder, &r.job.name)?,
     };
+    // The metrics once the run is this process's (never over a running
+    // one's file), before anything else: a Redis or token endpoint that
+    // stops the run shows in its exit code there; an address that cannot be
+    // bound or a file that cannot be written stops it before any request.
+    let shard = options.sharding.as_ref().map(|s| s.shard);
+    let board = metrics.insert(crate::metrics::Exporter::start(&settings.metrics, &r.job.name, shard).await?).board();
     // Redis before the token: a shard that may not start asks for none.
     let redis = match &settings.coordination.redis_url {
         Some(url) => Some(Redis::connect(&RedisUrl::parse(url)?).await?),
@@ -221,10 +245,6 @@ pub(super) async fn run_resolved(
     } else {
         None
     };
-    // The metrics before the run directory: an address that cannot be
-    // bound or a file that cannot be written leaves no run behind.
-    let shard = options.sharding.as_ref().map(|s| s.shard);
-    let metrics = crate::metrics::Exporter::start(&settings.metrics, &r.job.name, shard).await?;
     // The run directory's own lock (`resume` takes it before it reads anything there).
     let _dir_lock = if resuming {
         None
@@ -274,14 +294,8 @@ pub(super) async fn run_resolved(
         None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
     };
     let mut planned = plan(dir.clone(), &r);
-    planned.metrics = metrics.board();
-    let finished = match runner::run(planned, tokens, limiter, stop).await {
-        Ok(finished) => finished,
-        Err(e) => {
-            metrics.finish(e.exit_code().code()).await;
-            return Err(e);
-        }
-    };
+    planned.metrics = board;
+    let finished = runner::run(planned, tokens, limiter, stop).await?;
     if let Some(shared) = shared_limit {
         let (round_trips, calls) = shared.round_trips();
         tracing::info!(
@@ -292,6 +306,5 @@ pub(super) async fn run_resolved(
     if let Err(e) = write_report(&dir) {
         tracing::warn!("could not write report.html: {e}");
     }
-    metrics.finish(finished.exit.code()).await;
     Ok(close(&finished, &dir, &options, &r.job.name, requests.idempotent()))
 }
