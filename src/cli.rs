@@ -120,10 +120,10 @@ pub enum Command {
     ///
     /// Example: bulkcall completions bash > /etc/bash_completion.d/bulkcall
     Completions(CompletionArgs),
-    /// Print the man page (roff), generated from these flags.
+    /// Print a man page (roff), generated from these flags: bulkcall's, or one command's; --dir writes them all.
     ///
-    /// Example: bulkcall man > /usr/local/share/man/man1/bulkcall.1
-    Man,
+    /// Example: bulkcall man --dir /usr/local/share/man/man1 (bulkcall.1, bulkcall-run.1, ...), or bulkcall man run
+    Man(ManArgs),
 }
 
 /// Where the configuration comes from.
@@ -204,7 +204,7 @@ pub struct RunArgs {
     /// Input files (CSV, JSON, JSON Lines; also .gz, .zst); they replace the spec's `input`. `-` reads standard input.
     pub inputs: Vec<PathBuf>,
     /// The inputs' format when the file name does not tell it (standard input, a pipe).
-    #[arg(long, value_parser = parse_format)]
+    #[arg(long, value_parser = format_parser())]
     pub format: Option<Format>,
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -268,6 +268,7 @@ pub struct ResumeArgs {
 
 /// How a run behaves while it goes and how it ends (`run` and `resume`).
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Running and stopping")]
 pub struct RunningArgs {
     /// Abort (exit 4) once this many rows have failed: a count (50) or a share (5%).
     #[arg(long)]
@@ -301,13 +302,20 @@ pub struct ValidateArgs {
     /// Input files; they replace the spec's `input`. `-` reads standard input.
     pub inputs: Vec<PathBuf>,
     /// The inputs' format when the file name does not tell it (standard input, a pipe).
-    #[arg(long, value_parser = parse_format)]
+    #[arg(long, value_parser = format_parser())]
     pub format: Option<Format>,
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Print the counts and the first reasons as one JSON object to stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--format`'s values, which completions offer (never file names).
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["csv", "json", "jsonl", "ndjson"])
+        .map(|s| parse_format(&s).expect("one of the possible values"))
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -489,6 +497,15 @@ pub struct StatusArgs {
     /// Print the state as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print, such as `run` [default: bulkcall's own page].
+    pub command: Option<String>,
+    /// Write every page (bulkcall.1 and bulkcall-<command>.1) into this folder instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "command")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

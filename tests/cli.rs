@@ -165,3 +165,43 @@ async fn inputs_with_the_same_file_name_keep_their_own_failures_file() {
         assert!(closing.contains(&line), "`{line}` in {closing}");
     }
 }
+
+/// `bulkcall ARGS` with stdout read.
+async fn stdout_of(args: &[&str]) -> (Option<i32>, String) {
+    let output = common::bulkcall().args(args).stdout(std::process::Stdio::piped()).output().await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn every_command_has_a_man_page_with_every_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _) = stdout_of(&["man", "--dir", dir.path().to_str().unwrap()]).await;
+    assert_eq!(code, Some(0));
+    for command in ["run", "resume", "validate", "token", "jwks", "sandbox", "demo", "report", "status", "runs"] {
+        let page = std::fs::read_to_string(dir.path().join(format!("bulkcall-{command}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH bulkcall-{command} 1")), "{command}");
+        let (code, printed) = stdout_of(&["man", command]).await;
+        assert_eq!((code, printed.as_str()), (Some(0), page.as_str()), "`man {command}` prints the same page");
+    }
+    let run = std::fs::read_to_string(dir.path().join("bulkcall-run.1")).unwrap();
+    for flag in ["max\\-failures", "in\\-doubt", "dry\\-run", "metrics\\-file", "shard", "grace", "log\\-format"] {
+        assert!(run.contains(&format!("\\-\\-{flag}")), "--{flag} in bulkcall-run(1)");
+    }
+    let top = std::fs::read_to_string(dir.path().join("bulkcall.1")).unwrap();
+    assert!(top.contains("bulkcall\\-run(1)"), "the top page names the pages it points to");
+}
+
+#[tokio::test]
+async fn run_help_groups_flags_under_their_own_headings_and_completions_offer_formats() {
+    let (_, help) = stdout_of(&["run", "--help"]).await;
+    let heading_of = |flag: &str| {
+        let at = help.find(&format!("--{flag}")).unwrap();
+        help[..at].lines().filter(|l| !l.starts_with(' ') && l.ends_with(':')).last().unwrap().to_string()
+    };
+    assert_eq!(heading_of("shard "), "Many hosts:");
+    for flag in ["max-failures", "grace", "progress", "json"] {
+        assert_eq!(heading_of(flag), "Running and stopping:", "--{flag}");
+    }
+    let (_, bash) = stdout_of(&["completions", "bash"]).await;
+    assert!(bash.contains("compgen -W \"csv json jsonl ndjson\""), "--format offers its values, not file names");
+}

@@ -52,13 +52,7 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
             clap_complete::generate(args.shell, &mut Cli::command(), "bulkcall", &mut std::io::stdout());
             Ok(ExitCode::Success)
         }
-        Command::Man => {
-            use clap::CommandFactory as _;
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map_err(|e| Error::Usage(format!("cannot print the man page: {e}")))?;
-            Ok(ExitCode::Success)
-        }
+        Command::Man(args) => man(args),
     }
 }
 
@@ -71,4 +65,29 @@ pub(super) fn write_report(dir: &Path) -> Result<PathBuf, Error> {
         crate::report::html::render_shards(&crate::status::RunStatus::read(dir)?)?
     };
     Ok(crate::output::write_report(dir, &html)?)
+}
+
+/// `bulkcall man`: the top page, one command's page, or (`--dir`) every page.
+fn man(args: ManArgs) -> Result<ExitCode, Error> {
+    use clap::CommandFactory as _;
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    if let Some(dir) = &args.dir {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(cli, dir))
+            .map_err(|e| Error::Usage(format!("cannot write the man pages into {}: {e}", dir.display())))?;
+        eprintln!("bulkcall: wrote the man pages into {}", dir.display());
+        return Ok(ExitCode::Success);
+    }
+    let page = match &args.command {
+        None => cli,
+        Some(name) => cli.find_subcommand(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+            Error::Usage(format!("`{name}` is not a bulkcall command: {}", names.join(", ")))
+        })?,
+    };
+    clap_mangen::Man::new(page)
+        .render(&mut std::io::stdout())
+        .map_err(|e| Error::Usage(format!("cannot print the man page: {e}")))?;
+    Ok(ExitCode::Success)
 }
