@@ -196,7 +196,7 @@ async fn run_help_groups_flags_under_their_own_headings_and_completions_offer_fo
     let (_, help) = stdout_of(&["run", "--help"]).await;
     let heading_of = |flag: &str| {
         let at = help.find(&format!("--{flag}")).unwrap();
-        help[..at].lines().filter(|l| !l.starts_with(' ') && l.ends_with(':')).last().unwrap().to_string()
+        help[..at].lines().rfind(|l| !l.starts_with(' ') && l.ends_with(':')).unwrap().to_string()
     };
     assert_eq!(heading_of("shard "), "Many hosts:");
     for flag in ["max-failures", "grace", "progress", "json"] {
