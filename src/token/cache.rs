@@ -272,6 +272,7 @@ mod tests {
         assert!(differs(&|o| o.style = crate::config::AuthStyle::Form), "style");
         assert!(differs(&|o| o.token_url = Some("https://idp.example.com/other".into())), "token URL");
         assert!(differs(&|o| o.scope = Some("a".into())), "scope");
+        assert!(differs(&|o| o.assertion_audience = Some("https://idp.example.com".into())), "assertion audience");
         s.cache = false;
         assert!(cache(&s, "client", "secret").is_none());
     }

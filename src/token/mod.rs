@@ -878,6 +878,7 @@ pub fn request_key(settings: &AuthSettings, credentials: &Credentials) -> String
         ("proof", credentials.fingerprint()),
         ("scope", scopes.join(" ")),
         ("audience", settings.audience.clone().unwrap_or_default()),
+        ("assertion_audience", settings.assertion_audience.clone().unwrap_or_default()),
     ];
     parts.extend(settings.params.iter().map(|(k, v)| ("param", format!("{k}={v}"))));
     let mut hasher = sha2::Sha256::new();
