@@ -261,7 +261,8 @@ async fn demo_sends_the_example_rows_through_its_own_sandbox() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("sandbox at http://127.0.0.1:"), "{stderr}");
     // README: the 1,200 synthetic rows of jobs/eligibility.csv, in out/demo/.
-    let runs: Vec<_> = std::fs::read_dir(out.join("demo")).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
+    let runs: Vec<_> =
+        std::fs::read_dir(out.join("demo")).unwrap().flatten().filter(|e| e.file_type().unwrap().is_dir()).collect();
     assert_eq!(runs.len(), 1, "one run directory under out/demo");
     let summary = json(&runs[0].path().join("summary.json"));
     assert_eq!((summary["total"].as_u64(), summary["succeeded"].as_u64()), (Some(1200), Some(1200)), "{summary}");

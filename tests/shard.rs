@@ -117,7 +117,7 @@ async fn a_killed_shard_started_again_with_the_same_command_resumes() {
 
     // out_dir/<job>/<job>-<input hash>/shard-1-of-2
     let runs: Vec<_> = std::fs::read_dir(gw.path("out").join("eligibility")).unwrap().flatten().collect();
-    let runs: Vec<_> = runs.into_iter().filter(|e| e.path().is_dir()).collect();
+    let runs: Vec<_> = runs.into_iter().filter(|e| e.file_type().unwrap().is_dir()).collect();
     assert_eq!(runs.len(), 1);
     let run_id = runs[0].file_name().to_string_lossy().into_owned();
     assert!(run_id.starts_with("eligibility-"), "{run_id}");
