@@ -268,8 +268,9 @@ async fn while_a_run_goes_on_the_endpoint_shows_rising_counters_and_the_file_is_
     assert!(client.get(&url).send().await.is_err(), "the endpoint lasts as long as the run");
 }
 
-/// A real Pushgateway on a free loopback port: the final figures land in
-/// the group job=bulkcall, job_name, shard.
+/// A real Pushgateway on a free loopback port, named by `metrics.push` in
+/// the config: the final figures land in the group job=bulkcall, job_name,
+/// shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_final_figures_land_in_a_pushgateway_grouped_by_job_name_and_shard() {
     if !have("prometheus-pushgateway", "prometheus-pushgateway") {
@@ -295,8 +296,9 @@ async fn the_final_figures_land_in_a_pushgateway_grouped_by_job_name_and_shard()
     let input = gw.write("rows.csv", &eligibility_csv(1, 40));
     let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
     let out = gw.path("run");
-    let code =
-        gw.run_job(&job, &input, &out, &["--shard", "1/2", "--run-id", "nightly", "--metrics-push", &base]).await;
+    // From the config this time: `metrics.push` in the profile.
+    gw.config(SECRET, &format!("metrics.push = \"{base}\""));
+    let code = gw.run_job(&job, &input, &out, &["--shard", "1/2", "--run-id", "nightly"]).await;
     assert_eq!(code, ExitCode::Success);
 
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
