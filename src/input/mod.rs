@@ -192,8 +192,10 @@ pub fn read_all(
         let size = std::fs::metadata(&spec.path).map_or(0, |m| m.len());
         let opened = source::open(spec)?;
         let file = opened.reader;
-        // The bytes read from the file itself: compressed bytes for a compressed file.
-        let progress = |_: u64| progress(before + opened.file_bytes.get());
+        // Where the parser is in the file; for a compressed or decoded
+        // file, the bytes read from the file itself (compressed bytes).
+        let exact = opened.exact;
+        let progress = |at: u64| progress(before + if exact { at } else { opened.file_bytes.get() });
         let keep_going = match spec.format {
             Format::Csv => csv::read(index, spec, file, &progress, sink)?,
             Format::Json => json::read_array(index, spec, file, &progress, sink)?,
@@ -260,6 +262,37 @@ mod tests {
         let seen = seen.into_inner();
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "never goes back: {seen:?}");
         assert_eq!(seen.last(), Some(&total), "ends at the inputs' total size: {seen:?}");
+    }
+
+    #[test]
+    fn progress_follows_the_rows_handed_over_not_the_read_ahead() {
+        // 1,200 rows of 80 bytes: the whole file fits in the reader's read-ahead.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, format) in [("rows.csv", Format::Csv), ("rows.jsonl", Format::Jsonl)] {
+            let path = dir.path().join(name);
+            let row = |i: u64| match format {
+                Format::Csv => format!("{i:09},{:>69}\n", "x"),
+                _ => format!("{{\"id\":\"{i:09}\",\"note\":\"{:>51}\"}}\n", "x"),
+            };
+            let header = if format == Format::Csv { format!("{:<79}\n", "id,note") } else { String::new() };
+            let text: String = std::iter::once(header).chain((1..=1200).map(row)).collect();
+            std::fs::write(&path, &text).unwrap();
+            let spec = InputSpec { path, format, delimiter: b',', encoding: Encoding::Utf8 };
+            let (rows, seen) = (std::cell::Cell::new(0u64), std::cell::RefCell::new(Vec::new()));
+            read_all(&[spec], &|bytes| seen.borrow_mut().push((rows.get(), bytes)), &mut |_| {
+                rows.set(rows.get() + 1);
+                true
+            })
+            .unwrap();
+            let seen = seen.into_inner();
+            assert!(seen.len() > 10, "{name}: progress as it goes: {seen:?}");
+            for &(rows, bytes) in &seen {
+                // Each row is 80 bytes (and the header one more row's worth).
+                let rows_by_bytes = bytes / 80;
+                assert!(rows_by_bytes.abs_diff(rows) <= 2, "{name}: {rows} rows handed over at byte {bytes}");
+            }
+            assert_eq!(seen.last().unwrap().1, text.len() as u64);
+        }
     }
 
     #[test]

@@ -77,6 +77,9 @@ impl Encoding {
 pub(super) struct Opened {
     pub reader: Box<dyn Read>,
     pub file_bytes: Rc<Cell<u64>>,
+    /// The parser's byte position is the file's: neither decompressed nor
+    /// decoded. The file's own count runs ahead of it by the read-ahead.
+    pub exact: bool,
 }
 
 pub(super) fn open(spec: &InputSpec) -> Result<Opened, InputError> {
@@ -84,7 +87,8 @@ pub(super) fn open(spec: &InputSpec) -> Result<Opened, InputError> {
     let file = File::open(&spec.path).map_err(err)?;
     let file_bytes = Rc::new(Cell::new(0));
     let counted = Counted { inner: file, count: file_bytes.clone() };
-    let reader: Box<dyn Read> = match Compression::of(&spec.path) {
+    let compression = Compression::of(&spec.path);
+    let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(counted),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(64 * 1024, counted))),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted).map_err(err)?),
@@ -92,11 +96,13 @@ pub(super) fn open(spec: &InputSpec) -> Result<Opened, InputError> {
     // Look at the first bytes for a byte order mark, leaving them to be read.
     let mut buffered = BufReader::with_capacity(256 * 1024, reader);
     let first: Vec<u8> = buffered.fill_buf().map_err(err)?.iter().take(2).copied().collect();
-    let reader: Box<dyn Read> = match spec.encoding.decoder(&first) {
+    let decoder = spec.encoding.decoder(&first);
+    let exact = decoder.is_none() && matches!(compression, Compression::None);
+    let reader: Box<dyn Read> = match decoder {
         Some(decoder) => Box::new(Decode::new(buffered, decoder)),
         None => Box::new(buffered),
     };
-    Ok(Opened { reader, file_bytes })
+    Ok(Opened { reader, file_bytes, exact })
 }
 
 struct Counted<R> {

@@ -66,7 +66,16 @@ impl Live {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Rows done, and the rows the inputs hold by the bytes read so far
+    /// Rows done and the rows the run holds, earlier sessions' included (a
+    /// resume starts where they left off): the rows the inputs hold are
+    /// estimated from the bytes read so far (exact once read to the end).
+    pub(crate) fn rows_of_run(&self, total_bytes: u64) -> (u64, u64) {
+        let (done, expected) = self.rows(total_bytes);
+        let earlier = Self::get(&self.rows_to_skip);
+        (done + earlier, expected + earlier)
+    }
+
+    /// Rows done, and the rows this session sends by the bytes read so far
     /// (exact once they are read to the end).
     pub(crate) fn rows(&self, total_bytes: u64) -> (u64, u64) {
         let (done, read, bytes) = (Self::get(&self.done), Self::get(&self.rows_read), Self::get(&self.bytes_read));
@@ -410,24 +419,32 @@ async fn draw_bar(
     }
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut first = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let (done, expected) = source.live.rows(source.total_bytes);
+        // Rows, not bytes: the reader's read-ahead would run the share ahead.
+        let (done, expected) = source.live.rows_of_run(source.total_bytes);
+        bar.set_length(expected.max(1));
+        bar.set_position(done);
+        if first {
+            // A resume starts at the rows done before: the ETA counts from here.
+            bar.reset_eta();
+            first = false;
+        }
+        bar.set_message(counters(&source, started.elapsed()));
+    }
+    if completed.load(Ordering::Relaxed) {
+        let (done, expected) = source.live.rows_of_run(source.total_bytes);
         bar.set_length(expected.max(1));
         bar.set_position(done);
         bar.set_message(counters(&source, started.elapsed()));
-    }
-    let (done, expected) = source.live.rows(source.total_bytes);
-    bar.set_length(expected.max(1));
-    bar.set_position(done);
-    bar.set_message(counters(&source, started.elapsed()));
-    if completed.load(Ordering::Relaxed) {
         bar.finish();
     } else {
-        bar.abandon();
+        // Stopped: the closing lines say where it stopped; no stale bar.
+        bar.finish_and_clear();
     }
     if let Ok(mut active) = ACTIVE_BAR.write() {
         *active = None;
@@ -442,7 +459,7 @@ async fn log_lines(source: ProgressSource, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let (done, expected) = source.live.rows(source.total_bytes);
+        let (done, expected) = source.live.rows_of_run(source.total_bytes);
         let share = if expected > 0 { done as f64 * 100.0 / expected as f64 } else { 0.0 };
         tracing::info!("progress: {} · {share:.0}% of about {expected} rows", counters(&source, started.elapsed()));
     }
@@ -472,5 +489,7 @@ mod tests {
         set(&live.bytes_read, 100_000);
         set(&live.rows_read, 250);
         assert_eq!(live.rows(400_000), (200, 500));
+        // The bar counts the run's rows: the 3,000 done before are done.
+        assert_eq!(live.rows_of_run(400_000), (3200, 3500));
     }
 }
