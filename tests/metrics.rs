@@ -465,3 +465,54 @@ async fn a_metrics_address_in_use_stops_the_run_before_it_starts() {
     assert!(!out.exists(), "no run directory");
     assert_eq!(gw.sandbox.stats().api_calls, 0, "nothing sent");
 }
+
+/// `resume` writes the metrics file the run named (its flags come back
+/// from run.json), and its figures count the earlier session's rows, as its
+/// summary.json does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_writes_the_same_file_with_every_session_counted() {
+    let gw = std::sync::Arc::new(Gateway::start(sandbox_config()).await);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 200));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let (out, file) = (gw.path("run"), gw.path("bulkcall.prom"));
+    let stop = CancellationToken::new();
+    let run = {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        let args: Vec<String> = [
+            "run",
+            job.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--rate",
+            "50",
+            "--metrics-file",
+            file.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .into();
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            gw.run_until(&args, stop).await
+        })
+    };
+    gw.wait_for_calls(20).await;
+    stop.cancel();
+    assert_eq!(run.await.unwrap(), ExitCode::Interrupted);
+    let first = samples(&std::fs::read_to_string(&file).unwrap());
+    let done_first = value(&first, "bulkcall_rows", &[("outcome", "succeeded")]).unwrap();
+    assert!(done_first > 0.0 && done_first < 200.0, "stopped part way: {done_first}");
+    assert_eq!(value(&first, "bulkcall_exit_code", &[]), Some(130.0));
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap(), "--progress", "never"]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let s = samples(&text);
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["succeeded"], 200);
+    assert_eq!(value(&s, "bulkcall_rows", &[("outcome", "succeeded")]), Some(200.0), "{text}");
+    assert_eq!(value(&s, "bulkcall_rows_expected", &[]), Some(200.0));
+    assert_eq!(value(&s, "bulkcall_attempts_total", &[]), summary["attempts"].as_f64());
+    assert_eq!(value(&s, "bulkcall_exit_code", &[]), Some(0.0));
+    assert!(value(&s, "bulkcall_last_success_timestamp_seconds", &[]).is_some());
+}
