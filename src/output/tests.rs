@@ -145,3 +145,25 @@ fn a_ledger_line_cut_short_is_not_read() {
     assert_eq!((done.len(), outcomes), (1, 1));
     assert_eq!(in_doubt, [(0, 2)], "row 12 of input 1 may be row 123 cut short");
 }
+
+#[test]
+fn a_written_line_is_due_for_its_sync_within_sync_every_of_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
+    let mut writer = Writer::open(dir.path(), inputs, false, true, None).unwrap();
+    let ledger = Ledger::open(dir.path(), false, false).unwrap();
+    let mut group = GroupCommit::default();
+    assert!(group.due().is_none(), "nothing written, nothing due");
+    let before = std::time::Instant::now();
+    group.write(&mut writer, &[failed(1)]).unwrap();
+    let after = std::time::Instant::now();
+    let due = group.due().expect("due once a line is written");
+    assert!(due >= before + SYNC_EVERY && due <= after + SYNC_EVERY, "SYNC_EVERY after the line");
+    // A later line shares the oldest one's sync: the window does not slide.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    group.write(&mut writer, &[failed(2)]).unwrap();
+    assert_eq!(group.due(), Some(due));
+    group.sync(&mut writer, &ledger).unwrap();
+    assert!(group.due().is_none());
+    assert_eq!(SYNC_EVERY, std::time::Duration::from_millis(10), "README's 10 ms");
+}
