@@ -368,7 +368,8 @@ impl Sources {
                 .merge(Env::raw().only(&["BULKCALL_REDIS_URL"]).map(|_| "coordination.redis_url".into()).global());
         }
         figment = figment.merge(Serialized::globals(plain(&self.flags)));
-        let settings: Settings = figment.select(Profile::new(&profile)).extract()?;
+        let settings: Settings =
+            figment.select(Profile::new(&profile)).extract().map_err(|e| placed(e, config_file.as_deref()))?;
         settings.validate()?;
         let loopback_idp =
             settings.auth.token_url.as_deref().and_then(|u| url::Url::parse(u).ok()).is_some_and(|u| is_loopback(&u));
@@ -380,6 +381,47 @@ impl Sources {
         }
         Ok(Loaded { settings, config_file, profile })
     }
+}
+
+/// A setting the config file got wrong, named by its line and column there
+/// (figment names the key and the file, not where in it).
+fn placed(e: figment::Error, config_file: Option<&Path>) -> ConfigError {
+    let from_file = e.metadata.as_ref().and_then(|m| m.source.as_ref()).and_then(|s| s.file_path());
+    let place = match (config_file, from_file) {
+        (Some(file), Some(from)) if std::path::absolute(file).ok().as_deref() == Some(from) || file == from => {
+            let keys: Vec<&str> =
+                e.profile.iter().map(|p| p.as_str().as_str()).chain(e.path.iter().map(String::as_str)).collect();
+            std::fs::read_to_string(file)
+                .ok()
+                .and_then(|text| locate(&text, &keys))
+                .map(|(line, column)| (file, line, column))
+        }
+        _ => None,
+    };
+    match place {
+        Some((file, line, column)) => {
+            ConfigError::Value(format!("{} line {line}, column {column}: {e}", file.display()))
+        }
+        None => ConfigError::Invalid(Box::new(e)),
+    }
+}
+
+/// Where `keys` (a table path, such as `default`, `auth`, `style`) are set
+/// in a TOML text: the last key's line and column, from 1.
+fn locate(text: &str, keys: &[&str]) -> Option<(usize, usize)> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut at = None;
+    for (i, key) in keys.iter().enumerate() {
+        let (name, value) = table.get_key_value(*key)?;
+        at = Some(name.span().start);
+        if i + 1 < keys.len() {
+            table = value.get_ref().as_table()?;
+        }
+    }
+    let at = at?;
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    Some((text[..at].matches('\n').count() + 1, text[line_start..at].chars().count() + 1))
 }
 
 /// Warns when others can read `path`, which holds `what` (a secret).
@@ -786,5 +828,28 @@ mod tests {
         let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
         let err = sources.load().unwrap_err().to_string();
         assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_setting_is_named_by_its_file_line_and_column() {
+        let text = "[default]\nauth.style = \"none\"\n\n[production]\nrate = 5\n  concurency = 3\n";
+        let file = config_file(text);
+        let path = file.path().display().to_string();
+        let load = |profile: &str| {
+            let sources = Sources {
+                config_file: Some(file.path().to_path_buf()),
+                profile: Some(profile.into()),
+                ..Default::default()
+            };
+            sources.load().unwrap_err().to_string()
+        };
+        let err = load("production");
+        assert!(err.contains(&format!("{path} line 6, column 3:")) && err.contains("concurency"), "{err}");
+        let file = config_file("[default]\nauth = { style = \"nope\" }\ntimeout = \"soon\"\n");
+        let sources = Sources { config_file: Some(file.path().to_path_buf()), ..Default::default() };
+        let err = sources.load().unwrap_err().to_string();
+        assert!(err.contains("line 2, column 10:") && err.contains("nope"), "a key of an inline table: {err}");
+        assert_eq!(locate("a = 1\n[b]\nc.d = 2\n", &["b", "c", "d"]), Some((3, 3)));
+        assert_eq!(locate("a = 1\n", &["b"]), None);
     }
 }
