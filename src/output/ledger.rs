@@ -25,9 +25,77 @@ pub struct Ledger {
     writing: std::sync::Mutex<()>,
     /// How many queued marks have been written (and synced).
     written: std::sync::atomic::AtomicU64,
-    /// Make each `S` mark durable before its row is sent (a job that is
-    /// not idempotent: after a power cut, a row sent must be known as sent).
-    sync_started: bool,
+    /// For a job that is not idempotent (after a power cut, a row sent must
+    /// be known as sent): the thread that makes each `S` mark durable before
+    /// its row is sent, one `fdatasync` per [`COMMIT_WINDOW`] at most.
+    committer: Option<Arc<Committer>>,
+}
+
+/// At most one sync of started marks per this long: the marks queued
+/// meanwhile share it. A row waits at most this long (and the sync) more
+/// before it goes out; its started mark is durable first, as ever.
+pub const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The started marks of a job that is not idempotent, on their way to the
+/// disk: queued by the workers, written and synced by one thread.
+struct Committer {
+    /// Marks queued and not yet taken, how many were ever queued, and
+    /// whether the ledger is gone (the thread ends).
+    queued: std::sync::Mutex<(Vec<u8>, u64, bool)>,
+    wake: std::sync::Condvar,
+    /// How many queued marks are durable, or why writing them failed.
+    synced: tokio::sync::watch::Sender<Result<u64, (std::io::ErrorKind, String)>>,
+}
+
+impl Committer {
+    fn start(file: File, path: PathBuf) -> Arc<Committer> {
+        let committer = Arc::new(Committer {
+            queued: std::sync::Mutex::new((Vec::new(), 0, false)),
+            wake: std::sync::Condvar::new(),
+            synced: tokio::sync::watch::Sender::new(Ok(0)),
+        });
+        let shared = committer.clone();
+        std::thread::Builder::new()
+            .name("bulkcall-ledger".into())
+            .spawn(move || shared.run(&file, &path))
+            .expect("the ledger's thread starts");
+        committer
+    }
+
+    fn run(&self, file: &File, path: &Path) {
+        loop {
+            let (marks, upto) = {
+                let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+                while queued.0.is_empty() && !queued.2 {
+                    queued = self.wake.wait(queued).unwrap_or_else(|e| e.into_inner());
+                }
+                if queued.0.is_empty() {
+                    return;
+                }
+                (std::mem::take(&mut queued.0), queued.1)
+            };
+            let began = std::time::Instant::now();
+            let written = (&*file).write_all(&marks).and_then(|()| sync(file, path));
+            if let Err(e) = written {
+                let _ = self.synced.send_replace(Err((e.kind(), e.to_string())));
+                return;
+            }
+            let _ = self.synced.send_replace(Ok(upto));
+            // The next marks gather for the rest of the window.
+            if let Some(rest) = COMMIT_WINDOW.checked_sub(began.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if let Some(committer) = &self.committer {
+            committer.queued.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+            committer.wake.notify_one();
+        }
+    }
 }
 
 /// `write!` into a byte buffer.
@@ -65,13 +133,18 @@ impl Ledger {
     /// [`Ledger::started`] returns.
     pub fn open(dir: &Path, append: bool, sync_started: bool) -> Result<Ledger, OutputError> {
         let path = dir.join("journal");
+        let file = open_file(&path, append, Records::Lines)?;
+        let committer = match sync_started {
+            true => Some(Committer::start(file.try_clone().map_err(io(&path))?, path.clone())),
+            false => None,
+        };
         Ok(Ledger {
-            file: open_file(&path, append, Records::Lines)?,
+            file,
             path,
             queued: std::sync::Mutex::new((Vec::new(), 0)),
             writing: std::sync::Mutex::new(()),
             written: std::sync::atomic::AtomicU64::new(0),
-            sync_started,
+            committer,
         })
     }
 
@@ -81,6 +154,23 @@ impl Ledger {
     /// and the first back writes every mark queued.
     pub async fn started(self: &Arc<Self>, input: usize, row: u64) -> Result<(), OutputError> {
         use std::sync::atomic::Ordering;
+        if let Some(committer) = &self.committer {
+            // Durable before it returns: queued for the committer's next sync.
+            let mine = {
+                let mut queued = committer.queued.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(ByteWriter(&mut queued.0), "S\t{input}\t{row}");
+                queued.1 += 1;
+                queued.1
+            };
+            committer.wake.notify_one();
+            let mut synced = committer.synced.subscribe();
+            let synced = synced.wait_for(|s| s.as_ref().map_or(true, |&upto| upto >= mine)).await;
+            return match synced.as_deref() {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((kind, message))) => Err(io(&self.path)(std::io::Error::new(*kind, message.clone()))),
+                Err(_) => Err(io(&self.path)(std::io::Error::other("the ledger's thread ended"))),
+            };
+        }
         let mine = {
             let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(ByteWriter(&mut queued.0), "S\t{input}\t{row}");
@@ -91,16 +181,11 @@ impl Ledger {
         if self.written.load(Ordering::Acquire) >= mine {
             return Ok(());
         }
-        if !self.sync_started {
-            return self.write_queued(mine);
-        }
-        // The sync waits for the disk: off the thread that drives the calls.
-        let ledger = self.clone();
-        tokio::task::spawn_blocking(move || ledger.write_queued(mine)).await.expect("writing marks does not panic")
+        self.write_queued(mine)
     }
 
-    /// Writes every mark queued, unless another writer already wrote
-    /// `mine`; with `sync_started`, makes them durable before saying so.
+    /// Writes every mark queued, unless another writer already wrote `mine`
+    /// (a job that is idempotent: its marks need not be durable first).
     fn write_queued(&self, mine: u64) -> Result<(), OutputError> {
         use std::sync::atomic::Ordering;
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
@@ -112,9 +197,6 @@ impl Ledger {
             (std::mem::take(&mut queued.0), queued.1)
         };
         (&self.file).write_all(&marks).map_err(io(&self.path))?;
-        if self.sync_started {
-            sync(&self.file, &self.path).map_err(io(&self.path))?;
-        }
         self.written.store(upto, Ordering::Release);
         Ok(())
     }

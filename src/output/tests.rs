@@ -167,3 +167,27 @@ fn a_written_line_is_due_for_its_sync_within_sync_every_of_the_oldest() {
     assert!(group.due().is_none());
     assert_eq!(SYNC_EVERY, std::time::Duration::from_millis(10), "README's 10 ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_marks_share_one_sync_per_window_at_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(dir.path(), false, true).unwrap());
+    let began = std::time::Instant::now();
+    let rows: Vec<_> = (0..400u64)
+        .map(|row| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.started(0, row).await })
+        })
+        .collect();
+    for row in rows {
+        row.await.unwrap().unwrap();
+    }
+    let took = began.elapsed();
+    // Every mark is on disk once its started() returned.
+    let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
+    assert_eq!(journal.lines().filter(|l| l.starts_with("S\t0\t")).count(), 400);
+    let syncs = synced(dir.path()).len() as u128;
+    // One sync per COMMIT_WINDOW at most (the first one at once).
+    assert!(syncs <= took.as_micros() / super::ledger::COMMIT_WINDOW.as_micros() + 1, "{syncs} syncs in {took:?}");
+    assert!(syncs < 400, "marks share syncs: {syncs} for 400 rows");
+}
