@@ -610,3 +610,32 @@ async fn shards_split_another_way_never_share_a_run_folder() {
     assert_eq!(by_key.len(), 12);
     assert!(by_key.values().all(|calls| calls.len() == 1), "each row once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_are_held_to_the_open_files_limit_raised_to_its_hard_one() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let input = gw.write("rows.jsonl", "{\"controlNumber\":\"000000001\"}\n");
+    let config = gw.config(SECRET, "");
+    let run = |limits: &str, out: &std::path::Path| {
+        let script = format!(
+            "{limits}; exec {} run {} {} -o {} -c {} -p test -j 500",
+            env!("CARGO_BIN_EXE_bulkcall"),
+            job.display(),
+            input.display(),
+            out.display(),
+            config.display()
+        );
+        std::process::Command::new("bash").args(["-c", &script]).output().unwrap()
+    };
+    // A hard limit of 150 open files: 500 calls in flight cannot fit.
+    let refused = gw.path("refused");
+    let output = run("ulimit -Sn 100 && ulimit -Hn 150", &refused);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("-j 500 needs about 564 open files, and this process may open 150"), "{stderr}");
+    assert!(!refused.exists(), "refused before the run directory");
+    // A soft limit of 100 under a higher hard one: raised, and the run goes.
+    let output = run("ulimit -Sn 100", &gw.path("raised"));
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}

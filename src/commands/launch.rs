@@ -155,6 +155,10 @@ async fn run_job(
     metrics: &mut Option<crate::metrics::Exporter>,
 ) -> Result<ExitCode, Error> {
     let settings = r.loaded.settings.clone();
+    // Before any file or token: -j must fit under the open-files limit.
+    if !options.dry_run {
+        runner::enough_descriptors(settings.concurrency)?;
+    }
     let requests = Arc::new(r.job.requests(&settings)?);
     let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
     let authorized = settings.auth.style != AuthStyle::None;

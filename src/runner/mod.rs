@@ -220,6 +220,34 @@ pub fn last_words() -> Option<String> {
     Some(words)
 }
 
+/// Raises the soft limit on open files to the hard one, and says whether
+/// `concurrency` calls in flight fit under it: each needs a socket, and the
+/// run needs some more (files, the token client, Redis, metrics).
+pub fn enough_descriptors(concurrency: usize) -> Result<(), Error> {
+    const SPARE: u64 = 64;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the one struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Ok(());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = concurrency as u64 + SPARE;
+    if needed > limit.rlim_cur {
+        return Err(Error::Usage(format!(
+            "-j {concurrency} needs about {needed} open files, and this process may open {}; \
+             lower -j, or raise the limit (ulimit -n, LimitNOFILE= in a systemd unit)",
+            limit.rlim_cur
+        )));
+    }
+    Ok(())
+}
+
 /// Sends every row and records every outcome in `plan.dir`.
 pub async fn run(
     mut plan: Plan,
