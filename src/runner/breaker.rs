@@ -2,10 +2,13 @@
 //!
 //! An attempt that fails at the transport level (connection refused, DNS,
 //! the TLS handshake, a timeout, a connection lost) or is answered 502, 503
-//! or 504 is an outage attempt; any other answer, a success or a 4xx, shows
-//! the gateway is there and ends the streak. When attempts have failed that
-//! way for `outage_after` with no other answer in between, the breaker
-//! opens: the run takes no more rows and stops with exit 75, try again later.
+//! or 504 without `Retry-After` is an outage attempt; any other answer, a
+//! success, a 4xx or a 503 that says when to come back, shows the gateway
+//! is there and ends the streak. When attempts of at least two rows have
+//! failed that way for `outage_after` with no other answer in between, the
+//! breaker opens: the run takes no more rows and stops with exit 75, try
+//! again later. (One row alone failing is that row's failure: a row the
+//! gateway always times out on must not stop every run that meets it.)
 //!
 //! A row whose last attempt was an outage attempt is not recorded as failed
 //! while a streak lasts: it is held until the streak ends (another row got
@@ -27,7 +30,8 @@ use crate::outcome::Verdict;
 pub(super) fn is_outage(verdict: &Verdict) -> bool {
     match verdict {
         Verdict::NotSent(_) | Verdict::NoAnswer(_) => true,
-        Verdict::Answer { status, .. } => matches!(status, 502..=504),
+        // A 5xx with Retry-After is the gateway saying when: the pool pauses.
+        Verdict::Answer { status, after, .. } => matches!(status, 502..=504) && after.is_none(),
         Verdict::Done | Verdict::Unauthorized | Verdict::Permanent(_) => false,
     }
 }
@@ -63,12 +67,23 @@ struct Streak {
     /// The first outage attempt since the last other answer.
     since: Option<Instant>,
     calls: u64,
+    /// The first row that failed in the streak, and whether another did.
+    first_row: Option<(usize, u64)>,
+    rows_more_than_one: bool,
     origin: String,
     last: String,
     open: bool,
 }
 
 impl Streak {
+    fn count(&mut self, row: (usize, u64)) {
+        match self.first_row {
+            None => self.first_row = Some(row),
+            Some(first) if first != row => self.rows_more_than_one = true,
+            Some(_) => {}
+        }
+    }
+
     fn outage(&self, now: Instant) -> Outage {
         let lasted = self.since.map_or(Duration::ZERO, |s| now - s);
         // Whole seconds read better ("30s", not "30s 2ms 113us").
@@ -98,9 +113,15 @@ impl Breaker {
         self.streak.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one attempt's verdict; `Some` when it opened the breaker.
+    /// Counts one attempt of `row`; `Some` when it opened the breaker.
     /// `last` says what failed (called for outage attempts only).
-    pub(super) fn observe(&self, verdict: &Verdict, origin: &str, last: impl FnOnce() -> String) -> Option<Outage> {
+    pub(super) fn observe(
+        &self,
+        row: (usize, u64),
+        verdict: &Verdict,
+        origin: &str,
+        last: impl FnOnce() -> String,
+    ) -> Option<Outage> {
         if self.window.is_zero() {
             return None;
         }
@@ -110,7 +131,7 @@ impl Breaker {
         }
         if !is_outage(verdict) {
             if streak.since.take().is_some() {
-                streak.calls = 0;
+                *streak = Streak::default();
                 drop(streak);
                 self.changed.notify_waiters();
             }
@@ -119,9 +140,10 @@ impl Breaker {
         let now = Instant::now();
         let since = *streak.since.get_or_insert(now);
         streak.calls += 1;
+        streak.count(row);
         origin.clone_into(&mut streak.origin);
         streak.last = last();
-        if now - since < self.window {
+        if now - since < self.window || !streak.rows_more_than_one {
             return None;
         }
         streak.open = true;
@@ -150,6 +172,10 @@ impl Breaker {
                 }
                 let Some(since) = streak.since else { return Hold::Record };
                 let now = Instant::now();
+                if now - since >= self.window && !streak.rows_more_than_one {
+                    // This row alone has failed all along: its own failure.
+                    return Hold::Record;
+                }
                 if now - since >= self.window {
                     streak.open = true;
                     let outage = streak.outage(now);
@@ -174,11 +200,16 @@ mod tests {
     use crate::outcome::ErrorKind;
 
     const REFUSED: Verdict = Verdict::NotSent(ErrorKind::Connection);
+    const MINUTE: Duration = Duration::from_secs(60);
     const ANSWERED: Verdict =
         Verdict::Answer { kind: ErrorKind::ClientError, status: 400, retryable: false, after: None };
 
     fn observe(breaker: &Breaker, verdict: &Verdict) -> Option<Outage> {
-        breaker.observe(verdict, "https://gw.example", || "connection refused".into())
+        observe_row(breaker, 1, verdict)
+    }
+
+    fn observe_row(breaker: &Breaker, row: u64, verdict: &Verdict) -> Option<Outage> {
+        breaker.observe((0, row), verdict, "https://gw.example", || "connection refused".into())
     }
 
     #[test]
@@ -187,6 +218,9 @@ mod tests {
         assert!(is_outage(&REFUSED));
         assert!(is_outage(&Verdict::NoAnswer(ErrorKind::Timeout)));
         assert!(is_outage(&answer(502)) && is_outage(&answer(503)) && is_outage(&answer(504)));
+        // A 503 that says when to come back is the gateway, answering: the pool pauses for it.
+        let later = Verdict::Answer { kind: ErrorKind::ServerError, status: 503, retryable: true, after: Some(MINUTE) };
+        assert!(!is_outage(&later));
         // The gateway is there: it answered.
         assert!(!is_outage(&answer(500)) && !is_outage(&ANSWERED) && !is_outage(&Verdict::Done));
         assert!(!is_outage(&Verdict::Unauthorized));
@@ -205,8 +239,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(observe(&breaker, &REFUSED).is_none());
         tokio::time::advance(Duration::from_secs(30)).await;
-        let outage = observe(&breaker, &REFUSED).expect("30 s of failures open it");
-        assert_eq!((outage.calls, outage.lasted), (2, Duration::from_secs(30)));
+        assert!(observe(&breaker, &REFUSED).is_none(), "one row alone failing is that row's failure");
+        let outage = observe_row(&breaker, 2, &REFUSED).expect("30 s of failures of two rows open it");
+        assert_eq!((outage.calls, outage.lasted), (3, Duration::from_secs(30)));
         assert_eq!(outage.origin, "https://gw.example");
         // Open, it stays open: the run is stopping.
         assert!(observe(&breaker, &REFUSED).is_none());
@@ -231,12 +266,30 @@ mod tests {
     async fn a_held_row_opens_the_breaker_when_the_window_ends() {
         let breaker = Breaker::new(Duration::from_secs(30));
         observe(&breaker, &REFUSED);
+        observe_row(&breaker, 2, &REFUSED);
         let started = Instant::now();
         let Hold::Opened(outage) = breaker.hold(&CancellationToken::new()).await else { panic!("opened") };
         assert_eq!(started.elapsed(), Duration::from_secs(30), "no later than the window's end");
-        assert_eq!(outage.calls, 1);
+        assert_eq!(outage.calls, 2);
         // Every other row held now is released.
         assert!(matches!(breaker.hold(&CancellationToken::new()).await, Hold::Release));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_row_that_alone_fails_all_window_long_is_recorded_and_the_next_one_opens_it() {
+        // -j 1: a row the gateway always times out on, then the next row.
+        let breaker = Breaker::new(Duration::from_secs(30));
+        let timeout = Verdict::NoAnswer(ErrorKind::Timeout);
+        observe(&breaker, &timeout);
+        let started = Instant::now();
+        assert!(matches!(breaker.hold(&CancellationToken::new()).await, Hold::Record), "its own failure");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        // The next row answered: nothing more.
+        assert!(observe_row(&breaker, 2, &ANSWERED).is_none());
+        // Had it failed too, two rows in 30 s: an outage.
+        observe(&breaker, &timeout);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(observe_row(&breaker, 3, &REFUSED).is_some());
     }
 
     #[tokio::test(start_paused = true)]
