@@ -84,7 +84,9 @@ pub(super) const RECORDER_BEAT: Duration = Duration::from_millis(1);
 /// it) at most [`crate::output::SYNC_EVERY`] later, so one sync serves every
 /// outcome of that moment and the syncs never hold up a call: workers wait
 /// only when the channel is full. While outcomes keep coming it takes them
-/// every [`RECORDER_BEAT`]; when none came, it waits to be woken. When a
+/// every [`RECORDER_BEAT`] (for a job that is not idempotent, whose
+/// workers wait for their outcome to be written, as they come); when none
+/// came, it waits to be woken. When a
 /// write fails, the run is aborted and the channel closed (the workers
 /// stop: without a place for outcomes, sending more would lose them). The
 /// thread hands the recorder back when every sender is gone and the last
@@ -104,8 +106,11 @@ pub(super) fn start_recorder(
         let most = outcomes.max_capacity();
         let mut group = Vec::with_capacity(most);
         let (mut busy, mut open) = (false, true);
+        // A claim's worker waits for its outcome to be written before its
+        // next row: no beat for it, the outcomes are taken as they come.
+        let beat = shared.requests.idempotent();
         while open {
-            if busy {
+            if busy && beat {
                 tokio::time::sleep(RECORDER_BEAT).await;
                 while group.len() < most {
                     match outcomes.try_recv() {
