@@ -100,13 +100,21 @@ pub(super) struct Breaker {
     /// How long calls may fail with no other answer; zero: never opens.
     window: Duration,
     streak: Mutex<Streak>,
+    /// Whether a streak (or the open breaker) is on: an answer while none
+    /// is, every call of a healthy run, is counted without the lock.
+    on: std::sync::atomic::AtomicBool,
     /// Wakes the rows held when a streak ends or the breaker opens.
     changed: Notify,
 }
 
 impl Breaker {
     pub(super) fn new(window: Duration) -> Breaker {
-        Breaker { window, streak: Mutex::new(Streak::default()), changed: Notify::new() }
+        Breaker {
+            window,
+            streak: Mutex::new(Streak::default()),
+            on: std::sync::atomic::AtomicBool::new(false),
+            changed: Notify::new(),
+        }
     }
 
     fn streak(&self) -> std::sync::MutexGuard<'_, Streak> {
@@ -114,24 +122,28 @@ impl Breaker {
     }
 
     /// Counts one attempt of `row`; `Some` when it opened the breaker.
-    /// `last` says what failed (called for outage attempts only).
+    /// `origin` and `last` say where and what failed (called for outage
+    /// attempts only: the hot path of a healthy run allocates nothing).
     pub(super) fn observe(
         &self,
         row: (usize, u64),
         verdict: &Verdict,
-        origin: &str,
+        origin: impl FnOnce() -> String,
         last: impl FnOnce() -> String,
     ) -> Option<Outage> {
-        if self.window.is_zero() {
+        use std::sync::atomic::Ordering;
+        let outage = is_outage(verdict);
+        if self.window.is_zero() || (!outage && !self.on.load(Ordering::Relaxed)) {
             return None;
         }
         let mut streak = self.streak();
         if streak.open {
             return None;
         }
-        if !is_outage(verdict) {
+        if !outage {
             if streak.since.take().is_some() {
                 *streak = Streak::default();
+                self.on.store(false, Ordering::Relaxed);
                 drop(streak);
                 self.changed.notify_waiters();
             }
@@ -139,9 +151,10 @@ impl Breaker {
         }
         let now = Instant::now();
         let since = *streak.since.get_or_insert(now);
+        self.on.store(true, Ordering::Relaxed);
         streak.calls += 1;
         streak.count(row);
-        origin.clone_into(&mut streak.origin);
+        streak.origin = origin();
         streak.last = last();
         if now - since < self.window || !streak.rows_more_than_one {
             return None;
@@ -209,7 +222,7 @@ mod tests {
     }
 
     fn observe_row(breaker: &Breaker, row: u64, verdict: &Verdict) -> Option<Outage> {
-        breaker.observe((0, row), verdict, "https://gw.example", || "connection refused".into())
+        breaker.observe((0, row), verdict, || "https://gw.example".into(), || "connection refused".into())
     }
 
     #[test]

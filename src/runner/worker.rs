@@ -187,7 +187,7 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
         shared.live.calls.record(status, latency);
         let origin = || request.url.origin().ascii_serialization();
         let what = || status.map_or_else(|| error.clone(), |s| format!("HTTP {s}"));
-        if let Some(outage) = shared.breaker.observe((row.input, row.number), &verdict, &origin(), what) {
+        if let Some(outage) = shared.breaker.observe((row.input, row.number), &verdict, origin, what) {
             shared.abort(Error::Outage(outage));
         }
         if let Some(status) = status {
