@@ -60,6 +60,15 @@ async fn success_captures_results_csv_and_the_report() {
         assert!(html.contains(expected), "report.html shows {expected}");
     }
     assert!(!html.contains("<b>Bold</b>"), "row data is escaped");
+    assert!(html.contains("<h2>Failures by kind</h2>"), "failures grouped by kind");
+    assert!(
+        html.contains(&format!(r#"<a href="failures.csv">failures.csv</a>: {} records"#, rows.len())),
+        "a link to the failures file with its count"
+    );
+    let settings = &html[html.find("<h2>Settings</h2>").expect("a settings section")..];
+    for expected in ["Concurrency", "Profile", "Input", env!("CARGO_PKG_VERSION")] {
+        assert!(settings.contains(expected), "the settings section shows {expected}");
+    }
     for external in ["src=\"http", "href=\"http", "@import", "url("] {
         assert!(!html.contains(external), "report.html loads nothing from the network ({external})");
     }

@@ -18,6 +18,10 @@ use crate::status::RunStatus;
 
 /// Failures listed on the page.
 const LISTED_FAILURES: usize = 20;
+/// Groups of failures (kind, status, message shape) listed on the page, and
+/// counted apart at most; the rest count as other shapes.
+const LISTED_GROUPS: usize = 20;
+const MAX_GROUPS: usize = 1000;
 /// Bars in the throughput chart at most.
 const MAX_BARS: usize = 240;
 
@@ -88,58 +92,178 @@ fn add_timeline(t: &mut Timeline, dir: &Path) {
     });
 }
 
-/// The first failures: row, key, error, status, message.
-fn read_failures(dir: &Path) -> Vec<[String; 5]> {
-    let mut found = Vec::new();
-    // A failures CSV is written with its input's delimiter, which run.json records.
-    let run: Value = std::fs::read_to_string(dir.join("run.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    let delimiter_of = |name: &str| {
-        let recorded = run["inputs"].as_array().into_iter().flatten().find(|i| i["failures"].as_str() == Some(name));
-        match recorded.and_then(|i| i["delimiter"].as_str()).and_then(|d| d.bytes().next()) {
-            Some(d) => d,
-            None if name.ends_with(".tsv") => b'\t',
-            None => b',',
-        }
-    };
-    let mut files: Vec<std::path::PathBuf> =
-        std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    files.sort();
-    for path in files {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !name.starts_with("failures") {
-            continue;
-        }
-        if name.ends_with(".jsonl") {
-            let Ok(file) = std::fs::File::open(&path) else { continue };
-            for line in std::io::BufReader::new(file).lines().map_while(Result::ok).take(LISTED_FAILURES) {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-                let text = |k: &str| match &v[k] {
-                    Value::String(s) => s.clone(),
-                    Value::Null => String::new(),
-                    other => other.to_string(),
-                };
-                found.push([text("_row"), text("_key"), text("_error"), text("_status"), text("_message")]);
+/// What the failures files hold: the first failures listed on the page,
+/// every failure counted by its kind, and the files themselves.
+#[derive(Default)]
+struct Failures {
+    /// Row, key, error, status, message of the first ones.
+    first: Vec<[String; 5]>,
+    /// Failures by error kind, status and message shape (digits as `#`).
+    groups: BTreeMap<(String, String, String), u64>,
+    /// Each failures file (its path from the page) and how many records it holds.
+    files: Vec<(String, u64)>,
+}
+
+impl Failures {
+    /// Adds a run directory's failures files; `prefix` is the directory's
+    /// path from the page (`shard-0/`) and `label` goes after each row number.
+    fn add(&mut self, dir: &Path, prefix: &str, label: &str) {
+        // A failures CSV is written with its input's delimiter, which run.json records.
+        let run = read_run_json(dir);
+        let delimiter_of = |name: &str| {
+            let recorded =
+                run["inputs"].as_array().into_iter().flatten().find(|i| i["failures"].as_str() == Some(name));
+            match recorded.and_then(|i| i["delimiter"].as_str()).and_then(|d| d.bytes().next()) {
+                Some(d) => d,
+                None if name.ends_with(".tsv") => b'\t',
+                None => b',',
             }
-        } else if name.ends_with(".csv") || name.ends_with(".tsv") {
-            let Ok(mut reader) = csv::ReaderBuilder::new().delimiter(delimiter_of(name)).from_path(&path) else {
+        };
+        let mut files: Vec<std::path::PathBuf> =
+            std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        files.sort();
+        for path in files {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !name.starts_with("failures") {
                 continue;
-            };
-            let Ok(headers) = reader.headers().cloned() else { continue };
-            let at = |k: &str| headers.iter().position(|h| h == k);
-            let columns = ["_row", "_key", "_error", "_status", "_message"].map(at);
-            for record in reader.records().flatten().take(LISTED_FAILURES) {
-                found.push(columns.map(|c| c.and_then(|i| record.get(i)).unwrap_or("").to_string()));
             }
+            let mut records = 0;
+            if name.ends_with(".jsonl") {
+                let Ok(file) = std::fs::File::open(&path) else { continue };
+                for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                    let text = |k: &str| match &v[k] {
+                        Value::String(s) => s.clone(),
+                        Value::Null => String::new(),
+                        other => other.to_string(),
+                    };
+                    self.push([text("_row"), text("_key"), text("_error"), text("_status"), text("_message")], label);
+                    records += 1;
+                }
+            } else if name.ends_with(".csv") || name.ends_with(".tsv") {
+                let Ok(mut reader) = csv::ReaderBuilder::new().delimiter(delimiter_of(name)).from_path(&path) else {
+                    continue;
+                };
+                let Ok(headers) = reader.headers().cloned() else { continue };
+                let at = |k: &str| headers.iter().position(|h| h == k);
+                let columns = ["_row", "_key", "_error", "_status", "_message"].map(at);
+                for record in reader.records().flatten() {
+                    self.push(columns.map(|c| c.and_then(|i| record.get(i)).unwrap_or("").to_string()), label);
+                    records += 1;
+                }
+            } else {
+                continue;
+            }
+            self.files.push((format!("{prefix}{name}"), records));
         }
-        if found.len() >= LISTED_FAILURES {
+    }
+
+    fn push(&mut self, mut failure: [String; 5], label: &str) {
+        let [_, _, error, status, message] = &failure;
+        let key = (error.clone(), status.clone(), message_shape(message));
+        if self.groups.len() < MAX_GROUPS || self.groups.contains_key(&key) {
+            *self.groups.entry(key).or_default() += 1;
+        } else {
+            *self.groups.entry((String::new(), String::new(), "(other shapes)".into())).or_default() += 1;
+        }
+        if self.first.len() < LISTED_FAILURES {
+            failure[0].push_str(label);
+            self.first.push(failure);
+        }
+    }
+
+    /// The groups, the largest first (ties in the order of kind, status, shape).
+    fn largest_groups(&self) -> Vec<(&(String, String, String), u64)> {
+        let mut groups: Vec<_> = self.groups.iter().map(|(k, n)| (k, *n)).collect();
+        groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        groups.truncate(LISTED_GROUPS);
+        groups
+    }
+}
+
+/// A message with every run of digits written `#`, so failures that differ
+/// only in a number (a row, a byte count, a port) fall in one group; long
+/// messages are cut at 160 characters.
+fn message_shape(message: &str) -> String {
+    let mut shape = String::with_capacity(message.len().min(160));
+    let mut chars = 0;
+    for c in message.chars() {
+        if c.is_ascii_digit() {
+            if !shape.ends_with('#') {
+                shape.push('#');
+                chars += 1;
+            }
+        } else {
+            shape.push(c);
+            chars += 1;
+        }
+        if chars >= 160 {
+            shape.push('…');
             break;
         }
     }
-    found.truncate(LISTED_FAILURES);
-    found
+    shape
+}
+
+fn read_run_json(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The settings and versions a run used, from its `run.json`.
+fn settings_rows(run: &Value) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    if let Some(version) = run["version"].as_str() {
+        rows.push(("bulkcall".to_string(), version.to_string()));
+    }
+    if let Some(job) = run["job"].as_str() {
+        rows.push(("Job file".into(), job.to_string()));
+    }
+    if let Some(profile) = run["profile"].as_str() {
+        rows.push(("Profile".into(), profile.to_string()));
+    }
+    let settings = &run["settings"];
+    if let Some(url) = settings["base_url"].as_str() {
+        rows.push(("Base URL".into(), url.to_string()));
+    }
+    match settings["rate"].as_f64() {
+        Some(rate) if rate > 0.0 => {
+            rows.push(("Rate".into(), format!("{rate} calls/s, burst {}", text(&settings["burst"]))));
+        }
+        Some(_) => rows.push(("Rate".into(), "unlimited".into())),
+        None => {}
+    }
+    for (name, key) in [
+        ("Concurrency", "concurrency"),
+        ("Max attempts", "max_attempts"),
+        ("Timeout", "timeout"),
+        ("Retry budget", "retry_budget"),
+        ("Outage after", "outage_after"),
+    ] {
+        if !settings[key].is_null() {
+            rows.push((name.into(), text(&settings[key])));
+        }
+    }
+    for input in run["inputs"].as_array().into_iter().flatten() {
+        rows.push((
+            "Input".into(),
+            format!("{} ({}, {} bytes)", text(&input["path"]), text(&input["format"]), text(&input["size"])),
+        ));
+    }
+    if let Some(limit) = run["limit"].as_u64() {
+        rows.push(("Limit".into(), format!("first {limit} rows")));
+    }
+    if let Some(id) = run["run_id"].as_str() {
+        rows.push(("Run id".into(), id.to_string()));
+    }
+    rows
 }
 
 fn escape(s: &str) -> String {
@@ -214,6 +338,29 @@ fn latency_chart(t: &Timeline) -> String {
     bars(&t.latency, &labels, 1, "latency of each row's last attempt", "rows")
 }
 
+/// The largest groups of failures: how many, error kind, status, message shape.
+fn failure_groups(failures: &Failures) -> String {
+    let groups = failures.largest_groups();
+    if groups.is_empty() {
+        return "<p>None.</p>".into();
+    }
+    let mut html = String::from("<table><tr><th>Rows</th><th>Error</th><th>Status</th><th>Message</th></tr>");
+    for ((error, status, shape), n) in &groups {
+        let _ = write!(
+            html,
+            r#"<tr><td>{n}</td><td>{}</td><td>{}</td><td class="msg">{}</td></tr>"#,
+            escape(error),
+            escape(status),
+            escape(shape)
+        );
+    }
+    html.push_str("</table>");
+    if failures.groups.len() > groups.len() {
+        let _ = write!(html, "<p>… and {} smaller groups.</p>", failures.groups.len() - groups.len());
+    }
+    html
+}
+
 fn table(rows: &[(String, String)]) -> String {
     let mut html = String::from("<table>");
     for (k, v) in rows {
@@ -236,7 +383,9 @@ struct Page {
     timeline: Timeline,
     statuses: Vec<(String, String)>,
     errors: Vec<(String, String)>,
-    failures: Vec<[String; 5]>,
+    /// The settings and versions the run used.
+    settings: Vec<(String, String)>,
+    failures: Failures,
     failed: u64,
 }
 
@@ -246,10 +395,7 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
     let text = std::fs::read_to_string(&summary_path).map_err(|_| ReportError::NoSummary(dir.to_path_buf()))?;
     let s: Summary = serde_json::from_str(&text)
         .map_err(|e| ReportError::Read { path: summary_path.clone(), message: e.to_string() })?;
-    let run: Value = std::fs::read_to_string(dir.join("run.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    let run = read_run_json(dir);
     let job = run["job_name"].as_str().unwrap_or("dry run");
     let started = run["started_at"].as_str().unwrap_or("");
 
@@ -294,7 +440,12 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
         timeline: read_timeline(dir),
         statuses: s.statuses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         errors: s.errors.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
-        failures: read_failures(dir),
+        settings: settings_rows(&run),
+        failures: {
+            let mut failures = Failures::default();
+            failures.add(dir, "", "");
+            failures
+        },
         failed: s.failed,
     }))
 }
@@ -303,20 +454,18 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
 /// their ledgers, a table of the shards, and which have not finished.
 pub fn render_shards(run: &RunStatus) -> Result<String, ReportError> {
     let mut timeline = Timeline::default();
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
     let mut token_requests = 0;
     for shard in &run.shards {
         add_timeline(&mut timeline, &shard.dir);
-        if failures.len() < LISTED_FAILURES {
-            let name = shard.shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
-            failures.extend(read_failures(&shard.dir).into_iter().map(|mut f| {
-                f[0].push_str(&name);
-                f
-            }));
-        }
+        let label = shard.shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
+        let prefix = match shard.dir.strip_prefix(&run.path) {
+            Ok(from_page) if !from_page.as_os_str().is_empty() => format!("{}/", from_page.display()),
+            _ => String::new(),
+        };
+        failures.add(&shard.dir, &prefix, &label);
         token_requests += shard.summary.as_ref().map_or(0, |s| s.token_requests);
     }
-    failures.truncate(LISTED_FAILURES);
     let (done, succeeded, failed, in_doubt) = run.total();
     let finished = run.shards.iter().filter(|s| s.state.finished()).count();
     let unfinished: Vec<String> =
@@ -389,6 +538,7 @@ pub fn render_shards(run: &RunStatus) -> Result<String, ReportError> {
         statuses: pairs(&timeline.statuses),
         errors: pairs(&timeline.errors),
         timeline,
+        settings: run.shards.first().map(|s| settings_rows(&read_run_json(&s.dir))).unwrap_or_default(),
         failures,
         failed,
     }))
@@ -419,6 +569,7 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
 <h2>Latency</h2>{latency}
 <h2>Statuses</h2>{statuses}
 <h2>Errors</h2>{errors}
+<h2>Failures by kind</h2>{groups}
 <h2>First failures</h2>"#,
         job = escape(&p.title),
         location = p.location,
@@ -430,12 +581,13 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
         latency = latency_chart(&p.timeline),
         statuses = if p.statuses.is_empty() { "<p>None.</p>".into() } else { table(&p.statuses) },
         errors = if p.errors.is_empty() { "<p>None.</p>".into() } else { table(&p.errors) },
+        groups = failure_groups(&p.failures),
     );
-    if p.failures.is_empty() {
+    if p.failures.first.is_empty() {
         html.push_str("<p>None.</p>");
     } else {
         html.push_str("<table><tr><th>Row</th><th>Key</th><th>Error</th><th>Status</th><th>Message</th></tr>");
-        for [row, key, error, status, message] in &p.failures {
+        for [row, key, error, status, message] in &p.failures.first {
             let _ = write!(
                 html,
                 r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="msg">{}</td></tr>"#,
@@ -447,10 +599,19 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
             );
         }
         html.push_str("</table>");
-        if p.failed as usize > p.failures.len() {
-            let _ = write!(html, "<p>… and {} more in the failures files.</p>", p.failed as usize - p.failures.len());
+        if p.failed as usize > p.failures.first.len() {
+            let more = p.failed as usize - p.failures.first.len();
+            let _ = write!(html, "<p>… and {more} more in the failures files.</p>");
         }
     }
+    if !p.failures.files.is_empty() {
+        html.push_str("\n<h2>Failures files</h2><ul>");
+        for (path, records) in &p.failures.files {
+            let _ = write!(html, r#"<li><a href="{0}">{0}</a>: {records} records</li>"#, escape(path));
+        }
+        html.push_str("</ul>");
+    }
+    let _ = write!(html, "\n<h2>Settings</h2>{}", table(&p.settings));
     html.push_str("\n</body></html>\n");
     html
 }
@@ -473,7 +634,30 @@ mod tests {
             std::fs::write(dir.path().join(name), format!("{}\n{}\n", header.join(d), row.join(d))).unwrap();
         }
         let row = ["3", "k7", "http_4xx", "422", "no"].map(String::from);
-        assert_eq!(read_failures(dir.path()), [row.clone(), row]);
+        let mut failures = Failures::default();
+        failures.add(dir.path(), "", "");
+        assert_eq!(failures.first, [row.clone(), row]);
+        assert_eq!(failures.files, [("failures.b.csv".to_string(), 1), ("failures.csv".to_string(), 1)]);
+    }
+
+    #[test]
+    fn failures_differing_only_in_numbers_fall_in_one_group() {
+        let mut failures = Failures::default();
+        for (row, message) in [
+            ("1", "body of 1024 bytes at row 1"),
+            ("2", "body of 99 bytes at row 2"),
+            ("3", "connection refused by 127.0.0.1:80"),
+            ("4", "body of 7 bytes at row 4"),
+        ] {
+            failures.push([row, "k", "client_error", "400", message].map(String::from), "");
+        }
+        let groups = failures.largest_groups();
+        let shape = |g: &(&(String, String, String), u64)| (g.0.2.clone(), g.1);
+        assert_eq!(
+            groups.iter().map(shape).collect::<Vec<_>>(),
+            [("body of # bytes at row #".to_string(), 3), ("connection refused by #.#.#.#:#".to_string(), 1)]
+        );
+        assert_eq!(message_shape(&"x".repeat(500)).chars().count(), 161, "a long message is cut");
     }
 
     #[test]
