@@ -54,13 +54,33 @@ pub enum ReportError {
 /// What the ledger tells about the run's pace and latencies.
 #[derive(Default)]
 struct Timeline {
-    /// Outcomes per second, keyed by Unix second.
-    per_second: BTreeMap<u64, u64>,
+    /// Outcomes per second, keyed by Unix second, counted by kind (the
+    /// index into `kinds`).
+    per_second: BTreeMap<u64, Vec<u64>>,
+    /// Kinds of outcome: `succeeded`, `succeeded after retries`, then each
+    /// error kind as first met.
+    kinds: Vec<String>,
     latency: [u64; BUCKETS_MS.len()],
     /// Rows by final status and by error kind, and attempts, of the rows done.
     statuses: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     attempts: u64,
+}
+
+impl Timeline {
+    /// The index of an outcome kind; the two kinds of success come first.
+    fn kind(&mut self, name: &str) -> usize {
+        if self.kinds.is_empty() {
+            self.kinds = vec!["succeeded".into(), "succeeded after retries".into()];
+        }
+        match self.kinds.iter().position(|k| k == name) {
+            Some(i) => i,
+            None => {
+                self.kinds.push(name.to_string());
+                self.kinds.len() - 1
+            }
+        }
+    }
 }
 
 fn read_timeline(dir: &Path) -> Timeline {
@@ -82,7 +102,16 @@ fn add_timeline(t: &mut Timeline, dir: &Path) {
         }
         t.attempts += u64::from(done.attempts);
         if done.at_ms > 0 {
-            *t.per_second.entry(done.at_ms / 1000).or_default() += 1;
+            let kind = match &done.error {
+                None if done.attempts > 1 => t.kind("succeeded after retries"),
+                None => t.kind("succeeded"),
+                Some(error) => t.kind(error),
+            };
+            let counts = t.per_second.entry(done.at_ms / 1000).or_default();
+            if counts.len() <= kind {
+                counts.resize(kind + 1, 0);
+            }
+            counts[kind] += 1;
         }
         if done.attempts > 0 {
             let ms = done.latency_us as f64 / 1000.0;
@@ -281,35 +310,59 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// A bar chart in SVG: one bar per value, labels under some of them.
-fn bars(values: &[u64], labels: &[String], every: usize, title: &str, unit: &str) -> String {
+/// Colours of a chart's series: blues for rows that succeeded, then warm
+/// colours for each kind of failure.
+const PALETTE: [&str; 8] = ["#3b6fd8", "#8fb0ee", "#b3261e", "#e07b39", "#c9a227", "#7b3fa0", "#2f8f83", "#5a6270"];
+
+/// A bar chart in SVG: one bar per place, each series stacked on the ones
+/// before it, labels under some bars, and a legend when there are several series.
+fn bars(series: &[(String, Vec<u64>)], labels: &[String], every: usize, title: &str, unit: &str) -> String {
     let (width, height, pad) = (760.0, 200.0, 30.0);
-    let max = values.iter().copied().max().unwrap_or(0).max(1) as f64;
-    let n = values.len().max(1) as f64;
-    let step = (width - pad) / n;
+    let places = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let total = |i: usize| series.iter().map(|(_, v)| v.get(i).copied().unwrap_or(0)).sum::<u64>();
+    let max = (0..places).map(total).max().unwrap_or(0).max(1) as f64;
+    let step = (width - pad) / places.max(1) as f64;
+    let legend = if series.len() > 1 { 20.0 * series.len().div_ceil(4) as f64 } else { 0.0 };
     let mut svg = format!(
         r#"<svg role="img" aria-label="{}" viewBox="0 0 {width} {}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
         escape(title),
-        height + 40.0
+        height + 40.0 + legend
     );
     let _ = write!(svg, r#"<text x="0" y="12" class="axis">{} {}</text>"#, max as u64, escape(unit));
     let _ = write!(svg, r#"<line x1="{pad}" y1="{height}" x2="{width}" y2="{height}" class="base"/>"#);
-    for (i, v) in values.iter().enumerate() {
-        let h = (*v as f64 / max) * (height - 20.0);
+    for i in 0..places {
         let x = pad + i as f64 * step;
-        let _ = write!(
-            svg,
-            r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" class="bar"><title>{}: {v}</title></rect>"#,
-            height - h,
-            (step * 0.85).max(0.5),
-            escape(labels.get(i).map_or("", String::as_str)),
-        );
-        if every > 0 && i % every == 0 {
+        let label = escape(labels.get(i).map_or("", String::as_str));
+        let mut top = height;
+        for (k, (name, values)) in series.iter().enumerate() {
+            let v = values.get(i).copied().unwrap_or(0);
+            if v == 0 {
+                continue;
+            }
+            let h = (v as f64 / max) * (height - 20.0);
+            top -= h;
             let _ = write!(
                 svg,
-                r#"<text x="{x:.1}" y="{}" class="axis">{}</text>"#,
-                height + 16.0,
-                escape(labels.get(i).map_or("", String::as_str))
+                r#"<rect x="{x:.1}" y="{top:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{label} · {}: {v}</title></rect>"#,
+                (step * 0.85).max(0.5),
+                PALETTE[k % PALETTE.len()],
+                escape(name),
+            );
+        }
+        if every > 0 && i % every == 0 {
+            let _ = write!(svg, r#"<text x="{x:.1}" y="{}" class="axis">{label}</text>"#, height + 16.0);
+        }
+    }
+    if series.len() > 1 {
+        for (k, (name, _)) in series.iter().enumerate() {
+            let (x, y) = (pad + (k % 4) as f64 * 180.0, height + 36.0 + (k / 4) as f64 * 20.0);
+            let _ = write!(
+                svg,
+                r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{y}" class="axis">{}</text>"#,
+                y - 9.0,
+                PALETTE[k % PALETTE.len()],
+                x + 14.0,
+                escape(name)
             );
         }
     }
@@ -317,25 +370,34 @@ fn bars(values: &[u64], labels: &[String], every: usize, title: &str, unit: &str
     svg
 }
 
+/// Outcomes per second over the run, stacked by kind (succeeded at once,
+/// succeeded after retries, failed by error kind).
 fn throughput_chart(t: &Timeline) -> String {
     let (Some(&first), Some(&last)) = (t.per_second.keys().next(), t.per_second.keys().next_back()) else {
         return "<p>No outcomes were recorded.</p>".into();
     };
     let seconds = (last - first + 1) as usize;
     let width = seconds.div_ceil(MAX_BARS).max(1);
-    let mut values = vec![0u64; seconds.div_ceil(width)];
-    for (s, n) in &t.per_second {
-        values[((s - first) as usize) / width] += n;
+    let places = seconds.div_ceil(width);
+    let mut series: Vec<(String, Vec<u64>)> = t.kinds.iter().map(|k| (k.clone(), vec![0u64; places])).collect();
+    for (s, counts) in &t.per_second {
+        for (kind, n) in counts.iter().enumerate() {
+            series[kind].1[((s - first) as usize) / width] += n;
+        }
     }
-    let per_second: Vec<u64> = values.iter().map(|v| v / width as u64).collect();
-    let labels: Vec<String> = (0..values.len()).map(|i| format!("{} s", i * width)).collect();
-    let every = (values.len() / 8).max(1);
-    bars(&per_second, &labels, every, "rows per second over the run", "rows/s")
+    for (_, values) in &mut series {
+        values.iter_mut().for_each(|v| *v /= width as u64);
+    }
+    // A kind no bar shows would only crowd the legend.
+    series.retain(|(_, values)| values.iter().any(|&v| v > 0));
+    let labels: Vec<String> = (0..places).map(|i| format!("{} s", i * width)).collect();
+    let every = (places / 8).max(1);
+    bars(&series, &labels, every, "rows per second over the run, by outcome", "rows/s")
 }
 
 fn latency_chart(t: &Timeline) -> String {
     let labels: Vec<String> = BUCKETS_MS.iter().map(|(_, l)| l.to_string()).collect();
-    bars(&t.latency, &labels, 1, "latency of each row's last attempt", "rows")
+    bars(&[("rows".into(), t.latency.to_vec())], &labels, 1, "latency of each row's last attempt", "rows")
 }
 
 /// The largest groups of failures: how many, error kind, status, message shape.
@@ -558,7 +620,7 @@ h1 {{ font-size: 1.5rem; margin-bottom: .2rem; }} h2 {{ font-size: 1.1rem; margi
 .sub {{ color: #5a6270; margin-top: 0; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .2rem .8rem .2rem 0; vertical-align: top; }}
 th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, monospace; font-size: 13px; word-break: break-word; }}
-.bar {{ fill: #3b6fd8; }} .base {{ stroke: #99a; }} .axis {{ font-size: 11px; fill: #5a6270; }}
+.base {{ stroke: #99a; }} .axis {{ font-size: 11px; fill: #5a6270; }}
 .ok {{ color: #1b7f3a; }} .bad {{ color: #b3261e; }}
 </style></head><body>
 <h1>{job}</h1>
@@ -641,6 +703,21 @@ mod tests {
     }
 
     #[test]
+    fn the_throughput_chart_stacks_outcomes_by_kind() {
+        let mut t = Timeline::default();
+        let (ok, retried, refused) = (t.kind("succeeded"), t.kind("succeeded after retries"), t.kind("client_error"));
+        let mut counts = vec![0; 3];
+        (counts[ok], counts[retried], counts[refused]) = (5, 2, 3);
+        t.per_second.insert(1_000_000, counts);
+        let svg = throughput_chart(&t);
+        for title in ["0 s · succeeded: 5", "0 s · succeeded after retries: 2", "0 s · client_error: 3"] {
+            assert!(svg.contains(title), "a layer {title} in {svg}");
+        }
+        assert!(svg.contains("10 rows/s"), "the scale is the stack's height: {svg}");
+        assert!(svg.contains(">client_error</text>"), "the legend names each kind");
+    }
+
+    #[test]
     fn failures_differing_only_in_numbers_fall_in_one_group() {
         let mut failures = Failures::default();
         for (row, message) in [
@@ -669,7 +746,10 @@ mod tests {
     fn the_throughput_chart_folds_long_runs() {
         let mut t = Timeline::default();
         for s in 0..1000u64 {
-            t.per_second.insert(1_000_000 + s, 10);
+            let succeeded = t.kind("succeeded");
+            let mut counts = vec![0; succeeded + 1];
+            counts[succeeded] = 10;
+            t.per_second.insert(1_000_000 + s, counts);
         }
         let svg = throughput_chart(&t);
         assert!(svg.matches("<rect").count() <= MAX_BARS);
