@@ -57,6 +57,8 @@ struct Timeline {
     /// Outcomes per second, keyed by Unix second, counted by kind (the
     /// index into `kinds`).
     per_second: BTreeMap<u64, Vec<u64>>,
+    /// Latency of each row's last attempt (µs), keyed by Unix second.
+    latency_per_second: BTreeMap<u64, Vec<u64>>,
     /// Kinds of outcome: `succeeded`, `succeeded after retries`, then each
     /// error kind as first met.
     kinds: Vec<String>,
@@ -112,6 +114,9 @@ fn add_timeline(t: &mut Timeline, dir: &Path) {
                 counts.resize(kind + 1, 0);
             }
             counts[kind] += 1;
+            if done.attempts > 0 {
+                t.latency_per_second.entry(done.at_ms / 1000).or_default().push(done.latency_us);
+            }
         }
         if done.attempts > 0 {
             let ms = done.latency_us as f64 / 1000.0;
@@ -316,10 +321,10 @@ const PALETTE: [&str; 8] = ["#3b6fd8", "#8fb0ee", "#b3261e", "#e07b39", "#c9a227
 
 /// A bar chart in SVG: one bar per place, each series stacked on the ones
 /// before it, labels under some bars, and a legend when there are several series.
-fn bars(series: &[(String, Vec<u64>)], labels: &[String], every: usize, title: &str, unit: &str) -> String {
+fn bars(series: &[(String, &str, Vec<u64>)], labels: &[String], every: usize, title: &str, unit: &str) -> String {
     let (width, height, pad) = (760.0, 200.0, 30.0);
-    let places = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-    let total = |i: usize| series.iter().map(|(_, v)| v.get(i).copied().unwrap_or(0)).sum::<u64>();
+    let places = series.iter().map(|(_, _, v)| v.len()).max().unwrap_or(0);
+    let total = |i: usize| series.iter().map(|(_, _, v)| v.get(i).copied().unwrap_or(0)).sum::<u64>();
     let max = (0..places).map(total).max().unwrap_or(0).max(1) as f64;
     let step = (width - pad) / places.max(1) as f64;
     let legend = if series.len() > 1 { 20.0 * series.len().div_ceil(4) as f64 } else { 0.0 };
@@ -334,7 +339,7 @@ fn bars(series: &[(String, Vec<u64>)], labels: &[String], every: usize, title: &
         let x = pad + i as f64 * step;
         let label = escape(labels.get(i).map_or("", String::as_str));
         let mut top = height;
-        for (k, (name, values)) in series.iter().enumerate() {
+        for (name, colour, values) in series {
             let v = values.get(i).copied().unwrap_or(0);
             if v == 0 {
                 continue;
@@ -345,7 +350,7 @@ fn bars(series: &[(String, Vec<u64>)], labels: &[String], every: usize, title: &
                 svg,
                 r#"<rect x="{x:.1}" y="{top:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{label} · {}: {v}</title></rect>"#,
                 (step * 0.85).max(0.5),
-                PALETTE[k % PALETTE.len()],
+                colour,
                 escape(name),
             );
         }
@@ -354,13 +359,13 @@ fn bars(series: &[(String, Vec<u64>)], labels: &[String], every: usize, title: &
         }
     }
     if series.len() > 1 {
-        for (k, (name, _)) in series.iter().enumerate() {
+        for (k, (name, colour, _)) in series.iter().enumerate() {
             let (x, y) = (pad + (k % 4) as f64 * 180.0, height + 36.0 + (k / 4) as f64 * 20.0);
             let _ = write!(
                 svg,
                 r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{y}" class="axis">{}</text>"#,
                 y - 9.0,
-                PALETTE[k % PALETTE.len()],
+                colour,
                 x + 14.0,
                 escape(name)
             );
@@ -379,25 +384,87 @@ fn throughput_chart(t: &Timeline) -> String {
     let seconds = (last - first + 1) as usize;
     let width = seconds.div_ceil(MAX_BARS).max(1);
     let places = seconds.div_ceil(width);
-    let mut series: Vec<(String, Vec<u64>)> = t.kinds.iter().map(|k| (k.clone(), vec![0u64; places])).collect();
+    // Each kind keeps its colour whichever kinds the run met.
+    let mut series: Vec<(String, &str, Vec<u64>)> = (t.kinds.iter().enumerate())
+        .map(|(k, name)| (name.clone(), PALETTE[k % PALETTE.len()], vec![0u64; places]))
+        .collect();
     for (s, counts) in &t.per_second {
         for (kind, n) in counts.iter().enumerate() {
-            series[kind].1[((s - first) as usize) / width] += n;
+            series[kind].2[((s - first) as usize) / width] += n;
         }
     }
-    for (_, values) in &mut series {
+    for (_, _, values) in &mut series {
         values.iter_mut().for_each(|v| *v /= width as u64);
     }
     // A kind no bar shows would only crowd the legend.
-    series.retain(|(_, values)| values.iter().any(|&v| v > 0));
+    series.retain(|(_, _, values)| values.iter().any(|&v| v > 0));
     let labels: Vec<String> = (0..places).map(|i| format!("{} s", i * width)).collect();
     let every = (places / 8).max(1);
     bars(&series, &labels, every, "rows per second over the run, by outcome", "rows/s")
 }
 
+/// p50, p90 and p99 of the latency over the run, one point per place of the
+/// throughput chart, as lines.
+fn latency_over_time(t: &Timeline) -> String {
+    let (Some(&first), Some(&last)) = (t.latency_per_second.keys().next(), t.latency_per_second.keys().next_back())
+    else {
+        return String::new();
+    };
+    let seconds = (last - first + 1) as usize;
+    let width = seconds.div_ceil(MAX_BARS).max(1);
+    let mut places: Vec<Vec<u64>> = vec![Vec::new(); seconds.div_ceil(width)];
+    for (s, latencies) in &t.latency_per_second {
+        places[((s - first) as usize) / width].extend_from_slice(latencies);
+    }
+    const QUANTILES: [(f64, &str, &str); 3] =
+        [(0.5, "p50", "#3b6fd8"), (0.9, "p90", "#e07b39"), (0.99, "p99", "#b3261e")];
+    let points: Vec<Option<[f64; 3]>> = places
+        .iter_mut()
+        .map(|l| {
+            if l.is_empty() {
+                return None;
+            }
+            l.sort_unstable();
+            Some(QUANTILES.map(|(q, _, _)| l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0))
+        })
+        .collect();
+    let max = points.iter().flatten().map(|p| p[2]).fold(0.0, f64::max).max(0.001);
+    let (w, h, pad) = (760.0, 160.0, 30.0);
+    let step = (w - pad) / points.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg role="img" aria-label="latency p50, p90, p99 over the run" viewBox="0 0 {w} {}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
+        h + 40.0
+    );
+    let _ = write!(svg, r#"<text x="0" y="12" class="axis">{max:.1} ms</text>"#);
+    let _ = write!(svg, r#"<line x1="{pad}" y1="{h}" x2="{w}" y2="{h}" class="base"/>"#);
+    for (k, (_, name, colour)) in QUANTILES.iter().enumerate() {
+        let line: Vec<String> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (i, p[k])))
+            .map(|(i, ms)| format!("{:.1},{:.1}", pad + (i as f64 + 0.5) * step, h - ms / max * (h - 20.0)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"><title>{name}</title></polyline>"#,
+            line.join(" ")
+        );
+        let x = pad + k as f64 * 90.0;
+        let _ = write!(
+            svg,
+            r#"<rect x="{x}" y="{}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}" class="axis">{name}</text>"#,
+            h + 18.0,
+            x + 14.0,
+            h + 27.0
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 fn latency_chart(t: &Timeline) -> String {
     let labels: Vec<String> = BUCKETS_MS.iter().map(|(_, l)| l.to_string()).collect();
-    bars(&[("rows".into(), t.latency.to_vec())], &labels, 1, "latency of each row's last attempt", "rows")
+    bars(&[("rows".into(), PALETTE[0], t.latency.to_vec())], &labels, 1, "latency of each row's last attempt", "rows")
 }
 
 /// The largest groups of failures: how many, error kind, status, message shape.
@@ -640,7 +707,7 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
         overview = table(&p.overview),
         shards = p.shards.map(|t| format!("\n<h2>Shards</h2>{t}")).unwrap_or_default(),
         throughput = throughput_chart(&p.timeline),
-        latency = latency_chart(&p.timeline),
+        latency = latency_over_time(&p.timeline) + &latency_chart(&p.timeline),
         statuses = if p.statuses.is_empty() { "<p>None.</p>".into() } else { table(&p.statuses) },
         errors = if p.errors.is_empty() { "<p>None.</p>".into() } else { table(&p.errors) },
         groups = failure_groups(&p.failures),
@@ -715,6 +782,19 @@ mod tests {
         }
         assert!(svg.contains("10 rows/s"), "the scale is the stack's height: {svg}");
         assert!(svg.contains(">client_error</text>"), "the legend names each kind");
+    }
+
+    #[test]
+    fn latency_over_time_draws_the_percentiles_of_each_second() {
+        let mut t = Timeline::default();
+        // Second 0: 1..=100 ms; second 1: 10x slower.
+        t.latency_per_second.insert(1_000_000, (1..=100).map(|ms| ms * 1000).collect());
+        t.latency_per_second.insert(1_000_001, (1..=100).map(|ms| ms * 10_000).collect());
+        let svg = latency_over_time(&t);
+        assert_eq!(svg.matches("<polyline").count(), 3, "p50, p90, p99");
+        assert!(svg.contains(">990.0 ms</text>"), "the scale is the slowest p99 (990 ms): {svg}");
+        // p99 of the second second is at the top (y = 20), p50 of the first near the base.
+        assert!(svg.contains("577.5,20.0\"><title>p99"), "{svg}");
     }
 
     #[test]
