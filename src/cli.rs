@@ -403,6 +403,15 @@ pub struct SandboxArgs {
     /// needs --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Asynchronous claims: polls of a claim's status answered 202 before the one with its outcome.
+    #[arg(long, default_value_t = 2)]
+    pub async_polls: u32,
+    /// Asynchronous claims: the Retry-After (whole seconds) of a 202, submission or poll.
+    #[arg(long, default_value_t = 1)]
+    pub async_retry_after: u64,
+    /// Asynchronous claims kept (about 210 bytes each); past it the oldest are forgotten (their polls get 404).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub async_capacity: u64,
     #[command(flatten)]
     pub faults: FaultArgs,
 }

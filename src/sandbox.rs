@@ -5,7 +5,9 @@
 //! HTTP Basic as RFC 6749 has it) and three sample APIs (eligibility v3, claim
 //! status v2, professional claim submission v3) that require a bearer token it
 //! issued, the `environment: sandbox` header, and a plausible request body,
-//! and answer mock data in the real gateway's shape. Faults (slow or failing
+//! and answer mock data in the real gateway's shape. An asynchronous claim
+//! submission ([`ASYNC_SUBMISSION_PATH`]) answers `202 Accepted` with a
+//! `Location` to poll ([`ASYNC_STATUS_PATH`]) and the claim's outcome later. Faults (slow or failing
 //! token requests, latency, revoked tokens) can be injected through
 //! [`SandboxConfig`] and observed through [`Stats`] and [`RecordedCall`].
 //! Every value it answers is synthetic; no request can make it panic.
@@ -46,6 +48,12 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// Expired tokens are pruned every this many issued tokens.
 const PRUNE_EVERY: u64 = 4096;
 
+/// The asynchronous professional claim submission: answered `202 Accepted`
+/// with a `Location` under [`ASYNC_STATUS_PATH`] and a `Retry-After`.
+pub const ASYNC_SUBMISSION_PATH: &str = "/medicalnetwork/professionalclaims/v3/async/submission";
+/// Where an asynchronous claim's status is polled: `GET {ASYNC_STATUS_PATH}/{id}`.
+pub const ASYNC_STATUS_PATH: &str = "/medicalnetwork/professionalclaims/v3/async/status";
+
 /// How the sandbox behaves; [`Default`] is a well-behaved gateway.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -79,6 +87,15 @@ pub struct SandboxConfig {
     /// ([`Sandbox::start_tls`]) the handshake then requires one, and a token
     /// request with the client id alone (`tls_client_auth`) is accepted.
     pub client_ca: Option<Vec<u8>>,
+    /// Asynchronous claims: how many polls of a claim's status answer 202
+    /// before the one with its outcome (default 2).
+    pub async_polls: u32,
+    /// The `Retry-After` of a 202 (submission or poll), in whole seconds (default 1 s).
+    pub async_retry_after: Duration,
+    /// How many asynchronous claims are kept (default 200,000; about 210 bytes
+    /// each: the RSS growth measured over 200,000 claims inserted in the map);
+    /// past it the oldest are forgotten and their polls answer 404.
+    pub async_capacity: usize,
 }
 
 /// Faults for testing retries, decided by the call's row key (its
@@ -199,6 +216,9 @@ impl Default for SandboxConfig {
             faults: Faults::default(),
             jwks: None,
             client_ca: None,
+            async_polls: 2,
+            async_retry_after: Duration::from_secs(1),
+            async_capacity: 200_000,
         }
     }
 }
@@ -217,6 +237,11 @@ pub struct Stats {
     pub expired_token_calls: u64,
     /// Calls with no token or one this sandbox never issued.
     pub unknown_token_calls: u64,
+    /// Asynchronous claims accepted (answered 202), polls not counted.
+    pub async_submissions: u64,
+    /// Every call to the asynchronous status path, whatever the answer
+    /// (also counted in `api_calls`).
+    pub polls: u64,
 }
 
 /// One API call as received, with the status it was answered.
@@ -443,9 +468,19 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|State(s): State<Arc<Shared>>, req: Request| no_such_api(s, req));
+    let router = router
+        .route(
+            ASYNC_SUBMISSION_PATH,
+            any(|State(s): State<Arc<Shared>>, req: Request| api_call(s, req, Api::AsyncClaim)),
+        )
+        .route(
+            &format!("{ASYNC_STATUS_PATH}/{{id}}"),
+            any(|State(s): State<Arc<Shared>>, req: Request| poll_call(s, req)),
+        );
     APIS.into_iter()
         .fold(router, |router, (path, answer)| {
-            router.route(path, any(move |State(s): State<Arc<Shared>>, req: Request| api_call(s, req, answer)))
+            router
+                .route(path, any(move |State(s): State<Arc<Shared>>, req: Request| api_call(s, req, Api::Sync(answer))))
         })
         .with_state(shared)
 }
@@ -475,6 +510,32 @@ struct Shared {
     jtis: Mutex<std::collections::HashSet<String>>,
     /// Why each refused client assertion was refused, in order.
     refused_assertions: Mutex<Vec<String>>,
+    /// Asynchronous claims submitted and not yet forgotten.
+    claims: Mutex<AsyncClaims>,
+}
+
+/// Asynchronous claims by id. Ids are given in order, so the oldest claim
+/// kept is the smallest id and bounding the map needs no second index.
+#[derive(Default)]
+struct AsyncClaims {
+    next: u64,
+    oldest: u64,
+    by_id: HashMap<u64, AsyncClaim>,
+}
+
+/// What a claim's final answer needs: its identifiers and its outcome,
+/// not the request (a few hundred bytes per claim instead of its body).
+struct AsyncClaim {
+    control_number: Box<str>,
+    /// The request's values to echo, as compact JSON text (smaller than a `Value`).
+    trading_partner: Box<str>,
+    patient_control_number: Option<Box<str>>,
+    /// The payer rejects it (see [`rejected`]), decided on submission.
+    rejected: bool,
+    /// Polls still to answer 202.
+    polls_left: u32,
+    /// Polls answered so far (202s and the final ones).
+    polls: u32,
 }
 
 struct Issued {
@@ -490,6 +551,8 @@ struct Counters {
     unauthorized: AtomicU64,
     expired_token_calls: AtomicU64,
     unknown_token_calls: AtomicU64,
+    async_submissions: AtomicU64,
+    polls: AtomicU64,
 }
 
 /// Why a bearer token was refused.
@@ -533,6 +596,7 @@ impl Shared {
             rate_window: Mutex::default(),
             jtis: Mutex::default(),
             refused_assertions: Mutex::default(),
+            claims: Mutex::default(),
         }
     }
 
@@ -545,6 +609,8 @@ impl Shared {
             unauthorized: c.unauthorized.load(Relaxed),
             expired_token_calls: c.expired_token_calls.load(Relaxed),
             unknown_token_calls: c.unknown_token_calls.load(Relaxed),
+            async_submissions: c.async_submissions.load(Relaxed),
+            polls: c.polls.load(Relaxed),
         }
     }
 
@@ -816,7 +882,16 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 
 // ---------------------------------------------------------------- sample APIs
 
-async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
+/// How an API answers a valid call.
+#[derive(Clone, Copy)]
+enum Api {
+    /// At once, with the function's mock data.
+    Sync(ApiFn),
+    /// `202 Accepted` with a `Location` to poll (see [`poll_call`]).
+    AsyncClaim,
+}
+
+async fn api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Response {
     shared.counters.api_calls.fetch_add(1, Relaxed);
     // Like a real gateway, finish a call that arrived even if the client goes
     // away meanwhile: the call happened, whether or not its answer is read.
@@ -824,7 +899,7 @@ async fn api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response 
     handled.await.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Response {
+async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Response {
     let arrived = Instant::now();
     let at = arrived - shared.started;
     if !shared.config.latency.is_zero() {
@@ -844,13 +919,13 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: ApiFn) -> Re
         ),
         Ok(_) => match check_call(&shared, &parts, &json, arrived) {
             Err(refused) => refused,
-            Ok(request) => match shared.fault(request) {
+            Ok(request) => match shared.fault(request["controlNumber"].as_str(), None) {
                 Some(Injected::Answer(response)) => response,
                 Some(Injected::Delay(delay)) => {
                     tokio::time::sleep(delay).await;
-                    mock_answer(request, answer)
+                    shared.answer(&parts, request, answer)
                 }
-                None => mock_answer(request, answer),
+                None => shared.answer(&parts, request, answer),
             },
         },
     };
@@ -883,6 +958,23 @@ fn check_call<'a>(
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
         return Err(response);
     }
+    check_access(shared, parts, arrived)?;
+    match json {
+        Ok(request @ Value::Object(_)) => Ok(request),
+        Ok(_) => Err(gateway_errors(
+            StatusCode::BAD_REQUEST,
+            vec![json!({ "description": "request body must be a JSON object" })],
+        )),
+        Err(err) => Err(gateway_errors(
+            StatusCode::BAD_REQUEST,
+            vec![json!({ "description": format!("request body is not JSON: {err}") })],
+        )),
+    }
+}
+
+/// The token and the environment header every API call (polls included) needs.
+#[allow(clippy::result_large_err)] // built once per call and answered at once
+fn check_access(shared: &Shared, parts: &Parts, arrived: Instant) -> Result<(), Response> {
     if let Err(refused) = shared.check_bearer(&parts.headers, arrived) {
         let c = &shared.counters;
         c.unauthorized.fetch_add(1, Relaxed);
@@ -907,23 +999,205 @@ fn check_call<'a>(
             vec![json!({ "field": "environment", "description": description })],
         ));
     }
-    match json {
-        Ok(request @ Value::Object(_)) => Ok(request),
-        Ok(_) => Err(gateway_errors(
-            StatusCode::BAD_REQUEST,
-            vec![json!({ "description": "request body must be a JSON object" })],
-        )),
-        Err(err) => Err(gateway_errors(
-            StatusCode::BAD_REQUEST,
-            vec![json!({ "description": format!("request body is not JSON: {err}") })],
-        )),
-    }
+    Ok(())
 }
 
 fn mock_answer(request: &Value, answer: ApiFn) -> Response {
     match answer(request) {
         Ok(body) => axum::Json(body).into_response(),
         Err(field_errors) => gateway_errors(StatusCode::BAD_REQUEST, field_errors),
+    }
+}
+
+impl Shared {
+    fn answer(&self, parts: &Parts, request: &Value, api: Api) -> Response {
+        match api {
+            Api::Sync(answer) => mock_answer(request, answer),
+            Api::AsyncClaim => self.submit_claim(parts, request),
+        }
+    }
+
+    /// Keeps a valid claim and answers 202 with where to poll it.
+    fn submit_claim(&self, parts: &Parts, request: &Value) -> Response {
+        let mut errors = Vec::new();
+        check_control_number(request, &mut errors);
+        if !errors.is_empty() {
+            return gateway_errors(StatusCode::BAD_REQUEST, errors);
+        }
+        let claim = AsyncClaim {
+            control_number: request["controlNumber"].as_str().unwrap_or_default().into(),
+            trading_partner: echo(request, "/tradingPartnerServiceId").to_string().into(),
+            patient_control_number: request
+                .pointer("/claimInformation/patientControlNumber")
+                .map(|pcn| pcn.to_string().into()),
+            rejected: rejected(request),
+            polls_left: self.config.async_polls,
+            polls: 0,
+        };
+        let id = {
+            let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+            let id = claims.next;
+            claims.next += 1;
+            claims.by_id.insert(id, claim);
+            // Forget the oldest past the bound, as a gateway's retention does.
+            while claims.by_id.len() > self.config.async_capacity.max(1) {
+                let oldest = claims.oldest;
+                claims.by_id.remove(&oldest);
+                claims.oldest += 1;
+            }
+            id
+        };
+        self.counters.async_submissions.fetch_add(1, Relaxed);
+        let location = status_location(parts, id);
+        let body = json!({
+            "status": "PENDING",
+            "controlNumber": echo(request, "/controlNumber"),
+            "tradingPartnerServiceId": echo(request, "/tradingPartnerServiceId"),
+            "claimReference": { "correlationId": claim_id(id), "statusUrl": location },
+        });
+        let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(axum::http::header::LOCATION, v);
+        }
+        self.async_retry_after(response)
+    }
+
+    fn async_retry_after(&self, mut response: Response) -> Response {
+        let secs = self.config.async_retry_after.as_secs().to_string();
+        if let Ok(v) = HeaderValue::from_str(&secs) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        response
+    }
+
+    /// A poll of claim `id` that met no fault: 202 while polls are owed, then
+    /// 200 with the outcome (and again on every later poll).
+    fn poll_claim(&self, id: u64) -> Response {
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(claim) = claims.by_id.get_mut(&id) else {
+            drop(claims);
+            return unknown_claim();
+        };
+        claim.polls += 1;
+        let echoed = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+        let mut body = json!({
+            "controlNumber": &*claim.control_number,
+            "tradingPartnerServiceId": echoed(&claim.trading_partner),
+            "claimReference": { "correlationId": claim_id(id) },
+            "polls": claim.polls,
+        });
+        if let Some(pcn) = &claim.patient_control_number {
+            body["claimReference"]["patientControlNumber"] = echoed(pcn);
+        }
+        if claim.polls_left > 0 {
+            claim.polls_left -= 1;
+            drop(claims);
+            body["status"] = json!("PENDING");
+            return self.async_retry_after((StatusCode::ACCEPTED, axum::Json(body)).into_response());
+        }
+        let rejected = claim.rejected;
+        drop(claims);
+        let outcome = if rejected { "REJECTED" } else { "SUCCESS" };
+        body["status"] = json!(outcome);
+        body["editStatus"] = json!(outcome);
+        body["claimStatus"] = json!(if rejected { "REJECTED" } else { "ACCEPTED" });
+        if rejected {
+            body["errors"] = json!([field_error(REJECTED_FIELD, REJECTED_WHY)]);
+        }
+        axum::Json(body).into_response()
+    }
+
+    fn claim_key(&self, id: u64) -> Option<String> {
+        let claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        claims.by_id.get(&id).map(|claim| claim.control_number.to_string())
+    }
+}
+
+/// The claim id as it appears in its status URL and `correlationId`.
+fn claim_id(id: u64) -> String {
+    format!("{id:016X}")
+}
+
+/// The absolute status URL of claim `id` on the origin the client reached
+/// (a path alone when the request had no `Host`).
+fn status_location(parts: &Parts, id: u64) -> String {
+    let path = format!("{ASYNC_STATUS_PATH}/{}", claim_id(id));
+    let host = parts.headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    match host.filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic())) {
+        Some(host) => {
+            let scheme = if parts.extensions.get::<Tls>().is_some() { "https" } else { "http" };
+            format!("{scheme}://{host}{path}")
+        }
+        None => path,
+    }
+}
+
+/// Why the payer rejects a claim, decided by its input so tests choose:
+/// a `claimInformation.claimChargeAmount` (number or numeric string) of 0
+/// or less is rejected; every other valid claim is accepted.
+fn rejected(request: &Value) -> bool {
+    let amount = match request.pointer("/claimInformation/claimChargeAmount") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    amount.is_some_and(|amount| amount <= 0.0)
+}
+
+const REJECTED_FIELD: &str = "claimInformation.claimChargeAmount";
+const REJECTED_WHY: &str = "the payer rejected the claim: claimChargeAmount must be greater than 0";
+
+fn unknown_claim() -> Response {
+    gateway_errors(StatusCode::NOT_FOUND, vec![json!({ "description": "no claim has this status id" })])
+}
+
+/// `GET {ASYNC_STATUS_PATH}/{id}`: the status of an asynchronous claim, with
+/// the latency, token check and faults of any API call.
+async fn poll_call(shared: Arc<Shared>, req: Request) -> Response {
+    shared.counters.api_calls.fetch_add(1, Relaxed);
+    shared.counters.polls.fetch_add(1, Relaxed);
+    let handled = tokio::spawn(handle_poll(shared, req));
+    handled.await.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn handle_poll(shared: Arc<Shared>, req: Request) -> Response {
+    let arrived = Instant::now();
+    let at = arrived - shared.started;
+    if !shared.config.latency.is_zero() {
+        tokio::time::sleep(shared.config.latency).await;
+    }
+    let (parts, _) = req.into_parts();
+    let response = poll_answer(&shared, &parts, arrived).await;
+    shared.record(&parts, Value::Null, response.status(), at);
+    response
+}
+
+async fn poll_answer(shared: &Shared, parts: &Parts, arrived: Instant) -> Response {
+    if parts.method != Method::GET {
+        let description = format!("method {} is not allowed here; use GET", parts.method);
+        let mut response = gateway_errors(StatusCode::METHOD_NOT_ALLOWED, vec![json!({ "description": description })]);
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    if let Err(refused) = check_access(shared, parts, arrived) {
+        return refused;
+    }
+    let id = parts
+        .uri
+        .path()
+        .strip_prefix(ASYNC_STATUS_PATH)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .filter(|id| id.len() == 16)
+        .and_then(|id| u64::from_str_radix(id, 16).ok());
+    let key = id.and_then(|id| shared.claim_key(id));
+    match shared.fault(key.as_deref(), id) {
+        Some(Injected::Answer(response)) => return response,
+        Some(Injected::Delay(delay)) => tokio::time::sleep(delay).await,
+        None => {}
+    }
+    match (id, key) {
+        (Some(id), Some(_)) => shared.poll_claim(id),
+        _ => unknown_claim(),
     }
 }
 
@@ -935,8 +1209,10 @@ enum Injected {
 
 impl Shared {
     /// The fault this call meets: the server-side rate limit first, then the
-    /// fault of its key (transient ones only for its first attempts).
-    fn fault(&self, request: &Value) -> Option<Injected> {
+    /// fault of its row key (transient ones only for its first attempts).
+    /// Polls pass `attempts_of` (their claim), so a key's transient fault
+    /// meets its submission's first attempts and its claim's first polls alike.
+    fn fault(&self, key: Option<&str>, attempts_of: Option<u64>) -> Option<Injected> {
         let faults = &self.config.faults;
         if faults.rate_limit > 0 {
             let second = self.started.elapsed().as_secs();
@@ -952,11 +1228,15 @@ impl Shared {
         if !faults.any() {
             return None;
         }
-        let key = request["controlNumber"].as_str()?;
+        let key = key?;
         let fault = faults.fault_for(key)?;
         let attempt = {
             let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = attempts.entry(key.to_string()).or_default();
+            let counted = match attempts_of {
+                Some(claim) => format!("{key} poll {claim}"),
+                None => key.to_string(),
+            };
+            let n = attempts.entry(counted).or_default();
             *n += 1;
             *n
         };
@@ -1198,6 +1478,23 @@ fn professional_claim(request: &Value) -> Result<Value, Vec<Value>> {
 #[cfg(test)]
 mod fault_tests {
     use super::*;
+
+    #[test]
+    fn an_async_claim_entry_stays_small() {
+        // The map's entry (id + claim) inline; the ~210 bytes per claim in
+        // `async_capacity` add the table's overhead and the three short strings.
+        assert!(std::mem::size_of::<(u64, AsyncClaim)>() <= 80, "{}", std::mem::size_of::<(u64, AsyncClaim)>());
+    }
+
+    #[test]
+    fn a_claim_charge_of_zero_or_less_is_rejected() {
+        let claim = |amount: Value| json!({ "claimInformation": { "claimChargeAmount": amount } });
+        assert!(rejected(&claim(json!("0.00"))));
+        assert!(rejected(&claim(json!(-5))));
+        assert!(!rejected(&claim(json!("28.75"))));
+        assert!(!rejected(&claim(json!("abc"))));
+        assert!(!rejected(&json!({})));
+    }
 
     #[test]
     fn faults_are_spread_over_keys_by_their_shares() {

@@ -438,6 +438,8 @@ async fn stats_count_concurrent_calls() -> Result {
         unauthorized: 1,
         expired_token_calls: 0,
         unknown_token_calls: 1,
+        async_submissions: 0,
+        polls: 0,
     };
     assert_eq!(sandbox.stats(), expected);
     let over_http: Value = client.get(sandbox.base_url() + "/_sandbox/stats").send().await?.json().await?;

@@ -35,6 +35,9 @@ pub(super) async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Resul
         faults: args.faults.to_faults()?,
         jwks,
         client_ca,
+        async_polls: args.async_polls,
+        async_retry_after: std::time::Duration::from_secs(args.async_retry_after),
+        async_capacity: usize::try_from(args.async_capacity).unwrap_or(usize::MAX),
     };
     let keys = config.jwks.as_ref().map(|set| set.keys.len());
     let mutual = config.client_ca.is_some();
@@ -76,6 +79,11 @@ fn explain(base: &str, client_id: &str, keys: Option<usize>, mutual: bool) {
     }
     eprintln!(
         "  APIs: POST /medicalnetwork/eligibility/v3, /medicalnetwork/claimstatus/v2, /medicalnetwork/professionalclaims/v3/submission"
+    );
+    eprintln!(
+        "  async claims: POST {} answers 202 + Location {}/ID; a claimChargeAmount <= 0 is rejected",
+        crate::sandbox::ASYNC_SUBMISSION_PATH,
+        crate::sandbox::ASYNC_STATUS_PATH
     );
     eprintln!("  stats: GET /_sandbox/stats   revoke all tokens: POST /_sandbox/revoke   Ctrl-C stops");
 }
