@@ -21,6 +21,7 @@
 //! - [`output`]: the run directory; the only writer of files in it.
 //! - [`rows`]: a set of rows as one bitset per input, for `resume`.
 //! - [`metrics`]: Prometheus figures of a run: a textfile, `GET /metrics`, a Pushgateway push.
+//! - [`events`]: what happened to the run as a whole (pauses, slow-downs, token refreshes, Redis, the breaker, stops), for `events.jsonl`.
 //! - [`report`]: counters, latency histogram, `summary.json`, and progress display.
 //! - [`shard`]: one run split over N processes: which rows are whose, the run id.
 //! - [`status`]: where a run and each of its shards stand, read from their directories.
@@ -34,6 +35,7 @@ pub mod commands;
 pub mod config;
 pub mod coordination;
 pub mod error;
+pub mod events;
 pub mod exit;
 pub mod input;
 pub mod job;

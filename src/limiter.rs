@@ -35,6 +35,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::events::{Event, Events};
+
 /// How early a call may go before its slot, at most: the timer's
 /// lateness, absorbed. Never more than half a period, so the slack never
 /// lets one more call than the burst start at once.
@@ -94,6 +96,8 @@ pub struct LocalLimiter {
     /// next free slot, read on every attempt without the mutex.
     period_ns: AtomicU64,
     next_ns: AtomicU64,
+    /// Where a pause that starts and the rate's cuts and recovery are told.
+    events: Events,
 }
 
 /// The adaptive gate's slow-changing state.
@@ -132,6 +136,17 @@ async fn wait_unpaused(started: Instant, paused_until_ms: &AtomicU64) {
         }
         tokio::time::sleep(until - now).await;
     }
+}
+
+/// Whether moving a pause's end from `before` to `until` (ms, `now`
+/// being now) starts a pause: none was on, and this one lasts.
+fn pause_started(before: u64, until: u64, now: u64) -> bool {
+    before <= now && until > now
+}
+
+/// A rate to a tenth of a call per second, as events and the summary show it.
+fn tenth(rate: f64) -> f64 {
+    (rate * 10.0).round() / 10.0
 }
 
 /// Retries left to spend; see the module doc.
@@ -227,7 +242,14 @@ impl LocalLimiter {
             }),
             period_ns: AtomicU64::new(0),
             next_ns: AtomicU64::new(0),
+            events: Events::default(),
         }
+    }
+
+    /// Tells `events` when a pause starts and when the rate is cut or restored.
+    pub fn with_events(mut self, events: Events) -> LocalLimiter {
+        self.events = events;
+        self
     }
 
     /// Waits until one more call may go out; the moment it was let through.
@@ -261,9 +283,19 @@ impl LocalLimiter {
     }
 
     /// A `Retry-After`: no call goes out before `d` from now.
+    /// One event per pause: a `Retry-After` while one is on only lengthens it.
     pub fn pause(&self, d: Duration) {
-        let until = (self.started.elapsed() + d).as_millis() as u64;
-        self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+        if self.hold_for(d) {
+            self.events.emit(Event::Pause { ms: d.as_millis() as u64, shared: false });
+        }
+    }
+
+    /// No call before `d` from now; whether that started a pause.
+    fn hold_for(&self, d: Duration) -> bool {
+        let now = self.started.elapsed();
+        let until = (now + d).as_millis() as u64;
+        let before = self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+        pause_started(before, until, now.as_millis() as u64)
     }
 
     /// GCRA: a call takes the next slot; it may go `tolerance` before it,
@@ -348,6 +380,9 @@ impl LocalLimiter {
             let off =
                 if self.ceiling > 0.0 { raised >= self.ceiling } else { a.first.is_some_and(|f| raised >= 2.0 * f) };
             self.set_rate(&mut a, (!off).then_some(raised));
+            if off {
+                self.events.emit(Event::RateRestored);
+            }
         }
     }
 
@@ -378,7 +413,9 @@ impl LocalLimiter {
         a.lowest = Some(a.lowest.map_or(cut, |l: f64| l.min(cut)));
         self.next_ns.store(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.set_rate(&mut a, Some(cut));
+        drop(a);
         tracing::debug!(rate = cut, "throttled by the server: lowering the sending rate");
+        self.events.emit(Event::SlowDown { rate: tenth(cut) });
     }
 
     /// The adaptive rate now, while it is lowering the rate.
@@ -586,6 +623,47 @@ mod tests {
             limiter.until_ready().await;
         }
         assert_eq!(limiter.effective_rate(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_is_one_event_however_many_retry_afters_lengthen_it() {
+        let (events, memory) = crate::events::Memory::events();
+        let limiter = LocalLimiter::new(0.0, 1).with_events(events);
+        limiter.pause(Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        // Every call of the pool met the 429: the pause goes on.
+        limiter.pause(Duration::from_secs(1));
+        limiter.pause(Duration::from_millis(500));
+        limiter.pause(Duration::ZERO);
+        assert_eq!(memory.kinds(), ["pause"]);
+        assert_eq!(memory.0.lock().unwrap()[0]["ms"], 1000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        limiter.pause(Duration::ZERO);
+        assert_eq!(memory.kinds(), ["pause"], "a Retry-After of 0 is no pause");
+        limiter.pause(Duration::from_secs(2));
+        assert_eq!(memory.kinds(), ["pause", "pause"], "a pause after the last one ended is another");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_cut_of_the_rate_is_an_event_and_so_is_its_recovery() {
+        let (events, memory) = crate::events::Memory::events();
+        let limiter = LocalLimiter::new(100.0, 1).with_events(events);
+        for _ in 0..50 {
+            limiter.until_ready().await;
+            limiter.answered(false);
+        }
+        for _ in 0..10 {
+            limiter.answered(true);
+        }
+        assert_eq!(memory.kinds(), ["slow_down"], "one cut per wave of 429s");
+        let rate = memory.0.lock().unwrap()[0]["rate"].as_f64().unwrap();
+        assert_eq!(Some(rate), limiter.effective_rate().map(tenth));
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            limiter.until_ready().await;
+        }
+        assert_eq!(limiter.effective_rate(), None);
+        assert_eq!(memory.kinds(), ["slow_down", "rate_restored"], "the climb back is one event, at its end");
     }
 
     #[tokio::test(start_paused = true)]

@@ -325,7 +325,7 @@ async fn the_run_directory_is_the_owners_alone_and_nothing_lands_in_the_current_
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(mode(&out), 0o700, "made the owner's alone");
     assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0, "nothing written to the current folder");
-    for name in ["results.jsonl", "journal", "run.json", "summary.json"] {
+    for name in ["results.jsonl", "journal", "run.json", "summary.json", "events.jsonl"] {
         assert_eq!(mode(&out.join(name)), 0o600, "{name}");
     }
 
@@ -540,6 +540,10 @@ async fn an_api_that_goes_down_during_the_run_stops_it_and_resume_finishes_it() 
     assert_eq!(failure_count(&out), 0, "rows the outage stopped are not failures: {stderr}");
     let summary = json(&out.join("summary.json"));
     assert_eq!((summary["succeeded"].as_u64(), summary["failed"].as_u64()), (Some(10), Some(0)), "{summary}");
+    assert_eq!(event_kinds(&out), ["start", "breaker_open", "abort", "end"], "the breaker's opening is told");
+    let events = jsonl(&out.join("events.jsonl"));
+    assert!(events[1]["calls"].as_u64().unwrap() >= 2 && events[1]["lasted_ms"].as_u64().unwrap() >= 1000);
+    assert_eq!((events[2]["reason"].as_str(), events[3]["exit"].as_u64()), (Some("outage"), Some(75)));
 
     // Back up: resume sends the other 30, and only them.
     api.down.store(false, Ordering::SeqCst);
@@ -550,6 +554,9 @@ async fn an_api_that_goes_down_during_the_run_stops_it_and_resume_finishes_it() 
     assert_eq!(successes.len(), 40);
     assert!(successes.values().all(|&n| n == 1), "each row succeeded once: {successes:?}");
     assert_eq!(jsonl(&out.join("results.jsonl")).len(), 40);
+    let events = jsonl(&out.join("events.jsonl"));
+    assert_eq!(event_kinds(&out)[4..], ["start", "end"], "the resume appends its own: {events:?}");
+    assert_eq!((&events[4]["resume"], &events[5]["exit"]), (&Value::Bool(true), &Value::from(0)));
 }
 
 #[tokio::test]

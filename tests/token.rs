@@ -137,7 +137,8 @@ async fn a_rejected_refresh_is_one_request_whose_answer_every_waiting_worker_get
     .await;
     let settings = AuthSettings { token_url: Some(gw.sandbox.token_url()), cache: false, ..AuthSettings::default() };
     let credentials = Credentials::secret(CLIENT_ID.into(), SECRET.to_string().into());
-    let tokens = TokenSource::new(reqwest::Client::new(), &settings, credentials);
+    let (events, told) = bulkcall::events::Memory::events();
+    let tokens = TokenSource::new(reqwest::Client::new(), &settings, credentials).with_events(events);
     let first = tokens.get().await.expect("the first token");
     // A call got 401 with it: every worker now waits for a new token.
     tokens.invalidate(first.generation);
@@ -146,4 +147,11 @@ async fn a_rejected_refresh_is_one_request_whose_answer_every_waiting_worker_get
         assert!(matches!(answer, Err(TokenError::Rejected { status: 401, .. })), "{answer:?}");
     }
     assert_eq!(gw.sandbox.stats().token_requests, 2, "one request for the refresh, whose answer all 50 got");
+    // The first token is no event; the refresh that failed is one, whatever waited for it.
+    let told = told.0.lock().unwrap().clone();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(
+        (&told[0]["kind"], &told[0]["how"], &told[0]["error"]),
+        (&"token_refresh_failed".into(), &"after_401".into(), &"rejected".into())
+    );
 }

@@ -207,6 +207,14 @@ async fn a_token_outage_mid_run_exits_75_and_resume_finishes_every_row_once() {
     assert!(refused.load(Ordering::SeqCst) >= 5, "the refresh tried its five attempts");
     let sent = gw.sandbox.stats().api_calls;
     assert!((5..40).contains(&sent), "stopped part way: {sent} calls");
+    // What happened when: the refresh that failed and the abort it caused.
+    let events = jsonl(&out.join("events.jsonl"));
+    let failed: Vec<&serde_json::Value> = events.iter().filter(|e| e["kind"] == "token_refresh_failed").collect();
+    assert_eq!(failed.len(), 1, "one failed refresh, however many calls waited for it: {events:?}");
+    assert_eq!(failed[0]["error"], "unavailable");
+    let abort = events.iter().find(|e| e["kind"] == "abort").expect("an abort event");
+    assert_eq!((abort["reason"].as_str(), abort["exit"].as_u64()), (Some("token"), Some(75)));
+    assert!(failed[0]["at_ms"].as_u64() <= abort["at_ms"].as_u64());
 
     down.store(false, Ordering::SeqCst);
     let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();

@@ -164,6 +164,8 @@ async fn run_job(
     let authorized = settings.auth.style != AuthStyle::None;
     let resuming = resume.is_some();
     let mut resume = resume;
+    // The run's events: told from here on, written once the run directory is there.
+    let events = crate::events::Events::default();
     let mut plan = |dir: PathBuf, r: &Resolved| Plan {
         resumable: options.resumable,
         requests: requests.clone(),
@@ -184,6 +186,7 @@ async fn run_job(
             InDoubt::Fail
         }) == InDoubt::Fail,
         metrics: crate::metrics::Board::default(),
+        events: events.clone(),
     };
 
     if options.dry_run {
@@ -231,7 +234,7 @@ async fn run_job(
             None => settings.credentials()?,
         };
         let request_key = crate::token::request_key(&settings.auth, &credentials);
-        let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials);
+        let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials).with_events(events.clone());
         if let Some(redis) = &redis {
             match crate::token::shared::load_key(&settings.auth)? {
                 Some(key) => {
@@ -267,6 +270,7 @@ async fn run_job(
         }
         Some(lock)
     };
+    events.attach(Box::new(crate::output::EventsFile::open(&dir, resuming)?));
     let part = options.sharding.as_ref().map(|s| format!(" shard {} of run {}", s.shard, s.run_id)).unwrap_or_default();
     tracing::info!(
         "{} {}{part} ({} input{}) into {}",
@@ -291,15 +295,17 @@ async fn run_job(
         let (run_id, processes) =
             options.sharding.as_ref().map_or((r.job.name.as_str(), 1), |s| (s.run_id.as_str(), s.shard.count));
         let key = crate::coordination::run_key(run_id, "limit");
-        Arc::new(RedisLimiter::new(redis, key, settings.rate, settings.burst, processes))
+        Arc::new(RedisLimiter::new(redis, key, settings.rate, settings.burst, processes).with_events(events.clone()))
     });
     let limiter: Arc<dyn Limiter> = match &shared_limit {
         Some(shared) => shared.clone(),
-        None => Arc::new(LocalLimiter::new(settings.rate, settings.burst)),
+        None => Arc::new(LocalLimiter::new(settings.rate, settings.burst).with_events(events.clone())),
     };
     let mut planned = plan(dir.clone(), &r);
     planned.metrics = board;
-    let finished = runner::run(planned, tokens, limiter, stop).await?;
+    let finished = runner::run(planned, tokens, limiter, stop).await;
+    events.detach();
+    let finished = finished?;
     if let Some(shared) = shared_limit {
         let (round_trips, calls) = shared.round_trips();
         tracing::info!(

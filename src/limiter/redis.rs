@@ -31,9 +31,10 @@ use tokio::time::Instant;
 
 use super::{
     CALM, CUT_EVERY, FLOOR, HEADROOM, LATE, Limiter, LocalLimiter, PACE_TARGET, SHARE_WEIGHT, THROTTLED_SHARE,
-    let_through, wait_unpaused,
+    let_through, pause_started, tenth, wait_unpaused,
 };
 use crate::coordination::{ROUND_TRIP_TIMEOUT, Redis};
+use crate::events::{Event, Events};
 
 /// How much of its share a process leases per round trip.
 const LEASE_SPAN: Duration = Duration::from_millis(50);
@@ -42,6 +43,10 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 /// After Redis is back, a process keeps to its share this long, while the
 /// others, still on their own, find Redis again (a few of their checks).
 const BACK_CAP: Duration = Duration::from_secs(1);
+/// A shared pause found by a lease is told as an event only with at least
+/// this much of it left: less is this process's own pause seen through
+/// Redis's clock after it ended here.
+const SHARED_PAUSE_NEWS: Duration = Duration::from_millis(100);
 /// A run's limiter state is forgotten a day after its last use.
 const STATE_TTL_MS: u64 = 86_400_000;
 
@@ -288,6 +293,9 @@ pub struct RedisLimiter {
     /// with many workers waiting, every process's, the shared schedule is
     /// booked that far ahead.
     booked_ahead_ns: AtomicU64,
+    /// Where Redis lost and back, shared pauses and rate changes are told
+    /// (the fallback tells its own).
+    events: Events,
 }
 
 impl RedisLimiter {
@@ -318,7 +326,17 @@ impl RedisLimiter {
             given_up: AtomicU64::new(0),
             lapsed: AtomicU64::new(0),
             booked_ahead_ns: AtomicU64::new(0),
+            events: Events::default(),
         }
+    }
+
+    /// Tells `events` when Redis is lost and back, when a pause starts
+    /// and when the shared rate is cut or restored.
+    pub fn with_events(mut self, events: Events) -> RedisLimiter {
+        let fallback = Arc::get_mut(&mut self.fallback).expect("not shared yet");
+        fallback.events = events.clone();
+        self.events = events;
+        self
     }
 
     /// Round trips to Redis so far, and calls let through.
@@ -444,14 +462,28 @@ impl RedisLimiter {
             self.clock.lock().unwrap_or_else(|e| e.into_inner()).local(self.started, redis_us, sent, Instant::now());
         if pause_us > 0 {
             let until = (anchor - self.started + Duration::from_micros(pause_us as u64)).as_millis() as u64;
-            self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+            let before = self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+            let now = self.started.elapsed().as_millis() as u64;
+            // Another process's pause: this one's own set `paused_until_ms` already.
+            if pause_started(before, until, now) && until - now >= SHARED_PAUSE_NEWS.as_millis() as u64 {
+                self.events.emit(Event::Pause { ms: until - now, shared: true });
+            }
         }
-        {
+        let changed = {
             let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+            let before = a.rate;
             a.rate = (rate_milli >= 0).then(|| rate_milli as f64 / 1000.0);
             if let Some(rate) = a.rate {
                 a.lowest = Some(a.lowest.map_or(rate, |l| l.min(rate)));
             }
+            match (before, a.rate) {
+                (_, Some(rate)) if before.is_none_or(|b| rate < b) => Some(Event::SlowDown { rate: tenth(rate) }),
+                (Some(_), None) => Some(Event::RateRestored),
+                _ => None,
+            }
+        };
+        if let Some(event) = changed {
+            self.events.emit(event);
         }
         // GCRA: a slot may be spent `burst - 1` periods early. No timer
         // slack here: the timer's wake-up makes every slot a little late.
@@ -480,6 +512,7 @@ impl RedisLimiter {
             }
             *link = Link::Lost;
         }
+        self.events.emit(Event::RedisLost { part: "limiter" });
         // Slots leased before stay good: every process's workers wait for
         // theirs, up to as far ahead as the schedule was booked. This
         // process's own pace starts after that, with no burst, so its calls
@@ -493,6 +526,7 @@ impl RedisLimiter {
             self.redis.url
         );
         let (redis, link, fallback) = (self.redis.clone(), Arc::downgrade(&self.link), self.fallback.clone());
+        let events = self.events.clone();
         self.rt.spawn(async move {
             loop {
                 tokio::time::sleep(RECONNECT_EVERY).await;
@@ -505,16 +539,22 @@ impl RedisLimiter {
                     let until = (Instant::now() + BACK_CAP).max(fallback.booked_until());
                     *link.lock().unwrap_or_else(|e| e.into_inner()) = Link::Back(until);
                     tracing::info!("Redis at {} is back: the shared rate limit again", redis.url);
+                    events.emit(Event::RedisBack { part: "limiter" });
                     return;
                 }
             }
         });
     }
 
+    /// One event per pause, shared or this process's own.
     fn pause(&self, d: Duration) {
-        let until = (self.started.elapsed() + d).as_millis() as u64;
-        self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
-        self.fallback.pause(d);
+        let now = self.started.elapsed();
+        let until = (now + d).as_millis() as u64;
+        let before = self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+        if pause_started(before, until, now.as_millis() as u64) {
+            self.events.emit(Event::Pause { ms: d.as_millis() as u64, shared: false });
+        }
+        self.fallback.hold_for(d);
         if self.is_shared() {
             let mut invocation = PAUSE.prepare_invoke();
             invocation.key(&self.key).arg(d.as_millis() as u64);

@@ -1,6 +1,6 @@
 //! The run directory. This module is the only writer of files in it:
 //! `results.jsonl`, `failures.csv` / `failures.jsonl`, `requests.jsonl`,
-//! `summary.json` and `run.json`.
+//! `summary.json`, `run.json` and `events.jsonl`.
 //!
 //! Files hold PHI: the directory is created 0700 and every file 0600.
 //! Records are serialized whole into a buffer that [`Writer::flush`] hands
@@ -10,6 +10,7 @@
 //! outcome is written.
 
 mod commit;
+mod events;
 mod ledger;
 mod lock;
 mod recover;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use commit::{GroupCommit, SYNC_EVERY};
+pub use events::EventsFile;
 pub use ledger::{Done, Ledger, LedgerState, Mark};
 pub use lock::{JobLock, lock_job, lock_run_dir, run_dir_holder};
 pub use recover::{Recent, recent_outcomes};

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::error::{Error, ExitCode};
+use crate::events::{Event, Events};
 use crate::input::{InputSpec, Item};
 use crate::job::Requests;
 use crate::limiter::{Limiter, RetryBudget};
@@ -78,6 +79,8 @@ pub struct Plan {
     pub leave_out_earlier: bool,
     /// Where the metrics read the run's figures.
     pub metrics: crate::metrics::Board,
+    /// Where the run's start, stop, abort and end are told.
+    pub events: Events,
 }
 
 /// What the ledger of an interrupted run says.
@@ -161,6 +164,8 @@ struct Shared {
     max_failures: Option<MaxFailures>,
     /// The run directory, for messages.
     dir: PathBuf,
+    /// Where an abort (the breaker opening among them) and a stop are told.
+    events: Events,
 }
 
 impl Shared {
@@ -168,9 +173,29 @@ impl Shared {
         let mut abort = self.abort.lock().unwrap_or_else(|e| e.into_inner());
         if abort.is_none() {
             tracing::error!("{error}");
+            if let Error::Outage(outage) = &error {
+                self.events
+                    .emit(Event::BreakerOpen { calls: outage.calls, lasted_ms: outage.lasted.as_millis() as u64 });
+            }
+            self.events.emit(Event::Abort { reason: abort_reason(&error), exit: error.exit_code().code() });
             *abort = Some(error);
         }
         self.stop.cancel();
+    }
+}
+
+/// What stopped the run, in a word, for its events.
+fn abort_reason(error: &Error) -> &'static str {
+    match error {
+        Error::Outage(_) => "outage",
+        Error::MaxFailures(_) => "max_failures",
+        Error::Unauthorized(_) => "unauthorized",
+        Error::Token(_) => "token",
+        Error::Certificate(_) => "certificate",
+        Error::Paused(_) => "long_pause",
+        Error::Output(_) => "run_directory",
+        Error::Input(_) => "input",
+        _ => "internal",
     }
 }
 
@@ -318,13 +343,27 @@ pub async fn run(
         budget_stopped: AtomicU64::new(0),
         max_failures: plan.max_failures,
         dir: plan.dir.clone(),
+        events: plan.events.clone(),
     });
+    plan.events.emit(Event::Started { resume: append });
 
+    // A stop by signal is told once: by the watchdog when it wakes, or at
+    // the end if the run ended first. (An abort told its own event.)
+    let tell_stop = {
+        let (shared, told) = (shared.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        move || {
+            let aborted = shared.abort.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            if shared.stop.is_cancelled() && !aborted && !told.swap(true, Ordering::Relaxed) {
+                shared.events.emit(Event::Stop);
+            }
+        }
+    };
     // After a stop, calls in flight get `grace` to finish.
     let watchdog = {
-        let (stop, hard, grace) = (stop.clone(), shared.hard_stop.clone(), plan.grace);
+        let (stop, hard, grace, tell_stop) = (stop.clone(), shared.hard_stop.clone(), plan.grace, tell_stop.clone());
         tokio::spawn(async move {
             stop.cancelled().await;
+            tell_stop();
             tokio::time::sleep(grace).await;
             hard.cancel();
         })
@@ -358,6 +397,7 @@ pub async fn run(
         }
     }
     watchdog.abort();
+    tell_stop();
     let Recorder { writer, first_failures, .. } =
         recorded.await.map_err(|_| Error::Internal("the recorder stopped unexpectedly; please report this".into()))?;
     let read_result = reader.await.expect("the reader thread does not panic");
@@ -388,5 +428,6 @@ pub async fn run(
     // Written from this summary right after.
     summary.report = Some(plan.dir.join("report.html"));
     crate::output::write_json(&plan.dir.join("summary.json"), &summary)?;
+    plan.events.emit(Event::End { exit: exit.code() });
     Ok(Finished { summary, exit, abort, failure_files, first_failures, rendered: 0 })
 }

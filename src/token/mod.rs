@@ -26,6 +26,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::config::{AuthSettings, AuthStyle, Credentials, Proof};
+use crate::events::{Event, Events};
 use crate::outcome::{describe, parse_retry_after};
 
 mod cache;
@@ -184,6 +185,10 @@ struct Inner {
     /// Token requests sent, for the summary.
     requests: AtomicU64,
     warned_no_expiry: AtomicBool,
+    /// Where each refresh (and its failure) is told, and Redis lost and back.
+    events: Events,
+    /// Whether the last refresh found the shared token in Redis out of reach.
+    shared_lost: AtomicBool,
 }
 
 /// The shared token; cheap to clone.
@@ -214,8 +219,17 @@ impl TokenSource {
                 generation: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 warned_no_expiry: AtomicBool::new(false),
+                events: Events::default(),
+                shared_lost: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Tells `events` of every refresh and of the shared token's Redis lost
+    /// and back. Call it before the source is cloned.
+    pub fn with_events(mut self, events: Events) -> TokenSource {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").events = events;
+        self
     }
 
     /// Shares the token with every process that uses the same store.
@@ -341,8 +355,32 @@ impl Inner {
         {
             return Ok(token.clone());
         }
+        // Why this refresh: the first token of the process is no event.
+        let how = match &current {
+            _ if force => "forced",
+            Some(token) if Instant::now() < token.mandatory_at => "background",
+            Some(_) => "waiting",
+            None if self.generation.load(Ordering::Relaxed) == 0 => "first",
+            None => "after_401",
+        };
+        let obtained = self.obtain(current.as_deref(), force).await;
+        if how != "first" {
+            self.events.emit(match &obtained {
+                Ok(token) => {
+                    Event::TokenRefresh { how, origin: token.origin.word(), lifetime_s: token.lifetime.as_secs() }
+                }
+                Err(e) => Event::TokenRefreshFailed { how, error: e.kind() },
+            });
+        }
+        let token = Arc::new(obtained?);
+        self.current.store(Some(token.clone()));
+        Ok(token)
+    }
+
+    /// A new token: adopted from the disk cache or Redis, or fetched.
+    async fn obtain(self: &Arc<Self>, current: Option<&Token>, force: bool) -> Result<Token, TokenError> {
         let token = match &self.cache {
-            _ if self.shared.is_some() => self.refresh_shared(current.as_deref(), force).await?,
+            _ if self.shared.is_some() => self.refresh_shared(current, force).await?,
             None => self.fetch().await?,
             Some(cache) => {
                 // File work goes to the blocking pool: the async thread
@@ -361,7 +399,7 @@ impl Inner {
                 })
                 .await
                 .unwrap_or((None, None));
-                match self.adopt_cached(cache, entry, current.as_deref(), force) {
+                match self.adopt_cached(cache, entry, current, force) {
                     Some(token) => token,
                     None if lock.is_none() => self.fetch().await?,
                     None => {
@@ -379,8 +417,6 @@ impl Inner {
                 }
             }
         };
-        let token = Arc::new(token);
-        self.current.store(Some(token.clone()));
         Ok(token)
     }
 
@@ -391,6 +427,9 @@ impl Inner {
         let shared = self.shared.as_ref().expect("a shared store");
         let alone = |e: String| {
             tracing::warn!("the shared token in Redis is out of reach ({e}): fetching one for this process");
+            if !self.shared_lost.swap(true, Ordering::Relaxed) {
+                self.events.emit(Event::RedisLost { part: "token" });
+            }
         };
         let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(rejected) = &rejected
@@ -402,6 +441,9 @@ impl Inner {
         loop {
             match shared.load().await {
                 Ok(entry) => {
+                    if self.shared_lost.swap(false, Ordering::Relaxed) {
+                        self.events.emit(Event::RedisBack { part: "token" });
+                    }
                     if let Some(token) = self.adopt_entry(entry, current, force, Origin::Shared) {
                         return Ok(token);
                     }
@@ -772,7 +814,32 @@ fn form_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+impl Origin {
+    /// The origin as events name it.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Origin::Fetched => "fetched",
+            Origin::Cache(_) => "cache",
+            Origin::Shared => "shared",
+        }
+    }
+}
+
 impl TokenError {
+    /// The kind of failure in one word, for events (never the message:
+    /// it may quote the token endpoint's answer).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TokenError::Rejected { .. } => "rejected",
+            TokenError::Unavailable { .. } => "unavailable",
+            TokenError::Redirected { .. } => "redirected",
+            TokenError::Refused { .. } => "refused",
+            TokenError::BadAnswer { .. } => "bad_answer",
+            TokenError::Certificate(_) => "certificate",
+            TokenError::ClientCertificate(_) => "client_certificate",
+        }
+    }
+
     /// `server` (the token endpoint or the API, at `url`) refused the
     /// client certificate `cert` (or wanted one and none is configured).
     pub fn client_certificate(url: &str, server: &str, cert: Option<&std::path::Path>, alert: &str) -> TokenError {

@@ -301,3 +301,8 @@ claimInformation = { patientControlNumber = "PCN{{ control_number }}", claimChar
 pub fn claims_job_with_key() -> String {
     CLAIMS_JOB.replacen("key = ", "idempotency_key = \"claim-{{ control_number }}\"\nkey = ", 1)
 }
+
+/// The `kind` of each line of a run directory's `events.jsonl`, in order.
+pub fn event_kinds(dir: &Path) -> Vec<String> {
+    jsonl(&dir.join("events.jsonl")).iter().map(|e| e["kind"].as_str().unwrap_or("?").to_string()).collect()
+}
