@@ -117,6 +117,7 @@ fn main() {
                 status: Some(200),
                 result: Ok(Success::new(body, judged.captured)),
                 source: Source::Record(row.record),
+                origin: None,
             };
             outcomes.push(outcome);
         }

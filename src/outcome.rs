@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
 use crate::answer::Body;
-use crate::input::{BadRow, Raw, Record, Row};
+use crate::input::{BadRow, Origin, Raw, Record, Row};
 
 /// Why a row failed: the `_error` column of the failures file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -85,6 +85,9 @@ pub struct Outcome {
     pub status: Option<u16>,
     pub result: Result<Success, Failure>,
     pub source: Source,
+    /// Where the row first came from, when it was read from a failures
+    /// file (or results): `source_row` and `source_run` in the outcome files.
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug)]
@@ -130,6 +133,7 @@ impl Outcome {
             status: None,
             result: Err(Failure { kind: ErrorKind::InvalidRow, message }),
             source: Source::Record(row.record.clone()),
+            origin: row.origin().cloned(),
         }
     }
 
@@ -144,6 +148,7 @@ impl Outcome {
             status: None,
             result: Err(Failure { kind: ErrorKind::InvalidRow, message: bad.message }),
             source: Source::Raw(bad.raw),
+            origin: bad.earlier.and_then(|e| e.origin),
         }
     }
 }

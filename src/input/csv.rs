@@ -5,18 +5,21 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::sync::Arc;
 
-use super::{BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, Raw, Record, Row};
+use super::{BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, Origin, Raw, Record, Row, SOURCE_COLUMNS};
 
 /// The header of a CSV input: its column names, and whether it is a
-/// failures file bulkcall wrote (its last six columns are then bulkcall's).
+/// failures file bulkcall wrote (its last six columns are then bulkcall's,
+/// and the two before them too when they are the source columns).
 #[derive(Debug)]
 pub struct CsvHeaders {
     /// The record's own columns: every column of the file, but for a
-    /// failures file's last six.
+    /// failures file's last six (or eight).
     names: Vec<String>,
     by_name: HashMap<String, usize>,
     /// The file ends every record with the six failure columns.
     failures: bool,
+    /// A failures file whose records have the two source columns before the six.
+    sourced: bool,
     /// The file's delimiter: a failures file is written with it.
     delimiter: u8,
 }
@@ -31,6 +34,14 @@ impl CsvHeaders {
         if failures {
             names.truncate(names.len() - FAILURE_COLUMNS.len());
         }
+        // Before them, the source columns of a failures file of a failures
+        // file (by position too).
+        let sourced = failures
+            && names.len() >= SOURCE_COLUMNS.len()
+            && names[names.len() - SOURCE_COLUMNS.len()..].iter().zip(SOURCE_COLUMNS).all(|(n, c)| n == c);
+        if sourced {
+            names.truncate(names.len() - SOURCE_COLUMNS.len());
+        }
         let mut by_name = HashMap::with_capacity(names.len());
         for (pos, name) in names.iter().enumerate() {
             if name.is_empty() {
@@ -40,7 +51,7 @@ impl CsvHeaders {
                 return Err(format!("the header names column `{name}` twice"));
             }
         }
-        Ok(CsvHeaders { names, by_name, failures, delimiter })
+        Ok(CsvHeaders { names, by_name, failures, sourced, delimiter })
     }
 
     #[cfg(test)]
@@ -54,6 +65,13 @@ impl CsvHeaders {
 
     pub fn delimiter(&self) -> u8 {
         self.delimiter
+    }
+
+    /// Whether the file is a failures file bulkcall wrote: its records
+    /// have an origin, and a failures file of them keeps it in the source
+    /// columns.
+    pub fn is_failures(&self) -> bool {
+        self.failures
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
@@ -206,13 +224,19 @@ fn to_row(
     record: &csv::ByteRecord,
 ) -> Item {
     let width = headers.names.len();
-    // A failures file's record ends with the six failure columns; the
-    // fields before them are the record as its input had it.
-    let own = FAILURE_COLUMNS.len();
+    // A failures file's record ends with the six failure columns (the
+    // source columns before them, if it has them); the fields before them
+    // are the record as its input had it.
+    let sources = if headers.sourced { SOURCE_COLUMNS.len() } else { 0 };
+    let own = sources + FAILURE_COLUMNS.len();
     let (fields, earlier) = if headers.failures && record.len() >= own {
         let at = record.len() - own;
         let column = |i: usize| std::str::from_utf8(&record[at + i]).unwrap_or_default();
-        (at, Some(Box::new(Earlier::from_columns(std::array::from_fn(column)))))
+        let mut earlier = Earlier::from_columns(std::array::from_fn(|i| column(sources + i)));
+        if headers.sourced {
+            earlier.origin = Some(Origin::from_columns(std::array::from_fn(column)));
+        }
+        (at, Some(Box::new(earlier)))
     } else {
         (record.len(), None)
     };
@@ -223,6 +247,7 @@ fn to_row(
         line,
         message,
         raw: Raw::Csv { headers: headers.clone(), values: record.iter().take(fields).map(<[u8]>::to_vec).collect() },
+        earlier: earlier.clone(),
     };
     if fields != width {
         let hint = if open_quote {
@@ -253,7 +278,7 @@ fn to_row(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Format, read_all};
+    use super::super::{Format, Origin, read_all};
     use super::*;
     use std::io::Write;
 
@@ -375,6 +400,37 @@ mod tests {
         let failures = b"id;_row;_key;_error;_status;_attempts;_message\n1;3;k;client_error;400;1;x\n";
         let (items, _) = read_text(failures, b';');
         assert_eq!(fields(&items[0]), [("id".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn source_columns_before_the_six_are_where_a_record_first_came_from() {
+        let origin = |item: &Item| {
+            let earlier = match item {
+                Ok(row) => row.earlier.as_deref(),
+                Err(bad) => bad.earlier.as_deref(),
+            };
+            earlier.and_then(|e| e.origin.clone())
+        };
+        let text = b"id,_source_row,_source_run,_row,_key,_error,_status,_attempts,_message\n\
+            7,3,/runs/a,1,k,client_error,400,1,no\n\
+            8,,,2,k,client_error,400,1,no\n\
+            9,extra,4,/runs/b,3,k,invalid_row,,0,ragged\n";
+        let (items, _) = read_text(text, b',');
+        assert_eq!(fields(&items[0]), [("id".into(), "7".into())]);
+        assert_eq!(origin(&items[0]), Some(Origin { row: Some(3), run: Some("/runs/a".into()) }));
+        assert_eq!(origin(&items[1]), Some(Origin { row: None, run: None }), "kept unknown, not made this file's");
+        let ragged = items[2].as_ref().unwrap_err();
+        assert!(matches!(&ragged.raw, Raw::Csv { values, .. } if values.len() == 2), "{ragged:?}");
+        assert_eq!(origin(&items[2]), Some(Origin { row: Some(4), run: Some("/runs/b".into()) }));
+        // A failures file of a first run: the record's own row (and no run:
+        // this file is in no run directory).
+        let (items, _) =
+            read_text(b"id,_row,_key,_error,_status,_attempts,_message\n7,5,k,client_error,400,1,x\n", b',');
+        assert_eq!(origin(&items[0]), Some(Origin { row: Some(5), run: None }));
+        // Elsewhere, fields like any.
+        let (items, _) = read_text(b"id,_source_row,_source_run\n7,3,x\n", b',');
+        assert_eq!(fields(&items[0]).len(), 3);
+        assert!(items[0].as_ref().unwrap().earlier.is_none());
     }
 
     #[test]

@@ -2,10 +2,14 @@
 //! one object per line, blank lines skipped. Values keep their JSON types.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, RAW_FIELD, RECORD_FIELD, Raw, Record, Row};
+use super::{
+    BadRow, Earlier, FAILURE_COLUMNS, InputError, InputSpec, Item, Origin, RAW_FIELD, RECORD_FIELD, Raw, Record, Row,
+    SOURCE_COLUMNS,
+};
 
 /// A byte cursor over a buffered file that knows its line and column.
 struct Cursor<R> {
@@ -236,6 +240,7 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
         line,
         message,
         raw: Raw::Text(String::from_utf8_lossy(text).into_owned()),
+        earlier: None,
     };
     match serde_json::from_slice::<Value>(text) {
         // A line of a failures file bulkcall wrote (it has all six failure
@@ -248,7 +253,14 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
                 other => other.to_string(),
             };
             let texts = columns.each_ref().map(text_of);
-            let earlier = Some(Box::new(Earlier::from_columns(texts.each_ref().map(String::as_str))));
+            let mut earlier = Earlier::from_columns(texts.each_ref().map(String::as_str));
+            // A failures file of a failures file: where the record first came from.
+            if SOURCE_COLUMNS.iter().any(|c| map.contains_key(*c)) {
+                let sources = SOURCE_COLUMNS.map(|c| map.shift_remove(c).unwrap_or(Value::Null));
+                earlier.origin =
+                    Some(Origin::from_columns(sources.each_ref().map(text_of).each_ref().map(String::as_str)));
+            }
+            let earlier = Some(Box::new(earlier));
             let only = |map: &Map<String, Value>, name: &str| map.len() == 1 && map.contains_key(name);
             if only(&map, RECORD_FIELD)
                 && let Some(Value::Object(record)) = map.shift_remove(RECORD_FIELD)
@@ -262,10 +274,25 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
                 // A row that was not JSON when it failed: read what it was again.
                 return match parse_object(input, number, line, column, raw.as_bytes()) {
                     Ok(row) => Ok(Row { earlier, ..row }),
-                    Err(bad) => Err(bad),
+                    Err(bad) => Err(BadRow { earlier, ..bad }),
                 };
             }
             Ok(Row { input, number, line, record: Record::Json(map), earlier })
+        }
+        // A line of a results file: its fields stay the record's, and it
+        // keeps where it first came from.
+        Ok(Value::Object(map)) if is_result(&map) => {
+            let origin = map.get("source_row").map(|row| Origin {
+                row: row.as_u64(),
+                run: map.get("source_run").and_then(Value::as_str).map(Arc::from),
+            });
+            let earlier = Earlier {
+                row: map["row"].as_u64(),
+                status: map["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+                origin,
+                ..Earlier::default()
+            };
+            Ok(Row { input, number, line, record: Record::Json(map), earlier: Some(Box::new(earlier)) })
         }
         Ok(Value::Object(map)) => Ok(Row { input, number, line, record: Record::Json(map), earlier: None }),
         Ok(other) => Err(bad(format!("line {line}: expected an object, found {}", kind(&other)))),
@@ -279,6 +306,16 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
             Err(bad(format!("line {l} column {c}: {msg}")))
         }
     }
+}
+
+/// Whether a line is one of a `results.jsonl` bulkcall wrote: it has every
+/// field a result always has.
+fn is_result(map: &Map<String, Value>) -> bool {
+    map.get("row").is_some_and(Value::is_u64)
+        && map.get("key").is_some_and(Value::is_string)
+        && map.get("attempts").is_some_and(Value::is_u64)
+        && map.get("latency_ms").is_some_and(Value::is_u64)
+        && ["status", "response"].iter().all(|k| map.contains_key(*k))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -428,6 +465,44 @@ mod tests {
         assert_eq!(items[2].as_ref().unwrap().record.get("id").unwrap(), 3, "`_raw` is read again");
         let bad = items[3].as_ref().unwrap_err();
         assert!(matches!(&bad.raw, Raw::Text(t) if t == r#"{"id": tru"#), "fails again, keeping its text: {bad:?}");
+    }
+
+    #[test]
+    fn a_line_keeps_where_it_first_came_from() {
+        const SIX: &str =
+            r#""_row": 3, "_key": "k", "_error": "client_error", "_status": 400, "_attempts": 1, "_message": "x""#;
+        let text = [
+            // A failures line of a failures file: the source fields go too.
+            format!(r#"{{"id": 1, "_source_row": 7, "_source_run": "/runs/a", {SIX}}}"#),
+            // A failures line of a first run: its own row, its file's run (none here).
+            format!(r#"{{"id": 2, {SIX}}}"#),
+            // A line that did not read as JSON, from a failures file of a failures file.
+            format!(r#"{{"_raw": "{{\"id\": tru", "_source_row": 8, "_source_run": null, {SIX}}}"#),
+            // Results, of a first run and of a resend: every field stays.
+            r#"{"row": 4, "key": "k4", "status": 200, "attempts": 1, "latency_ms": 3, "response": {}}"#.into(),
+            r#"{"row": 5, "key": "k5", "source_row": 9, "source_run": "/runs/a", "status": 200, "attempts": 1, "latency_ms": 3, "response": "ok"}"#.into(),
+            // Not results: a field is missing.
+            r#"{"row": 6, "key": "k6", "status": 200, "attempts": 1, "response": "ok"}"#.into(),
+        ]
+        .join("\n");
+        let (items, _) = read_text(&text, Format::Jsonl);
+        let origin = |i: usize| {
+            let earlier = match &items[i] {
+                Ok(row) => row.earlier.as_deref(),
+                Err(bad) => bad.earlier.as_deref(),
+            };
+            earlier.and_then(|e| e.origin.clone())
+        };
+        let at = |row: u64, run: Option<&str>| Some(Origin { row: Some(row), run: run.map(Arc::from) });
+        assert_eq!(origin(0), at(7, Some("/runs/a")));
+        assert_eq!(items[0].as_ref().unwrap().record.to_json().keys().collect::<Vec<_>>(), ["id"]);
+        assert_eq!(origin(1), at(3, None));
+        assert!(items[2].is_err(), "still not JSON");
+        assert_eq!(origin(2), at(8, None));
+        assert_eq!(origin(3), at(4, None));
+        assert_eq!(items[3].as_ref().unwrap().record.to_json().len(), 6, "a result's fields are its record's");
+        assert_eq!(origin(4), at(9, Some("/runs/a")));
+        assert_eq!(origin(5), None);
     }
 
     #[test]

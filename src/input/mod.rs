@@ -25,17 +25,26 @@ pub use self::source::{Compression, Encoding};
 /// stays a field of its own.
 pub const FAILURE_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_attempts", "_message"];
 
+/// The columns a failures file has before the six [`FAILURE_COLUMNS`]
+/// when its run's input was itself an outcome file bulkcall wrote (a
+/// failures file, or results): each record's [`Origin`], the row and the
+/// run it first came from. In a CSV they are the two columns before the
+/// last six, by position; in JSON Lines, fields.
+pub const SOURCE_COLUMNS: [&str; 2] = ["_source_row", "_source_run"];
+
 /// In a JSON failures line: a record that could not be read, as its text.
 pub const RAW_FIELD: &str = "_raw";
 /// In a JSON failures line: the record, when it has fields of the names
 /// bulkcall adds (so none of them is overwritten).
 pub const RECORD_FIELD: &str = "_record";
 
-/// What a failures file said of one of its records: the row it was in the
-/// run that wrote the file, and how it failed there.
+/// What an outcome file bulkcall wrote said of one of its records: the row
+/// it was in the run that wrote the file, and how it failed there (a
+/// failures file), or that it succeeded (results: `error` and `message`
+/// are empty).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Earlier {
-    /// `_row`: its position in that run's input.
+    /// `_row` (`row` in results): its position in that run's input.
     pub row: Option<u64>,
     /// `_error`: the kind it failed as.
     pub error: String,
@@ -43,6 +52,10 @@ pub struct Earlier {
     pub status: Option<u16>,
     /// `_message`.
     pub message: String,
+    /// Where the record first came from. Read from the file's source
+    /// columns when it has them (its run's input was an outcome file too);
+    /// else [`read_all`] makes it this file's own `_row` and run.
+    pub origin: Option<Origin>,
 }
 
 impl Earlier {
@@ -53,8 +66,44 @@ impl Earlier {
             error: values[2].to_string(),
             status: values[3].trim().parse().ok(),
             message: values[5].to_string(),
+            origin: None,
         }
     }
+}
+
+/// Where a record first came from, kept however many times it is sent
+/// again from a failures file (`source_row` and `source_run` in results,
+/// [`SOURCE_COLUMNS`] in failures).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Origin {
+    /// Its position in the first run's input.
+    pub row: Option<u64>,
+    /// The first run's directory, as an absolute path; unknown when the
+    /// outcome file was read from outside its run directory.
+    pub run: Option<Arc<str>>,
+}
+
+impl Origin {
+    /// From the source columns' values, in [`SOURCE_COLUMNS`]' order (an
+    /// empty one is not known).
+    fn from_columns(values: [&str; 2]) -> Origin {
+        let run = values[1].trim();
+        Origin { row: values[0].trim().parse().ok(), run: (!run.is_empty()).then(|| Arc::from(run)) }
+    }
+}
+
+/// The run directory an input is an outcome file of: the folder of a file
+/// named as bulkcall names them (`failures.*`, `results.jsonl`) that holds
+/// a `run.json`, as an absolute path with links resolved (`latest` names
+/// another run tomorrow). A copy elsewhere, or standard input kept in a run
+/// directory, has none.
+pub fn run_of(path: &Path) -> Option<Arc<str>> {
+    let name = path.file_name()?.to_str()?;
+    if !(name.starts_with("failures.") || name.starts_with("results.jsonl")) {
+        return None;
+    }
+    let dir = std::fs::canonicalize(path).ok()?.parent()?.to_path_buf();
+    dir.join("run.json").is_file().then(|| Arc::from(dir.to_string_lossy().as_ref()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,8 +152,15 @@ pub struct Row {
     /// The file line where the record starts.
     pub line: u64,
     pub record: Record,
-    /// Read from a failures file: what that file said of the row.
+    /// Read from a failures file (or results): what that file said of the row.
     pub earlier: Option<Box<Earlier>>,
+}
+
+impl Row {
+    /// Where the row first came from, when it was read from an outcome file.
+    pub fn origin(&self) -> Option<&Origin> {
+        self.earlier.as_deref().and_then(|e| e.origin.as_ref())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +202,8 @@ pub struct BadRow {
     pub message: String,
     /// What could be kept of it, for the failures file.
     pub raw: Raw,
+    /// Read from a failures file: what that file said of the record.
+    pub earlier: Option<Box<Earlier>>,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +248,19 @@ pub fn read_all(
     let mut before = 0u64;
     for (index, spec) in inputs.iter().enumerate() {
         let size = std::fs::metadata(&spec.path).map_or(0, |m| m.len());
+        // A record of an outcome file without source columns came from
+        // that file's own run: it is its origin from here on.
+        let run = run_of(&spec.path);
+        let with_origin = &mut |mut item: Item| {
+            let earlier = match &mut item {
+                Ok(row) => row.earlier.as_deref_mut(),
+                Err(bad) => bad.earlier.as_deref_mut(),
+            };
+            if let Some(earlier) = earlier.filter(|e| e.origin.is_none()) {
+                earlier.origin = Some(Origin { row: earlier.row, run: run.clone() });
+            }
+            sink(item)
+        };
         let opened = source::open(spec)?;
         let file = opened.reader;
         // Where the parser is in the file; for a compressed or decoded
@@ -197,9 +268,9 @@ pub fn read_all(
         let exact = opened.exact;
         let progress = |at: u64| progress(before + if exact { at } else { opened.file_bytes.get() });
         let keep_going = match spec.format {
-            Format::Csv => csv::read(index, spec, file, &progress, sink)?,
-            Format::Json => json::read_array(index, spec, file, &progress, sink)?,
-            Format::Jsonl => json::read_lines(index, spec, file, &progress, sink)?,
+            Format::Csv => csv::read(index, spec, file, &progress, with_origin)?,
+            Format::Json => json::read_array(index, spec, file, &progress, with_origin)?,
+            Format::Jsonl => json::read_lines(index, spec, file, &progress, with_origin)?,
         };
         before += size;
         if !keep_going {
@@ -318,6 +389,26 @@ mod tests {
         assert_eq!(rows, 999);
         let size = std::fs::metadata(&path).unwrap().len();
         assert_eq!(seen.into_inner().last(), Some(&size), "progress ends at the compressed size");
+    }
+
+    #[test]
+    fn an_outcome_file_names_its_run_directory_with_links_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("2026-12-02T160000Z");
+        std::fs::create_dir(&run).unwrap();
+        for name in ["failures.csv", "failures.b.jsonl", "results.jsonl", "input-1.csv"] {
+            std::fs::write(run.join(name), "").unwrap();
+        }
+        std::os::unix::fs::symlink(&run, dir.path().join("latest")).unwrap();
+        assert_eq!(run_of(&run.join("failures.csv")), None, "no run.json: not a run directory");
+        std::fs::write(run.join("run.json"), "{}").unwrap();
+        let canonical = std::fs::canonicalize(&run).unwrap().display().to_string();
+        for name in ["failures.csv", "failures.b.jsonl", "results.jsonl"] {
+            assert_eq!(run_of(&run.join(name)).as_deref(), Some(canonical.as_str()), "{name}");
+        }
+        let through_latest = run_of(&dir.path().join("latest").join("failures.csv"));
+        assert_eq!(through_latest.as_deref(), Some(canonical.as_str()), "`latest` moves on; the run stays");
+        assert_eq!(run_of(&run.join("input-1.csv")), None, "standard input kept in a run directory is not its outcome");
     }
 
     #[test]

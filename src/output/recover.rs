@@ -100,8 +100,9 @@ pub fn recent_outcomes(dir: &Path, failures: &[(String, u8)], marked: impl Fn(us
     found
 }
 
-/// The records of a failures CSV (its header's input columns, then the six
-/// failure columns, which end every record) not `marked`, read by the CSV
+/// The records of a failures CSV (its header's input columns, the two
+/// source columns of a run over a failures file, then the six failure
+/// columns, which end every record) not `marked`, read by the CSV
 /// parser up to the last whole record: a record cut short by a crash is
 /// not read.
 fn csv_failures(path: &Path, delimiter: u8, input: usize, marked: &impl Fn(usize, u64) -> bool) -> Vec<Recent> {

@@ -28,6 +28,7 @@ fn failed(number: u64) -> Outcome {
         status: Some(400),
         result: Err(Failure { kind: ErrorKind::ClientError, message: "HTTP 400".into() }),
         source: Source::Record(Record::Json(Map::new())),
+        origin: None,
     }
 }
 
@@ -134,6 +135,26 @@ fn recent_failures_are_read_with_the_inputs_delimiter() {
     let found = recent_outcomes(dir.path(), &failures, |_, _| false);
     let rows: Vec<_> = found.iter().map(|(i, row, d)| (*i, *row, d.status, d.attempts)).collect();
     assert_eq!(rows, [(Some(0), 3, Some(422), 2), (Some(1), 3, Some(422), 2)]);
+}
+
+#[test]
+fn recent_failures_of_a_resend_are_read_by_their_last_six_columns() {
+    // A failures file of a failures file: the source columns before the
+    // six, and values (a run directory's path among them) that span lines.
+    let dir = tempfile::tempdir().unwrap();
+    let text = "id,note,_source_row,_source_run,_row,_key,_error,_status,_attempts,_message\n\
+        7,\"two\nlines, 5\",12,\"/runs/a,\nb\",1,7,client_error,422,2,no\n\
+        8,plain,13,/runs/a,2,8,server_error,500,1,\"quoted, \"\"here\"\"\"\n";
+    std::fs::write(dir.path().join("failures.csv"), text).unwrap();
+    let found = recent_outcomes(dir.path(), &[("failures.csv".to_string(), b',')], |_, _| false);
+    let rows: Vec<_> = found.iter().map(|(i, row, d)| (*i, *row, d.status, d.error.clone(), d.attempts)).collect();
+    assert_eq!(
+        rows,
+        [
+            (Some(0), 1, Some(422), Some("client_error".into()), 2),
+            (Some(0), 2, Some(500), Some("server_error".into()), 1)
+        ]
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::{OutputError, Records, create_file, io, open_file, sync};
-use crate::input::{CsvHeaders, FAILURE_COLUMNS, Format, RAW_FIELD, RECORD_FIELD, Raw, Record};
+use crate::input::{CsvHeaders, FAILURE_COLUMNS, Format, Origin, RAW_FIELD, RECORD_FIELD, Raw, Record, SOURCE_COLUMNS};
 use crate::outcome::{Outcome, Source};
 
 /// What the writer needs to know about each input.
@@ -159,7 +159,8 @@ impl CsvFile {
     }
 
     /// A failures CSV: the input's columns, then the six failure columns,
-    /// with the input's delimiter.
+    /// with the input's delimiter; the input being a failures file, the two
+    /// source columns before the six.
     fn failures(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut this = CsvFile {
@@ -170,7 +171,9 @@ impl CsvFile {
             unsynced: false,
         };
         if !has_header {
-            this.write(headers.names().iter().map(String::as_bytes).chain(FAILURE_COLUMNS.map(str::as_bytes)))?;
+            let sources = SOURCE_COLUMNS.iter().filter(|_| headers.is_failures());
+            let own = sources.chain(&FAILURE_COLUMNS).map(|c| c.as_bytes());
+            this.write(headers.names().iter().map(String::as_bytes).chain(own))?;
         }
         Ok(this)
     }
@@ -211,6 +214,12 @@ struct ResultLine<'a> {
     /// alone may be shared by inputs in different folders.
     #[serde(skip_serializing_if = "Option::is_none")]
     input_index: Option<usize>,
+    /// The input was a failures file (or results): the row in the first
+    /// run's input, and that run's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_row: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_run: Option<&'a str>,
     status: Option<u16>,
     attempts: u32,
     latency_ms: u64,
@@ -276,6 +285,8 @@ impl Writer {
                     key: &outcome.key,
                     input: (self.inputs.len() > 1).then(|| self.inputs[outcome.input].name.as_str()),
                     input_index: (self.inputs.len() > 1).then_some(outcome.input),
+                    source_row: outcome.origin.as_ref().and_then(|o| o.row),
+                    source_run: outcome.origin.as_ref().and_then(|o| o.run.as_deref()),
                     status: outcome.status,
                     attempts: outcome.attempts,
                     latency_ms: outcome.latency.as_millis() as u64,
@@ -325,32 +336,45 @@ impl Writer {
                     attempts.as_str(),
                     message.as_str(),
                 ];
+                // A failures CSV of a failures file has the source
+                // columns; they are empty when not known.
+                let source_row = outcome.origin.as_ref().and_then(|o| o.row).map(|r| r.to_string());
+                let source_run = outcome.origin.as_ref().and_then(|o| o.run.as_deref());
+                let sources = [source_row.as_deref().unwrap_or_default(), source_run.unwrap_or_default()];
+                let sources = |headers: &CsvHeaders| if headers.is_failures() { &sources[..] } else { &[] };
                 match &outcome.source {
                     Source::Record(Record::Csv { headers, values }) => {
+                        let own = sources(headers).iter().chain(&errors).map(|c| c.as_bytes());
                         let file = self.csv_file(outcome.input, headers)?;
-                        file.write(values.iter().map(String::as_bytes).chain(errors.map(str::as_bytes)))
+                        file.write(values.iter().map(String::as_bytes).chain(own))
                     }
                     Source::Raw(Raw::Csv { headers, values }) => {
+                        let own = sources(headers).iter().chain(&errors).map(|c| c.as_bytes());
                         let file = self.csv_file(outcome.input, headers)?;
-                        file.write(values.iter().map(Vec::as_slice).chain(errors.map(str::as_bytes)))
+                        file.write(values.iter().map(Vec::as_slice).chain(own))
                     }
                     Source::Record(Record::Json(record)) => {
                         // A record with fields of the names bulkcall adds
                         // goes whole under `_record`: none is overwritten.
                         let reserved = |name: &String| {
-                            FAILURE_COLUMNS.contains(&name.as_str()) || name == RAW_FIELD || name == RECORD_FIELD
+                            FAILURE_COLUMNS.contains(&name.as_str())
+                                || SOURCE_COLUMNS.contains(&name.as_str())
+                                || name == RAW_FIELD
+                                || name == RECORD_FIELD
                         };
                         let mut map = if record.keys().any(reserved) {
                             Map::from_iter([(RECORD_FIELD.to_string(), Value::Object(record.clone()))])
                         } else {
                             record.clone()
                         };
+                        add_source_fields(&mut map, outcome.origin.as_ref());
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
                         self.jsonl_file(outcome.input)?.write(&map)
                     }
                     Source::Raw(Raw::Text(text)) => {
                         let mut map = Map::new();
                         map.insert(RAW_FIELD.into(), Value::String(text.clone()));
+                        add_source_fields(&mut map, outcome.origin.as_ref());
                         add_error_fields(&mut map, &errors, outcome.status, outcome.attempts);
                         self.jsonl_file(outcome.input)?.write(&map)
                     }
@@ -445,6 +469,15 @@ impl Writer {
 enum FailureFile {
     Csv(CsvFile),
     Jsonl(Lines),
+}
+
+/// In a JSON failures line of a record read from an outcome file: where it
+/// first came from (null when not known).
+fn add_source_fields(map: &mut Map<String, Value>, origin: Option<&Origin>) {
+    if let Some(origin) = origin {
+        map.insert(SOURCE_COLUMNS[0].into(), origin.row.map_or(Value::Null, Value::from));
+        map.insert(SOURCE_COLUMNS[1].into(), origin.run.as_deref().map_or(Value::Null, Value::from));
+    }
 }
 
 fn add_error_fields(map: &mut Map<String, Value>, errors: &[&str; 6], status: Option<u16>, attempts: u32) {

@@ -452,6 +452,7 @@ pub(super) fn finish(
         status,
         result,
         source: Source::Record(row.record),
+        origin: row.earlier.and_then(|e| e.origin),
     }
 }
 
