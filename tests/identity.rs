@@ -75,7 +75,8 @@ async fn a_csv_row_keeps_its_first_row_and_run_through_two_resends() {
     let (second, code) = hop(&gw, &job, &first.join("failures.csv"), "second").await;
     assert_eq!(code, ExitCode::RowsFailed);
     let (header, failures) = csv_file(&second.join("failures.csv"));
-    let own = ["_source_row", "_source_run", "_row", "_key", "_error", "_status", "_attempts", "_message"];
+    let own =
+        ["_source_row", "_source_run", "_source_input", "_row", "_key", "_error", "_status", "_attempts", "_message"];
     assert_eq!(header[..8], header_of(&rows)[..], "the input's columns, unchanged");
     assert_eq!(header[8..], own, "the source columns, then the six: {header:?}");
     assert_eq!(failures.len(), flaky.len() + 2);
@@ -83,6 +84,7 @@ async fn a_csv_row_keeps_its_first_row_and_run_through_two_resends() {
         let key = &f["control_number"];
         assert_eq!(f["_source_row"], first_row[key].to_string(), "{f:?}");
         assert_eq!(f["_source_run"], first_run, "{f:?}");
+        assert_eq!(f["_source_input"], "", "one input: none named, as in results");
         assert!(f["_row"].parse::<u64>().unwrap() <= failures.len() as u64, "numbered in its own input: {f:?}");
     }
     let two_lines = failures.iter().find(|f| f["control_number"] == "88").unwrap();
@@ -98,6 +100,7 @@ async fn a_csv_row_keeps_its_first_row_and_run_through_two_resends() {
         let key = r["key"].as_str().unwrap();
         assert_eq!(r["source_row"], json!(first_row[key]), "{r}");
         assert_eq!(r["source_run"], json!(first_run), "{r}");
+        assert!(r.get("source_input").is_none(), "{r}");
         assert!(r["row"].as_u64().unwrap() <= (flaky.len() + 2) as u64, "{r}");
     }
     let (header, failures) = csv_file(&third.join("failures.csv"));
@@ -188,6 +191,7 @@ subscriber = { memberId = "{{ member }}" }
         let key = f["_key"].as_str().unwrap();
         assert_eq!(f["_source_row"], json!(first_row[key]), "{f}");
         assert_eq!(f["_source_run"], json!(first_run), "{f}");
+        assert!(f.get("_source_input").is_none(), "one input: none named: {f}");
     }
     let own = failures.iter().find(|f| f["_key"] == "77").unwrap();
     assert_eq!(own["_record"], json!({"id": "77", "member": "M77", "_source_row": "mine"}));
@@ -247,4 +251,40 @@ async fn a_failures_file_read_from_elsewhere_names_no_run() {
     let (_, failures) = csv_file(&third.join("failures.csv"));
     assert_eq!((failures[0]["_source_row"].as_str(), failures[0]["_source_run"].as_str()), ("4", ""));
     let _: Value = json(&third.join("summary.json"));
+}
+
+/// A first run with several inputs: each input has its failures file, and
+/// a record sent again from one names that input too, however often.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_of_one_of_several_inputs_keeps_its_input_through_two_resends() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let refused = |n: u64| format!("{n},000050,Bad Control,0123456789,M{n},Pat,Doe,19800102\n");
+    let a = gw.write("a.csv", &(eligibility_csv(1, 2) + &refused(71)));
+    let mut b = eligibility_csv(3, 3) + &refused(81);
+    b.push_str(&refused(82));
+    let b = gw.write("b.csv", &b);
+    let first = gw.path("first");
+    let code = gw
+        .run(&["run", job.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap(), "-o", first.to_str().unwrap()])
+        .await;
+    assert_eq!(code, ExitCode::RowsFailed);
+    let first_run = canonical(&first);
+    let mut input = first.join("failures.b.csv");
+    for name in ["second", "third"] {
+        let (out, code) = hop(&gw, &job, &input, name).await;
+        assert_eq!(code, ExitCode::RowsFailed);
+        let (_, failures) = csv_file(&out.join("failures.csv"));
+        let mut origins: Vec<(&str, &str, &str, &str)> = failures
+            .iter()
+            .map(|f| {
+                let at = |c: &str| f[c].as_str();
+                (at("control_number"), at("_source_row"), at("_source_run"), at("_source_input"))
+            })
+            .collect();
+        origins.sort();
+        // Rows 4 and 5 of b.csv, its place in the first run's inputs 1.
+        assert_eq!(origins, [("81", "4", first_run.as_str(), "1"), ("82", "5", first_run.as_str(), "1")], "{name}");
+        input = out.join("failures.csv");
+    }
 }

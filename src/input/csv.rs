@@ -411,25 +411,25 @@ mod tests {
             };
             earlier.and_then(|e| e.origin.clone())
         };
-        let text = b"id,_source_row,_source_run,_row,_key,_error,_status,_attempts,_message\n\
-            7,3,/runs/a,1,k,client_error,400,1,no\n\
-            8,,,2,k,client_error,400,1,no\n\
-            9,extra,4,/runs/b,3,k,invalid_row,,0,ragged\n";
+        let text = b"id,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message\n\
+            7,3,/runs/a,,1,k,client_error,400,1,no\n\
+            8,,,,2,k,client_error,400,1,no\n\
+            9,extra,4,/runs/b,1,3,k,invalid_row,,0,ragged\n";
         let (items, _) = read_text(text, b',');
         assert_eq!(fields(&items[0]), [("id".into(), "7".into())]);
-        assert_eq!(origin(&items[0]), Some(Origin { row: Some(3), run: Some("/runs/a".into()) }));
-        assert_eq!(origin(&items[1]), Some(Origin { row: None, run: None }), "kept unknown, not made this file's");
+        assert_eq!(origin(&items[0]), Some(Origin { row: Some(3), run: Some("/runs/a".into()), input: None }));
+        assert_eq!(origin(&items[1]), Some(Origin::default()), "kept unknown, not made this file's");
         let ragged = items[2].as_ref().unwrap_err();
         assert!(matches!(&ragged.raw, Raw::Csv { values, .. } if values.len() == 2), "{ragged:?}");
-        assert_eq!(origin(&items[2]), Some(Origin { row: Some(4), run: Some("/runs/b".into()) }));
+        assert_eq!(origin(&items[2]), Some(Origin { row: Some(4), run: Some("/runs/b".into()), input: Some(1) }));
         // A failures file of a first run: the record's own row (and no run:
         // this file is in no run directory).
         let (items, _) =
             read_text(b"id,_row,_key,_error,_status,_attempts,_message\n7,5,k,client_error,400,1,x\n", b',');
-        assert_eq!(origin(&items[0]), Some(Origin { row: Some(5), run: None }));
+        assert_eq!(origin(&items[0]), Some(Origin { row: Some(5), ..Origin::default() }));
         // Elsewhere, fields like any.
-        let (items, _) = read_text(b"id,_source_row,_source_run\n7,3,x\n", b',');
-        assert_eq!(fields(&items[0]).len(), 3);
+        let (items, _) = read_text(b"id,_source_row,_source_run,_source_input\n7,3,x,1\n", b',');
+        assert_eq!(fields(&items[0]).len(), 4);
         assert!(items[0].as_ref().unwrap().earlier.is_none());
     }
 

@@ -282,13 +282,16 @@ fn parse_object(input: usize, number: u64, line: u64, column: u64, text: &[u8]) 
         // A line of a results file: its fields stay the record's, and it
         // keeps where it first came from.
         Ok(Value::Object(map)) if is_result(&map) => {
+            let number_of = |name: &str| map.get(name).and_then(Value::as_u64);
             let origin = map.get("source_row").map(|row| Origin {
                 row: row.as_u64(),
                 run: map.get("source_run").and_then(Value::as_str).map(Arc::from),
+                input: number_of("source_input").map(|i| i as usize),
             });
             let earlier = Earlier {
-                row: map["row"].as_u64(),
-                status: map["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+                row: number_of("row"),
+                status: number_of("status").and_then(|s| u16::try_from(s).ok()),
+                input: number_of("input_index").map(|i| i as usize),
                 origin,
                 ..Earlier::default()
             };
@@ -473,7 +476,7 @@ mod tests {
             r#""_row": 3, "_key": "k", "_error": "client_error", "_status": 400, "_attempts": 1, "_message": "x""#;
         let text = [
             // A failures line of a failures file: the source fields go too.
-            format!(r#"{{"id": 1, "_source_row": 7, "_source_run": "/runs/a", {SIX}}}"#),
+            format!(r#"{{"id": 1, "_source_row": 7, "_source_run": "/runs/a", "_source_input": 2, {SIX}}}"#),
             // A failures line of a first run: its own row, its file's run (none here).
             format!(r#"{{"id": 2, {SIX}}}"#),
             // A line that did not read as JSON, from a failures file of a failures file.
@@ -481,6 +484,7 @@ mod tests {
             // Results, of a first run and of a resend: every field stays.
             r#"{"row": 4, "key": "k4", "status": 200, "attempts": 1, "latency_ms": 3, "response": {}}"#.into(),
             r#"{"row": 5, "key": "k5", "source_row": 9, "source_run": "/runs/a", "status": 200, "attempts": 1, "latency_ms": 3, "response": "ok"}"#.into(),
+            r#"{"row": 7, "key": "k7", "input": "b.csv", "input_index": 1, "status": 200, "attempts": 1, "latency_ms": 3, "response": "ok"}"#.into(),
             // Not results: a field is missing.
             r#"{"row": 6, "key": "k6", "status": 200, "attempts": 1, "response": "ok"}"#.into(),
         ]
@@ -493,8 +497,8 @@ mod tests {
             };
             earlier.and_then(|e| e.origin.clone())
         };
-        let at = |row: u64, run: Option<&str>| Some(Origin { row: Some(row), run: run.map(Arc::from) });
-        assert_eq!(origin(0), at(7, Some("/runs/a")));
+        let at = |row: u64, run: Option<&str>| Some(Origin { row: Some(row), run: run.map(Arc::from), input: None });
+        assert_eq!(origin(0), Some(Origin { input: Some(2), ..at(7, Some("/runs/a")).unwrap() }));
         assert_eq!(items[0].as_ref().unwrap().record.to_json().keys().collect::<Vec<_>>(), ["id"]);
         assert_eq!(origin(1), at(3, None));
         assert!(items[2].is_err(), "still not JSON");
@@ -502,7 +506,8 @@ mod tests {
         assert_eq!(origin(3), at(4, None));
         assert_eq!(items[3].as_ref().unwrap().record.to_json().len(), 6, "a result's fields are its record's");
         assert_eq!(origin(4), at(9, Some("/runs/a")));
-        assert_eq!(origin(5), None);
+        assert_eq!(origin(5), Some(Origin { input: Some(1), ..at(7, None).unwrap() }), "its input, from the line");
+        assert_eq!(origin(6), None);
     }
 
     #[test]

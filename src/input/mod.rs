@@ -27,10 +27,11 @@ pub const FAILURE_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_a
 
 /// The columns a failures file has before the six [`FAILURE_COLUMNS`]
 /// when its run's input was itself an outcome file bulkcall wrote (a
-/// failures file, or results): each record's [`Origin`], the row and the
-/// run it first came from. In a CSV they are the two columns before the
-/// last six, by position; in JSON Lines, fields.
-pub const SOURCE_COLUMNS: [&str; 2] = ["_source_row", "_source_run"];
+/// failures file, or results): each record's [`Origin`], the row, run and
+/// input it first came from. In a CSV they are the three columns before
+/// the last six, by position; in JSON Lines, fields (`_source_input` only
+/// when known).
+pub const SOURCE_COLUMNS: [&str; 3] = ["_source_row", "_source_run", "_source_input"];
 
 /// In a JSON failures line: a record that could not be read, as its text.
 pub const RAW_FIELD: &str = "_raw";
@@ -52,6 +53,8 @@ pub struct Earlier {
     pub status: Option<u16>,
     /// `_message`.
     pub message: String,
+    /// `input_index` of a line of results: the input it was in.
+    pub input: Option<usize>,
     /// Where the record first came from. Read from the file's source
     /// columns when it has them (its run's input was an outcome file too);
     /// else [`read_all`] makes it this file's own `_row` and run.
@@ -66,14 +69,15 @@ impl Earlier {
             error: values[2].to_string(),
             status: values[3].trim().parse().ok(),
             message: values[5].to_string(),
+            input: None,
             origin: None,
         }
     }
 }
 
 /// Where a record first came from, kept however many times it is sent
-/// again from a failures file (`source_row` and `source_run` in results,
-/// [`SOURCE_COLUMNS`] in failures).
+/// again from a failures file (`source_row`, `source_run` and
+/// `source_input` in results, [`SOURCE_COLUMNS`] in failures).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Origin {
     /// Its position in the first run's input.
@@ -81,29 +85,45 @@ pub struct Origin {
     /// The first run's directory, as an absolute path; unknown when the
     /// outcome file was read from outside its run directory.
     pub run: Option<Arc<str>>,
+    /// The input it was in, by its place in that run's `run.json`
+    /// `inputs` (from 0): known when that run had several.
+    pub input: Option<usize>,
 }
 
 impl Origin {
     /// From the source columns' values, in [`SOURCE_COLUMNS`]' order (an
     /// empty one is not known).
-    fn from_columns(values: [&str; 2]) -> Origin {
+    fn from_columns(values: [&str; 3]) -> Origin {
         let run = values[1].trim();
-        Origin { row: values[0].trim().parse().ok(), run: (!run.is_empty()).then(|| Arc::from(run)) }
+        Origin {
+            row: values[0].trim().parse().ok(),
+            run: (!run.is_empty()).then(|| Arc::from(run)),
+            input: values[2].trim().parse().ok(),
+        }
     }
 }
 
 /// The run directory an input is an outcome file of: the folder of a file
 /// named as bulkcall names them (`failures.*`, `results.jsonl`) that holds
 /// a `run.json`, as an absolute path with links resolved (`latest` names
-/// another run tomorrow). A copy elsewhere, or standard input kept in a run
-/// directory, has none.
-pub fn run_of(path: &Path) -> Option<Arc<str>> {
+/// another run tomorrow); and for a failures file of a run with several
+/// inputs, the input it is of (`run.json`'s `inputs[i].failures`). A copy
+/// elsewhere, or standard input kept in a run directory, has none.
+pub fn run_of(path: &Path) -> Option<(Arc<str>, Option<usize>)> {
     let name = path.file_name()?.to_str()?;
     if !(name.starts_with("failures.") || name.starts_with("results.jsonl")) {
         return None;
     }
-    let dir = std::fs::canonicalize(path).ok()?.parent()?.to_path_buf();
-    dir.join("run.json").is_file().then(|| Arc::from(dir.to_string_lossy().as_ref()))
+    let file = std::fs::canonicalize(path).ok()?;
+    let dir = file.parent()?;
+    let info = std::fs::read(dir.join("run.json")).ok()?;
+    let name = file.file_name()?.to_str()?;
+    let info = serde_json::from_slice::<Value>(&info).ok();
+    let inputs = info.as_ref().and_then(|i| i.get("inputs")).and_then(Value::as_array);
+    let input = inputs
+        .filter(|inputs| inputs.len() > 1)
+        .and_then(|inputs| inputs.iter().position(|i| i.get("failures").and_then(Value::as_str) == Some(name)));
+    Some((Arc::from(dir.to_string_lossy().as_ref()), input))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -250,14 +270,15 @@ pub fn read_all(
         let size = std::fs::metadata(&spec.path).map_or(0, |m| m.len());
         // A record of an outcome file without source columns came from
         // that file's own run: it is its origin from here on.
-        let run = run_of(&spec.path);
+        let (run, input) = run_of(&spec.path).unzip();
+        let input = input.flatten();
         let with_origin = &mut |mut item: Item| {
             let earlier = match &mut item {
                 Ok(row) => row.earlier.as_deref_mut(),
                 Err(bad) => bad.earlier.as_deref_mut(),
             };
             if let Some(earlier) = earlier.filter(|e| e.origin.is_none()) {
-                earlier.origin = Some(Origin { row: earlier.row, run: run.clone() });
+                earlier.origin = Some(Origin { row: earlier.row, run: run.clone(), input: earlier.input.or(input) });
             }
             sink(item)
         };
@@ -401,14 +422,20 @@ mod tests {
         }
         std::os::unix::fs::symlink(&run, dir.path().join("latest")).unwrap();
         assert_eq!(run_of(&run.join("failures.csv")), None, "no run.json: not a run directory");
-        std::fs::write(run.join("run.json"), "{}").unwrap();
-        let canonical = std::fs::canonicalize(&run).unwrap().display().to_string();
+        std::fs::write(run.join("run.json"), r#"{"inputs": [{"failures": "failures.csv"}]}"#).unwrap();
+        let canonical: Arc<str> = std::fs::canonicalize(&run).unwrap().display().to_string().into();
         for name in ["failures.csv", "failures.b.jsonl", "results.jsonl"] {
-            assert_eq!(run_of(&run.join(name)).as_deref(), Some(canonical.as_str()), "{name}");
+            assert_eq!(run_of(&run.join(name)), Some((canonical.clone(), None)), "{name}: one input, none named");
         }
         let through_latest = run_of(&dir.path().join("latest").join("failures.csv"));
-        assert_eq!(through_latest.as_deref(), Some(canonical.as_str()), "`latest` moves on; the run stays");
+        assert_eq!(through_latest, Some((canonical.clone(), None)), "`latest` moves on; the run stays");
         assert_eq!(run_of(&run.join("input-1.csv")), None, "standard input kept in a run directory is not its outcome");
+        // Several inputs: a failures file names its own.
+        let info = r#"{"inputs": [{"failures": "failures.csv"}, {"failures": "failures.b.jsonl"}]}"#;
+        std::fs::write(run.join("run.json"), info).unwrap();
+        assert_eq!(run_of(&run.join("failures.b.jsonl")), Some((canonical.clone(), Some(1))));
+        assert_eq!(run_of(&run.join("failures.csv")), Some((canonical.clone(), Some(0))));
+        assert_eq!(run_of(&run.join("results.jsonl")), Some((canonical, None)), "each line names its input");
     }
 
     #[test]

@@ -142,9 +142,9 @@ fn recent_failures_of_a_resend_are_read_by_their_last_six_columns() {
     // A failures file of a failures file: the source columns before the
     // six, and values (a run directory's path among them) that span lines.
     let dir = tempfile::tempdir().unwrap();
-    let text = "id,note,_source_row,_source_run,_row,_key,_error,_status,_attempts,_message\n\
-        7,\"two\nlines, 5\",12,\"/runs/a,\nb\",1,7,client_error,422,2,no\n\
-        8,plain,13,/runs/a,2,8,server_error,500,1,\"quoted, \"\"here\"\"\"\n";
+    let text = "id,note,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message\n\
+        7,\"two\nlines, 5\",12,\"/runs/a,\nb\",1,1,7,client_error,422,2,no\n\
+        8,plain,13,/runs/a,,2,8,server_error,500,1,\"quoted, \"\"here\"\"\"\n";
     std::fs::write(dir.path().join("failures.csv"), text).unwrap();
     let found = recent_outcomes(dir.path(), &[("failures.csv".to_string(), b',')], |_, _| false);
     let rows: Vec<_> = found.iter().map(|(i, row, d)| (*i, *row, d.status, d.error.clone(), d.attempts)).collect();

@@ -215,11 +215,14 @@ struct ResultLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     input_index: Option<usize>,
     /// The input was a failures file (or results): the row in the first
-    /// run's input, and that run's directory.
+    /// run's input, that run's directory, and with several inputs there
+    /// the input's place in its `run.json`.
     #[serde(skip_serializing_if = "Option::is_none")]
     source_row: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source_run: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_input: Option<usize>,
     status: Option<u16>,
     attempts: u32,
     latency_ms: u64,
@@ -287,6 +290,7 @@ impl Writer {
                     input_index: (self.inputs.len() > 1).then_some(outcome.input),
                     source_row: outcome.origin.as_ref().and_then(|o| o.row),
                     source_run: outcome.origin.as_ref().and_then(|o| o.run.as_deref()),
+                    source_input: outcome.origin.as_ref().and_then(|o| o.input),
                     status: outcome.status,
                     attempts: outcome.attempts,
                     latency_ms: outcome.latency.as_millis() as u64,
@@ -338,9 +342,11 @@ impl Writer {
                 ];
                 // A failures CSV of a failures file has the source
                 // columns; they are empty when not known.
-                let source_row = outcome.origin.as_ref().and_then(|o| o.row).map(|r| r.to_string());
-                let source_run = outcome.origin.as_ref().and_then(|o| o.run.as_deref());
-                let sources = [source_row.as_deref().unwrap_or_default(), source_run.unwrap_or_default()];
+                let origin = outcome.origin.as_ref();
+                let source_row = origin.and_then(|o| o.row).map(|r| r.to_string()).unwrap_or_default();
+                let source_run = origin.and_then(|o| o.run.as_deref()).unwrap_or_default();
+                let source_input = origin.and_then(|o| o.input).map(|i| i.to_string()).unwrap_or_default();
+                let sources = [source_row.as_str(), source_run, source_input.as_str()];
                 let sources = |headers: &CsvHeaders| if headers.is_failures() { &sources[..] } else { &[] };
                 match &outcome.source {
                     Source::Record(Record::Csv { headers, values }) => {
@@ -472,11 +478,15 @@ enum FailureFile {
 }
 
 /// In a JSON failures line of a record read from an outcome file: where it
-/// first came from (null when not known).
+/// first came from (null when not known; the input only when known, as
+/// `input_index` in results).
 fn add_source_fields(map: &mut Map<String, Value>, origin: Option<&Origin>) {
     if let Some(origin) = origin {
         map.insert(SOURCE_COLUMNS[0].into(), origin.row.map_or(Value::Null, Value::from));
         map.insert(SOURCE_COLUMNS[1].into(), origin.run.as_deref().map_or(Value::Null, Value::from));
+        if let Some(input) = origin.input {
+            map.insert(SOURCE_COLUMNS[2].into(), Value::from(input));
+        }
     }
 }
 
