@@ -67,6 +67,15 @@ async fn a_retry_after_met_by_every_worker_is_one_pause_event() {
     assert!(kinds.iter().any(|k| k == "slow_down"), "{kinds:?}");
     let times: Vec<u64> = events.iter().map(|e| e["at_ms"].as_u64().unwrap()).collect();
     assert!(times.is_sorted(), "in the order they happened: {times:?}");
+
+    // The report marks the pause on both time charts and lists it.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let charts = &html[html.find("<h2>Throughput</h2>").unwrap()..html.find("<h2>Events</h2>").unwrap()];
+    assert_eq!(charts.matches(r#"<g class="mark pause"><title>"#).count(), 2, "on throughput and latency: {charts}");
+    assert_eq!(charts.matches(">Retry-After pause</text>").count(), 2, "each chart's legend names it");
+    let listed = &html[html.find("<h2>Events</h2>").unwrap()..html.find("<h2>Statuses</h2>").unwrap()];
+    assert!(listed.contains("Retry-After pause</td><td>2000 ms: no call went out</td>"), "{listed}");
+    assert!(listed.contains(r#"<a href="events.jsonl">events.jsonl</a>"#), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

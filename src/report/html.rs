@@ -1,6 +1,6 @@
 //! `report.html`: a self-contained page about one run, built from the files
-//! of its run directory alone (`summary.json`, `run.json`, the ledger and
-//! the failures files), so `bulkcall report RUN_DIR` can rebuild it at any
+//! of its run directory alone (`summary.json`, `run.json`, the ledger,
+//! `events.jsonl` and the failures files), so `bulkcall report RUN_DIR` can rebuild it at any
 //! time. Nothing is loaded from the network: styles and charts (SVG) are
 //! inline. It shows no row data beyond what the failures file holds: row,
 //! key, error kind, status and message.
@@ -24,6 +24,24 @@ const LISTED_GROUPS: usize = 20;
 const MAX_GROUPS: usize = 1000;
 /// Bars in the throughput chart at most.
 const MAX_BARS: usize = 240;
+/// Events listed on the page.
+const LISTED_EVENTS: usize = 50;
+
+/// How the time charts mark each kind of event: its kind in
+/// `events.jsonl`, its name on the page, its colour. Kinds not here
+/// (`start`, `end`, kinds of later versions) are listed, not marked.
+const MARKS: [(&str, &str, &str); 10] = [
+    ("pause", "Retry-After pause", "#b8860b"),
+    ("slow_down", "rate lowered", "#d2691e"),
+    ("rate_restored", "rate restored", "#2e8b57"),
+    ("token_refresh", "token refreshed", "#1e90ff"),
+    ("token_refresh_failed", "token refresh failed", "#dc143c"),
+    ("redis_lost", "Redis lost", "#8b008b"),
+    ("redis_back", "Redis back", "#da70d6"),
+    ("breaker_open", "circuit breaker open", "#000000"),
+    ("abort", "aborted", "#800000"),
+    ("stop", "stopped", "#696969"),
+];
 
 /// Latency histogram buckets: upper bounds in ms.
 const BUCKETS_MS: [(f64, &str); 14] = [
@@ -67,6 +85,64 @@ struct Timeline {
     statuses: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     attempts: u64,
+    /// The run's events (`events.jsonl`), in the order read.
+    events: Vec<Happened>,
+    /// Each events file (its path from the page) and how many events it holds.
+    event_files: Vec<(String, u64)>,
+}
+
+/// One line of `events.jsonl`.
+#[derive(Debug, Clone, PartialEq)]
+struct Happened {
+    at_ms: u64,
+    kind: String,
+    /// Its other fields, as they are in the file.
+    fields: serde_json::Map<String, Value>,
+    /// After the time: the shard it happened in (` (shard 0/2)`), if any.
+    label: String,
+}
+
+impl Happened {
+    /// The kind's place in [`MARKS`], if the charts mark it.
+    fn mark(&self) -> Option<usize> {
+        MARKS.iter().position(|(kind, _, _)| *kind == self.kind)
+    }
+
+    /// The kind's name on the page.
+    fn name(&self) -> String {
+        match (self.mark(), self.kind.as_str()) {
+            (Some(m), _) => MARKS[m].1.to_string(),
+            (None, "start") if self.fields.get("resume") == Some(&Value::Bool(true)) => "resumed".into(),
+            (None, "start") => "started".into(),
+            (None, "end") => "ended".into(),
+            (None, kind) => kind.replace('_', " "),
+        }
+    }
+
+    /// What the event says besides its kind, in words.
+    fn detail(&self) -> String {
+        let f = |k: &str| match self.fields.get(k) {
+            Some(Value::String(s)) => s.replace('_', " "),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        match self.kind.as_str() {
+            "pause" if self.fields.get("shared") == Some(&Value::Bool(true)) => {
+                format!("{} ms, set by another process of the run", f("ms"))
+            }
+            "pause" => format!("{} ms: no call went out", f("ms")),
+            "slow_down" => format!("to {} calls/s after a wave of 429s", f("rate")),
+            "rate_restored" => "back to the configured rate".into(),
+            "token_refresh" => format!("{}, {}, lives {} s", f("how"), f("origin"), f("lifetime_s")),
+            "token_refresh_failed" => format!("{}: {}", f("how"), f("error")),
+            "redis_lost" | "redis_back" => format!("for the {}", f("part")),
+            "breaker_open" => format!("{} calls failed in a row for {} ms", f("calls"), f("lasted_ms")),
+            "abort" => format!("{}, exit {}", f("reason"), f("exit")),
+            "end" => format!("exit {}", f("exit")),
+            "start" | "stop" => String::new(),
+            _ => (self.fields.iter().map(|(k, _)| format!("{k} {}", f(k))).collect::<Vec<_>>()).join(", "),
+        }
+    }
 }
 
 impl Timeline {
@@ -88,7 +164,27 @@ impl Timeline {
 fn read_timeline(dir: &Path) -> Timeline {
     let mut t = Timeline::default();
     add_timeline(&mut t, dir);
+    add_events(&mut t, dir, "", "");
     t
+}
+
+/// Adds a run directory's `events.jsonl` to `t`; `prefix` is the
+/// directory's path from the page, `label` goes after each event's time.
+/// A line that cannot be read is skipped.
+fn add_events(t: &mut Timeline, dir: &Path, prefix: &str, label: &str) {
+    let Ok(file) = std::fs::File::open(dir.join(crate::events::EVENTS_FILE)) else { return };
+    let mut count = 0;
+    for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(&line) else { continue };
+        let (Some(at_ms), Some(Value::String(kind))) =
+            (fields.remove("at_ms").and_then(|v| v.as_u64()), fields.remove("kind"))
+        else {
+            continue;
+        };
+        t.events.push(Happened { at_ms, kind, fields, label: label.to_string() });
+        count += 1;
+    }
+    t.event_files.push((format!("{prefix}{}", crate::events::EVENTS_FILE), count));
 }
 
 /// Adds a run directory's ledger to `t` (the shards of a run share one page).
@@ -318,21 +414,136 @@ fn escape(s: &str) -> String {
 /// Colours of a chart's series: blues for rows that succeeded, then warm
 /// colours for each kind of failure.
 const PALETTE: [&str; 8] = ["#3b6fd8", "#8fb0ee", "#b3261e", "#e07b39", "#c9a227", "#7b3fa0", "#2f8f83", "#5a6270"];
+/// Colours of the kinds of failure but `throttled`, which has its own.
+const FAILURE_COLOURS: [&str; 6] = ["#b3261e", "#e07b39", "#c9a227", "#2f8f83", "#5a6270", "#a0522d"];
+
+/// The colour of the outcome kind `name`, the `k`th of [`Timeline::kinds`]:
+/// each kind keeps its colour whichever kinds a run met, and rows that
+/// failed throttled (429 through every attempt) are always purple.
+fn kind_colour(k: usize, name: &str) -> &'static str {
+    match name {
+        "succeeded" => PALETTE[0],
+        "succeeded after retries" => PALETTE[1],
+        "throttled" => "#7b3fa0",
+        _ => FAILURE_COLOURS[k.saturating_sub(2) % FAILURE_COLOURS.len()],
+    }
+}
+
+/// The time axis the two time charts share: from the first second with an
+/// outcome or a marked event to the last, `width` seconds a place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Axis {
+    /// The first second, in Unix seconds.
+    first: u64,
+    width: u64,
+    places: usize,
+}
+
+impl Axis {
+    fn of(t: &Timeline) -> Option<Axis> {
+        let marked = t.events.iter().filter(|e| e.mark().is_some()).map(|e| e.at_ms / 1000);
+        let seconds = t.per_second.keys().chain(t.latency_per_second.keys()).copied().chain(marked);
+        let (first, last) = seconds.fold((u64::MAX, 0), |(first, last), s| (first.min(s), last.max(s)));
+        let seconds = last.checked_sub(first)? + 1;
+        let width = seconds.div_ceil(MAX_BARS as u64).max(1);
+        Some(Axis { first, width, places: seconds.div_ceil(width) as usize })
+    }
+
+    /// The place of a second on the axis, if it is on it.
+    fn place(&self, second: u64) -> Option<usize> {
+        let place = (second.checked_sub(self.first)? / self.width) as usize;
+        (place < self.places).then_some(place)
+    }
+}
+
+/// A marker on a time chart: the events of one kind (its place in
+/// [`MARKS`]) in one place, with the tooltip that tells them.
+#[derive(Debug, PartialEq)]
+struct Marker {
+    place: usize,
+    kind: usize,
+    title: String,
+}
+
+/// The markers of the run's events on `axis`.
+fn marks(t: &Timeline, axis: &Axis) -> Vec<Marker> {
+    let mut grouped: BTreeMap<(usize, usize), Vec<&Happened>> = BTreeMap::new();
+    for event in &t.events {
+        if let (Some(kind), Some(place)) = (event.mark(), axis.place(event.at_ms / 1000)) {
+            grouped.entry((place, kind)).or_default().push(event);
+        }
+    }
+    let at = |e: &Happened| (e.at_ms / 1000 - axis.first).to_string();
+    (grouped.into_iter())
+        .map(|((place, kind), events)| {
+            let first = events[0];
+            let title = match events.len() {
+                1 => format!("{} s · {}: {}", at(first), MARKS[kind].1, first.detail()),
+                n => format!("{} s · {} ×{n}, the first: {}", at(first), MARKS[kind].1, first.detail()),
+            };
+            Marker { place, kind, title: title.trim_end_matches([':', ' ']).to_string() }
+        })
+        .collect()
+}
+
+/// Draws each marker as a dashed line from `top` to `bottom` at the middle
+/// of its place (markers of several kinds in one place side by side, 5 px
+/// apart), under a small triangle, with its tooltip.
+fn draw_marks(svg: &mut String, marks: &[Marker], pad: f64, step: f64, top: f64, bottom: f64) {
+    for (i, m) in marks.iter().enumerate() {
+        let (kind, _, colour) = MARKS[m.kind];
+        let before = marks[..i].iter().rev().take_while(|o| o.place == m.place).count();
+        let in_place = before + 1 + marks[i + 1..].iter().take_while(|o| o.place == m.place).count();
+        let nudge = (before as f64 - (in_place - 1) as f64 / 2.0) * 5.0;
+        let x = pad + (m.place as f64 + 0.5) * step + nudge;
+        let _ = write!(
+            svg,
+            r#"<g class="mark {kind}"><title>{}</title><line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{bottom}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/><line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{bottom}" stroke="transparent" stroke-width="9"/><path d="M{:.1},{} h9 l-4.5,7 z" fill="{colour}"/></g>"#,
+            escape(&m.title),
+            top - 7.0,
+            x - 4.5,
+            top - 7.0,
+        );
+    }
+}
+
+/// The legend of the kinds of marker a chart shows, four a row from `y`;
+/// how tall it is.
+fn marks_legend(svg: &mut String, marks: &[Marker], pad: f64, y: f64) -> f64 {
+    let kinds: std::collections::BTreeSet<usize> = marks.iter().map(|m| m.kind).collect();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (_, name, colour) = MARKS[*kind];
+        let (x, y) = (pad + (i % 4) as f64 * 180.0, y + (i / 4) as f64 * 20.0);
+        let _ = write!(
+            svg,
+            r#"<line x1="{}" y1="{}" x2="{}" y2="{y}" stroke="{colour}" stroke-width="2" stroke-dasharray="4 2"/><text x="{}" y="{y}" class="axis">{}</text>"#,
+            x + 5.0,
+            y - 11.0,
+            x + 5.0,
+            x + 14.0,
+            escape(name)
+        );
+    }
+    20.0 * kinds.len().div_ceil(4) as f64
+}
 
 /// A bar chart in SVG: one bar per place, each series stacked on the ones
-/// before it, labels under some bars, and a legend when there are several series.
-fn bars(series: &[(String, &str, Vec<u64>)], labels: &[String], every: usize, title: &str, unit: &str) -> String {
+/// before it, labels under some bars, a legend when there are several
+/// series, and the events' markers with theirs.
+fn bars(
+    series: &[(String, &str, Vec<u64>)],
+    labels: &[String],
+    every: usize,
+    (title, unit): (&str, &str),
+    marked: &[Marker],
+) -> String {
     let (width, height, pad) = (760.0, 200.0, 30.0);
     let places = series.iter().map(|(_, _, v)| v.len()).max().unwrap_or(0);
     let total = |i: usize| series.iter().map(|(_, _, v)| v.get(i).copied().unwrap_or(0)).sum::<u64>();
     let max = (0..places).map(total).max().unwrap_or(0).max(1) as f64;
     let step = (width - pad) / places.max(1) as f64;
     let legend = if series.len() > 1 { 20.0 * series.len().div_ceil(4) as f64 } else { 0.0 };
-    let mut svg = format!(
-        r#"<svg role="img" aria-label="{}" viewBox="0 0 {width} {}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
-        escape(title),
-        height + 40.0 + legend
-    );
+    let mut svg = String::new();
     let _ = write!(svg, r#"<text x="0" y="12" class="axis">{} {}</text>"#, max as u64, escape(unit));
     let _ = write!(svg, r#"<line x1="{pad}" y1="{height}" x2="{width}" y2="{height}" class="base"/>"#);
     for i in 0..places {
@@ -358,6 +569,7 @@ fn bars(series: &[(String, &str, Vec<u64>)], labels: &[String], every: usize, ti
             let _ = write!(svg, r#"<text x="{x:.1}" y="{}" class="axis">{label}</text>"#, height + 16.0);
         }
     }
+    draw_marks(&mut svg, marked, pad, step, 20.0, height);
     if series.len() > 1 {
         for (k, (name, colour, _)) in series.iter().enumerate() {
             let (x, y) = (pad + (k % 4) as f64 * 180.0, height + 36.0 + (k / 4) as f64 * 20.0);
@@ -371,50 +583,48 @@ fn bars(series: &[(String, &str, Vec<u64>)], labels: &[String], every: usize, ti
             );
         }
     }
-    svg.push_str("</svg>");
-    svg
+    let marks_height = marks_legend(&mut svg, marked, pad, height + 36.0 + legend);
+    format!(
+        r#"<svg role="img" aria-label="{}" viewBox="0 0 {width} {}" width="100%" xmlns="http://www.w3.org/2000/svg">{svg}</svg>"#,
+        escape(title),
+        height + 40.0 + legend + marks_height
+    )
 }
 
 /// Outcomes per second over the run, stacked by kind (succeeded at once,
-/// succeeded after retries, failed by error kind).
+/// succeeded after retries, failed by error kind), with the events marked.
 fn throughput_chart(t: &Timeline) -> String {
-    let (Some(&first), Some(&last)) = (t.per_second.keys().next(), t.per_second.keys().next_back()) else {
+    let Some(axis) = Axis::of(t).filter(|_| !t.per_second.is_empty()) else {
         return "<p>No outcomes were recorded.</p>".into();
     };
-    let seconds = (last - first + 1) as usize;
-    let width = seconds.div_ceil(MAX_BARS).max(1);
-    let places = seconds.div_ceil(width);
-    // Each kind keeps its colour whichever kinds the run met.
     let mut series: Vec<(String, &str, Vec<u64>)> = (t.kinds.iter().enumerate())
-        .map(|(k, name)| (name.clone(), PALETTE[k % PALETTE.len()], vec![0u64; places]))
+        .map(|(k, name)| (name.clone(), kind_colour(k, name), vec![0u64; axis.places]))
         .collect();
     for (s, counts) in &t.per_second {
+        let place = axis.place(*s).expect("every second is on the axis");
         for (kind, n) in counts.iter().enumerate() {
-            series[kind].2[((s - first) as usize) / width] += n;
+            series[kind].2[place] += n;
         }
     }
     for (_, _, values) in &mut series {
-        values.iter_mut().for_each(|v| *v /= width as u64);
+        values.iter_mut().for_each(|v| *v /= axis.width);
     }
     // A kind no bar shows would only crowd the legend.
     series.retain(|(_, _, values)| values.iter().any(|&v| v > 0));
-    let labels: Vec<String> = (0..places).map(|i| format!("{} s", i * width)).collect();
-    let every = (places / 8).max(1);
-    bars(&series, &labels, every, "rows per second over the run, by outcome", "rows/s")
+    let labels: Vec<String> = (0..axis.places).map(|i| format!("{} s", i as u64 * axis.width)).collect();
+    let every = (axis.places / 8).max(1);
+    bars(&series, &labels, every, ("rows per second over the run, by outcome", "rows/s"), &marks(t, &axis))
 }
 
 /// p50, p90 and p99 of the latency over the run, one point per place of the
-/// throughput chart, as lines.
+/// throughput chart, as lines, with the events marked.
 fn latency_over_time(t: &Timeline) -> String {
-    let (Some(&first), Some(&last)) = (t.latency_per_second.keys().next(), t.latency_per_second.keys().next_back())
-    else {
+    let Some(axis) = Axis::of(t).filter(|_| !t.latency_per_second.is_empty()) else {
         return String::new();
     };
-    let seconds = (last - first + 1) as usize;
-    let width = seconds.div_ceil(MAX_BARS).max(1);
-    let mut places: Vec<Vec<u64>> = vec![Vec::new(); seconds.div_ceil(width)];
+    let mut places: Vec<Vec<u64>> = vec![Vec::new(); axis.places];
     for (s, latencies) in &t.latency_per_second {
-        places[((s - first) as usize) / width].extend_from_slice(latencies);
+        places[axis.place(*s).expect("every second is on the axis")].extend_from_slice(latencies);
     }
     const QUANTILES: [(f64, &str, &str); 3] =
         [(0.5, "p50", "#3b6fd8"), (0.9, "p90", "#e07b39"), (0.99, "p99", "#b3261e")];
@@ -431,10 +641,7 @@ fn latency_over_time(t: &Timeline) -> String {
     let max = points.iter().flatten().map(|p| p[2]).fold(0.0, f64::max).max(0.001);
     let (w, h, pad) = (760.0, 160.0, 30.0);
     let step = (w - pad) / points.len().max(1) as f64;
-    let mut svg = format!(
-        r#"<svg role="img" aria-label="latency p50, p90, p99 over the run" viewBox="0 0 {w} {}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
-        h + 40.0
-    );
+    let mut svg = String::new();
     let _ = write!(svg, r#"<text x="0" y="12" class="axis">{max:.1} ms</text>"#);
     let _ = write!(svg, r#"<line x1="{pad}" y1="{h}" x2="{w}" y2="{h}" class="base"/>"#);
     for (k, (_, name, colour)) in QUANTILES.iter().enumerate() {
@@ -458,13 +665,78 @@ fn latency_over_time(t: &Timeline) -> String {
             h + 27.0
         );
     }
-    svg.push_str("</svg>");
-    svg
+    let marked = marks(t, &axis);
+    draw_marks(&mut svg, &marked, pad, step, 20.0, h);
+    let marks_height = marks_legend(&mut svg, &marked, pad, h + 47.0);
+    format!(
+        r#"<svg role="img" aria-label="latency p50, p90, p99 over the run" viewBox="0 0 {w} {}" width="100%" xmlns="http://www.w3.org/2000/svg">{svg}</svg>"#,
+        h + 40.0 + marks_height
+    )
+}
+
+/// The run's events in the order they happened: when (UTC, and the second
+/// on the charts), what, and what it said; the events files linked.
+fn events_table(t: &Timeline) -> String {
+    let mut html = String::new();
+    if t.events.is_empty() {
+        html.push_str(if t.event_files.is_empty() {
+            "<p>No events file (a dry run, or a run by an earlier version).</p>"
+        } else {
+            "<p>None.</p>"
+        });
+    } else {
+        let axis = Axis::of(t);
+        let mut events: Vec<&Happened> = t.events.iter().collect();
+        events.sort_by_key(|e| e.at_ms);
+        // How many of each, in the order first met: a long run's many
+        // pauses at a glance, before the first of them one by one.
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for e in &events {
+            match counts.iter_mut().find(|(name, _)| *name == e.name()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((e.name(), 1)),
+            }
+        }
+        let counts: Vec<String> = counts.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        let _ = write!(html, "<p>{} events: {}.</p>", events.len(), escape(&counts.join(", ")));
+        html.push_str("<table><tr><th>Time (UTC)</th><th>On the charts</th><th>Event</th><th>Details</th></tr>");
+        for e in events.iter().take(LISTED_EVENTS) {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms);
+            let on_charts = match axis.filter(|a| a.place(e.at_ms / 1000).is_some()) {
+                Some(a) => format!("{} s", e.at_ms / 1000 - a.first),
+                None => "–".into(),
+            };
+            let swatch =
+                e.mark().map(|m| format!(r#"<span style="color:{}">&#9660;</span> "#, MARKS[m].2)).unwrap_or_default();
+            let _ = write!(
+                html,
+                "<tr><td>{}{}</td><td>{on_charts}</td><td>{swatch}{}</td><td>{}</td></tr>",
+                humantime::format_rfc3339_seconds(at),
+                escape(&e.label),
+                escape(&e.name()),
+                escape(&e.detail())
+            );
+        }
+        html.push_str("</table>");
+        if events.len() > LISTED_EVENTS {
+            let _ = write!(html, "<p>… and {} more in the events files.</p>", events.len() - LISTED_EVENTS);
+        }
+    }
+    for (path, count) in &t.event_files {
+        let _ = write!(html, r#"<p><a href="{0}">{0}</a>: {count} events</p>"#, escape(path));
+    }
+    html
 }
 
 fn latency_chart(t: &Timeline) -> String {
     let labels: Vec<String> = BUCKETS_MS.iter().map(|(_, l)| l.to_string()).collect();
-    bars(&[("rows".into(), PALETTE[0], t.latency.to_vec())], &labels, 1, "latency of each row's last attempt", "rows")
+    bars(
+        &[("rows".into(), PALETTE[0], t.latency.to_vec())],
+        &labels,
+        1,
+        ("latency of each row's last attempt", "rows"),
+        &[],
+    )
 }
 
 /// The largest groups of failures: how many, error kind, status, message shape.
@@ -592,6 +864,7 @@ pub fn render_shards(run: &RunStatus) -> Result<String, ReportError> {
             Ok(from_page) if !from_page.as_os_str().is_empty() => format!("{}/", from_page.display()),
             _ => String::new(),
         };
+        add_events(&mut timeline, &shard.dir, &prefix, &label);
         failures.add(&shard.dir, &prefix, &label);
         token_requests += shard.summary.as_ref().map_or(0, |s| s.token_requests);
     }
@@ -696,6 +969,7 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
 <h2>Summary</h2>{overview}{shards}
 <h2>Throughput</h2>{throughput}
 <h2>Latency</h2>{latency}
+<h2>Events</h2>{events}
 <h2>Statuses</h2>{statuses}
 <h2>Errors</h2>{errors}
 <h2>Failures by kind</h2>{groups}
@@ -708,6 +982,7 @@ th {{ font-weight: 600; color: #3a4250; }} td.msg {{ font-family: ui-monospace, 
         shards = p.shards.map(|t| format!("\n<h2>Shards</h2>{t}")).unwrap_or_default(),
         throughput = throughput_chart(&p.timeline),
         latency = latency_over_time(&p.timeline) + &latency_chart(&p.timeline),
+        events = events_table(&p.timeline),
         statuses = if p.statuses.is_empty() { "<p>None.</p>".into() } else { table(&p.statuses) },
         errors = if p.errors.is_empty() { "<p>None.</p>".into() } else { table(&p.errors) },
         groups = failure_groups(&p.failures),
@@ -820,6 +1095,108 @@ mod tests {
     #[test]
     fn text_is_escaped() {
         assert_eq!(escape(r#"<script>alert("x")</script>&"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;");
+    }
+
+    fn happened(at_ms: u64, line: &str) -> Happened {
+        let Value::Object(mut fields) = serde_json::from_str(line).unwrap() else { panic!("an object") };
+        let Some(Value::String(kind)) = fields.remove("kind") else { panic!("a kind") };
+        Happened { at_ms, kind, fields, label: String::new() }
+    }
+
+    /// Ten seconds of outcomes from Unix second 1,000,000, 5 succeeded and
+    /// their latencies each second, and `events`.
+    fn ten_seconds(events: Vec<Happened>) -> Timeline {
+        let mut t = Timeline::default();
+        let ok = t.kind("succeeded");
+        for s in 0..10 {
+            t.per_second.insert(1_000_000 + s, vec![5; ok + 1]);
+            t.latency_per_second.insert(1_000_000 + s, vec![2_000; 5]);
+        }
+        t.events = events;
+        t
+    }
+
+    #[test]
+    fn each_event_is_a_marker_at_its_second_on_both_time_charts() {
+        let t = ten_seconds(vec![
+            happened(1_000_000_000, r#"{"kind":"start","resume":false}"#),
+            happened(1_000_003_400, r#"{"kind":"pause","ms":2000,"shared":false}"#),
+            happened(1_000_007_100, r#"{"kind":"token_refresh","how":"background","origin":"fetched","lifetime_s":2}"#),
+            happened(1_000_009_900, r#"{"kind":"end","exit":0}"#),
+        ]);
+        for svg in [throughput_chart(&t), latency_over_time(&t)] {
+            // Ten places 73 px wide from x = 30: second 3's middle is 285.5.
+            assert_eq!(svg.matches(r#"<g class="mark pause">"#).count(), 1, "{svg}");
+            assert!(
+                svg.contains(r#"<title>3 s · Retry-After pause: 2000 ms: no call went out</title><line x1="285.5""#),
+                "{svg}"
+            );
+            assert!(svg.contains("<title>7 s · token refreshed: background, fetched, lives 2 s</title>"), "{svg}");
+            assert_eq!(svg.matches("<g class=\"mark").count(), 2, "start and end are listed, not marked");
+            for name in [">Retry-After pause</text>", ">token refreshed</text>"] {
+                assert_eq!(svg.matches(name).count(), 1, "one legend entry per kind of marker: {name}");
+            }
+        }
+        assert!(!latency_chart(&t).contains("mark"), "the histogram has no time axis");
+
+        let table = events_table(&t);
+        assert!(
+            table.contains("<p>4 events: started 1, Retry-After pause 1, token refreshed 1, ended 1.</p>"),
+            "{table}"
+        );
+        assert_eq!(table.matches("<tr>").count(), 5, "a header and the four events: {table}");
+        assert!(
+            table.contains("<td>1970-01-12T13:46:43Z</td><td>3 s</td>"),
+            "the time and the second on the charts: {table}"
+        );
+        for text in ["started", "Retry-After pause", "2000 ms: no call went out", "ended", "exit 0"] {
+            assert!(table.contains(text), "{text} in {table}");
+        }
+    }
+
+    #[test]
+    fn events_of_one_kind_in_one_place_are_one_marker_and_the_axis_reaches_every_event() {
+        // Three pauses in second 2; a stop a second after the last outcome.
+        let mut events: Vec<Happened> =
+            (0..3).map(|i| happened(1_000_002_000 + i * 100, r#"{"kind":"pause","ms":1000,"shared":false}"#)).collect();
+        events.push(happened(1_000_010_500, r#"{"kind":"stop"}"#));
+        let t = ten_seconds(events);
+        let svg = throughput_chart(&t);
+        assert_eq!(svg.matches(r#"<g class="mark pause">"#).count(), 1, "{svg}");
+        assert!(svg.contains("2 s · Retry-After pause ×3, the first: 1000 ms"), "{svg}");
+        assert!(svg.contains("<title>10 s · stopped</title>"), "an event after the last outcome is on the axis: {svg}");
+        assert_eq!(Axis::of(&t), Some(Axis { first: 1_000_000, width: 1, places: 11 }));
+    }
+
+    #[test]
+    fn rows_that_failed_throttled_have_a_colour_of_their_own() {
+        let mut t = Timeline::default();
+        let (refused, throttled) = (t.kind("client_error"), t.kind("throttled"));
+        let mut counts = vec![0; throttled + 1];
+        (counts[refused], counts[throttled]) = (1, 1);
+        t.per_second.insert(1_000_000, counts);
+        let svg = throughput_chart(&t);
+        assert!(svg.contains(r##"fill="#7b3fa0"><title>0 s · throttled: 1</title>"##), "{svg}");
+        assert!(!svg.contains(r##"fill="#7b3fa0"><title>0 s · client_error"##));
+        assert_eq!(kind_colour(9, "throttled"), kind_colour(2, "throttled"), "whichever place it was met in");
+    }
+
+    #[test]
+    fn the_events_file_is_read_line_by_line_and_a_bad_line_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("events.jsonl"),
+            "{\"at_ms\":1000000001000,\"kind\":\"slow_down\",\"rate\":35.5}\nnot json\n{\"kind\":\"no time\"}\n{\"at_ms\":1000000002000,\"kind\":\"rate_restored\"}\n",
+        )
+        .unwrap();
+        let t = read_timeline(dir.path());
+        let kinds: Vec<&str> = t.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["slow_down", "rate_restored"]);
+        assert_eq!(t.events[0].detail(), "to 35.5 calls/s after a wave of 429s");
+        assert_eq!(t.event_files, [("events.jsonl".to_string(), 2)]);
+        assert!(events_table(&t).contains(r#"<a href="events.jsonl">events.jsonl</a>: 2 events"#));
+        let none = read_timeline(&dir.path().join("elsewhere"));
+        assert!(events_table(&none).contains("No events file"));
     }
 
     #[test]
