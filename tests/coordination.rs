@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bulkcall::config::AuthSettings;
 use bulkcall::coordination::{Redis, RedisUrl};
+use bulkcall::events::Memory;
 use bulkcall::limiter::Limiter;
 use bulkcall::limiter::redis::RedisLimiter;
 use bulkcall::token::shared::SharedStore;
@@ -18,9 +19,15 @@ use common::redis::RedisServer;
 use tokio::time::Instant;
 
 async fn limiter(server: &RedisServer, key: &str, rate: f64, burst: u32, processes: u32) -> Arc<RedisLimiter> {
+    told(server, key, rate, burst, processes).await.0
+}
+
+/// [`limiter`], with the events it tells.
+async fn told(server: &RedisServer, key: &str, rate: f64, burst: u32, processes: u32) -> (Arc<RedisLimiter>, Memory) {
     let url = RedisUrl::parse(&server.url().into()).unwrap();
     let redis = Redis::connect(&url).await.expect("redis answers");
-    Arc::new(RedisLimiter::new(redis, key.into(), rate, burst, processes))
+    let (events, memory) = Memory::events();
+    (Arc::new(RedisLimiter::new(redis, key.into(), rate, burst, processes).with_events(events)), memory)
 }
 
 /// `workers` tasks on each limiter take `calls` permits in all; the times
@@ -90,20 +97,28 @@ async fn four_processes_keep_one_limit_between_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_on_one_process_pauses_them_all() {
     let Some(server) = RedisServer::start() else { return };
-    let one = limiter(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
-    let other = limiter(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
+    let (one, one_told) = told(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
+    let (other, other_told) = told(&server, "bulkcall:{p}:limit", 100.0, 5, 2).await;
+    one.pause(Duration::from_millis(600));
     one.pause(Duration::from_millis(600));
     one.settled().await;
     let start = Instant::now();
     other.until_ready().await;
     assert!(start.elapsed() >= Duration::from_millis(550), "the other process waited {:?}", start.elapsed());
+    // Each process tells the pause once: its own, and the one it found in Redis.
+    let (one_told, other_told) = (one_told.0.lock().unwrap().clone(), other_told.0.lock().unwrap().clone());
+    assert_eq!(one_told.len(), 1, "{one_told:?}");
+    assert_eq!((&one_told[0]["kind"], &one_told[0]["shared"]), (&"pause".into(), &false.into()));
+    assert_eq!(other_told.len(), 1, "{other_told:?}");
+    assert_eq!((&other_told[0]["kind"], &other_told[0]["shared"]), (&"pause".into(), &true.into()));
+    assert!((100..=600).contains(&other_told[0]["ms"].as_u64().unwrap()), "what was left of it: {other_told:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slow_down_after_429s_is_shared() {
     let Some(server) = RedisServer::start() else { return };
     let one = limiter(&server, "bulkcall:{a}:limit", 100.0, 5, 2).await;
-    let other = limiter(&server, "bulkcall:{a}:limit", 100.0, 5, 2).await;
+    let (other, other_told) = told(&server, "bulkcall:{a}:limit", 100.0, 5, 2).await;
     one.until_ready().await;
     for _ in 0..5 {
         one.answered(true);
@@ -115,13 +130,15 @@ async fn the_slow_down_after_429s_is_shared() {
         other.until_ready().await;
     }
     assert_eq!(other.effective_rate(), Some(70.0), "the other process slowed down too");
+    assert_eq!(other_told.kinds(), ["slow_down"], "and told it");
+    assert_eq!(other_told.0.lock().unwrap()[0]["rate"], 70.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_a_process_keeps_its_share_and_comes_back() {
     let Some(mut server) = RedisServer::start() else { return };
     let (rate, processes) = (400.0, 4);
-    let limiter = limiter(&server, "bulkcall:{l}:limit", rate, 1, processes).await;
+    let (limiter, told) = told(&server, "bulkcall:{l}:limit", rate, 1, processes).await;
     take(std::slice::from_ref(&limiter), 4, 20).await;
     server.stop();
     let times = take(std::slice::from_ref(&limiter), 4, 101).await;
@@ -140,6 +157,7 @@ async fn without_redis_a_process_keeps_its_share_and_comes_back() {
     take(std::slice::from_ref(&limiter), 4, 20).await;
     assert!(limiter.is_shared());
     assert!(limiter.round_trips().0 > before, "leases from Redis again");
+    assert_eq!(told.kinds(), ["redis_lost", "redis_back"], "lost once, however many calls found it lost");
 }
 
 /// Many workers waiting while Redis is lost book this process's own
