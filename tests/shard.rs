@@ -221,6 +221,14 @@ async fn status_and_report_cover_every_shard_and_name_the_unfinished_ones() {
     assert!(html.contains("every shard finished; some rows failed"));
     assert!(html.contains(r#"<a href="shard-1-of-3/report.html">"#), "each shard's own page is linked");
     assert!(html.contains("client_error"), "the failures of every shard are counted");
+    // Every shard's events, each named by its shard, its file linked.
+    let events = &html[html.find("<h2>Events</h2>").unwrap()..html.find("<h2>Statuses</h2>").unwrap()];
+    assert!(events.contains("<p>6 events: started 3, ended 3.</p>"), "{events}");
+    assert_eq!(events.matches("Z (shard 1/3)</td>").count(), 2, "{events}");
+    for k in 0..3 {
+        let file = format!("shard-{k}-of-3/events.jsonl");
+        assert!(events.contains(&format!(r#"<a href="{file}">{file}</a>: 2 events"#)), "{events}");
+    }
 }
 
 /// A shard reading standard input keeps it in its own directory, so the
