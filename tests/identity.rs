@@ -288,3 +288,20 @@ async fn a_row_of_one_of_several_inputs_keeps_its_input_through_two_resends() {
         input = out.join("failures.csv");
     }
 }
+
+/// The closing lines name a failed row of a resend by its row in this
+/// run's input and in the first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_closing_lines_name_the_first_runs_row() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let mut rows = eligibility_csv(1, 3);
+    rows.push_str("77,000050,Bad Control,0123456789,M77,Pat,Doe,19800102\n");
+    let input = gw.write("rows.csv", &rows);
+    let (first, _) = hop(&gw, &job, &input, "first").await;
+    let config = gw.path("bulkcall.toml");
+    let output = run_command(&job, &first.join("failures.csv"), &gw.path("second"), &config).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("row 1 (key 77, first run's row 4): client_error, status 400"), "{stderr}");
+}

@@ -119,7 +119,10 @@ const SHOWN_FAILURES: usize = 3;
 fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
     let failure = outcome.result.as_ref().err()?;
     let status = outcome.status.map(|s| format!(", status {s}")).unwrap_or_default();
-    let brief = format!("row {} (key {}): {}{status}", outcome.number, outcome.key, failure.kind.as_str());
+    // A row sent again from a failures file: where it was first.
+    let first =
+        outcome.origin.as_ref().and_then(|o| o.row).map(|r| format!(", first run's row {r}")).unwrap_or_default();
+    let brief = format!("row {} (key {}{first}): {}{status}", outcome.number, outcome.key, failure.kind.as_str());
     Some((brief, failure.message.chars().take(160).collect()))
 }
 
