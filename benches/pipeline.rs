@@ -118,6 +118,7 @@ fn main() {
                 result: Ok(Success::new(body, judged.captured)),
                 source: Source::Record(row.record),
                 origin: None,
+                poll: None,
             };
             outcomes.push(outcome);
         }

@@ -256,6 +256,10 @@ pub struct ResumeArgs {
     /// `in_doubt` [default: resend for an idempotent job, fail for the others].
     #[arg(long, value_enum)]
     pub in_doubt: Option<InDoubt>,
+    /// A `[poll]` job: write the rows still pending (accepted by the gateway, not final) to failures as
+    /// `pending` instead of polling them again.
+    #[arg(long)]
+    pub give_up_pending: bool,
     /// The config file to read, when it moved since the run started [default: the run's, from run.json].
     /// The run's profile stays.
     #[arg(short, long)]
@@ -412,6 +416,10 @@ pub struct SandboxArgs {
     /// Asynchronous claims kept (about 210 bytes each); past it the oldest are forgotten (their polls get 404).
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub async_capacity: u64,
+    /// Asynchronous claims: answer the status Location on this origin (http://127.0.0.2:9) instead of the
+    /// one the client used, as a gateway pointing polls elsewhere would.
+    #[arg(long, value_name = "ORIGIN")]
+    pub async_location_origin: Option<String>,
     #[command(flatten)]
     pub faults: FaultArgs,
 }

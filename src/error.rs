@@ -40,6 +40,10 @@ pub enum Error {
     /// maintenance window): the rows not finished stay to resume.
     #[error("stopped: {0}")]
     Paused(String),
+    /// Rows of a `[poll]` job still not final (at `max_wait`, or when the
+    /// run stopped): they stay to resume, which polls them again.
+    #[error("not finished: {0}")]
+    Pending(String),
     /// The circuit breaker opened: the gateway is out, try again later.
     #[error("stopped: {0}")]
     Outage(#[from] crate::runner::Outage),
@@ -73,6 +77,7 @@ impl Error {
             Error::Internal(_) => ExitCode::Internal,
             Error::Output(crate::output::OutputError::Locked { .. } | crate::output::OutputError::RunLocked { .. })
             | Error::Paused(_)
+            | Error::Pending(_)
             | Error::Outage(_) => ExitCode::Locked,
             Error::Output(crate::output::OutputError::Occupied(_) | crate::output::OutputError::NotOwned { .. }) => {
                 ExitCode::Usage

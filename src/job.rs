@@ -14,6 +14,7 @@
 //! - [`value`]: JSON values as the template engine sees them.
 
 mod judge;
+mod poll;
 mod render;
 mod template;
 mod value;
@@ -31,6 +32,7 @@ use crate::config::Settings;
 use crate::input::{Encoding, Format};
 
 pub use judge::Judged;
+pub use poll::{First, Poll, PollJudged, PollUrl, location_of};
 pub use render::{RenderError, Request, Requests};
 use template::{Capture, Compiler, Expr, Node, Text, envs, header_name, single_expression};
 
@@ -67,6 +69,7 @@ struct JobFile {
     idempotent: Option<bool>,
     #[serde(default)]
     results_csv: bool,
+    poll: Option<poll::PollFile>,
     // Run settings, passed on to the configuration.
     concurrency: Option<Value>,
     rate: Option<Value>,
@@ -112,6 +115,8 @@ pub struct Job {
     capture: Vec<(String, Capture)>,
     /// Also write `results.csv` (row, key, status and the captured values).
     results_csv: bool,
+    /// Follow-up calls until a row's answer is final.
+    poll: Option<Poll>,
 }
 
 impl Job {
@@ -241,6 +246,7 @@ impl Job {
             success,
             capture,
             results_csv: file.results_csv,
+            poll: file.poll.map(|p| Poll::compile(&c, p)).transpose()?,
         })
     }
 

@@ -259,12 +259,12 @@ impl Run {
             MetricType::COUNTER,
             vec![self.counter(None, figures.retries as f64)],
         );
-        // bulkcall does not poll yet (a job's [poll] is to come): none are sent.
+        let polls = source.map_or(0, |s| s.live.polls.load(std::sync::atomic::Ordering::Relaxed));
         family(
             "bulkcall_polls_total",
             "Status polls sent after an accepted call",
             MetricType::COUNTER,
-            vec![self.counter(None, 0.0)],
+            vec![self.counter(None, polls as f64)],
         );
         let answers: Vec<Metric> = source
             .map(|s| s.live.calls.answers().map(|(code, n)| self.counter(Some(("code", &code.to_string())), n as f64)))

@@ -22,11 +22,15 @@ pub enum ErrorKind {
     Auth,
     Rejected,
     InDoubt,
+    /// A poll URL on another origin than the first call's (`[poll]` without `allow_other_origin`).
+    OtherOrigin,
+    /// Still not final when given up (`resume --give-up-pending`).
+    Pending,
 }
 
 impl ErrorKind {
     /// Every kind, for parsing.
-    const ALL: [ErrorKind; 9] = [
+    const ALL: [ErrorKind; 11] = [
         ErrorKind::InvalidRow,
         ErrorKind::ClientError,
         ErrorKind::ServerError,
@@ -36,6 +40,8 @@ impl ErrorKind {
         ErrorKind::Auth,
         ErrorKind::Rejected,
         ErrorKind::InDoubt,
+        ErrorKind::OtherOrigin,
+        ErrorKind::Pending,
     ];
 
     /// The kind an `_error` column names.
@@ -46,7 +52,16 @@ impl ErrorKind {
     /// Whether a failure of this kind may have been acted on by the
     /// gateway (it answered 5xx, or the call may have gone out).
     pub fn may_have_acted(self) -> bool {
-        matches!(self, ErrorKind::InDoubt | ErrorKind::ServerError | ErrorKind::Timeout | ErrorKind::Connection)
+        matches!(
+            self,
+            ErrorKind::InDoubt
+                | ErrorKind::ServerError
+                | ErrorKind::Timeout
+                | ErrorKind::Connection
+                // The gateway accepted these: only their polls did not end.
+                | ErrorKind::OtherOrigin
+                | ErrorKind::Pending
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +75,8 @@ impl ErrorKind {
             ErrorKind::Auth => "auth",
             ErrorKind::Rejected => "rejected",
             ErrorKind::InDoubt => "in_doubt",
+            ErrorKind::OtherOrigin => "other_origin",
+            ErrorKind::Pending => "pending",
         }
     }
 }
@@ -88,6 +105,20 @@ pub struct Outcome {
     /// Where the row first came from, when it was read from a failures
     /// file (or results): `source_row` and `source_run` in the outcome files.
     pub origin: Option<Origin>,
+    /// A row polled to its end (`[poll]`): the last poll's answer.
+    pub poll: Option<Box<Polled>>,
+}
+
+/// How the polls of a row went (`poll` in `results.jsonl`).
+#[derive(Debug, serde::Serialize)]
+pub struct Polled {
+    /// The final poll's status.
+    pub status: Option<u16>,
+    /// Polls sent: the final one and failed ones included.
+    pub polls: u32,
+    /// From the first answer to the final poll's.
+    pub waited_ms: u64,
+    pub response: Value,
 }
 
 #[derive(Debug)]
@@ -134,6 +165,7 @@ impl Outcome {
             result: Err(Failure { kind: ErrorKind::InvalidRow, message }),
             source: Source::Record(row.record.clone()),
             origin: row.origin().cloned(),
+            poll: None,
         }
     }
 
@@ -149,6 +181,7 @@ impl Outcome {
             result: Err(Failure { kind: ErrorKind::InvalidRow, message: bad.message }),
             source: Source::Raw(bad.raw),
             origin: bad.earlier.and_then(|e| e.origin),
+            poll: None,
         }
     }
 }

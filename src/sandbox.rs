@@ -96,6 +96,10 @@ pub struct SandboxConfig {
     /// each: the RSS growth measured over 200,000 claims inserted in the map);
     /// past it the oldest are forgotten and their polls answer 404.
     pub async_capacity: usize,
+    /// Asynchronous claims: the origin (`scheme://host:port`) of the status
+    /// `Location`, instead of the one the client used: a gateway pointing
+    /// polls elsewhere, which a client must not follow with its token.
+    pub async_location_origin: Option<String>,
 }
 
 /// Faults for testing retries, decided by the call's row key (its
@@ -219,6 +223,7 @@ impl Default for SandboxConfig {
             async_polls: 2,
             async_retry_after: Duration::from_secs(1),
             async_capacity: 200_000,
+            async_location_origin: None,
         }
     }
 }
@@ -1048,7 +1053,7 @@ impl Shared {
             id
         };
         self.counters.async_submissions.fetch_add(1, Relaxed);
-        let location = status_location(parts, id);
+        let location = status_location(parts, id, self.config.async_location_origin.as_deref());
         let body = json!({
             "status": "PENDING",
             "controlNumber": echo(request, "/controlNumber"),
@@ -1120,8 +1125,11 @@ fn claim_id(id: u64) -> String {
 
 /// The absolute status URL of claim `id` on the origin the client reached
 /// (a path alone when the request had no `Host`).
-fn status_location(parts: &Parts, id: u64) -> String {
+fn status_location(parts: &Parts, id: u64, origin: Option<&str>) -> String {
     let path = format!("{ASYNC_STATUS_PATH}/{}", claim_id(id));
+    if let Some(origin) = origin {
+        return format!("{}{path}", origin.trim_end_matches('/'));
+    }
     let host = parts.headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
     match host.filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic())) {
         Some(host) => {

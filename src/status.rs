@@ -78,6 +78,9 @@ pub struct ShardStatus {
     /// Rows sent without a recorded answer: failed as `in_doubt`, or
     /// started with no outcome yet (in flight, or lost in a crash).
     pub in_doubt: u64,
+    /// Rows of a `[poll]` job accepted by the gateway and not final yet
+    /// (`accepted.jsonl`, no outcome): `resume` polls them.
+    pub pending: u64,
     /// The last `summary.json`, when there is one.
     #[serde(skip)]
     pub summary: Option<Summary>,
@@ -196,6 +199,13 @@ impl RunStatus {
             let (done, succeeded, failed, in_doubt) = self.total();
             let _ = writeln!(out, "{:<8} {:<24} {done:>10} {succeeded:>10} {failed:>10} {in_doubt:>9}", "all", "");
         }
+        let pending: u64 = self.shards.iter().map(|s| s.pending).sum();
+        if pending > 0 {
+            let _ = writeln!(
+                out,
+                "{pending} rows accepted by the gateway are pending (not final yet): resume polls them, never sends them again"
+            );
+        }
         let unfinished: Vec<&ShardStatus> = self.shards.iter().filter(|s| !s.state.finished()).collect();
         if !unfinished.is_empty() && self.shards[0].shard.is_some() {
             let names: Vec<String> = unfinished.iter().filter_map(|s| s.shard).map(|s| s.to_string()).collect();
@@ -232,6 +242,7 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
         succeeded: 0,
         failed: 0,
         in_doubt: 0,
+        pending: 0,
         running: None,
         summary: None,
     };
@@ -255,7 +266,11 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
     })?;
     status.done = done.len();
     (status.succeeded, status.failed, status.in_doubt) = (succeeded, failed, in_doubt);
-    status.in_doubt += started.len() as u64;
+    // Started and not done: in doubt, unless the gateway's acceptance is on file.
+    let accepted: std::collections::HashSet<(usize, u64)> =
+        crate::output::AcceptedFile::scan(dir)?.into_iter().map(|(input, row, _, _)| (input, row)).collect();
+    status.pending = started.iter().filter(|r| accepted.contains(r)).count() as u64;
+    status.in_doubt += started.len() as u64 - status.pending;
     status.summary = summary;
     status.running = crate::output::run_dir_holder(dir);
     Ok(status)

@@ -149,6 +149,9 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: 
             s.succeeded,
             s.failed,
         );
+        if s.pending > 0 {
+            line.push_str(&format!(", {} pending (accepted by the gateway, not final)", s.pending));
+        }
         if options.log.quiet {
             // One line for a cron log: when, which job, where, what next.
             line = format!("{} {job}: {}", humantime::format_rfc3339_seconds(now), &line["bulkcall: ".len()..]);
@@ -190,7 +193,10 @@ fn closing_lines(
 ) {
     let s = &finished.summary;
     if !options.dry_run {
-        let throttled = s.throttled_rate.map(|r| format!("; throttled down to {r}/s")).unwrap_or_default();
+        let mut throttled = s.throttled_rate.map(|r| format!("; throttled down to {r}/s")).unwrap_or_default();
+        if s.polls > 0 {
+            throttled.push_str(&format!("; {}", plural(s.polls, "poll")));
+        }
         eprintln!(
             "  latency p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}, {}, {}{throttled}",
             s.latency_ms.p50,
@@ -267,6 +273,11 @@ fn closing_lines(
             s.failed
         ),
         (ExitCode::RowsFailed, _) | (_, None) => {}
+        (_, Some(next)) if options.resumable && s.pending > 0 => eprintln!(
+            "  {} accepted by the gateway and not final: polled again (never sent again), with the rows not yet \
+             sent, by: {next}  (--give-up-pending writes them to failures instead)",
+            plural(s.pending, "row")
+        ),
         (_, Some(next)) if options.resumable => {
             eprintln!("  rows not yet sent are in neither file; send them with: {next}")
         }

@@ -156,10 +156,12 @@ async fn run_job(
 ) -> Result<ExitCode, Error> {
     let settings = r.loaded.settings.clone();
     // Before any file or token: -j must fit under the open-files limit.
-    if !options.dry_run {
-        runner::enough_descriptors(settings.concurrency)?;
-    }
     let requests = Arc::new(r.job.requests(&settings)?);
+    if !options.dry_run {
+        // A job that polls has as many polls in flight at most besides.
+        let calls = if requests.poll().is_some() { 2 * settings.concurrency } else { settings.concurrency };
+        runner::enough_descriptors(calls)?;
+    }
     let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
     let authorized = settings.auth.style != AuthStyle::None;
     let resuming = resume.is_some();

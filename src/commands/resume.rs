@@ -182,6 +182,18 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
         }
     }
     crate::output::Ledger::recovered(&dir, &recovered)?;
+    // Rows a `[poll]` job's gateway accepted and that have no outcome yet:
+    // never sent again, polled (not in doubt, not read again as rows to send).
+    let mut accepted = Vec::new();
+    for (input, row, place, _) in crate::output::AcceptedFile::scan(&dir)? {
+        if !done.contains(input, row) && in_doubt.remove(&(input, row)) {
+            done.insert(input, row);
+            accepted.push(place);
+        }
+    }
+    if args.give_up_pending && accepted.is_empty() {
+        tracing::info!("--give-up-pending: no row of this run is pending");
+    }
     tracing::info!(
         "{} rows already have an outcome; {} were in flight when the run stopped ({})",
         done.len(),
@@ -211,6 +223,14 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
         },
         in_doubt: earlier_rule,
     };
-    let resume = Resume { done, recorded, in_doubt, fail_in_doubt: in_doubt_rule == InDoubt::Fail };
+    let resume = Resume {
+        done,
+        recorded,
+        in_doubt,
+        fail_in_doubt: in_doubt_rule == InDoubt::Fail,
+        accepted,
+        give_up_pending: args.give_up_pending,
+        polls: earlier.as_ref().map_or(0, |s| s.polls),
+    };
     run_resolved(resolved, None, options, Some(resume), stop).await
 }

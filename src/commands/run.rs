@@ -53,6 +53,8 @@ pub(super) async fn run(args: RunArgs, log: LogArgs, stop: CancellationToken) ->
                 // As `run` was told, else the same default as `bulkcall
                 // resume`: by the job's idempotency.
                 in_doubt: args.in_doubt,
+                // Its pending rows are polled again.
+                give_up_pending: false,
                 // The config file this command names, as `resume -c` would.
                 config: args.config.config,
                 settings: args.settings,

@@ -38,6 +38,7 @@ pub(super) async fn sandbox(args: SandboxArgs, stop: CancellationToken) -> Resul
         async_polls: args.async_polls,
         async_retry_after: std::time::Duration::from_secs(args.async_retry_after),
         async_capacity: usize::try_from(args.async_capacity).unwrap_or(usize::MAX),
+        async_location_origin: args.async_location_origin,
     };
     let keys = config.jwks.as_ref().map(|set| set.keys.len());
     let mutual = config.client_ca.is_some();

@@ -54,6 +54,15 @@ impl CsvHeaders {
         Ok(CsvHeaders { names, by_name, failures, sourced, delimiter })
     }
 
+    /// A header made again from the names a record was stored with (an
+    /// accepted row of a `[poll]` job, read back).
+    /// `failures`: the input was a failures file (the outcome's own
+    /// failures file then has the source columns).
+    pub fn of_names(names: Vec<String>, delimiter: u8, failures: bool) -> CsvHeaders {
+        let by_name = names.iter().enumerate().map(|(pos, name)| (name.clone(), pos)).collect();
+        CsvHeaders { names, by_name, failures, sourced: false, delimiter }
+    }
+
     #[cfg(test)]
     pub(crate) fn for_tests(names: Vec<String>) -> CsvHeaders {
         CsvHeaders::new(names, b',').expect("valid test header")

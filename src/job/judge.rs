@@ -34,16 +34,21 @@ impl Requests {
             Some(e) => e.expr.eval(ctx.get()).map(|v| v.is_true()).unwrap_or(false),
             None => (200..300).contains(&status),
         };
-        let mut captured = Map::new();
-        for (name, capture) in &job.capture {
-            let value = match capture {
-                Capture::Path(path) => body.lookup(path),
-                Capture::Node(node) => render_node(node, None, &ctx, false).ok(),
-            };
-            if let Some(v) = value.filter(|v| !v.is_null()) {
-                captured.insert(name.clone(), v);
-            }
-        }
-        Judged { ok, captured }
+        Judged { ok, captured: capture_all(&job.capture, body, &ctx) }
     }
+}
+
+/// The values of `captures` in an answer; a capture that is missing or null is left out.
+pub(super) fn capture_all(captures: &[(String, Capture)], body: &Body<'_>, ctx: &Lazy<'_>) -> Map<String, Value> {
+    let mut captured = Map::new();
+    for (name, capture) in captures {
+        let value = match capture {
+            Capture::Path(path) => body.lookup(path),
+            Capture::Node(node) => render_node(node, None, ctx, false).ok(),
+        };
+        if let Some(v) = value.filter(|v| !v.is_null()) {
+            captured.insert(name.clone(), v);
+        }
+    }
+    captured
 }

@@ -38,7 +38,7 @@ pub const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(
 
 /// The started marks of a job that is not idempotent, on their way to the
 /// disk: queued by the workers, written and synced by one thread.
-struct Committer {
+pub(super) struct Committer {
     /// Marks queued and not yet taken, how many were ever queued, and
     /// whether the ledger is gone (the thread ends).
     queued: std::sync::Mutex<(Vec<u8>, u64, bool)>,
@@ -48,7 +48,7 @@ struct Committer {
 }
 
 impl Committer {
-    fn start(file: File, path: PathBuf) -> Arc<Committer> {
+    pub(super) fn start(file: File, path: PathBuf) -> Arc<Committer> {
         let committer = Arc::new(Committer {
             queued: std::sync::Mutex::new((Vec::new(), 0, false)),
             wake: std::sync::Condvar::new(),
@@ -60,6 +60,37 @@ impl Committer {
             .spawn(move || shared.run(&file, &path))
             .expect("the ledger's thread starts");
         committer
+    }
+
+    /// Queues bytes for the next sync (`fill` appends them); returns the
+    /// ticket [`Committer::durable`] waits for. Bytes queued one after
+    /// another reach the file in that order.
+    pub(super) fn queue(&self, fill: impl FnOnce(&mut Vec<u8>)) -> u64 {
+        let mine = {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            fill(&mut queued.0);
+            queued.1 += 1;
+            queued.1
+        };
+        self.wake.notify_one();
+        mine
+    }
+
+    /// Waits until what was queued with ticket `mine` is durable.
+    pub(super) async fn durable(&self, mine: u64, path: &Path) -> Result<(), OutputError> {
+        let mut synced = self.synced.subscribe();
+        let synced = synced.wait_for(|s| s.as_ref().map_or(true, |&upto| upto >= mine)).await;
+        match synced.as_deref() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((kind, message))) => Err(io(path)(std::io::Error::new(*kind, message.clone()))),
+            Err(_) => Err(io(path)(std::io::Error::other("the committer's thread ended"))),
+        }
+    }
+
+    /// Ends the thread once what is queued is written.
+    pub(super) fn close(&self) {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+        self.wake.notify_one();
     }
 
     fn run(&self, file: &File, path: &Path) {
@@ -92,8 +123,7 @@ impl Committer {
 impl Drop for Ledger {
     fn drop(&mut self) {
         if let Some(committer) = &self.committer {
-            committer.queued.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
-            committer.wake.notify_one();
+            committer.close();
         }
     }
 }
@@ -156,20 +186,10 @@ impl Ledger {
         use std::sync::atomic::Ordering;
         if let Some(committer) = &self.committer {
             // Durable before it returns: queued for the committer's next sync.
-            let mine = {
-                let mut queued = committer.queued.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = writeln!(ByteWriter(&mut queued.0), "S\t{input}\t{row}");
-                queued.1 += 1;
-                queued.1
-            };
-            committer.wake.notify_one();
-            let mut synced = committer.synced.subscribe();
-            let synced = synced.wait_for(|s| s.as_ref().map_or(true, |&upto| upto >= mine)).await;
-            return match synced.as_deref() {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((kind, message))) => Err(io(&self.path)(std::io::Error::new(*kind, message.clone()))),
-                Err(_) => Err(io(&self.path)(std::io::Error::other("the ledger's thread ended"))),
-            };
+            let mine = committer.queue(|buf| {
+                let _ = writeln!(ByteWriter(buf), "S\t{input}\t{row}");
+            });
+            return committer.durable(mine, &self.path).await;
         }
         let mine = {
             let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());

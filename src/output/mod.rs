@@ -9,6 +9,7 @@
 //! marked started before its first attempt goes out, and done after its
 //! outcome is written.
 
+mod accepted;
 mod commit;
 mod events;
 mod ledger;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use accepted::{ACCEPTED, AcceptedFile, AcceptedRow, Place, StoredRecord};
 pub use commit::{GroupCommit, SYNC_EVERY};
 pub use events::EventsFile;
 pub use ledger::{Done, Ledger, LedgerState, Mark};

@@ -29,6 +29,7 @@ fn failed(number: u64) -> Outcome {
         result: Err(Failure { kind: ErrorKind::ClientError, message: "HTTP 400".into() }),
         source: Source::Record(Record::Json(Map::new())),
         origin: None,
+        poll: None,
     }
 }
 

@@ -235,6 +235,9 @@ struct ResultLine<'a> {
     response_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Map::is_empty")]
     capture: &'a Map<String, Value>,
+    /// A row polled to its end: the last poll's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    poll: Option<&'a crate::outcome::Polled>,
 }
 
 /// Writes outcomes as they arrive.
@@ -298,6 +301,7 @@ impl Writer {
                     response_truncated: success.truncated.map(|_| true),
                     response_bytes: success.truncated,
                     capture: &success.captured,
+                    poll: outcome.poll.as_deref(),
                 };
                 if self.results.is_none() {
                     self.results = Some(Lines::open(self.dir.join("results.jsonl"), self.append)?);

@@ -806,6 +806,7 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
         3 => "aborted: credentials rejected or calls refused with 401",
         4 => "aborted: --max-failures reached",
         74 => "aborted: the run directory could not be written",
+        75 => "stopped, to go on later: `bulkcall resume` goes on",
         130 => "interrupted; `bulkcall resume` finishes it",
         _ => "ended",
     };
@@ -829,6 +830,12 @@ pub fn render(dir: &Path) -> Result<String, ReportError> {
     ];
     if let Some(rate) = s.throttled_rate {
         overview.push(("Throttled down to".into(), format!("{rate} calls/s")));
+    }
+    if s.polls > 0 || s.pending > 0 {
+        // Before the exit code: pending rows are why a run ends 75.
+        let at = overview.len() - 1;
+        overview.insert(at, ("Polls".into(), s.polls.to_string()));
+        overview.insert(at, ("Pending (accepted, not final)".into(), s.pending.to_string()));
     }
     let started = if started.is_empty() { String::new() } else { format!(" · started {}", escape(started)) };
     Ok(page(Page {

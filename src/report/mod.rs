@@ -38,6 +38,8 @@ pub struct Live {
     pub failed: AtomicU64,
     pub in_flight: AtomicU64,
     pub retrying: AtomicU64,
+    /// Polls sent (`[poll]`) in this part of the run.
+    pub polls: AtomicU64,
     /// Every API answer by status and every call's duration, for the metrics.
     pub calls: crate::metrics::Calls,
 }
@@ -56,6 +58,7 @@ impl Default for Live {
             failed: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
             calls: crate::metrics::Calls::default(),
         }
     }
@@ -170,6 +173,13 @@ pub struct Summary {
     /// Rows that failed without another attempt because the retry budget was spent.
     #[serde(default)]
     pub budget_stopped: u64,
+    /// Rows of a `[poll]` job accepted by the gateway and not final yet:
+    /// neither results nor failures; `resume` polls them.
+    #[serde(default)]
+    pub pending: u64,
+    /// Polls sent (`[poll]`), over every part of the run; `attempts` counts first calls only.
+    #[serde(default)]
+    pub polls: u64,
     /// Where the run's files are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_dir: Option<std::path::PathBuf>,
@@ -264,6 +274,8 @@ impl Stats {
             throttled_rate: None,
             exit_code,
             budget_stopped: self.budget_stopped,
+            pending: 0,
+            polls: 0,
             run_dir: None,
             failures: Vec::new(),
             report: None,

@@ -13,6 +13,7 @@ mod breaker;
 mod dry;
 mod http;
 mod lane;
+mod poller;
 mod reader;
 mod recorder;
 mod worker;
@@ -34,7 +35,7 @@ use crate::job::Requests;
 use crate::limiter::{Limiter, RetryBudget};
 use crate::options::MaxFailures;
 use crate::outcome::Outcome;
-use crate::output::{GroupCommit, InputInfo, Ledger, Writer};
+use crate::output::{AcceptedFile, GroupCommit, InputInfo, Ledger, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
 use crate::retry::Policy;
 use crate::rows::RowSet;
@@ -43,6 +44,7 @@ use crate::token::TokenSource;
 
 use breaker::Breaker;
 use lane::start_lane;
+use poller::start_poller;
 use reader::spawn_reader;
 use recorder::{Recorder, ToRecord, start_recorder};
 
@@ -94,6 +96,12 @@ pub struct Resume {
     pub in_doubt: HashSet<(usize, u64)>,
     /// Write in-doubt rows to failures as `in_doubt` instead of resending them.
     pub fail_in_doubt: bool,
+    /// Rows of a `[poll]` job accepted earlier and not final: polled, never sent again.
+    pub accepted: Vec<crate::output::Place>,
+    /// `--give-up-pending`: write those to failures as `pending` instead of polling them.
+    pub give_up_pending: bool,
+    /// Polls sent by the earlier parts of the run.
+    pub polls: u64,
 }
 
 /// How a run ended.
@@ -169,6 +177,8 @@ struct Shared {
     dir: PathBuf,
     /// Where an abort (the breaker opening among them) and a stop are told.
     events: Events,
+    /// A job with `[poll]`: where accepted rows are recorded and handed to the poller.
+    polls: Option<poller::Polls>,
 }
 
 impl Shared {
@@ -276,6 +286,23 @@ pub fn enough_descriptors(concurrency: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Why a run with rows still pending ends with exit 75, and how to go on.
+fn pending_message(plan: &Plan, pending: u64, stopped: bool) -> String {
+    let when = if stopped { "when the run stopped" } else { "at poll.max_wait" };
+    let next = if plan.resumable {
+        format!(
+            "`{} resume {}` polls them again (a cron job can run it until it exits 0 or 1;              --give-up-pending writes them to failures instead)",
+            crate::options::program(),
+            plan.dir.display()
+        )
+    } else {
+        "this run cannot be resumed".to_string()
+    };
+    format!(
+        "{pending} rows accepted by the gateway were still not final {when}; their first call is never sent again; {next}"
+    )
+}
+
 /// Sends every row and records every outcome in `plan.dir`.
 pub async fn run(
     mut plan: Plan,
@@ -294,6 +321,7 @@ pub async fn run(
     // A row of a job that is not idempotent must be known as sent even
     // after a power cut: its started mark is durable before it goes out.
     let ledger = Arc::new(Ledger::open(&plan.dir, append, !plan.requests.idempotent())?);
+    let resume_polls = resume.polls;
     let mut stats = resume.recorded;
     stats.restart_clock();
     let stats = Arc::new(Mutex::new(stats));
@@ -324,6 +352,13 @@ pub async fn run(
     live.rows_limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
     let reader =
         spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, resume.done, live.clone(), stop.clone(), batch_tx);
+    let (polls, waiting) = match plan.requests.poll() {
+        Some(_) => {
+            let (polls, waiting) = poller::Polls::new(AcceptedFile::open(&plan.dir, append)?);
+            (Some(polls), Some(waiting))
+        }
+        None => (None, None),
+    };
 
     let shared = Arc::new(Shared {
         requests: plan.requests.clone(),
@@ -347,6 +382,7 @@ pub async fn run(
         max_failures: plan.max_failures,
         dir: plan.dir.clone(),
         events: plan.events.clone(),
+        polls,
     });
     plan.events.emit(Event::Started { resume: append });
 
@@ -382,6 +418,18 @@ pub async fn run(
     let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
     let recorder = Recorder { writer, group: GroupCommit::default(), stats: stats.clone(), first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
+    // Cancelled once every lane ended: no row is accepted after that.
+    let lanes_done = CancellationToken::new();
+    let poller = match waiting {
+        Some(waiting) => {
+            let max_wait = plan.requests.poll().map_or(Duration::ZERO, |p| p.max_wait);
+            let rows = resume.accepted.iter().map(|&place| poller::Waiting::resumed(place, max_wait)).collect();
+            let preload = poller::Preload { rows, give_up: resume.give_up_pending };
+            let client = http_client(&plan.settings)?;
+            Some(start_poller(shared.clone(), client, waiting, outcome_tx.clone(), lanes_done.clone(), preload)?)
+        }
+        None => None,
+    };
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
         let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
@@ -399,6 +447,13 @@ pub async fn run(
             shared.abort(Error::Internal("a worker stopped unexpectedly; please report this".into()));
         }
     }
+    lanes_done.cancel();
+    let polled = match poller {
+        Some(end) => {
+            end.await.map_err(|_| Error::Internal("the poller stopped unexpectedly; please report this".into()))?
+        }
+        None => poller::PollerEnd::default(),
+    };
     watchdog.abort();
     tell_stop();
     let Recorder { writer, first_failures, .. } =
@@ -417,6 +472,9 @@ pub async fn run(
     {
         abort = Some(Error::Input(e));
     }
+    if polled.pending > 0 && abort.is_none() {
+        abort = Some(Error::Pending(pending_message(&plan, polled.pending, stop.is_cancelled())));
+    }
     let exit = match &abort {
         Some(e) => e.exit_code(),
         None if stop.is_cancelled() => ExitCode::Interrupted,
@@ -424,6 +482,8 @@ pub async fn run(
         None => ExitCode::Success,
     };
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
+    summary.pending = polled.pending;
+    summary.polls = resume_polls + polled.polls;
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     let failure_files = failure_files(&plan, &writer);
     summary.run_dir = Some(plan.dir.clone());

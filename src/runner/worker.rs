@@ -22,13 +22,15 @@ use super::breaker::{self, Hold};
 
 /// One attempt's answer, read up to `max_response_bytes`.
 pub(super) struct Answer {
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: Vec<u8>,
+    pub(super) status: StatusCode,
+    pub(super) retry_after: Option<Duration>,
+    pub(super) body: Vec<u8>,
     /// The whole body's length.
-    total: u64,
+    pub(super) total: u64,
     /// Where a `3xx` pointed (never followed).
-    location: Option<String>,
+    pub(super) location: Option<String>,
+    /// Every header, kept for a job that polls (`first.headers`, `Location`).
+    pub(super) headers: Option<reqwest::header::HeaderMap>,
 }
 
 pub(super) async fn send(
@@ -51,6 +53,7 @@ pub(super) async fn send(
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| outcome::parse_retry_after(v, SystemTime::now()));
+    let headers = shared.requests.poll().is_some().then(|| response.headers().clone());
     let cap = shared.settings.max_response_bytes;
     let mut body = Vec::new();
     let mut total = 0u64;
@@ -63,7 +66,7 @@ pub(super) async fn send(
         .is_redirection()
         .then(|| response.headers().get(LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .flatten();
-    Ok(Answer { status, retry_after, body, total, location })
+    Ok(Answer { status, retry_after, body, total, location, headers })
 }
 
 /// A short text of an error answer for the failures file.
@@ -245,8 +248,15 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
                 return Some(finish(row, &request, used.attempts, latency, status, result));
             }
             Next::Judge { kind, note } => {
-                let Some(answer) = answer else { return unfinished(shared, &row, &used, unprocessed) };
-                return Some(judge(shared, row, &request, used.attempts, latency, answer, kind, note));
+                let Some(mut answer) = answer else { return unfinished(shared, &row, &used, unprocessed) };
+                let (headers, after) = (answer.headers.take(), answer.retry_after);
+                let outcome = judge(shared, row, &request, used.attempts, latency, answer, kind, note);
+                return match (&shared.polls, headers) {
+                    (Some(polls), Some(headers)) if outcome.result.is_ok() => {
+                        super::poller::accept(shared, polls, outcome, &request, &headers, after).await
+                    }
+                    _ => Some(outcome),
+                };
             }
         }
     }
@@ -453,6 +463,7 @@ pub(super) fn finish(
         result,
         source: Source::Record(row.record),
         origin: row.earlier.and_then(|e| e.origin),
+        poll: None,
     }
 }
 
