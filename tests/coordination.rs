@@ -280,3 +280,41 @@ async fn the_refresh_lock_is_held_by_one_and_renewed_only_by_its_holder() {
     one.unlock(&lock).await;
     assert!(other.try_lock().await.unwrap().is_some(), "free once released");
 }
+
+/// A process that finds the shared token out of reach in Redis fetches its
+/// own, and tells it once however many refreshes meet it, and once when
+/// Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_token_out_of_reach_is_told_once_and_so_is_its_return() {
+    use bulkcall::token::TokenSource;
+    let Some(mut server) = RedisServer::start() else { return };
+    let gw = common::Gateway::start(common::sandbox_config()).await;
+    let settings = AuthSettings { token_url: Some(gw.sandbox.token_url()), cache: false, ..AuthSettings::default() };
+    let credentials =
+        bulkcall::config::Credentials::secret(common::CLIENT_ID.into(), common::SECRET.to_string().into());
+    let redis = Redis::connect(&RedisUrl::parse(&server.url().into()).unwrap()).await.expect("redis answers");
+    let store = SharedStore::new(redis, &bulkcall::token::request_key(&settings, &credentials), [9u8; 32]);
+    let (events, told) = Memory::events();
+    let tokens =
+        TokenSource::new(reqwest::Client::new(), &settings, credentials).with_shared(store).with_events(events);
+    let mut token = tokens.get().await.expect("the first token");
+    server.stop();
+    // Two refreshes (after a 401 each) while Redis is out of reach.
+    for _ in 0..2 {
+        tokens.invalidate(token.generation);
+        token = tokens.get().await.expect("a token fetched alone");
+    }
+    assert_eq!(told.kinds(), ["redis_lost", "token_refresh", "token_refresh"], "lost once");
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !told.kinds().contains(&"redis_back".to_string()) {
+        assert!(Instant::now() < deadline, "Redis not found back: {:?}", told.kinds());
+        tokens.invalidate(token.generation);
+        token = tokens.get().await.expect("a token");
+    }
+    let kinds = told.kinds();
+    assert_eq!(kinds.iter().filter(|k| *k == "redis_lost").count(), 1, "{kinds:?}");
+    let told = told.0.lock().unwrap().clone();
+    let refresh = told.iter().find(|e| e["kind"] == "token_refresh").unwrap();
+    assert_eq!((&refresh["how"], &refresh["origin"]), (&"after_401".into(), &"fetched".into()));
+}

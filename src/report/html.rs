@@ -498,7 +498,7 @@ fn draw_marks(svg: &mut String, marks: &[Marker], pad: f64, step: f64, top: f64,
         let x = pad + (m.place as f64 + 0.5) * step + nudge;
         let _ = write!(
             svg,
-            r#"<g class="mark {kind}"><title>{}</title><line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{bottom}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/><line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{bottom}" stroke="transparent" stroke-width="9"/><path d="M{:.1},{} h9 l-4.5,7 z" fill="{colour}"/></g>"#,
+            r#"<g class="mark {kind}"><title>{}</title><line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{bottom}" stroke="{colour}" stroke-width="1.5" stroke-opacity="0.8" stroke-dasharray="4 3"/><line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{bottom}" stroke="transparent" stroke-width="9"/><path d="M{:.1},{} h9 l-4.5,7 z" fill="{colour}"/></g>"#,
             escape(&m.title),
             top - 7.0,
             x - 4.5,
