@@ -282,3 +282,35 @@ async fn a_poll_location_on_another_origin_is_refused_and_no_token_goes_there() 
     assert_eq!(gw.run_job(&job, &failures_file, &again, &[]).await, ExitCode::RowsFailed);
     assert_eq!(gw.sandbox.stats().async_submissions, 3, "left out on a resend");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_polling_leaves_the_rows_pending_with_exit_130_and_every_call_counted() {
+    // Polls answer 202 (Retry-After: 1) four times: nothing is final when the stop comes.
+    let gw = Gateway::start(SandboxConfig { async_polls: 4, ..sandbox_config() }).await;
+    let job = job(&gw, "1s", "1m");
+    let n = 8;
+    let input = claims(&gw, n, &[]);
+    let out = gw.path("run");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let run = gw.run_until(&args, stop.clone());
+    let stopper = async {
+        accepted_lines(&out, n as usize).await;
+        while gw.sandbox.stats().polls < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+    };
+    let (code, ()) = tokio::join!(run, stopper);
+    assert_eq!(code, ExitCode::Interrupted);
+    let summary = json(&out.join("summary.json"));
+    assert_eq!((summary["pending"].as_u64(), summary["total"].as_u64()), (Some(n), Some(0)), "{summary}");
+    assert_eq!(summary["attempts"], n, "the submissions are counted though their outcome is to come");
+    assert_eq!(summary["polls"], gw.sandbox.stats().polls, "every poll the gateway saw, and only those");
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), n as usize);
+    assert_eq!(gw.sandbox.stats().async_submissions, n);
+    assert_eq!(json(&out.join("summary.json"))["attempts"], n);
+}

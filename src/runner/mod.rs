@@ -287,8 +287,8 @@ pub fn enough_descriptors(concurrency: usize) -> Result<(), Error> {
 }
 
 /// Why a run with rows still pending ends with exit 75, and how to go on.
-fn pending_message(plan: &Plan, pending: u64, stopped: bool) -> String {
-    let when = if stopped { "when the run stopped" } else { "at poll.max_wait" };
+fn pending_message(plan: &Plan, pending: u64) -> String {
+    let when = "at poll.max_wait";
     let next = if plan.resumable {
         format!(
             "`{} resume {}` polls them again (a cron job can run it until it exits 0 or 1;              --give-up-pending writes them to failures instead)",
@@ -472,8 +472,10 @@ pub async fn run(
     {
         abort = Some(Error::Input(e));
     }
-    if polled.pending > 0 && abort.is_none() {
-        abort = Some(Error::Pending(pending_message(&plan, polled.pending, stop.is_cancelled())));
+    // Pending at max_wait: exit 75. After a signal the exit stays 130; the
+    // closing lines tell the pending rows all the same.
+    if polled.pending > 0 && abort.is_none() && !stop.is_cancelled() {
+        abort = Some(Error::Pending(pending_message(&plan, polled.pending)));
     }
     let exit = match &abort {
         Some(e) => e.exit_code(),
@@ -483,7 +485,9 @@ pub async fn run(
     };
     let mut summary = stats.summary(tokens.as_ref().map_or(0, TokenSource::requests), exit.code());
     summary.pending = polled.pending;
-    summary.polls = resume_polls + polled.polls;
+    summary.polls = resume_polls + live.polls.load(Ordering::Relaxed);
+    // Their first calls went out: counted, though their outcome is to come.
+    summary.attempts += polled.pending_attempts;
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
     let failure_files = failure_files(&plan, &writer);
     summary.run_dir = Some(plan.dir.clone());

@@ -63,12 +63,14 @@ pub(super) struct Waiting {
     polls: u32,
     /// Failed polls in a row (connection, timeout, 401, 429, 5xx): the backoff.
     failures: u32,
+    /// The first call's attempts (0 for a row accepted in an earlier part of the run).
+    attempts: u32,
 }
 
 impl Waiting {
     /// A row accepted earlier (`resume`): polled at once, then for `max_wait` more.
     pub(super) fn resumed(place: Place, max_wait: Duration) -> Waiting {
-        Waiting { place, deadline: Instant::now() + max_wait, polls: 0, failures: 0 }
+        Waiting { place, deadline: Instant::now() + max_wait, polls: 0, failures: 0, attempts: 0 }
     }
 }
 
@@ -148,7 +150,8 @@ pub(super) async fn accept(
     match polls.file.commit(&line).await {
         Ok(place) => {
             // A poller gone (the run stops) leaves the row accepted: resume polls it.
-            let waiting = Waiting { place, deadline: Instant::now() + max_wait, polls: 0, failures: 0 };
+            let (deadline, attempts) = (Instant::now() + max_wait, line.attempts);
+            let waiting = Waiting { place, deadline, polls: 0, failures: 0, attempts };
             let _ = polls.tx.send((waiting, retry_after));
         }
         // Not known as accepted: the row stays in doubt.
@@ -193,7 +196,15 @@ enum Step {
 pub(super) struct PollerEnd {
     /// Rows not final at `max_wait` or when the run stopped.
     pub(super) pending: u64,
-    pub(super) polls: u64,
+    /// The first calls' attempts of those rows (`attempts` counts them too).
+    pub(super) pending_attempts: u64,
+}
+
+impl PollerEnd {
+    fn pend(&mut self, waiting: &Waiting) {
+        self.pending += 1;
+        self.pending_attempts += u64::from(waiting.attempts);
+    }
 }
 
 /// What the poller starts with on `resume`: the rows accepted earlier.
@@ -279,7 +290,6 @@ async fn poll_all(
             biased;
             _ = shared.stop.cancelled() => break,
             Some((waiting, step)) = in_flight.next(), if !in_flight.is_empty() => {
-                end.polls += 1;
                 match step {
                     Step::Final(outcome) => {
                         if outcomes.send((*outcome, None)).await.is_err() {
@@ -289,12 +299,12 @@ async fn poll_all(
                     Step::Again(after) => {
                         let now = Instant::now();
                         if now >= waiting.deadline {
-                            end.pending += 1;
+                            end.pend(&waiting);
                         } else {
                             push(&mut heap, (now + after).min(waiting.deadline), waiting);
                         }
                     }
-                    Step::Stopped => end.pending += 1,
+                    Step::Stopped => end.pend(&waiting),
                 }
             }
             Some((waiting, after)) = rows.recv() => {
@@ -312,23 +322,20 @@ async fn poll_all(
     }
     // Stopped: polls in flight end (within the grace period); every row
     // not final is pending.
-    while let Some((_, step)) = in_flight.next().await {
+    while let Some((waiting, step)) = in_flight.next().await {
         match step {
             Step::Final(outcome) => {
-                end.polls += 1;
                 let _ = outcomes.send((*outcome, None)).await;
             }
-            Step::Again(_) => {
-                end.polls += 1;
-                end.pending += 1;
-            }
-            Step::Stopped => end.pending += 1,
+            Step::Again(_) | Step::Stopped => end.pend(&waiting),
         }
     }
-    end.pending += heap.len() as u64;
+    for Due(_, _, waiting) in heap {
+        end.pend(&waiting);
+    }
     rows.close();
-    while rows.try_recv().is_ok() {
-        end.pending += 1;
+    while let Ok((waiting, _)) = rows.try_recv() {
+        end.pend(&waiting);
     }
     end
 }
