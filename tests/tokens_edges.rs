@@ -210,11 +210,14 @@ async fn a_token_outage_mid_run_exits_75_and_resume_finishes_every_row_once() {
     // What happened when: the refresh that failed and the abort it caused.
     let events = jsonl(&out.join("events.jsonl"));
     let failed: Vec<&serde_json::Value> = events.iter().filter(|e| e["kind"] == "token_refresh_failed").collect();
-    assert_eq!(failed.len(), 1, "one failed refresh, however many calls waited for it: {events:?}");
-    assert_eq!(failed[0]["error"], "unavailable");
+    assert!(!failed.is_empty() && failed.iter().all(|e| e["error"] == "unavailable"), "{events:?}");
+    // Each event is a refresh of its own (five refused requests), not a
+    // call that waited for one.
+    let refused = refused.load(Ordering::SeqCst);
+    assert!(failed.len() as u64 * 5 <= refused, "{} failed refreshes, {refused} requests: {events:?}", failed.len());
     let abort = events.iter().find(|e| e["kind"] == "abort").expect("an abort event");
     assert_eq!((abort["reason"].as_str(), abort["exit"].as_u64()), (Some("token"), Some(75)));
-    assert!(failed[0]["at_ms"].as_u64() <= abort["at_ms"].as_u64());
+    assert!(failed.iter().all(|e| e["at_ms"].as_u64() <= abort["at_ms"].as_u64()), "{events:?}");
 
     down.store(false, Ordering::SeqCst);
     let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
