@@ -159,6 +159,39 @@ fn recent_failures_of_a_resend_are_read_by_their_last_six_columns() {
 }
 
 #[test]
+fn a_failures_csv_keeps_the_columns_its_header_has_when_resumed() {
+    use crate::input::{CsvHeaders, FAILURE_COLUMNS, Origin};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("failures.csv");
+    // The header of a failures file read as input: `id`, then the six.
+    let names = std::iter::once("id").chain(FAILURE_COLUMNS).map(String::from).collect();
+    let headers = Arc::new(CsvHeaders::for_tests(names));
+    let outcome = |n: u64| Outcome {
+        source: Source::Record(Record::Csv { headers: headers.clone(), values: vec![format!("v{n}")] }),
+        origin: Some(Origin { row: Some(40 + n), run: Some("/runs/a".into()), input: None }),
+        ..failed(n)
+    };
+    let write = |append: bool, n: u64| {
+        let inputs = vec![InputInfo { name: "failures.csv".into(), failures: "failures.csv".into() }];
+        let mut writer = Writer::open(dir.path(), inputs, append, false, None).unwrap();
+        writer.record(&outcome(n)).unwrap();
+        writer.flush().unwrap();
+    };
+    write(false, 1);
+    write(true, 2);
+    let header = "id,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message";
+    let expected = format!(
+        "{header}\nv1,41,/runs/a,,1,k1,client_error,400,1,HTTP 400\nv2,42,/runs/a,,2,k2,client_error,400,1,HTTP 400\n"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+    // A file an earlier session wrote without them: none are added.
+    std::fs::write(&path, "id,_row,_key,_error,_status,_attempts,_message\n").unwrap();
+    write(true, 3);
+    let expected = "id,_row,_key,_error,_status,_attempts,_message\nv3,3,k3,client_error,400,1,HTTP 400\n";
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+}
+
+#[test]
 fn a_ledger_line_cut_short_is_not_read() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("journal"), "S\t0\t1\nS\t0\t2\nD\t0\t1\t200\tok\t1\t5\t9\nS\t1\t12").unwrap();

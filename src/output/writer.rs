@@ -133,6 +133,9 @@ struct CsvFile {
     record: Vec<u8>,
     /// The input's delimiter for a failures file, so it reads back as the input did.
     delimiter: u8,
+    /// A failures CSV whose header has the source columns before the six:
+    /// every record gets them, so the columns stay aligned.
+    sources: bool,
     /// Records handed to the operating system since the last sync.
     unsynced: bool,
 }
@@ -150,6 +153,7 @@ impl CsvFile {
             path,
             record: Vec::with_capacity(1024),
             delimiter: b',',
+            sources: false,
             unsynced: false,
         };
         if !has_header {
@@ -163,16 +167,21 @@ impl CsvFile {
     /// source columns before the six.
     fn failures(path: PathBuf, headers: &CsvHeaders, append: bool) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        // Resuming, the header on file decides (an earlier session wrote it).
+        let sources = match has_header {
+            true => has_source_columns(&path, headers.delimiter()).unwrap_or(headers.is_failures()),
+            false => headers.is_failures(),
+        };
         let mut this = CsvFile {
             file: open_file(&path, append, Records::Csv)?,
             path,
             record: Vec::with_capacity(1024),
             delimiter: headers.delimiter(),
+            sources,
             unsynced: false,
         };
         if !has_header {
-            let sources = SOURCE_COLUMNS.iter().filter(|_| headers.is_failures());
-            let own = sources.chain(&FAILURE_COLUMNS).map(|c| c.as_bytes());
+            let own = SOURCE_COLUMNS.iter().filter(|_| sources).chain(&FAILURE_COLUMNS).map(|c| c.as_bytes());
             this.write(headers.names().iter().map(String::as_bytes).chain(own))?;
         }
         Ok(this)
@@ -351,16 +360,19 @@ impl Writer {
                 let source_run = origin.and_then(|o| o.run.as_deref()).unwrap_or_default();
                 let source_input = origin.and_then(|o| o.input).map(|i| i.to_string()).unwrap_or_default();
                 let sources = [source_row.as_str(), source_run, source_input.as_str()];
-                let sources = |headers: &CsvHeaders| if headers.is_failures() { &sources[..] } else { &[] };
+                let own = |with_sources: bool| {
+                    let sources = if with_sources { &sources[..] } else { &[] };
+                    sources.iter().chain(&errors).map(|c| c.as_bytes())
+                };
                 match &outcome.source {
                     Source::Record(Record::Csv { headers, values }) => {
-                        let own = sources(headers).iter().chain(&errors).map(|c| c.as_bytes());
                         let file = self.csv_file(outcome.input, headers)?;
+                        let own = own(file.sources);
                         file.write(values.iter().map(String::as_bytes).chain(own))
                     }
                     Source::Raw(Raw::Csv { headers, values }) => {
-                        let own = sources(headers).iter().chain(&errors).map(|c| c.as_bytes());
                         let file = self.csv_file(outcome.input, headers)?;
+                        let own = own(file.sources);
                         file.write(values.iter().map(Vec::as_slice).chain(own))
                     }
                     Source::Record(Record::Json(record)) => {
@@ -479,6 +491,16 @@ impl Writer {
 enum FailureFile {
     Csv(CsvFile),
     Jsonl(Lines),
+}
+
+/// Whether the header of the failures CSV at `path` has the source columns
+/// just before the six failure columns.
+fn has_source_columns(path: &Path, delimiter: u8) -> Option<bool> {
+    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).from_path(path).ok()?;
+    let header = reader.byte_headers().ok()?;
+    let own = SOURCE_COLUMNS.len() + FAILURE_COLUMNS.len();
+    let Some(at) = header.len().checked_sub(own) else { return Some(false) };
+    Some(header.iter().skip(at).take(SOURCE_COLUMNS.len()).eq(SOURCE_COLUMNS.map(str::as_bytes)))
 }
 
 /// In a JSON failures line of a record read from an outcome file: where it
