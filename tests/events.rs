@@ -91,7 +91,7 @@ async fn a_stop_and_a_resume_append_to_the_same_events() {
     let args = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--rate", "100"];
     let stopping = async {
         // Two-second tokens: refreshed in the background 1 to 1.25 s in.
-        gw.wait_for_calls(150).await;
+        gw.wait_for_calls(190).await;
         stop.cancel();
     };
     let (code, ()) = tokio::join!(gw.run_until(&args, stop.clone()), stopping);
