@@ -555,4 +555,8 @@ pub struct DemoArgs {
     /// Print summary.json to stdout at the end.
     #[arg(long)]
     pub json: bool,
+    /// Send synthetic claims to the sandbox's asynchronous endpoint instead: each answered 202 and polled
+    /// until final (jobs/claims-async.toml).
+    #[arg(long = "async")]
+    pub r#async: bool,
 }

@@ -314,3 +314,21 @@ async fn a_stop_while_polling_leaves_the_rows_pending_with_exit_130_and_every_ca
     assert_eq!(gw.sandbox.stats().async_submissions, n);
     assert_eq!(json(&out.join("summary.json"))["attempts"], n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_async_submits_the_example_claims_and_polls_each_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bulkcall()
+        .args(["demo", "--async", "--progress", "never", "--out-dir", dir.path().to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("50 succeeded") && stderr.contains("150 polls"), "{stderr}");
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("demo-async")).unwrap().flatten().collect();
+    let run = runs.iter().find(|e| e.path().join("results.jsonl").exists()).expect("a run directory");
+    let results = jsonl(&run.path().join("results.jsonl"));
+    assert_eq!(results.len(), 50);
+    assert!(results.iter().all(|r| r["status"] == 202 && r["capture"]["claim_status"] == "ACCEPTED"), "{results:?}");
+}

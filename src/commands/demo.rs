@@ -20,6 +20,9 @@ use super::resolve::resolve_inputs;
 /// The example job, built in, so `bulkcall demo` works from anywhere.
 pub(super) const DEMO_JOB: &str = include_str!("../../jobs/eligibility.toml");
 pub(super) const DEMO_INPUT: &[u8] = include_bytes!("../../jobs/eligibility.csv");
+/// `--async`: claims answered 202 and polled until final (`[poll]`).
+const ASYNC_JOB: &str = include_str!("../../jobs/claims-async.toml");
+const ASYNC_INPUT: &[u8] = include_bytes!("../../jobs/claims.jsonl");
 
 pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
     let secret = "demo-secret";
@@ -27,7 +30,20 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
         client_id: "demo-client".into(),
         client_secret: SecretString::from(secret),
         latency: Duration::from_millis(40),
+        async_polls: 2,
+        async_retry_after: Duration::from_secs(1),
         ..SandboxConfig::default()
+    };
+    let (job_text, input, job_name, input_name, demo_name, what) = match args.r#async {
+        false => (DEMO_JOB, DEMO_INPUT, "eligibility.toml", "eligibility.csv", "demo", "the example's synthetic rows"),
+        true => (
+            ASYNC_JOB,
+            ASYNC_INPUT,
+            "claims-async.toml",
+            "claims.jsonl",
+            "demo-async",
+            "synthetic claims, each answered 202 and polled until final,",
+        ),
     };
     let addr = "127.0.0.1:0";
     let sandbox = Sandbox::start(sandbox_config, addr.parse().expect("valid address"))
@@ -35,8 +51,8 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
         .map_err(|source| Error::Sandbox { addr: addr.into(), source })?;
     let folder = args.out_dir.join("demo");
     std::fs::create_dir_all(&folder).map_err(|e| Error::Usage(format!("cannot create {}: {e}", folder.display())))?;
-    let job_path = folder.join("eligibility.toml");
-    for (path, bytes) in [(&job_path, DEMO_JOB.as_bytes()), (&folder.join("eligibility.csv"), DEMO_INPUT)] {
+    let job_path = folder.join(job_name);
+    for (path, bytes) in [(&job_path, job_text.as_bytes()), (&folder.join(input_name), input)] {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::OpenOptions::new()
@@ -48,9 +64,9 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
             .and_then(|mut f| f.write_all(bytes))
             .map_err(|e| Error::Usage(format!("cannot write {}: {e}", path.display())))?;
     }
-    let mut job = Job::parse(&job_path, DEMO_JOB)?;
-    // Demo runs go to out/demo/, apart from real eligibility runs.
-    job.name = "demo".into();
+    let mut job = Job::parse(&job_path, job_text)?;
+    // Demo runs go to out/demo/ (out/demo-async/), apart from real runs.
+    job.name = demo_name.into();
     let mut flags = Map::new();
     flags.insert("base_url".into(), Value::from(sandbox.base_url()));
     flags.insert("concurrency".into(), Value::from(16));
@@ -62,7 +78,7 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
     let loaded = Sources { job: job.settings.clone(), flags, no_config: true, ..Sources::default() }.load()?;
     let resolved = resolve_inputs(job, loaded, &[], None, &[])?;
     eprintln!(
-        "bulkcall demo: sandbox at {}; sending the example's synthetic rows from {} (16 workers, 250 calls/s)",
+        "bulkcall demo: sandbox at {}; sending {what} from {} (16 workers, 250 calls/s)",
         sandbox.base_url(),
         resolved.inputs[0].path.display()
     );
@@ -87,7 +103,7 @@ pub(super) async fn demo(args: DemoArgs, log: LogArgs, stop: CancellationToken) 
     if exit.is_ok() && !log.quiet {
         let program = crate::options::program();
         eprintln!(
-            "next: `{program} sandbox` in one terminal, then `{program} run jobs/eligibility.toml -p local` in another"
+            "next: `{program} sandbox` in one terminal, then `{program} run jobs/{job_name} -p local` in another"
         );
     }
     exit
