@@ -372,6 +372,12 @@ async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
             assert_eq!(end.stderr.matches("lost Redis").count(), 1, "one warning: {}", end.log());
             assert!(end.stderr.contains("is back"), "{}", end.log());
         }
+        // Each shard tells it in its own events: lost once, then back.
+        for k in 0..4 {
+            let dir = gw.path("run").join(format!("shard-{k}-of-4"));
+            let redis: Vec<String> = event_kinds(&dir).into_iter().filter(|e| e.starts_with("redis")).collect();
+            assert_eq!(redis, ["redis_lost", "redis_back"], "shard {k}");
+        }
         assert_every_row_once(&gw, 4, rows);
         // Slots leased before Redis was lost stay good, a process going on
         // alone starts after its last one with no burst, and one back on

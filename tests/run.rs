@@ -512,6 +512,10 @@ async fn the_limit_and_max_failures_stop_early() {
     let most = 5 + in_doubt_at_most(2, true) as u64;
     assert!(calls >= 5 && calls <= most, "{calls} calls for --max-failures 5 at -j 2 (at most {most})");
     assert_eq!(summary["failed"].as_u64(), Some(calls), "{summary}");
+    // The abort is told once, and why.
+    assert_eq!(event_kinds(&out), ["start", "abort", "end"]);
+    let abort = &jsonl(&out.join("events.jsonl"))[1];
+    assert_eq!((abort["reason"].as_str(), abort["exit"].as_u64()), (Some("max_failures"), Some(4)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
