@@ -305,3 +305,57 @@ async fn the_closing_lines_name_the_first_runs_row() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("row 1 (key 77, first run's row 4): client_error, status 400"), "{stderr}");
 }
+
+/// A row of a job that polls (`[poll]`) keeps its origin too: its outcome
+/// comes from the poll, after the row was read back from `accepted.jsonl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_row_keeps_its_first_row_and_run_through_two_resends() {
+    use bulkcall::sandbox::ASYNC_SUBMISSION_PATH;
+    let config = SandboxConfig { async_polls: 1, async_retry_after: std::time::Duration::ZERO, ..sandbox_config() };
+    let gw = Gateway::start(config).await;
+    let job = gw.write(
+        "claims-async.toml",
+        &format!(
+            r#"
+url = "{ASYNC_SUBMISSION_PATH}"
+key = "{{{{ control_number }}}}"
+[body]
+controlNumber = "{{{{ control_number }}}}"
+tradingPartnerServiceId = "9496"
+claimInformation = {{ patientControlNumber = "PCN{{{{ control_number }}}}", claimChargeAmount = "{{{{ charge }}}}" }}
+[poll]
+every = "10ms"
+max_wait = "1m"
+success = "{{{{ status == 200 and response.claimStatus == 'ACCEPTED' }}}}"
+"#
+        ),
+    );
+    // The payer rejects a charge of 0: rows 2 and 4 fail every time.
+    let rows: String = (1..=4).map(|i| format!("{i:09},{}\n", if i % 2 == 0 { "0" } else { "125.50" })).collect();
+    let input = gw.write("claims.csv", &format!("control_number,charge\n{rows}"));
+    let (first, code) = hop(&gw, &job, &input, "first").await;
+    assert_eq!(code, ExitCode::RowsFailed);
+    let first_run = canonical(&first);
+    let mut input = first.join("failures.csv");
+    for name in ["second", "third"] {
+        let (out, code) = hop(&gw, &job, &input, name).await;
+        assert_eq!(code, ExitCode::RowsFailed, "{name}");
+        let (header, failures) = csv_file(&out.join("failures.csv"));
+        assert_eq!(header[..5], ["control_number", "charge", "_source_row", "_source_run", "_source_input"]);
+        let mut origins: Vec<(&str, &str, &str, &str)> = failures
+            .iter()
+            .map(|f| {
+                (
+                    f["control_number"].as_str(),
+                    f["_error"].as_str(),
+                    f["_source_row"].as_str(),
+                    f["_source_run"].as_str(),
+                )
+            })
+            .collect();
+        origins.sort();
+        let run = first_run.as_str();
+        assert_eq!(origins, [("000000002", "rejected", "2", run), ("000000004", "rejected", "4", run)], "{name}");
+        input = out.join("failures.csv");
+    }
+}
