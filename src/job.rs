@@ -294,6 +294,11 @@ impl Job {
         self.idempotent
     }
 
+    /// Whether the job polls each accepted row (`[poll]`).
+    pub fn polls(&self) -> bool {
+        self.poll.is_some()
+    }
+
     /// The HTTP method of every call.
     pub fn method(&self) -> &Method {
         &self.method

@@ -243,6 +243,15 @@ async fn give_up_pending_writes_the_pending_rows_to_failures_without_a_call() {
     let n = 3;
     let out = pending_run(&gw, n).await;
     let calls = gw.sandbox.stats().api_calls;
+    // Without its [poll] table the job could not poll them: resume says so
+    // rather than dropping them.
+    let job = gw.path("claims-async.toml");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, &text[..text.find("[poll]").unwrap()]).unwrap();
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{n} rows of this run were accepted")) && stderr.contains("[poll]"), "{stderr}");
 
     let output = bulkcall().args(["resume", out.to_str().unwrap(), "--give-up-pending"]).output().await.unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));

@@ -191,6 +191,14 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
             accepted.push(place);
         }
     }
+    if !accepted.is_empty() && !resolved.job.polls() && !args.give_up_pending {
+        return Err(Error::Usage(format!(
+            "{} rows of this run were accepted by the gateway and wait on their polls, but {} has no [poll] \
+             table now: put it back to poll them, or resume with --give-up-pending to write them to failures",
+            accepted.len(),
+            info.job.display()
+        )));
+    }
     if args.give_up_pending && accepted.is_empty() {
         tracing::info!("--give-up-pending: no row of this run is pending");
     }

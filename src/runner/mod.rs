@@ -352,12 +352,14 @@ pub async fn run(
     live.rows_limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
     let reader =
         spawn_reader(plan.inputs.clone(), plan.limit, plan.shard, resume.done, live.clone(), stop.clone(), batch_tx);
-    let (polls, waiting) = match plan.requests.poll() {
-        Some(_) => {
+    // A resume with rows accepted earlier needs the poller even if only to
+    // give them up (`--give-up-pending`).
+    let (polls, waiting) = match plan.requests.poll().is_some() || !resume.accepted.is_empty() {
+        true => {
             let (polls, waiting) = poller::Polls::new(AcceptedFile::open(&plan.dir, append)?);
             (Some(polls), Some(waiting))
         }
-        None => (None, None),
+        false => (None, None),
     };
 
     let shared = Arc::new(Shared {
