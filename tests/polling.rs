@@ -341,3 +341,29 @@ async fn demo_async_submits_the_example_claims_and_polls_each_to_its_end() {
     assert_eq!(results.len(), 50);
     assert!(results.iter().all(|r| r["status"] == 202 && r["capture"]["claim_status"] == "ACCEPTED"), "{results:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_pass_the_rate_limiter_with_the_first_calls() {
+    // Polls answered at once (Retry-After: 0), the outcome on the first
+    // poll: without the limiter every poll would go out at the same moment.
+    let config = SandboxConfig { async_polls: 0, async_retry_after: Duration::ZERO, ..sandbox_config() };
+    let gw = Gateway::start(config).await;
+    gw.config(SECRET, "rate = 10\nburst = 1");
+    let job = job(&gw, "100ms", "1m");
+    let n = 15;
+    let input = claims(&gw, n, &[]);
+    let out = gw.path("run");
+    assert_eq!(gw.run_job(&job, &input, &out, &["-j", "8"]).await, ExitCode::Success);
+    let mut times: Vec<u64> = gw
+        .sandbox
+        .recorded()
+        .iter()
+        .filter(|c| c.path.starts_with("/medicalnetwork"))
+        .map(|c| c.at.as_nanos() as u64)
+        .collect();
+    times.sort_unstable();
+    assert_eq!(times.len(), 2 * n as usize, "a submission and a poll per claim");
+    let busiest = common::pace::busiest_second(&times);
+    assert!(busiest <= 11, "{busiest} calls in one second at --rate 10 with a burst of 1");
+    assert_eq!(json(&out.join("summary.json"))["polls"], n);
+}
