@@ -46,7 +46,7 @@ pub enum Error {
     Pending(String),
     /// The circuit breaker opened: the gateway is out, try again later.
     #[error("stopped: {0}")]
-    Outage(#[from] crate::runner::Outage),
+    Outage(#[from] crate::outcome::Outage),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]

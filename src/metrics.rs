@@ -6,8 +6,8 @@
 //!
 //! The figures are read, never kept twice: the runner attaches its live
 //! counters and the recorder's statistics (the ones `summary.json` is made
-//! of) to a [`Board`], and every render reads them there. The only counters
-//! of this module's own are [`Calls`]: every API answer by status and the
+//! of) to a [`Board`], and every render reads them there. Among the live
+//! counters are [`crate::report::Calls`]: every API answer by status and the
 //! duration of every call, bumped by the workers without a lock.
 //!
 //! Labels are `job_name` and, for a shard, `shard` (`K/N`), plus the fixed
@@ -22,14 +22,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use prometheus::TextEncoder;
 use prometheus::core::Metric as _;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{HistogramOpts, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MetricsSettings;
@@ -48,56 +47,12 @@ const STOP_WITHIN: Duration = Duration::from_secs(5);
 
 const LAST_SUCCESS: &str = "bulkcall_last_success_timestamp_seconds";
 
-/// The upper bounds of `bulkcall_request_duration_seconds`, in seconds.
-const DURATION_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
-
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("cannot serve metrics on {addr} (metrics.listen): {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot write the metrics file {path} (metrics.file): {source}")]
     File { path: PathBuf, source: std::io::Error },
-}
-
-/// Every API answer by status, and how long every call took: bumped by the
-/// workers after each attempt (the token endpoint's answers are not counted).
-pub struct Calls {
-    /// Answers by status code, 100 to 599 (index `code - 100`).
-    by_status: Box<[AtomicU64]>,
-    duration: prometheus::Histogram,
-}
-
-impl Default for Calls {
-    fn default() -> Calls {
-        let opts =
-            HistogramOpts::new("bulkcall_request_duration_seconds", "How long each API call took, every attempt")
-                .buckets(DURATION_BUCKETS.to_vec());
-        Calls {
-            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
-            duration: prometheus::Histogram::with_opts(opts).expect("valid histogram options"),
-        }
-    }
-}
-
-impl std::fmt::Debug for Calls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Calls").field("count", &self.duration.get_sample_count()).finish_non_exhaustive()
-    }
-}
-
-impl Calls {
-    /// An attempt that went out: its status, if it was answered, and how long it took.
-    pub fn record(&self, status: Option<u16>, took: Duration) {
-        if let Some(counter) = status.and_then(|s| self.by_status.get(usize::from(s).wrapping_sub(100))) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        self.duration.observe(took.as_secs_f64());
-    }
-
-    fn answers(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
-        let counts = self.by_status.iter().map(|c| c.load(Ordering::Relaxed));
-        (100u16..).zip(counts).filter(|&(_, n)| n > 0)
-    }
 }
 
 /// Where the runner's figures are read from, once it has started.

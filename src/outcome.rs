@@ -274,6 +274,22 @@ pub struct UntrustedCertificate {
     pub detail: String,
 }
 
+/// Why the circuit breaker (`runner/breaker.rs`) opened: the run stops with exit 75.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the gateway at {origin} has not answered for {}: {calls} calls failed in a row, the last with: {last}. \
+     No more rows are taken, and the rows the outage stopped are not recorded as failed: try again later",
+    humantime::format_duration(*lasted)
+)]
+pub struct Outage {
+    /// The origin the calls went to (never a path or query: they may hold row values).
+    pub origin: String,
+    pub lasted: Duration,
+    pub calls: u64,
+    /// The last failure, as the failures file would say it.
+    pub last: String,
+}
+
 /// Whether the server's TLS certificate was refused: not retried, and a
 /// matter of `ca_file` or the URL, not of the network.
 pub fn untrusted_certificate(e: &reqwest::Error) -> bool {

@@ -2,6 +2,7 @@
 //! `summary.json`'s shape, the progress display (a bar at a terminal, a
 //! plain line at an interval otherwise) and `report.html` ([`html`]).
 
+mod calls;
 pub mod html;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+pub use calls::Calls;
 
 use crate::limiter::Limiter;
 use crate::outcome::{ErrorKind, Outcome};
@@ -41,7 +44,7 @@ pub struct Live {
     /// Polls sent (`[poll]`) in this part of the run.
     pub polls: AtomicU64,
     /// Every API answer by status and every call's duration, for the metrics.
-    pub calls: crate::metrics::Calls,
+    pub calls: Calls,
 }
 
 impl Default for Live {
@@ -59,7 +62,7 @@ impl Default for Live {
             in_flight: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
             polls: AtomicU64::new(0),
-            calls: crate::metrics::Calls::default(),
+            calls: Calls::default(),
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::outcome::Verdict;
+use crate::outcome::{Outage, Verdict};
 
 /// Whether an attempt's verdict says the gateway could not be reached or
 /// answered for (a proxy's 502, 503 or 504).
@@ -34,22 +34,6 @@ pub(super) fn is_outage(verdict: &Verdict) -> bool {
         Verdict::Answer { status, after, .. } => matches!(status, 502..=504) && after.is_none(),
         Verdict::Done | Verdict::Unauthorized | Verdict::Permanent(_) => false,
     }
-}
-
-/// Why the breaker opened: the run stops with exit 75.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "the gateway at {origin} has not answered for {}: {calls} calls failed in a row, the last with: {last}. \
-     No more rows are taken, and the rows the outage stopped are not recorded as failed: try again later",
-    humantime::format_duration(*lasted)
-)]
-pub struct Outage {
-    /// The origin the calls went to (never a path or query: they may hold row values).
-    pub origin: String,
-    pub lasted: Duration,
-    pub calls: u64,
-    /// The last failure, as the failures file would say it.
-    pub last: String,
 }
 
 /// What becomes of a row whose last attempt was an outage attempt.

@@ -48,7 +48,6 @@ use poller::start_poller;
 use reader::spawn_reader;
 use recorder::{Recorder, ToRecord, start_recorder};
 
-pub use breaker::Outage;
 pub use dry::dry_run;
 pub use http::{http_client, token_client};
 
