@@ -1,5 +1,5 @@
-//! deploy/kubernetes/ and the Dockerfile say what README's "Running on many
-//! hosts" promises: the manifests are parsed and their fields checked, and
+//! deploy/kubernetes/ and the Dockerfile say what docs/many-hosts.md
+//! ("Running on many hosts") promises: the manifests are parsed and their fields checked, and
 //! the configuration and job they ship are checked by `bulkcall validate`.
 
 mod common;
@@ -27,11 +27,10 @@ fn one(path: &str, kind: &str) -> Value {
     docs.into_iter().next().unwrap()
 }
 
-fn readme_section() -> String {
-    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
-    let start = readme.find("## Running on many hosts").expect("README has a section \"Running on many hosts\"");
-    let rest = &readme[start + 3..];
-    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_string()
+/// A page of docs/, whole.
+fn doc(name: &str) -> String {
+    let path = format!("docs/{name}");
+    std::fs::read_to_string(repo(&path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// The value after `flag` in the container's arguments.
@@ -41,7 +40,7 @@ fn arg<'a>(args: &'a [Value], flag: &str) -> &'a str {
 }
 
 #[test]
-fn the_indexed_job_maps_exit_codes_and_shares_a_volume_as_the_readme_says() {
+fn the_indexed_job_maps_exit_codes_and_shares_a_volume_as_the_docs_say() {
     let job = one("deploy/kubernetes/job.yaml", "Job");
     assert_eq!(job["apiVersion"], "batch/v1");
     let spec = &job["spec"];
@@ -126,8 +125,8 @@ fn the_indexed_job_maps_exit_codes_and_shares_a_volume_as_the_readme_says() {
     assert!(pod["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u > 0));
     assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
 
-    // What the README promises is what the manifest holds.
-    let readme = readme_section();
+    // What docs/many-hosts.md promises is what the manifest holds.
+    let readme = doc("many-hosts.md");
     for promise in [
         "completionMode: Indexed",
         "podReplacementPolicy: Failed",
@@ -141,15 +140,15 @@ fn the_indexed_job_maps_exit_codes_and_shares_a_volume_as_the_readme_says() {
         "AWS_BATCH_JOB_ARRAY_INDEX",
         "shard-K-of-N",
     ] {
-        assert!(readme.contains(promise), "README's \"Running on many hosts\" says {promise}");
+        assert!(readme.contains(promise), "docs/many-hosts.md says {promise}");
     }
     assert_eq!(rule_for(1)["action"], "FailIndex");
     assert_eq!(rule_for(4)["action"], "FailIndex");
 }
 
 /// Each shard's `GET /metrics` is reachable from outside its pod on the
-/// port the container declares and the scrape annotations name, as README's
-/// "Watching scheduled runs" says.
+/// port the container declares and the scrape annotations name, as
+/// docs/metrics.md ("Watching scheduled runs") says.
 #[test]
 fn the_indexed_job_serves_metrics_where_its_scrape_annotations_point() {
     let job = one("deploy/kubernetes/job.yaml", "Job");
@@ -169,12 +168,9 @@ fn the_indexed_job_serves_metrics_where_its_scrape_annotations_point() {
     assert_eq!(annotations["prometheus.io/port"], listen.port().to_string());
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
 
-    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
-    let start = readme.find("## Watching scheduled runs").expect("README has a section \"Watching scheduled runs\"");
-    let section = &readme[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |end| end + 3)];
+    let section = doc("metrics.md");
     for promise in ["prometheus.io/scrape", &format!("--metrics-listen 0.0.0.0:{}", listen.port()), "--metrics-push"] {
-        assert!(section.contains(promise), "README's \"Watching scheduled runs\" says {promise}");
+        assert!(section.contains(promise), "docs/metrics.md says {promise}");
     }
 }
 

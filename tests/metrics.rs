@@ -394,7 +394,7 @@ async fn the_last_success_is_carried_over_a_failing_run() {
 }
 
 /// deploy/prometheus/alerts.yaml passes promtool, and its rules fire as
-/// README says: no success in 26 hours, a run that stopped (exit > 1).
+/// docs/metrics.md says: no success in 26 hours, a run that stopped (exit > 1).
 #[test]
 fn the_alert_rules_fire_on_a_stale_success_and_a_stopped_run() {
     if !have("promtool", "prometheus") {
@@ -445,10 +445,10 @@ tests:
     let said = format!("{}{}", String::from_utf8_lossy(&tested.stdout), String::from_utf8_lossy(&tested.stderr));
     assert!(tested.status.success() && said.contains("SUCCESS"), "{said}");
 
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md")).unwrap();
     let alerts = std::fs::read_to_string(&rules).unwrap();
     let expr = "time() - bulkcall_last_success_timestamp_seconds > 26 * 3600";
-    assert!(alerts.contains(expr) && readme.contains(expr), "README shows the rule alerts.yaml holds");
+    assert!(alerts.contains(expr) && readme.contains(expr), "docs/metrics.md shows the rule alerts.yaml holds");
 }
 
 /// An address that cannot be bound stops the run before anything is sent
