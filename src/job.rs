@@ -27,7 +27,6 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::answer::response_path;
 use crate::config::Settings;
 use crate::input::{Encoding, Format};
 
@@ -198,18 +197,7 @@ impl Job {
             Some(s) => Some(c.expr(&envs.lenient, "success", single_expression(&s).unwrap_or(&s))?),
             None => None,
         };
-        let capture = file
-            .capture
-            .iter()
-            .map(|(k, v)| {
-                let path = v.as_str().and_then(single_expression).and_then(response_path);
-                let capture = match path {
-                    Some(path) => Capture::Path(path),
-                    None => Capture::Node(c.node(&envs.lenient, &format!("capture.{k}"), v)?),
-                };
-                Ok((k.clone(), capture))
-            })
-            .collect::<Result<_, JobError>>()?;
+        let capture = template::captures(&c, "capture", &file.capture)?;
 
         let mut settings = Map::new();
         for (k, v) in [

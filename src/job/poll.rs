@@ -16,9 +16,9 @@ use serde_json::{Map, Value};
 use super::JobError;
 use super::judge::capture_all;
 use super::render::{Lazy, Requests, RowContext};
-use super::template::{Capture, Compiler, Expr, Text, envs, single_expression};
+use super::template::{Capture, Compiler, Expr, Text, captures, envs, single_expression};
 use super::value::json_value;
-use crate::answer::{Body, response_path};
+use crate::answer::Body;
 use crate::input::Row;
 
 /// `[poll]` as written.
@@ -105,18 +105,7 @@ impl Poll {
         let expr = |place: &str, s: Option<String>| -> Result<Option<Expr>, JobError> {
             s.map(|s| c.expr(&envs.lenient, place, single_expression(&s).unwrap_or(&s))).transpose()
         };
-        let capture = file
-            .capture
-            .iter()
-            .map(|(k, v)| {
-                let path = v.as_str().and_then(single_expression).and_then(response_path);
-                let capture = match path {
-                    Some(path) => Capture::Path(path),
-                    None => Capture::Node(c.node(&envs.lenient, &format!("poll.capture.{k}"), v)?),
-                };
-                Ok((k.clone(), capture))
-            })
-            .collect::<Result<_, JobError>>()?;
+        let capture = captures(c, "poll.capture", &file.capture)?;
         Ok(Poll {
             url: file.url.map(|u| c.text(&envs.lenient, "poll.url", &u)).transpose()?,
             method,

@@ -261,6 +261,27 @@ impl Compiler<'_> {
     }
 }
 
+/// A `[capture]` table (`place` names it in errors: `capture`,
+/// `poll.capture`): a plain response path is looked up without the
+/// template engine, anything else is a lenient template.
+pub(super) fn captures(
+    c: &Compiler<'_>,
+    place: &str,
+    table: &Map<String, Value>,
+) -> Result<Vec<(String, Capture)>, JobError> {
+    table
+        .iter()
+        .map(|(k, v)| {
+            let path = v.as_str().and_then(single_expression).and_then(crate::answer::response_path);
+            let capture = match path {
+                Some(path) => Capture::Path(path),
+                None => Capture::Node(c.node(&envs().lenient, &format!("{place}.{k}"), v)?),
+            };
+            Ok((k.clone(), capture))
+        })
+        .collect()
+}
+
 fn sorted(set: HashSet<String>) -> Vec<String> {
     let mut v: Vec<String> = set.into_iter().collect();
     v.sort();

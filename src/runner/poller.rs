@@ -37,7 +37,7 @@ use crate::output::{AcceptedFile, AcceptedRow, Place, StoredRecord};
 
 use super::Shared;
 use super::recorder::ToRecord;
-use super::worker::{answer_message, backoff, send};
+use super::worker::{answer_message, backoff, send, take_token};
 
 /// What workers need to hand an accepted row to the poller.
 pub(super) struct Polls {
@@ -431,24 +431,7 @@ async fn poll_once(
         headers: shared.requests.poll_headers(),
         body: None,
     };
-    let token = match &shared.tokens {
-        Some(tokens) => {
-            let got = tokio::select! {
-                biased;
-                _ = shared.stop.cancelled() => None,
-                got = tokens.get() => Some(got),
-            };
-            match got {
-                None => return (waiting, Step::Stopped),
-                Some(Ok(token)) => Some(token),
-                Some(Err(e)) => {
-                    shared.abort(Error::Token(e));
-                    return (waiting, Step::Stopped);
-                }
-            }
-        }
-        None => None,
-    };
+    let Some(token) = take_token(shared).await else { return (waiting, Step::Stopped) };
     waiting.polls += 1;
     shared.live.polls.fetch_add(1, Ordering::Relaxed);
     shared.live.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -340,24 +340,7 @@ pub(super) async fn attempt(
             shared.budget.earn_retry();
         }
     }
-    let token = match &shared.tokens {
-        Some(tokens) => {
-            let got = tokio::select! {
-                biased;
-                _ = shared.stop.cancelled() => None,
-                got = tokens.get() => Some(got),
-            };
-            match got {
-                None => return Tried::Stopped,
-                Some(Ok(t)) => Some(t),
-                Some(Err(e)) => {
-                    shared.abort(Error::Token(e));
-                    return Tried::Stopped;
-                }
-            }
-        }
-        None => None,
-    };
+    let Some(token) = take_token(shared).await else { return Tried::Stopped };
     shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let result = tokio::select! {
@@ -371,6 +354,25 @@ pub(super) async fn attempt(
             tracing::warn!(row = row.number, key = %request.key, "call abandoned at the end of the grace period");
             shared.abandoned.fetch_add(1, Ordering::Relaxed);
             Tried::Abandoned
+        }
+    }
+}
+
+/// The shared token for a call (`Some(None)` for a job without one), taken
+/// as late as can be so it cannot expire in between; `None` when the run
+/// stopped meanwhile or the token cannot be had (the run is aborted).
+pub(super) async fn take_token(shared: &Shared) -> Option<Option<Arc<Token>>> {
+    let Some(tokens) = &shared.tokens else { return Some(None) };
+    let got = tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => None,
+        got = tokens.get() => Some(got),
+    };
+    match got? {
+        Ok(token) => Some(Some(token)),
+        Err(e) => {
+            shared.abort(Error::Token(e));
+            None
         }
     }
 }
