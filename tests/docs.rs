@@ -37,11 +37,18 @@
 //! - ` ```text `, ` ``` ` with no info string, and other languages: a
 //!   synopsis or sample output, not checked.
 //!
+//! README's "Try it" commands that use the `local` profile are also run, as
+//! written, by the real binary from the repository's root against the
+//! built-in sandbox (see `the_readme_quick_start_runs_against_the_sandbox`).
+//!
 //! Links between the pages (`[text](docs/x.md#anchor)`) must reach a file
 //! that exists and, with an anchor, a heading of it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use bulkcall::sandbox::{Sandbox, SandboxConfig};
 use clap::Parser;
 
 fn repo() -> &'static Path {
@@ -506,4 +513,52 @@ fn the_list_of_commands_names_every_command() {
     let mut commands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).filter(|n| *n != "help").collect();
     commands.sort_unstable();
     assert_eq!(listed, commands, "docs/commands.md lists every command");
+}
+
+/// README's "Try it" commands with `-p local`, run as written by the real
+/// binary from the repository's root, against the built-in sandbox on a free
+/// port (`BULKCALL_BASE_URL` and `BULKCALL_AUTH__TOKEN_URL` move the `local`
+/// profile there, as the precedence in docs/configuration.md allows), each
+/// `run` with `-o` into a temporary folder and `--limit 20` added: each
+/// exits 0, and the sandbox got their calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quick_start_runs_against_the_sandbox() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let (blocks, _) = split("README.md", &readme);
+    let try_it = blocks.iter().find(|b| b.text.contains("bulkcall sandbox --port")).expect("README's Try it block");
+    let mut ran = vec![];
+    for (n, mut args) in block_commands(&try_it.text).into_iter().enumerate() {
+        if !args.windows(2).any(|w| w == ["-p", "local"]) {
+            continue; // `bulkcall sandbox` itself: started above
+        }
+        if args[0] == "run" {
+            let out = tmp.path().join(format!("run-{n}"));
+            args.extend(["-o".into(), out.display().to_string(), "--limit".into(), "20".into()]);
+        }
+        let done = common::bulkcall()
+            .args(&args)
+            .current_dir(repo())
+            .env("BULKCALL_BASE_URL", sandbox.base_url())
+            .env("BULKCALL_AUTH__TOKEN_URL", sandbox.token_url())
+            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+            .env_remove("BULKCALL_CONFIG")
+            .env_remove("BULKCALL_PROFILE")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            done.status.code(),
+            Some(0),
+            "`bulkcall {}` (README line {}): {}",
+            args.join(" "),
+            try_it.line,
+            String::from_utf8_lossy(&done.stderr)
+        );
+        ran.push(args[0].clone());
+    }
+    assert_eq!(ran, ["run", "run", "run", "run", "validate", "token"], "README's Try it commands");
+    let calls = sandbox.stats().api_calls;
+    assert!(calls >= 4 * 20, "four runs of 20 rows reached the sandbox: {calls} calls");
 }
