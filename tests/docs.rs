@@ -31,8 +31,9 @@
 //!   `config/bulkcall.toml`. An argument naming a file under `jobs/`,
 //!   `config/` or `deploy/` must exist in the repository.
 //! - ` ```json `: parsed as JSON; an array of strings is bulkcall's arguments
-//!   (a container's command) and parsed by `Cli`. ` ```json partial `: not
-//!   parsed (a member cut out of a bigger document).
+//!   (a container's command) and parsed by `Cli`. ` ```json partial `: a
+//!   member cut out of a bigger object (`"retryStrategy": {…}`), parsed
+//!   inside `{ }`.
 //! - ` ```yaml `: every document parsed as YAML.
 //! - ` ```text `, ` ``` ` with no info string, and other languages: a
 //!   synopsis or sample output, not checked.
@@ -382,7 +383,12 @@ fn json_and_yaml_examples_parse() {
     let mut commands = 0;
     for b in blocks() {
         match b.lang() {
-            "json" if !b.has("partial") => match serde_json::from_str::<serde_json::Value>(&b.text) {
+            "json" if b.has("partial") => {
+                if let Err(e) = serde_json::from_str::<serde_json::Value>(&format!("{{{}}}", b.text)) {
+                    problems.push(format!("{}: not a JSON member: {e}", b.at()));
+                }
+            }
+            "json" => match serde_json::from_str::<serde_json::Value>(&b.text) {
                 Err(e) => problems.push(format!("{}: not JSON: {e}", b.at())),
                 Ok(serde_json::Value::Array(items)) if items.iter().all(|v| v.is_string()) => {
                     commands += 1;
