@@ -18,6 +18,7 @@
 //! - [`runner`]: rows → rate limiter → workers → outcomes.
 //! - [`retry`]: the retry decision after each attempt, a pure function of the verdict, the row's attempts and the job's policy.
 //! - [`outcome`]: what happened to one row, and the one function that classifies it.
+//! - [`lifecycle`]: a row's states (unsent, in doubt, pending, done) and their transitions, read from a run directory by `resume` and `status`.
 //! - [`output`]: the run directory; the only writer of files in it.
 //! - [`rows`]: a set of rows as one bitset per input, for `resume`.
 //! - [`metrics`]: Prometheus figures of a run: a textfile, `GET /metrics`, a Pushgateway push.
@@ -39,6 +40,7 @@ pub mod events;
 pub mod exit;
 pub mod input;
 pub mod job;
+pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;
 pub mod options;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::exit::ExitCode;
-use crate::output::{Ledger, OutputError, RunInfo};
+use crate::lifecycle::RowStates;
+use crate::output::{OutputError, RunInfo};
 use crate::report::Summary;
 use crate::shard::Shard;
 
@@ -257,20 +258,19 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
         Some(s) => State::Stopped(s.exit_code),
     };
     let (mut succeeded, mut failed, mut in_doubt) = (0, 0, 0);
-    let (done, started) = Ledger::read(dir, |outcome| match outcome.error.as_deref() {
+    // Read as it is, with no recovery: a process may be working on it.
+    let states = RowStates::read(dir, |outcome| match outcome.error.as_deref() {
         None => succeeded += 1,
         Some(kind) => {
             failed += 1;
             in_doubt += u64::from(kind == crate::outcome::ErrorKind::InDoubt.as_str());
         }
     })?;
-    status.done = done.len();
+    status.done = states.done.len();
     (status.succeeded, status.failed, status.in_doubt) = (succeeded, failed, in_doubt);
-    // Started and not done: in doubt, unless the gateway's acceptance is on file.
-    let accepted: std::collections::HashSet<(usize, u64)> =
-        crate::output::AcceptedFile::scan(dir)?.into_iter().map(|(input, row, _, _)| (input, row)).collect();
-    status.pending = started.iter().filter(|r| accepted.contains(r)).count() as u64;
-    status.in_doubt += started.len() as u64 - status.pending;
+    // Started and not done: in doubt, unless the gateway's acceptance is on file (pending).
+    status.pending = states.pending.len() as u64;
+    status.in_doubt += states.in_doubt.len() as u64;
     status.summary = summary;
     status.running = crate::output::run_dir_holder(dir);
     Ok(status)

@@ -11,6 +11,7 @@ use crate::error::{Error, ExitCode};
 use crate::input::Format;
 use crate::input::InputFingerprint;
 use crate::job::Job;
+use crate::lifecycle::{Recovery, RowStates};
 use crate::options::MaxFailures;
 use crate::output::RunInfo;
 use crate::runner::Resume;
@@ -148,12 +149,18 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
     }
     let mut recorded = crate::report::Stats::default();
     let (mut first, mut last) = (u64::MAX, 0);
-    let (mut done, started) = crate::output::Ledger::read(&dir, |d| {
-        recorded.add_recorded(d.status, d.error.as_deref(), d.attempts, d.latency_us);
-        if d.at_ms > 0 {
-            (first, last) = (first.min(d.at_ms), last.max(d.at_ms));
-        }
-    })?;
+    // Each failures file is written with its input's delimiter.
+    let failures_read: Vec<(String, u8)> =
+        resolved.failures.iter().zip(&resolved.inputs).map(|(name, spec)| (name.clone(), spec.delimiter)).collect();
+    // Outcomes on file without their done mark (a crash came between the
+    // two) are done, marked so before anything is sent.
+    let (states, recovered) =
+        RowStates::recover(&dir, Recovery { failures: &failures_read, inputs: resolved.inputs.len() }, |d| {
+            recorded.add_recorded(d.status, d.error.as_deref(), d.attempts, d.latency_us);
+            if d.at_ms > 0 {
+                (first, last) = (first.min(d.at_ms), last.max(d.at_ms));
+            }
+        })?;
     if let Some(summary) = &earlier {
         recorded.add_budget_stopped(summary.budget_stopped);
     }
@@ -162,34 +169,17 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
         Some(summary) => Duration::from_secs_f64(summary.duration_s.max(0.0)),
         None => Duration::from_millis(last.saturating_sub(first)),
     });
-    // Outcomes on file without their done mark (a crash came between the
-    // two) are done: matched exactly on (input, row), never by row alone.
-    let mut in_doubt: std::collections::HashSet<(usize, u64)> = started.into_iter().collect();
-    let mut recovered = Vec::new();
-    // Each failures file is written with its input's delimiter.
-    let failures_read: Vec<(String, u8)> =
-        resolved.failures.iter().zip(&resolved.inputs).map(|(name, spec)| (name.clone(), spec.delimiter)).collect();
-    for (input, row, outcome) in crate::output::recent_outcomes(&dir, &failures_read, |i, row| done.contains(i, row)) {
-        // A line that does not say its input could be another input's row.
-        let Some(input) = input.filter(|&i| i < resolved.inputs.len()) else { continue };
-        // Only a row the ledger marked started and not done can have an
-        // outcome the ledger does not know: any other row number a file
-        // holds is not one of this run's outcomes to trust.
-        if in_doubt.remove(&(input, row)) {
-            done.insert(input, row);
-            recorded.add_recorded(outcome.status, outcome.error.as_deref(), outcome.attempts, outcome.latency_us);
-            recovered.push((input, row, outcome));
-        }
+    for (_, _, outcome) in &recovered {
+        recorded.add_recorded(outcome.status, outcome.error.as_deref(), outcome.attempts, outcome.latency_us);
     }
-    crate::output::Ledger::recovered(&dir, &recovered)?;
-    // Rows a `[poll]` job's gateway accepted and that have no outcome yet:
-    // never sent again, polled (not in doubt, not read again as rows to send).
-    let mut accepted = Vec::new();
-    for (input, row, place, _) in crate::output::AcceptedFile::scan(&dir)? {
-        if !done.contains(input, row) && in_doubt.remove(&(input, row)) {
-            done.insert(input, row);
-            accepted.push(place);
-        }
+    // Rows a `[poll]` job's gateway accepted and that have no outcome yet
+    // (pending): never sent again, polled (not in doubt, and skipped by the
+    // reader as the rows done are).
+    let RowStates { mut done, in_doubt, pending, .. } = states;
+    let mut accepted = Vec::with_capacity(pending.len());
+    for (input, row, place) in pending {
+        done.insert(input, row);
+        accepted.push(place);
     }
     if !accepted.is_empty() && !resolved.job.polls() && !args.give_up_pending {
         return Err(Error::Usage(format!(
