@@ -43,6 +43,8 @@ pub struct Live {
     pub retrying: AtomicU64,
     /// Polls sent (`[poll]`) in this part of the run.
     pub polls: AtomicU64,
+    /// Rows accepted by the gateway and waiting on their polls (`[poll]`).
+    pub waiting: AtomicU64,
     /// Every API answer by status and every call's duration, for the metrics.
     pub calls: Calls,
 }
@@ -62,6 +64,7 @@ impl Default for Live {
             in_flight: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
             polls: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
             calls: Calls::default(),
         }
     }
@@ -396,6 +399,10 @@ fn counters(source: &ProgressSource, elapsed: Duration) -> String {
     let retrying = Live::get(&live.retrying);
     if retrying > 0 {
         text.push_str(&format!(" · retrying {retrying}"));
+    }
+    let waiting = Live::get(&live.waiting);
+    if waiting > 0 {
+        text.push_str(&format!(" · waiting on polls {waiting}"));
     }
     if let Some(rate) = source.limiter.as_ref().and_then(|l| l.effective_rate()) {
         text.push_str(&format!(" · throttled to {rate:.1}/s"));

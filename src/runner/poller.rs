@@ -272,9 +272,11 @@ async fn poll_all(
                 Err(e) => shared.abort(Error::Output(e)),
             }
         } else {
+            shared.live.waiting.fetch_add(1, Ordering::Relaxed);
             push(&mut heap, Instant::now(), waiting);
         }
     }
+    let waited = || shared.live.waiting.fetch_sub(1, Ordering::Relaxed);
     let cap = shared.settings.concurrency.max(1);
     let mut in_flight: futures::stream::FuturesUnordered<PollFuture<'_>> = futures::stream::FuturesUnordered::new();
     let mut lanes_over = false;
@@ -292,6 +294,7 @@ async fn poll_all(
             Some((waiting, step)) = in_flight.next(), if !in_flight.is_empty() => {
                 match step {
                     Step::Final(outcome) => {
+                        waited();
                         if outcomes.send((*outcome, None)).await.is_err() {
                             break;
                         }
@@ -299,15 +302,20 @@ async fn poll_all(
                     Step::Again(after) => {
                         let now = Instant::now();
                         if now >= waiting.deadline {
+                            waited();
                             end.pend(&waiting);
                         } else {
                             push(&mut heap, (now + after).min(waiting.deadline), waiting);
                         }
                     }
-                    Step::Stopped => end.pend(&waiting),
+                    Step::Stopped => {
+                        waited();
+                        end.pend(&waiting);
+                    }
                 }
             }
             Some((waiting, after)) = rows.recv() => {
+                shared.live.waiting.fetch_add(1, Ordering::Relaxed);
                 // The first answer's Retry-After, else `every`.
                 let after = after.map_or(every, |a| a.min(shared.settings.retry_after_max));
                 let at = (Instant::now() + after).min(waiting.deadline);
