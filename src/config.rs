@@ -15,6 +15,8 @@ use figment::{Figment, Profile, Provider};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::key::warn_if_readable_by_others;
+
 /// The config file used when none is given and it exists.
 pub const DEFAULT_CONFIG: &str = "config/bulkcall.toml";
 
@@ -424,21 +426,6 @@ fn locate(text: &str, keys: &[&str]) -> Option<(usize, usize)> {
     Some((text[..at].matches('\n').count() + 1, text[line_start..at].chars().count() + 1))
 }
 
-/// Warns when others can read `path`, which holds `what` (a secret).
-pub fn warn_if_readable_by_others(path: &Path, what: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o044 != 0
-    {
-        tracing::warn!(
-            "{} holds {what} and can be read by other users; \
-                 keep secrets in the environment or run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-}
-
 impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Value(msg));
@@ -474,7 +461,7 @@ impl Settings {
             }
         }
         let lifetime = self.auth.assertion_lifetime;
-        if lifetime < Duration::from_secs(1) || lifetime > crate::token::MAX_ASSERTION_LIFETIME {
+        if lifetime < Duration::from_secs(1) || lifetime > crate::key::MAX_ASSERTION_LIFETIME {
             return bad(format!(
                 "auth.assertion_lifetime is {}: a client assertion lives from 1s to 5m",
                 humantime::format_duration(lifetime)
@@ -575,7 +562,7 @@ pub enum Proof {
     /// `json`, `form`, `basic`.
     Secret(SecretString),
     /// `private_key_jwt`: the key that signs each assertion.
-    Key(std::sync::Arc<crate::token::SigningKey>),
+    Key(std::sync::Arc<crate::key::SigningKey>),
     /// `tls_client_auth`: the client certificate does, in the handshake;
     /// its SHA-256, for the token cache's key.
     Certificate(String),
@@ -699,8 +686,8 @@ impl AuthSettings {
     }
 
     /// The private key `private_key_file` or `private_key_env` names, if any.
-    pub fn signing_key(&self) -> Result<Option<crate::token::SigningKey>, ConfigError> {
-        use crate::token::SigningKey;
+    pub fn signing_key(&self) -> Result<Option<crate::key::SigningKey>, ConfigError> {
+        use crate::key::SigningKey;
         let (algorithm, kid) = (self.algorithm.as_deref(), self.key_id.as_deref());
         let key = match (&self.private_key_file, &self.private_key_env) {
             (Some(path), _) => SigningKey::from_file(path, algorithm, kid),

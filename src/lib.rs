@@ -10,6 +10,7 @@
 //! - [`config`]: figment sources → one resolved, validated [`config::Settings`].
 //! - [`job`]: the job spec and its templates: a row in, a request out.
 //! - [`input`]: streaming readers for CSV, JSON arrays and JSON Lines.
+//! - [`key`]: the client's private key for `private_key_jwt` (a leaf below `config` and `token`).
 //! - [`token`]: the one shared access token: fetch, early refresh, 401 invalidation.
 //! - [`limiter`]: the rate limit, Retry-After pauses, adaptive rate and retry budget;
 //!   local, or shared in Redis by every process of a run.
@@ -40,6 +41,7 @@ pub mod events;
 pub mod exit;
 pub mod input;
 pub mod job;
+pub mod key;
 pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;

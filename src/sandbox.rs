@@ -677,7 +677,7 @@ impl Shared {
     /// future and at most five minutes after `iat`, a `jti` never seen.
     fn verify_assertion(&self, parts: &Parts, params: &HashMap<String, String>, assertion: &str) -> Result<(), String> {
         use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-        crate::token::install_crypto();
+        crate::key::install_crypto();
         let Some(jwks) = &self.config.jwks else {
             return Err("this sandbox has no registered keys (start it with --jwks FILE)".into());
         };

@@ -4,7 +4,7 @@
 use crate::cli::JwksArgs;
 use crate::config::Sources;
 use crate::error::{Error, ExitCode};
-use crate::token::SigningKey;
+use crate::key::SigningKey;
 
 pub(super) async fn jwks(args: JwksArgs) -> Result<ExitCode, Error> {
     let mut keys = Vec::new();

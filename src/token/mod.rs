@@ -30,16 +30,9 @@ use crate::events::{Event, Events};
 use crate::outcome::{describe, parse_retry_after};
 
 mod cache;
-mod jws;
-mod key;
 pub mod shared;
 pub use cache::DiskCache;
-pub use key::{MAX_ASSERTION_LIFETIME, SigningKey};
 
-/// Makes ring jsonwebtoken's cryptography (signing and verifying JWS).
-pub fn install_crypto() {
-    jws::install();
-}
 use shared::SharedStore;
 
 /// Token endpoint attempts for one refresh before giving up.

@@ -4,6 +4,9 @@
 //!
 //! The private key is a secret: it has no `Debug` of its own, is zeroed
 //! when dropped (jsonwebtoken's `EncodingKey`), and no message quotes it.
+//!
+//! A leaf below both `config` (which reads the key) and `token/` (which
+//! signs with it); [`jws`] is jsonwebtoken's cryptography over ring.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -14,8 +17,30 @@ use rand::Rng as _;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, RsaKeyPair};
 use serde::Serialize;
 
+mod jws;
+
 /// The longest a client assertion may live: SMART Backend Services' rule.
 pub const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Makes ring jsonwebtoken's cryptography (signing and verifying JWS).
+pub fn install_crypto() {
+    jws::install();
+}
+
+/// Warns when others can read `path`, which holds `what` (a secret).
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o044 != 0
+    {
+        tracing::warn!(
+            "{} holds {what} and can be read by other users; \
+                 keep secrets in the environment or run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+}
 
 /// A private key and what it signs with.
 pub struct SigningKey {
@@ -71,7 +96,7 @@ impl SigningKey {
     /// in messages (a file or a variable); `algorithm` defaults to RS384 for
     /// RSA, ES256 for P-256, ES384 for P-384; `kid` to the thumbprint.
     pub fn from_pem(pem: &[u8], from: &str, algorithm: Option<&str>, kid: Option<&str>) -> Result<SigningKey, String> {
-        super::jws::install();
+        jws::install();
         let text = String::from_utf8_lossy(pem);
         if text.contains("ENCRYPTED PRIVATE KEY") {
             return Err(format!(
@@ -135,7 +160,7 @@ impl SigningKey {
     pub fn from_file(path: &Path, algorithm: Option<&str>, kid: Option<&str>) -> Result<SigningKey, String> {
         let from = path.display().to_string();
         let pem = std::fs::read(path).map_err(|e| format!("cannot read the private key {from}: {e}"))?;
-        crate::config::warn_if_readable_by_others(path, "a private key");
+        warn_if_readable_by_others(path, "a private key");
         SigningKey::from_pem(&pem, &from, algorithm, kid)
     }
 
