@@ -208,3 +208,80 @@ async fn the_example_claims_job_runs_against_the_sandbox_with_a_key_per_claim() 
     assert_eq!(keys.len(), 50, "one key per claim");
     assert!(keys.iter().all(|k| k.starts_with("claim-PCN")));
 }
+
+/// The rows a claim run's directory leaves in doubt: started in the journal
+/// (and not released) with neither a done mark nor an outcome line.
+fn in_doubt_on_file(out: &std::path::Path) -> HashSet<String> {
+    let (_, started) = bulkcall::output::Ledger::read(out, |_| {}).unwrap();
+    let recorded: HashSet<String> =
+        jsonl(&out.join("results.jsonl")).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+    started.into_iter().map(|(_, row)| key_of_row(row)).filter(|k| !recorded.contains(k)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_job_killed_between_rows_leaves_at_most_its_calls_in_flight_in_doubt() {
+    // Quick answers: most kills land while workers go from one row to the
+    // next (an outcome being written, the next row's started mark being
+    // synced), not during a call. Whenever it lands, a worker has at most
+    // one row started and without an outcome on file.
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(1), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 4000));
+    let job = gw.write("claims.toml", CLAIMS_JOB);
+    let concurrency = 4;
+    let mut sent_before = sent_per_row(&gw);
+    for (kill_at, name) in [(300, "a"), (900, "b"), (1500, "c")] {
+        let out = gw.path(&format!("run-{name}"));
+        let calls_before = gw.sandbox.stats().api_calls;
+        let mut child =
+            run_command(&job, &input, &out, &config).args(["-j", &concurrency.to_string()]).spawn().unwrap();
+        gw.wait_for_calls(calls_before + kill_at).await;
+        child.start_kill().unwrap();
+        assert_eq!(child.wait().await.unwrap().code(), None, "killed by a signal");
+        gw.settled().await;
+        let in_doubt = in_doubt_on_file(&out);
+        let most = in_doubt_at_most(concurrency, false);
+        assert!(in_doubt.len() <= most, "run {name}: at most {most} rows in doubt, found {}", in_doubt.len());
+        // This run's calls: each row sent once, and every one without an
+        // outcome on file is in doubt.
+        let sent = sent_per_row(&gw);
+        let recorded: HashSet<String> =
+            jsonl(&out.join("results.jsonl")).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+        for (key, n) in &sent {
+            let this_run = n - sent_before.get(key).copied().unwrap_or(0);
+            assert!(this_run <= 1, "run {name}: {key} sent {this_run} times");
+            assert!(this_run == 0 || recorded.contains(key) || in_doubt.contains(key), "run {name}: {key} sent, lost");
+        }
+        sent_before = sent;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_job_stopped_by_sigterm_leaves_nothing_in_doubt_and_resume_sends_each_row_once() {
+    // Quick answers: the signal finds workers between rows (an outcome being
+    // written, a started mark being synced) as well as in calls; every call
+    // that went out is recorded, and no row is left started without one.
+    let gw = Gateway::start(SandboxConfig { latency: Duration::from_millis(1), ..sandbox_config() }).await;
+    let config = gw.config(SECRET, "");
+    let input = gw.write("rows.csv", &eligibility_csv(1, 3000));
+    let job = gw.write("claims.toml", CLAIMS_JOB);
+    let out = gw.path("run");
+    let child = run_command(&job, &input, &out, &config).args(["-j", "8"]).spawn().unwrap();
+    gw.wait_for_calls(500).await;
+    let pid = child.id().expect("the child runs") as libc::pid_t;
+    // SAFETY: a plain kill(2) of the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let output = child.wait_with_output().await.unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    gw.settled().await;
+    assert!(in_doubt_on_file(&out).is_empty(), "nothing in doubt after a graceful stop");
+    let summary = json(&out.join("summary.json"));
+    assert_eq!(summary["in_doubt"].as_u64(), Some(0), "{summary}");
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(jsonl(&out.join("results.jsonl")).len(), 3000, "every row recorded");
+    let sent = sent_per_row(&gw);
+    assert_eq!(sent.len(), 3000);
+    assert!(sent.values().all(|&n| n == 1), "no claim sent twice");
+}
