@@ -242,4 +242,15 @@ async fn runs_lists_a_jobs_runs_newest_first_and_latest_points_at_the_newest() {
     let newest = std::path::PathBuf::from(listed[0]["path"].as_str().unwrap());
     let latest = std::fs::read_link(gw.path("out").join("claims").join("latest")).unwrap();
     assert_eq!(latest, newest.file_name().unwrap(), "latest names the newest run");
+    // Through the link, status and report name the run itself, not `latest`.
+    let link = gw.path("out").join("claims").join("latest");
+    let output = bulkcall().args(["status", link.to_str().unwrap()]).stdout(std::process::Stdio::piped()).output();
+    let status = String::from_utf8_lossy(&output.await.unwrap().stdout).to_string();
+    let run_dir = std::fs::canonicalize(&link).unwrap();
+    assert!(status.contains(&format!("resume {}", run_dir.display())), "{status}");
+    assert!(!status.contains("latest"), "{status}");
+    let output = bulkcall().args(["report", link.to_str().unwrap()]).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let page = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
+    assert!(page.contains(&run_dir.display().to_string()) && !page.contains("/latest"), "the page names the run");
 }

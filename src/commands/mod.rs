@@ -33,12 +33,12 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
         Command::Sandbox(args) => sandbox::sandbox(args, stop).await,
         Command::Demo(args) => demo::demo(args, log, stop).await,
         Command::Report(args) => {
-            let path = write_report(&args.run_dir)?;
+            let path = write_report(&through_link(args.run_dir))?;
             eprintln!("bulkcall: wrote {}", path.display());
             Ok(ExitCode::Success)
         }
         Command::Status(args) => {
-            let run = crate::status::RunStatus::read(&args.run)?;
+            let run = crate::status::RunStatus::read(&through_link(args.run))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&run).expect("serializable"));
             } else {
@@ -53,6 +53,15 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
             Ok(ExitCode::Success)
         }
         Command::Man(args) => man(args),
+    }
+}
+
+/// The run a link such as `out/<job>/latest` points to, so what is shown
+/// and advised names that run, not a link that will move to the next one.
+fn through_link(path: std::path::PathBuf) -> std::path::PathBuf {
+    match path.is_symlink() {
+        true => std::fs::canonicalize(&path).unwrap_or(path),
+        false => path,
     }
 }
 
