@@ -10,6 +10,7 @@
 //! 401s stops the pool.
 
 mod breaker;
+mod call;
 mod dry;
 mod http;
 mod lane;

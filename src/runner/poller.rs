@@ -36,8 +36,8 @@ use crate::outcome::{ErrorKind, Failure, Outcome, Polled, Source, Success};
 use crate::output::{AcceptedFile, AcceptedRow, Place, StoredRecord};
 
 use super::Shared;
+use super::call::{answer_message, backoff, send, take_token};
 use super::recorder::ToRecord;
-use super::worker::{answer_message, backoff, send, take_token};
 
 /// What workers need to hand an accepted row to the poller.
 pub(super) struct Polls {
