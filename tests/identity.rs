@@ -76,15 +76,15 @@ async fn a_csv_row_keeps_its_first_row_and_run_through_two_resends() {
     assert_eq!(code, ExitCode::RowsFailed);
     let (header, failures) = csv_file(&second.join("failures.csv"));
     let own =
-        ["_source_row", "_source_run", "_source_input", "_row", "_key", "_error", "_status", "_attempts", "_message"];
+        ["source_row", "source_run", "source_input", "_row", "_key", "_error", "_status", "_attempts", "_message"];
     assert_eq!(header[..8], header_of(&rows)[..], "the input's columns, unchanged");
     assert_eq!(header[8..], own, "the source columns, then the six: {header:?}");
     assert_eq!(failures.len(), flaky.len() + 2);
     for f in &failures {
         let key = &f["control_number"];
-        assert_eq!(f["_source_row"], first_row[key].to_string(), "{f:?}");
-        assert_eq!(f["_source_run"], first_run, "{f:?}");
-        assert_eq!(f["_source_input"], "", "one input: none named, as in results");
+        assert_eq!(f["source_row"], first_row[key].to_string(), "{f:?}");
+        assert_eq!(f["source_run"], first_run, "{f:?}");
+        assert_eq!(f["source_input"], "", "one input: none named, as in results");
         assert!(f["_row"].parse::<u64>().unwrap() <= failures.len() as u64, "numbered in its own input: {f:?}");
     }
     let two_lines = failures.iter().find(|f| f["control_number"] == "88").unwrap();
@@ -108,8 +108,8 @@ async fn a_csv_row_keeps_its_first_row_and_run_through_two_resends() {
     let refused: HashMap<&str, &HashMap<String, String>> =
         failures.iter().map(|f| (f["control_number"].as_str(), f)).collect();
     assert_eq!(refused.len(), 2, "{failures:?}");
-    assert_eq!((refused["77"]["_source_row"].as_str(), refused["88"]["_source_row"].as_str()), ("13", "14"));
-    assert!(failures.iter().all(|f| f["_source_run"] == first_run));
+    assert_eq!((refused["77"]["source_row"].as_str(), refused["88"]["source_row"].as_str()), ("13", "14"));
+    assert!(failures.iter().all(|f| f["source_run"] == first_run));
     assert_eq!(refused["88"]["provider_name"], "Two\nlines");
 }
 
@@ -150,7 +150,7 @@ async fn a_resend_whose_marks_were_lost_is_recovered_from_its_failures_csv() {
     assert_eq!(json(&second.join("summary.json"))["failed"], failed);
     let two_lines = failures.iter().find(|f| f["control_number"] == "88").unwrap();
     assert_eq!(two_lines["provider_name"], "Two\nlines, \"quoted\"");
-    assert_eq!(two_lines["_source_row"], "13");
+    assert_eq!(two_lines["source_row"], "13");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +171,7 @@ subscriber = { memberId = "{{ member }}" }
     let mut lines: Vec<String> =
         (1..=12).map(|n| json!({"id": key_of_row(n), "member": format!("M{n}")}).to_string()).collect();
     // Refused, and a record with fields of the names bulkcall adds.
-    lines.push(json!({"id": "77", "member": "M77", "_source_row": "mine"}).to_string());
+    lines.push(json!({"id": "77", "member": "M77", "source_row": "mine"}).to_string());
     let input = gw.write("rows.jsonl", &lines.join("\n"));
     let flaky: Vec<u64> = (1..=12).filter(|&n| fails_twice(&config, &key_of_row(n))).collect();
     let mut first_row: HashMap<String, u64> = (1..=12).map(|n| (key_of_row(n), n)).collect();
@@ -180,21 +180,21 @@ subscriber = { memberId = "{{ member }}" }
     let (first, _) = hop(&gw, &job, &input, "first").await;
     let first_run = canonical(&first);
     let failures = jsonl(&first.join("failures.jsonl"));
-    assert!(failures.iter().all(|f| f.get("_source_row").is_none()));
+    assert!(failures.iter().all(|f| f.get("source_row").is_none()));
     let own = failures.iter().find(|f| f["_key"] == "77").unwrap();
-    assert_eq!(own["_record"]["_source_row"], "mine", "an input field of that name is kept whole: {own}");
+    assert_eq!(own["_record"]["source_row"], "mine", "an input field of that name is kept whole: {own}");
 
     let (second, _) = hop(&gw, &job, &first.join("failures.jsonl"), "second").await;
     let failures = jsonl(&second.join("failures.jsonl"));
     assert_eq!(failures.len(), flaky.len() + 1);
     for f in &failures {
         let key = f["_key"].as_str().unwrap();
-        assert_eq!(f["_source_row"], json!(first_row[key]), "{f}");
-        assert_eq!(f["_source_run"], json!(first_run), "{f}");
-        assert!(f.get("_source_input").is_none(), "one input: none named: {f}");
+        assert_eq!(f["source_row"], json!(first_row[key]), "{f}");
+        assert_eq!(f["source_run"], json!(first_run), "{f}");
+        assert!(f.get("source_input").is_none(), "one input: none named: {f}");
     }
     let own = failures.iter().find(|f| f["_key"] == "77").unwrap();
-    assert_eq!(own["_record"], json!({"id": "77", "member": "M77", "_source_row": "mine"}));
+    assert_eq!(own["_record"], json!({"id": "77", "member": "M77", "source_row": "mine"}));
 
     let (third, _) = hop(&gw, &job, &second.join("failures.jsonl"), "third").await;
     let results = jsonl(&third.join("results.jsonl"));
@@ -205,7 +205,7 @@ subscriber = { memberId = "{{ member }}" }
     }
     let failures = jsonl(&third.join("failures.jsonl"));
     assert_eq!(failures.len(), 1);
-    assert_eq!((&failures[0]["_source_row"], &failures[0]["_source_run"]), (&json!(13), &json!(first_run)));
+    assert_eq!((&failures[0]["source_row"], &failures[0]["source_run"]), (&json!(13), &json!(first_run)));
 
     // A results file fed to a next job: its rows name where they first
     // came from, the first run's results through this run's.
@@ -246,10 +246,10 @@ async fn a_failures_file_read_from_elsewhere_names_no_run() {
     std::fs::copy(first.join("failures.csv"), &copy).unwrap();
     let (second, _) = hop(&gw, &job, &copy, "second").await;
     let (_, failures) = csv_file(&second.join("failures.csv"));
-    assert_eq!((failures[0]["_source_row"].as_str(), failures[0]["_source_run"].as_str()), ("4", ""));
+    assert_eq!((failures[0]["source_row"].as_str(), failures[0]["source_run"].as_str()), ("4", ""));
     let (third, _) = hop(&gw, &job, &second.join("failures.csv"), "third").await;
     let (_, failures) = csv_file(&third.join("failures.csv"));
-    assert_eq!((failures[0]["_source_row"].as_str(), failures[0]["_source_run"].as_str()), ("4", ""));
+    assert_eq!((failures[0]["source_row"].as_str(), failures[0]["source_run"].as_str()), ("4", ""));
     let _: Value = json(&third.join("summary.json"));
 }
 
@@ -279,7 +279,7 @@ async fn a_row_of_one_of_several_inputs_keeps_its_input_through_two_resends() {
             .iter()
             .map(|f| {
                 let at = |c: &str| f[c].as_str();
-                (at("control_number"), at("_source_row"), at("_source_run"), at("_source_input"))
+                (at("control_number"), at("source_row"), at("source_run"), at("source_input"))
             })
             .collect();
         origins.sort();
@@ -341,16 +341,11 @@ success = "{{{{ status == 200 and response.claimStatus == 'ACCEPTED' }}}}"
         let (out, code) = hop(&gw, &job, &input, name).await;
         assert_eq!(code, ExitCode::RowsFailed, "{name}");
         let (header, failures) = csv_file(&out.join("failures.csv"));
-        assert_eq!(header[..5], ["control_number", "charge", "_source_row", "_source_run", "_source_input"]);
+        assert_eq!(header[..5], ["control_number", "charge", "source_row", "source_run", "source_input"]);
         let mut origins: Vec<(&str, &str, &str, &str)> = failures
             .iter()
             .map(|f| {
-                (
-                    f["control_number"].as_str(),
-                    f["_error"].as_str(),
-                    f["_source_row"].as_str(),
-                    f["_source_run"].as_str(),
-                )
+                (f["control_number"].as_str(), f["_error"].as_str(), f["source_row"].as_str(), f["source_run"].as_str())
             })
             .collect();
         origins.sort();

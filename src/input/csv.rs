@@ -420,7 +420,7 @@ mod tests {
             };
             earlier.and_then(|e| e.origin.clone())
         };
-        let text = b"id,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message\n\
+        let text = b"id,source_row,source_run,source_input,_row,_key,_error,_status,_attempts,_message\n\
             7,3,/runs/a,,1,k,client_error,400,1,no\n\
             8,,,,2,k,client_error,400,1,no\n\
             9,extra,4,/runs/b,1,3,k,invalid_row,,0,ragged\n";
@@ -437,7 +437,7 @@ mod tests {
             read_text(b"id,_row,_key,_error,_status,_attempts,_message\n7,5,k,client_error,400,1,x\n", b',');
         assert_eq!(origin(&items[0]), Some(Origin { row: Some(5), ..Origin::default() }));
         // Elsewhere, fields like any.
-        let (items, _) = read_text(b"id,_source_row,_source_run,_source_input\n7,3,x,1\n", b',');
+        let (items, _) = read_text(b"id,source_row,source_run,source_input\n7,3,x,1\n", b',');
         assert_eq!(fields(&items[0]).len(), 4);
         assert!(items[0].as_ref().unwrap().earlier.is_none());
     }

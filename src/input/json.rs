@@ -476,11 +476,11 @@ mod tests {
             r#""_row": 3, "_key": "k", "_error": "client_error", "_status": 400, "_attempts": 1, "_message": "x""#;
         let text = [
             // A failures line of a failures file: the source fields go too.
-            format!(r#"{{"id": 1, "_source_row": 7, "_source_run": "/runs/a", "_source_input": 2, {SIX}}}"#),
+            format!(r#"{{"id": 1, "source_row": 7, "source_run": "/runs/a", "source_input": 2, {SIX}}}"#),
             // A failures line of a first run: its own row, its file's run (none here).
             format!(r#"{{"id": 2, {SIX}}}"#),
             // A line that did not read as JSON, from a failures file of a failures file.
-            format!(r#"{{"_raw": "{{\"id\": tru", "_source_row": 8, "_source_run": null, {SIX}}}"#),
+            format!(r#"{{"_raw": "{{\"id\": tru", "source_row": 8, "source_run": null, {SIX}}}"#),
             // Results, of a first run and of a resend: every field stays.
             r#"{"row": 4, "key": "k4", "status": 200, "attempts": 1, "latency_ms": 3, "response": {}}"#.into(),
             r#"{"row": 5, "key": "k5", "source_row": 9, "source_run": "/runs/a", "status": 200, "attempts": 1, "latency_ms": 3, "response": "ok"}"#.into(),

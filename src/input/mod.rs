@@ -29,9 +29,10 @@ pub const FAILURE_COLUMNS: [&str; 6] = ["_row", "_key", "_error", "_status", "_a
 /// when its run's input was itself an outcome file bulkcall wrote (a
 /// failures file, or results): each record's [`Origin`], the row, run and
 /// input it first came from. In a CSV they are the three columns before
-/// the last six, by position; in JSON Lines, fields (`_source_input` only
-/// when known).
-pub const SOURCE_COLUMNS: [&str; 3] = ["_source_row", "_source_run", "_source_input"];
+/// the last six, by position; in JSON Lines, fields (`source_input` only
+/// when known). Named as in results (the SPEC names them so): they are
+/// not fields of a record read back, as the six are not.
+pub const SOURCE_COLUMNS: [&str; 3] = ["source_row", "source_run", "source_input"];
 
 /// In a JSON failures line: a record that could not be read, as its text.
 pub const RAW_FIELD: &str = "_raw";

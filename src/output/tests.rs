@@ -143,7 +143,7 @@ fn recent_failures_of_a_resend_are_read_by_their_last_six_columns() {
     // A failures file of a failures file: the source columns before the
     // six, and values (a run directory's path among them) that span lines.
     let dir = tempfile::tempdir().unwrap();
-    let text = "id,note,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message\n\
+    let text = "id,note,source_row,source_run,source_input,_row,_key,_error,_status,_attempts,_message\n\
         7,\"two\nlines, 5\",12,\"/runs/a,\nb\",1,1,7,client_error,422,2,no\n\
         8,plain,13,/runs/a,,2,8,server_error,500,1,\"quoted, \"\"here\"\"\"\n";
     std::fs::write(dir.path().join("failures.csv"), text).unwrap();
@@ -179,7 +179,7 @@ fn a_failures_csv_keeps_the_columns_its_header_has_when_resumed() {
     };
     write(false, 1);
     write(true, 2);
-    let header = "id,_source_row,_source_run,_source_input,_row,_key,_error,_status,_attempts,_message";
+    let header = "id,source_row,source_run,source_input,_row,_key,_error,_status,_attempts,_message";
     let expected = format!(
         "{header}\nv1,41,/runs/a,,1,k1,client_error,400,1,HTTP 400\nv2,42,/runs/a,,2,k2,client_error,400,1,HTTP 400\n"
     );
