@@ -310,26 +310,9 @@ async fn the_closing_lines_name_the_first_runs_row() {
 /// comes from the poll, after the row was read back from `accepted.jsonl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_polled_row_keeps_its_first_row_and_run_through_two_resends() {
-    use bulkcall::sandbox::ASYNC_SUBMISSION_PATH;
     let config = SandboxConfig { async_polls: 1, async_retry_after: std::time::Duration::ZERO, ..sandbox_config() };
     let gw = Gateway::start(config).await;
-    let job = gw.write(
-        "claims-async.toml",
-        &format!(
-            r#"
-url = "{ASYNC_SUBMISSION_PATH}"
-key = "{{{{ control_number }}}}"
-[body]
-controlNumber = "{{{{ control_number }}}}"
-tradingPartnerServiceId = "9496"
-claimInformation = {{ patientControlNumber = "PCN{{{{ control_number }}}}", claimChargeAmount = "{{{{ charge }}}}" }}
-[poll]
-every = "10ms"
-max_wait = "1m"
-success = "{{{{ status == 200 and response.claimStatus == 'ACCEPTED' }}}}"
-"#
-        ),
-    );
+    let job = gw.write("claims-async.toml", &async_claims_job("10ms", "1m"));
     // The payer rejects a charge of 0: rows 2 and 4 fail every time.
     let rows: String = (1..=4).map(|i| format!("{i:09},{}\n", if i % 2 == 0 { "0" } else { "125.50" })).collect();
     let input = gw.write("claims.csv", &format!("control_number,charge\n{rows}"));

@@ -15,27 +15,7 @@ use common::*;
 /// A claim job on the asynchronous endpoint, polled every `every` until the
 /// answer is not 202, for at most `max_wait`.
 fn job(gw: &Gateway, every: &str, max_wait: &str) -> std::path::PathBuf {
-    gw.write(
-        "claims-async.toml",
-        &format!(
-            r#"
-url = "{ASYNC_SUBMISSION_PATH}"
-key = "{{{{ control_number }}}}"
-[body]
-controlNumber = "{{{{ control_number }}}}"
-tradingPartnerServiceId = "9496"
-claimInformation = {{ patientControlNumber = "PCN{{{{ control_number }}}}", claimChargeAmount = "{{{{ charge }}}}" }}
-[capture]
-correlation_id = "{{{{ response.claimReference.correlationId }}}}"
-[poll]
-every = "{every}"
-max_wait = "{max_wait}"
-success = "{{{{ status == 200 and response.claimStatus == 'ACCEPTED' }}}}"
-[poll.capture]
-claim_status = "{{{{ response.claimStatus }}}}"
-"#
-        ),
-    )
+    gw.write("claims-async.toml", &async_claims_job(every, max_wait))
 }
 
 /// `n` claims as JSON Lines; those in `rejected` carry a charge of 0, which

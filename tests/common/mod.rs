@@ -306,3 +306,28 @@ pub fn claims_job_with_key() -> String {
 pub fn event_kinds(dir: &Path) -> Vec<String> {
     jsonl(&dir.join("events.jsonl")).iter().map(|e| e["kind"].as_str().unwrap_or("?").to_string()).collect()
 }
+
+/// A claim job on the sandbox's asynchronous endpoint (`[poll]`): rows
+/// with `control_number` and `charge` (0 is rejected by the payer), polled
+/// every `every` until the answer is not 202, for at most `max_wait`.
+pub fn async_claims_job(every: &str, max_wait: &str) -> String {
+    format!(
+        r#"
+url = "{path}"
+key = "{{{{ control_number }}}}"
+[body]
+controlNumber = "{{{{ control_number }}}}"
+tradingPartnerServiceId = "9496"
+claimInformation = {{ patientControlNumber = "PCN{{{{ control_number }}}}", claimChargeAmount = "{{{{ charge }}}}" }}
+[capture]
+correlation_id = "{{{{ response.claimReference.correlationId }}}}"
+[poll]
+every = "{every}"
+max_wait = "{max_wait}"
+success = "{{{{ status == 200 and response.claimStatus == 'ACCEPTED' }}}}"
+[poll.capture]
+claim_status = "{{{{ response.claimStatus }}}}"
+"#,
+        path = bulkcall::sandbox::ASYNC_SUBMISSION_PATH
+    )
+}
