@@ -63,19 +63,21 @@ pub enum StoredRecord {
     },
 }
 
-impl StoredRecord {
-    pub fn of(record: &Record) -> StoredRecord {
+impl From<Record> for StoredRecord {
+    fn from(record: Record) -> StoredRecord {
         match record {
-            Record::Json(map) => StoredRecord::Json(map.clone()),
+            Record::Json(map) => StoredRecord::Json(map),
             Record::Csv { headers, values } => StoredRecord::Csv {
                 names: headers.names().to_vec(),
                 delimiter: headers.delimiter(),
-                values: values.clone(),
+                values,
                 failures: headers.is_failures(),
             },
         }
     }
+}
 
+impl StoredRecord {
     /// The record back; a CSV record's header is `headers` when it has the
     /// same names (one header shared by every row of an input), else made.
     pub fn into_record(self, headers: &mut Option<Arc<CsvHeaders>>) -> Record {

@@ -356,7 +356,8 @@ pub async fn run(
     // give them up (`--give-up-pending`).
     let (polls, waiting) = match plan.requests.poll().is_some() || !resume.accepted.is_empty() {
         true => {
-            let (polls, waiting) = poller::Polls::new(AcceptedFile::open(&plan.dir, append)?);
+            let (polls, waiting) =
+                poller::Polls::new(AcceptedFile::open(&plan.dir, append)?, plan.requests.poll_headers());
             (Some(polls), Some(waiting))
         }
         false => (None, None),

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::answer::Body;
 use crate::error::Error;
-use crate::input::{CsvHeaders, Origin, Row};
+use crate::input::{CsvHeaders, Origin, Raw, Row};
 use crate::job::{First, PollUrl, Request};
 use crate::outcome::{ErrorKind, Failure, Outcome, Polled, Source, Success};
 use crate::output::{AcceptedFile, AcceptedRow, Place, StoredRecord};
@@ -42,14 +42,19 @@ use super::recorder::ToRecord;
 /// What workers need to hand an accepted row to the poller.
 pub(super) struct Polls {
     pub(super) file: AcceptedFile,
+    /// Every poll's headers (the configuration's), made once.
+    headers: HeaderMap,
     /// A row accepted, and when to poll it first (the first answer's `Retry-After`).
     tx: mpsc::UnboundedSender<(Waiting, Option<Duration>)>,
 }
 
 impl Polls {
-    pub(super) fn new(file: AcceptedFile) -> (Polls, mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>) {
+    pub(super) fn new(
+        file: AcceptedFile,
+        headers: HeaderMap,
+    ) -> (Polls, mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Polls { file, tx }, rx)
+        (Polls { file, headers, tx }, rx)
     }
 }
 
@@ -97,22 +102,35 @@ pub(super) async fn accept(
     headers: &HeaderMap,
     retry_after: Option<Duration>,
 ) -> Option<Outcome> {
-    let (Ok(success), Source::Record(record)) = (&outcome.result, &outcome.source) else { return Some(outcome) };
+    let (Ok(success), Source::Record(_)) = (&mut outcome.result, &outcome.source) else { return Some(outcome) };
+    // The first answer and the record move out of the outcome, to the
+    // accepted row's line; a row that is not polled gets them back.
+    let taken = success.raw.is_none();
     let response = match &success.raw {
         Some(raw) => serde_json::from_slice(raw).unwrap_or(Value::Null),
-        None => success.response.clone(),
+        None => std::mem::take(&mut success.response),
     };
     let status = outcome.status.unwrap_or(0);
     let first = First { status, headers: header_map(headers), response: Arc::new(response) };
-    let row =
-        Row { input: outcome.input, number: outcome.number, line: outcome.line, record: record.clone(), earlier: None };
+    let Source::Record(record) = std::mem::replace(&mut outcome.source, Source::Raw(Raw::Text(String::new()))) else {
+        unreachable!("matched above")
+    };
+    let row = Row { input: outcome.input, number: outcome.number, line: outcome.line, record, earlier: None };
+    let unpolled = |mut outcome: Outcome, row: Row, first: First| {
+        outcome.source = Source::Record(row.record);
+        if let (true, Ok(success)) = (taken, &mut outcome.result) {
+            success.response = Arc::try_unwrap(first.response).unwrap_or_else(|shared| (*shared).clone());
+        }
+        outcome
+    };
     let accepted = |what: String| {
         format!("the gateway accepted the call (HTTP {status}), {what}; check the row there before sending it again")
     };
     let url = match shared.requests.poll_url(&row, &first, &request.url) {
-        PollUrl::None => return Some(outcome),
+        PollUrl::None => return Some(unpolled(outcome, row, first)),
         PollUrl::To(url) => url,
         PollUrl::OtherOrigin(origin) => {
+            let mut outcome = unpolled(outcome, row, first);
             let message = accepted(format!(
                 "but its poll URL is on {origin}, another origin than the call's ({}): not polled, so the token \
                  does not go there (poll.allow_other_origin = true allows it)",
@@ -122,6 +140,7 @@ pub(super) async fn accept(
             return Some(outcome);
         }
         PollUrl::Invalid(why) => {
+            let mut outcome = unpolled(outcome, row, first);
             let message = accepted(format!("but it cannot be polled: {why}"));
             outcome.result = Err(Failure { kind: ErrorKind::Pending, message });
             return Some(outcome);
@@ -141,7 +160,7 @@ pub(super) async fn accept(
         headers: first.headers,
         response: Arc::try_unwrap(first.response).unwrap_or_else(|shared| (*shared).clone()),
         capture: success.captured,
-        record: StoredRecord::of(&row.record),
+        record: StoredRecord::from(row.record),
         source_row: outcome.origin.as_ref().and_then(|o| o.row),
         source_run: outcome.origin.as_ref().and_then(|o| o.run.as_deref().map(str::to_string)),
         source_input: outcome.origin.as_ref().and_then(|o| o.input),
@@ -417,7 +436,7 @@ async fn poll_once(
     if !ready {
         return (waiting, Step::Stopped);
     }
-    let (line, row) = match read_back(polls, headers, waiting.place) {
+    let (mut line, row) = match read_back(polls, headers, waiting.place) {
         Ok(read) => read,
         Err(e) => {
             shared.abort(Error::Output(e));
@@ -432,13 +451,8 @@ async fn poll_once(
         }
     };
     let poll = shared.requests.poll().expect("a poller runs only for a job with [poll]");
-    let request = Request {
-        key: line.key.clone(),
-        method: poll.method.clone(),
-        url,
-        headers: shared.requests.poll_headers(),
-        body: None,
-    };
+    let key = std::mem::take(&mut line.key);
+    let request = Request { key, method: poll.method.clone(), url, headers: polls.headers.clone(), body: None };
     let Some(token) = take_token(shared).await else { return (waiting, Step::Stopped) };
     waiting.polls += 1;
     shared.live.polls.fetch_add(1, Ordering::Relaxed);
@@ -449,6 +463,7 @@ async fn poll_once(
         _ = shared.hard_stop.cancelled() => None,
     };
     shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
+    line.key = request.key;
     let Some(result) = result else { return (waiting, Step::Stopped) };
     let latency = started.elapsed();
     let cap = |after: Duration| after.min(shared.settings.retry_after_max);
@@ -487,7 +502,11 @@ async fn poll_once(
     }
     waiting.failures = 0;
     let poll_headers = answer.headers.as_ref().map(header_map).unwrap_or_default();
-    let first = First { status: line.status, headers: line.headers.clone(), response: Arc::new(line.response.clone()) };
+    let first = First {
+        status: line.status,
+        headers: std::mem::take(&mut line.headers),
+        response: Arc::new(std::mem::take(&mut line.response)),
+    };
     let body = Body::new(answer.body, answer.total);
     let judged = shared.requests.judge_poll(&row, &first, status, &poll_headers, &body);
     if !judged.done {
@@ -500,8 +519,8 @@ async fn poll_once(
         waited_ms: now_ms().saturating_sub(line.at_ms),
         response: body.into_value(),
     };
-    let (first_status, mut captured) = (line.status, line.capture.clone());
-    let response = line.response.clone();
+    let (first_status, mut captured) = (line.status, std::mem::take(&mut line.capture));
+    let response = Arc::try_unwrap(first.response).unwrap_or_else(|shared| (*shared).clone());
     let (status, result) = match message {
         None => {
             captured.extend(judged.captured);
