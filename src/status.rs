@@ -55,6 +55,8 @@ impl State {
             State::Finished(0) => "finished".into(),
             State::Finished(_) => "finished, rows failed".into(),
             State::Stopped(130) => "interrupted (exit 130)".into(),
+            // The gateway out, a pause asked for, rows pending: not an abort.
+            State::Stopped(75) => "stopped (exit 75)".into(),
             State::Stopped(code) => format!("aborted (exit {code})"),
         }
     }

@@ -241,7 +241,24 @@ fn closing_lines(
     }
     let rerun = format!("{}{}", options.rerun, flags_text(&options.flags));
     if !files.is_empty() && finished.exit == ExitCode::RowsFailed {
-        eprintln!("  send the failures again: {rerun} {}", files.join(" "));
+        // A 4xx or an invalid row fails the same way when sent as it is;
+        // a redirect, until base_url is where it points.
+        let redirected: u64 = s.statuses.iter().filter(|(code, _)| code.starts_with('3')).map(|(_, n)| n).sum();
+        if redirected > 0 {
+            eprintln!(
+                "  {} answered with a redirect (3xx), not followed: set base_url to where its Location points \
+                 (in each _message), then send them again",
+                plural(redirected, "row")
+            );
+        }
+        let refused: u64 = ["client_error", "invalid_row"].iter().filter_map(|k| s.errors.get(*k)).sum();
+        let fix_first = refused > redirected;
+        let first = if fix_first {
+            "fix the rows that failed with client_error or invalid_row (_message says why), then "
+        } else {
+            ""
+        };
+        eprintln!("  {first}send the failures again: {rerun} {}", files.join(" "));
     }
     if !files.is_empty() {
         let acted = s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted));
