@@ -160,12 +160,30 @@ async fn without_redis_a_process_keeps_its_share_and_comes_back() {
     assert_eq!(told.kinds(), ["redis_lost", "redis_back"], "lost once, however many calls found it lost");
 }
 
+/// Stalls both threads of the test's runtime for `stall` every `every`,
+/// for `lasting`, as a loaded host stalls a process: the timers of the
+/// calls waiting meanwhile fire late.
+fn stall_the_host(stall: Duration, every: Duration, lasting: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let end = Instant::now() + lasting;
+        while Instant::now() < end {
+            tokio::time::sleep(every).await;
+            let both: Vec<_> = (0..2).map(|_| tokio::spawn(async move { std::thread::sleep(stall) })).collect();
+            for stalled in both {
+                stalled.await.unwrap();
+            }
+        }
+    })
+}
+
 /// Many workers waiting while Redis is lost book this process's own
 /// schedule far ahead (96 workers at 25 calls/s: almost 4 s), and Redis is
 /// back before every one of them found it lost. Calls booked alone still go
 /// out at their own pace, outside the shared schedule: until they are gone
 /// the process keeps to its share, and no call waiting for a lease takes
-/// one from the fresh Redis on top of them.
+/// one from the fresh Redis on top of them. The host stalls meanwhile, so
+/// calls booked alone wake too late for their slots and book others, after
+/// the last one booked when Redis came back: those take a shared slot too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_booked_alone_are_out_before_redis_gives_the_whole_rate_again() {
     let Some(mut server) = RedisServer::start() else { return };
@@ -183,7 +201,10 @@ async fn calls_booked_alone_are_out_before_redis_gives_the_whole_rate_again() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     server.restart();
+    // 25 ms every 100 ms, while calls booked alone are still out.
+    let stalls = stall_the_host(Duration::from_millis(25), Duration::from_millis(100), Duration::from_secs(3));
     let times = taking.await.unwrap();
+    stalls.await.unwrap();
     assert!(limiter.is_shared(), "back on the shared limit");
     // This process is alone on Redis: the shared limit is all its own once
     // back, and never more (a burst of 1).

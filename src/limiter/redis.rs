@@ -361,9 +361,12 @@ impl RedisLimiter {
     async fn until_ready(&self) -> Instant {
         wait_unpaused(self.started, &self.paused_until_ms).await;
         self.count_sent();
-        let link = *self.link.lock().unwrap_or_else(|e| e.into_inner());
-        match link {
-            Link::Lost => return self.fallback.until_ready().await,
+        match self.link() {
+            Link::Lost => {
+                if let Some(at) = self.alone().await {
+                    return at;
+                }
+            }
             Link::Back(until) if Instant::now() < until => {
                 self.fallback.until_ready().await;
             }
@@ -371,28 +374,33 @@ impl RedisLimiter {
             Link::Shared => {}
         }
         loop {
-            let at = {
+            let slot = {
                 let mut lease = self.lease.lock().await;
                 // Redis was found lost while this call waited for the lease: it
                 // goes at this process's own pace, as every call does until
                 // Redis is back (a lease taken now would add its calls to those).
-                if *self.link.lock().unwrap_or_else(|e| e.into_inner()) == Link::Lost {
-                    drop(lease);
-                    return self.fallback.until_ready().await;
+                if self.link() == Link::Lost {
+                    None
+                } else {
+                    match lease.take() {
+                        Some(slot) => Some(slot),
+                        None => match self.fetch_lease().await {
+                            Ok(fresh) => {
+                                *lease = fresh;
+                                Some(lease.take().unwrap_or_else(Instant::now))
+                            }
+                            Err(reason) => {
+                                self.lost(&reason);
+                                None
+                            }
+                        },
+                    }
                 }
-                match lease.take() {
-                    Some(slot) => slot,
-                    None => match self.fetch_lease().await {
-                        Ok(fresh) => {
-                            *lease = fresh;
-                            lease.take().unwrap_or_else(Instant::now)
-                        }
-                        Err(reason) => {
-                            drop(lease);
-                            self.lost(&reason);
-                            return self.fallback.until_ready().await;
-                        }
-                    },
+            };
+            let Some(at) = slot else {
+                match self.alone().await {
+                    Some(at) => return at,
+                    None => continue,
                 }
             };
             // A slot inside a `Retry-After` pause is given up too: no call
@@ -405,6 +413,26 @@ impl RedisLimiter {
             }
             self.given_up.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(target: PACE_TARGET, late_ms = (woke - at).as_secs_f64() * 1e3, "slot given up");
+        }
+    }
+
+    /// Whether this process is on the shared schedule, alone, or back.
+    fn link(&self) -> Link {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A call at this process's own pace, Redis lost: the moment the
+    /// fallback let it through, or `None` when by then Redis is back and
+    /// the cap is over (the call takes a slot of the shared schedule too).
+    /// The cap lasts until the last call booked alone may go, but a call
+    /// woken too late for its slot books another one, after that: spent
+    /// alone, it would go on top of the whole shared rate.
+    async fn alone(&self) -> Option<Instant> {
+        let at = self.fallback.until_ready().await;
+        match self.link() {
+            Link::Lost => Some(at),
+            Link::Back(until) if at < until => Some(at),
+            Link::Back(_) | Link::Shared => None,
         }
     }
 
