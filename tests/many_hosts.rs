@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -39,8 +38,18 @@ fn shard_with_key(
     command
 }
 
+/// How much nicer than the test the shards run. The gateway (this test's
+/// process) stands for a server on another host: its arrival times must be
+/// the calls', not its own stalls. Yet on a loaded 2-core machine the four
+/// shards it measures starve it: at the same niceness, under `yes` on one
+/// core, its runtime woke up to 80–150 ms late and the calls took up to
+/// 170 ms from being let through to arriving (p99), clumping calls let
+/// through in time. The shards get less of the machine, never more: their
+/// own jitter is what the limiters are judged under.
+const SHARD_NICENESS: libc::c_int = 10;
+
 /// `bulkcall run JOB INPUT --shard K/N` with the test's config, sharing
-/// `redis`.
+/// `redis`, at [`SHARD_NICENESS`].
 fn shard(
     gw: &Gateway,
     redis: &str,
@@ -58,6 +67,14 @@ fn shard(
         .args(extra)
         .env("BULKCALL_REDIS_URL", redis)
         .env_remove("BULKCALL_TOKEN_KEY");
+    // SAFETY: between fork and exec the child only calls setpriority, a
+    // system call (async-signal-safe), on itself.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, SHARD_NICENESS);
+            Ok(())
+        });
+    }
     command
 }
 
@@ -141,7 +158,8 @@ fn results_by_key(gw: &Gateway, n: u32) -> HashMap<String, usize> {
 
 /// How late the gateway's own runtime wakes up, at worst: on a machine so
 /// busy that it stalls the gateway, calls the senders spread over a second
-/// arrive in a clump, which a gateway counting to the call may refuse.
+/// arrive in a clump. A figure shown beside the gateway's judgement, to
+/// tell which side clumped a second over the limit; never an excuse.
 struct Stalls {
     worst: std::sync::Arc<std::sync::Mutex<Duration>>,
     task: tokio::task::JoinHandle<()>,
@@ -194,13 +212,11 @@ struct Lost {
 
 /// The shared limit, judged where it is kept: in no second did the
 /// senders' limiters let more than `rate + burst` calls through (the
-/// headroom pays for the calls up to `limiter::LATE` late). The busiest
-/// second.
-fn assert_the_senders_kept_the_limit(sends: &[u64], rate: u32) -> usize {
+/// headroom pays for the calls up to `limiter::LATE` late).
+fn assert_the_senders_kept_the_limit(sends: &[u64], rate: u32) {
     let busiest = busiest_second(sends);
     let most = (rate + BURST) as usize;
     assert!(busiest <= most, "the senders let {busiest} calls through in one second (at most {most})");
-    busiest
 }
 
 /// The calls went at the paced rate (`limiter::HEADROOM` below `rate`),
@@ -218,44 +234,40 @@ fn assert_the_paced_rate(sends: &[u64], lost: &Lost, rate: u32) {
     assert!((achieved - expected).abs() / paced < 0.01, "{seen}");
 }
 
-/// The gateway refused no call with 429. A gateway that stalled (`stall`)
-/// long enough to clump the calls of a second over its limit cannot be
-/// judged: `Err` says so, and the caller runs again.
-fn judge_the_gateway(gw: &Gateway, busiest: usize, rate: u32, stall: Duration) -> Result<(), String> {
+/// The shared limit, judged at the gateway: no call refused with 429, and
+/// in no second (any one-second window, not only the gateway's whole
+/// seconds) did more than `rate + burst` calls arrive. Shown beside it,
+/// to tell which side clumped a second over: the calls the senders let
+/// through in that same second, how long calls took from being let
+/// through to arriving (the k-th arrival against the k-th call let
+/// through, when every call let through arrived) and how late the
+/// gateway's runtime woke at worst (`stall`).
+fn assert_the_gateway_kept_the_limit(gw: &Gateway, sends: &[u64], rate: u32, stall: Duration) {
     let calls = gw.sandbox.recorded();
     let mut arrivals: Vec<u64> = calls.iter().map(|c| arrival_ns(&gw.sandbox, c)).collect();
     arrivals.sort_unstable();
     let throttled = calls.iter().filter(|c| c.status == 429).count();
+    let second = Duration::from_secs(1);
+    let (arrived, from) = busiest(&arrivals, second);
+    let hops = if sends.len() == arrivals.len() {
+        let mut hops: Vec<u64> = arrivals.iter().zip(sends).map(|(a, s)| a.saturating_sub(*s)).collect();
+        hops.sort_unstable();
+        let ms = |q: f64| hops[((hops.len() - 1) as f64 * q) as usize] as f64 / 1e6;
+        format!("let through to arrived: median {:.1} ms, p99 {:.1} ms, max {:.1} ms", ms(0.5), ms(0.99), ms(1.0))
+    } else {
+        format!("{} calls let through, {} arrived", sends.len(), arrivals.len())
+    };
     let seen = format!(
-        "{throttled} calls refused with 429; busiest second: {busiest} calls let through, {} arrived; \
-         the gateway stalled {stall:?} at worst",
-        busiest_second(&arrivals)
+        "{throttled} calls refused with 429; busiest second at the gateway: {arrived} calls arrived, \
+         {} let through in it (the senders' busiest: {}); {hops}; the gateway's runtime woke up to {stall:?} late",
+        within(sends, from, second),
+        busiest_second(sends),
     );
     // What was seen, kept in the test's output (`--nocapture`) as a figure.
     eprintln!("{seen}");
-    if throttled == 0 {
-        return Ok(());
-    }
-    // The calls that fit the limit when let through and not when they
-    // arrived were clumped on the way: by the gateway's own stall, when it
-    // was long enough to hold the difference, or else by the senders.
-    let room = Duration::from_secs_f64(f64::from(gateway_limit(rate) - busiest as u32) / f64::from(rate));
-    assert!(stall >= room, "{seen}: the gateway ran on time, so the senders clumped the calls");
-    Err(seen)
-}
-
-/// Runs `attempt` until the shared limit can be judged (at most three
-/// times: on a machine busy enough to stall the gateway it may not be),
-/// and skips the test when it never could ([`skip`]: a failure under CI).
-async fn judged<F: Future<Output = Result<(), String>>>(mut attempt: impl FnMut() -> F) {
-    let mut seen = Vec::new();
-    for _ in 0..3 {
-        match attempt().await {
-            Ok(()) => return,
-            Err(why) => seen.push(why),
-        }
-    }
-    skip(&format!("the host stalled in every run, so the limit was not judged: {seen:?}"));
+    assert_eq!(throttled, 0, "{seen}");
+    let most = (rate + BURST) as usize;
+    assert!(arrived <= most, "{seen}: more than {most} calls arrived in one second");
 }
 
 /// Waits until the gateway has received `n` calls.
@@ -274,39 +286,38 @@ fn assert_every_row_once(gw: &Gateway, n: u32, rows: usize) {
 }
 
 /// Four shards at `--rate 400` against a gateway that refuses the 411th
-/// call of a second, on a machine as loaded as it is.
+/// call of a second, on a machine as loaded as it is: no call refused, and
+/// no second above the rate and the burst (405), where the senders let the
+/// calls through nor where the gateway received them. Every run is judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_shards_share_one_rate_limit() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (rows, rate) = (6000, 400);
-    judged(|| async {
-        let Some(redis) = RedisServer::start() else { return Ok(()) };
-        let gw = limited_gateway(gateway_limit(rate)).await;
-        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-        let stalls = Stalls::watch();
-        let ended = run_shards(&gw, &redis.url(), &job, &input, 4, &["--rate", &rate.to_string(), "-j", "16"]).await;
-        let stall = stalls.worst();
-        for end in &ended {
-            assert_eq!(end.code, Some(0), "{}", end.log());
-            assert!(end.stderr.contains("round trips to Redis"), "{}", end.log());
-            assert_eq!(end.stderr.matches("each fetches its own token").count(), 1, "one warning: {}", end.log());
-        }
-        assert_every_row_once(&gw, 4, rows);
-        let (sends, lost) = let_through(&ended);
-        // Every attempt passes the limiter: a call the gateway refused with
-        // 429 (judged below) was let through again.
-        let received = gw.sandbox.recorded().len();
-        let statuses: HashMap<u16, usize> = gw.sandbox.recorded().iter().fold(HashMap::new(), |mut m, c| {
-            *m.entry(c.status).or_default() += 1;
-            m
-        });
-        assert_eq!(sends.len(), received, "one call let through per call received: {rows} rows, {statuses:?}");
-        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
-        assert_the_paced_rate(&sends, &lost, rate);
-        judge_the_gateway(&gw, busiest, rate, stall)
-    })
-    .await;
+    let Some(redis) = RedisServer::start() else { return };
+    let gw = limited_gateway(gateway_limit(rate)).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let stalls = Stalls::watch();
+    let ended = run_shards(&gw, &redis.url(), &job, &input, 4, &["--rate", &rate.to_string(), "-j", "16"]).await;
+    let stall = stalls.worst();
+    for end in &ended {
+        assert_eq!(end.code, Some(0), "{}", end.log());
+        assert!(end.stderr.contains("round trips to Redis"), "{}", end.log());
+        assert_eq!(end.stderr.matches("each fetches its own token").count(), 1, "one warning: {}", end.log());
+    }
+    assert_every_row_once(&gw, 4, rows);
+    let (sends, lost) = let_through(&ended);
+    // Every attempt passes the limiter: a call the gateway refused with
+    // 429 (judged below) was let through again.
+    let received = gw.sandbox.recorded().len();
+    let statuses: HashMap<u16, usize> = gw.sandbox.recorded().iter().fold(HashMap::new(), |mut m, c| {
+        *m.entry(c.status).or_default() += 1;
+        m
+    });
+    assert_eq!(sends.len(), received, "one call let through per call received: {rows} rows, {statuses:?}");
+    assert_the_senders_kept_the_limit(&sends, rate);
+    assert_the_paced_rate(&sends, &lost, rate);
+    assert_the_gateway_kept_the_limit(&gw, &sends, rate, stall);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,42 +363,39 @@ async fn redis_unreachable_at_start_is_temporary() {
 async fn redis_lost_mid_run_and_back_loses_no_row_and_keeps_the_limit() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (rows, rate) = (3000, 500);
-    judged(|| async {
-        let Some(mut redis) = RedisServer::start() else { return Ok(()) };
-        let gw = limited_gateway(gateway_limit(rate)).await;
-        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-        let extra = ["--rate", &rate.to_string(), "-j", "16"];
-        let running: Vec<_> =
-            (0..4).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, 4, &extra))).collect();
-        let stalls = Stalls::watch();
-        received(&gw, 800).await;
-        redis.stop();
-        received(&gw, 1400).await;
-        redis.restart();
-        let ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
-        let stall = stalls.worst();
-        for end in &ended {
-            assert_eq!(end.code, Some(0), "{}", end.log());
-            assert_eq!(end.stderr.matches("lost Redis").count(), 1, "one warning: {}", end.log());
-            assert!(end.stderr.contains("is back"), "{}", end.log());
-        }
-        // Each shard tells it in its own events: lost once, then back.
-        for k in 0..4 {
-            let dir = gw.path("run").join(format!("shard-{k}-of-4"));
-            let redis: Vec<String> = event_kinds(&dir).into_iter().filter(|e| e.starts_with("redis")).collect();
-            assert_eq!(redis, ["redis_lost", "redis_back"], "shard {k}");
-        }
-        assert_every_row_once(&gw, 4, rows);
-        // Slots leased before Redis was lost stay good, a process going on
-        // alone starts after its last one with no burst, and one back on
-        // Redis keeps to its share until the calls it booked alone are out:
-        // no second above the limit at a switch.
-        let (sends, _) = let_through(&ended);
-        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
-        judge_the_gateway(&gw, busiest, rate, stall)
-    })
-    .await;
+    let Some(mut redis) = RedisServer::start() else { return };
+    let gw = limited_gateway(gateway_limit(rate)).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let extra = ["--rate", &rate.to_string(), "-j", "16"];
+    let running: Vec<_> =
+        (0..4).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, 4, &extra))).collect();
+    let stalls = Stalls::watch();
+    received(&gw, 800).await;
+    redis.stop();
+    received(&gw, 1400).await;
+    redis.restart();
+    let ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
+    let stall = stalls.worst();
+    for end in &ended {
+        assert_eq!(end.code, Some(0), "{}", end.log());
+        assert_eq!(end.stderr.matches("lost Redis").count(), 1, "one warning: {}", end.log());
+        assert!(end.stderr.contains("is back"), "{}", end.log());
+    }
+    // Each shard tells it in its own events: lost once, then back.
+    for k in 0..4 {
+        let dir = gw.path("run").join(format!("shard-{k}-of-4"));
+        let redis: Vec<String> = event_kinds(&dir).into_iter().filter(|e| e.starts_with("redis")).collect();
+        assert_eq!(redis, ["redis_lost", "redis_back"], "shard {k}");
+    }
+    assert_every_row_once(&gw, 4, rows);
+    // Slots leased before Redis was lost stay good, a process going on
+    // alone starts after its last one with no burst, and one back on
+    // Redis keeps to its share until the calls it booked alone are out:
+    // no second above the limit at a switch.
+    let (sends, _) = let_through(&ended);
+    assert_the_senders_kept_the_limit(&sends, rate);
+    assert_the_gateway_kept_the_limit(&gw, &sends, rate, stall);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,64 +463,61 @@ fn lines_so_far(path: &Path) -> usize {
 async fn a_shard_killed_and_started_again_resumes_within_the_shared_run() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (rows, rate) = (2000, 400);
-    judged(|| async {
-        let Some(redis) = RedisServer::start() else { return Ok(()) };
-        let gw = limited_gateway(gateway_limit(rate)).await;
-        let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
-        let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
-        let extra = ["--rate", &rate.to_string(), "-j", "16"];
-        let (killed, n) = (1, 4);
-        let results = gw.path("run").join(format!("shard-{killed}-of-{n}")).join("results.jsonl");
+    let Some(redis) = RedisServer::start() else { return };
+    let gw = limited_gateway(gateway_limit(rate)).await;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows as u64));
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let extra = ["--rate", &rate.to_string(), "-j", "16"];
+    let (killed, n) = (1, 4);
+    let results = gw.path("run").join(format!("shard-{killed}-of-{n}")).join("results.jsonl");
 
-        let stalls = Stalls::watch();
-        let mut running: Vec<_> =
-            (0..n).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, n, &extra))).collect();
-        // A good share of the run is done, and shard 1 has recorded outcomes.
-        received(&gw, 500).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while lines_so_far(&results) < 100 {
-            assert!(tokio::time::Instant::now() < deadline, "shard {killed} recorded no outcome in 30 s");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let victim = running.remove(killed as usize).kill().await;
-        assert_eq!(victim.code, None, "killed by SIGKILL");
-        let before: Vec<String> = jsonl(&results).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
-        let share = rows / n as usize;
-        assert!(before.len() >= 100 && before.len() < share, "{} of {share} rows recorded at the kill", before.len());
+    let stalls = Stalls::watch();
+    let mut running: Vec<_> =
+        (0..n).map(|k| Running::start(shard(&gw, &redis.url(), &job, &input, k, n, &extra))).collect();
+    // A good share of the run is done, and shard 1 has recorded outcomes.
+    received(&gw, 500).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while lines_so_far(&results) < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "shard {killed} recorded no outcome in 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let victim = running.remove(killed as usize).kill().await;
+    assert_eq!(victim.code, None, "killed by SIGKILL");
+    let before: Vec<String> = jsonl(&results).iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+    let share = rows / n as usize;
+    assert!(before.len() >= 100 && before.len() < share, "{} of {share} rows recorded at the kill", before.len());
 
-        // The very same command, while the other shards go on.
-        running.insert(killed as usize, Running::start(shard(&gw, &redis.url(), &job, &input, killed, n, &extra)));
-        let mut ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
-        for end in &ended {
-            assert_eq!(end.code, Some(0), "{}", end.log());
-        }
-        // The manifest in Redis took it back (this line comes after the
-        // check), and it resumed on the shared limit.
-        let restarted = ended[killed as usize].log();
-        assert!(restarted.contains(&format!("resuming eligibility shard {killed}/{n} of run r1")), "{restarted}");
-        assert!(restarted.contains("round trips to Redis"), "{restarted}");
+    // The very same command, while the other shards go on.
+    running.insert(killed as usize, Running::start(shard(&gw, &redis.url(), &job, &input, killed, n, &extra)));
+    let mut ended = futures::future::join_all(running.into_iter().map(Running::finish)).await;
+    for end in &ended {
+        assert_eq!(end.code, Some(0), "{}", end.log());
+    }
+    // The manifest in Redis took it back (this line comes after the
+    // check), and it resumed on the shared limit.
+    let restarted = ended[killed as usize].log();
+    assert!(restarted.contains(&format!("resuming eligibility shard {killed}/{n} of run r1")), "{restarted}");
+    assert!(restarted.contains("round trips to Redis"), "{restarted}");
 
-        assert_every_row_once(&gw, n, rows);
-        let calls = gw.sandbox.recorded();
-        // Calls answered (a 429 is asked again) per row key.
-        let mut answered: HashMap<String, usize> = HashMap::new();
-        for call in calls.iter().filter(|c| c.status != 429) {
-            *answered.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
-        }
-        for key in &before {
-            assert_eq!(answered[key], 1, "{key} was recorded before the kill and sent again");
-        }
-        assert_eq!(answered.len(), rows, "every row reached the gateway");
-        // A shard dying with slots leased, and one joining again, never take
-        // the run over the limit. (The killed shard may have let calls
-        // through that it never sent.)
-        ended.push(victim);
-        let (sends, _) = let_through(&ended);
-        assert!(sends.len() >= calls.len(), "{} calls let through, {} received", sends.len(), calls.len());
-        let busiest = assert_the_senders_kept_the_limit(&sends, rate);
-        judge_the_gateway(&gw, busiest, rate, stalls.worst())
-    })
-    .await;
+    assert_every_row_once(&gw, n, rows);
+    let calls = gw.sandbox.recorded();
+    // Calls answered (a 429 is asked again) per row key.
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    for call in calls.iter().filter(|c| c.status != 429) {
+        *answered.entry(call.body["controlNumber"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    for key in &before {
+        assert_eq!(answered[key], 1, "{key} was recorded before the kill and sent again");
+    }
+    assert_eq!(answered.len(), rows, "every row reached the gateway");
+    // A shard dying with slots leased, and one joining again, never take
+    // the run over the limit. (The killed shard may have let calls
+    // through that it never sent.)
+    ended.push(victim);
+    let (sends, _) = let_through(&ended);
+    assert!(sends.len() >= calls.len(), "{} calls let through, {} received", sends.len(), calls.len());
+    assert_the_senders_kept_the_limit(&sends, rate);
+    assert_the_gateway_kept_the_limit(&gw, &sends, rate, stalls.worst());
 }
 
 /// The refresh lock of the token the test's config shares: beside the
