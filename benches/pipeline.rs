@@ -90,7 +90,7 @@ fn main() {
         None,
     )
     .unwrap();
-    let ledger = std::sync::Arc::new(Ledger::open(&out, false, false).unwrap());
+    let ledger = std::sync::Arc::new(Ledger::open(&out, false, bulkcall::output::MarkStarted::Written).unwrap());
     let mut group = GroupCommit::default();
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut chunk = Vec::with_capacity(64);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::ledger::Committer;
+use super::committer::Committer;
 use super::{OutputError, Records, io, open_file};
 use crate::input::{CsvHeaders, Record};
 
@@ -137,7 +137,7 @@ impl AcceptedFile {
         let file = open_file(&path, append, Records::Lines)?;
         let end = file.metadata().map_err(io(&path))?.len();
         let read = File::open(&path).map_err(io(&path))?;
-        let committer = Committer::start(file, path.clone());
+        let committer = Committer::start(file, path.clone(), None);
         Ok(AcceptedFile { path, read, committer, end: Mutex::new(end) })
     }
 

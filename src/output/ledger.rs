@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::committer::{Committer, Marked, Synced};
 use super::{OutputError, Records, io, open_file, sync};
 use crate::outcome::Outcome;
 use crate::rows::RowSet;
@@ -25,97 +26,102 @@ pub struct Ledger {
     writing: std::sync::Mutex<()>,
     /// How many queued marks have been written (and synced).
     written: std::sync::atomic::AtomicU64,
-    /// For a job that is not idempotent (after a power cut, a row sent must
-    /// be known as sent): the thread that makes each `S` mark durable before
-    /// its row is sent, one `fdatasync` per [`COMMIT_WINDOW`] at most.
+    /// For [`MarkStarted::Durable`]: the thread that makes each `S` mark
+    /// durable before its row is sent, one `fdatasync` per
+    /// [`COMMIT_WINDOW`](super::COMMIT_WINDOW) at most.
     committer: Option<Arc<Committer>>,
 }
 
-/// At most one sync of started marks per this long: the marks queued
-/// meanwhile share it. A row waits at most this long (and the sync) more
-/// before it goes out; its started mark is durable first, as ever.
-pub const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// The started marks of a job that is not idempotent, on their way to the
-/// disk: queued by the workers, written and synced by one thread.
-pub(super) struct Committer {
-    /// Marks queued and not yet taken, how many were ever queued, and
-    /// whether the ledger is gone (the thread ends).
-    queued: std::sync::Mutex<(Vec<u8>, u64, bool)>,
-    wake: std::sync::Condvar,
-    /// How many queued marks are durable, or why writing them failed.
-    synced: tokio::sync::watch::Sender<Result<u64, (std::io::ErrorKind, String)>>,
+/// How a run marks its rows started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkStarted {
+    /// Written before the row goes out: a job that is idempotent, whose
+    /// row sent again does no harm after a power cut.
+    Written,
+    /// Durable before the row goes out (after a power cut, a row sent must
+    /// be known as sent), with at most `in_doubt` rows at any moment whose
+    /// mark is written and that are not [settled](Marked): the most a crash
+    /// can leave in doubt.
+    Durable { in_doubt: usize },
 }
 
-impl Committer {
-    pub(super) fn start(file: File, path: PathBuf) -> Arc<Committer> {
-        let committer = Arc::new(Committer {
-            queued: std::sync::Mutex::new((Vec::new(), 0, false)),
-            wake: std::sync::Condvar::new(),
-            synced: tokio::sync::watch::Sender::new(Ok(0)),
-        });
-        let shared = committer.clone();
-        std::thread::Builder::new()
-            .name("bulkcall-ledger".into())
-            .spawn(move || shared.run(&file, &path))
-            .expect("the ledger's thread starts");
-        committer
-    }
+/// Where the workers of one thread (a lane) wait for their started marks to
+/// be durable: one task there follows the committer and wakes, after each
+/// sync, the workers whose marks it made durable, and only those. A sync
+/// wakes each thread once, not each of its workers from the committer's
+/// thread (a wake-up across threads is a system call).
+pub struct Marks {
+    ledger: Arc<Ledger>,
+    waiting: Option<Arc<std::sync::Mutex<Waiting>>>,
+}
 
-    /// Queues bytes for the next sync (`fill` appends them); returns the
-    /// ticket [`Committer::durable`] waits for. Bytes queued one after
-    /// another reach the file in that order.
-    pub(super) fn queue(&self, fill: impl FnOnce(&mut Vec<u8>)) -> u64 {
-        let mine = {
-            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-            fill(&mut queued.0);
-            queued.1 += 1;
-            queued.1
+/// The workers of one thread waiting for their marks, by ticket.
+struct Waiting {
+    /// The committer's progress, as the follower last saw it.
+    synced: Synced,
+    /// In ticket order.
+    rows: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Marks {
+    /// Marks a row started, as [`Ledger::started`] does.
+    pub async fn started(&self, input: usize, row: u64) -> Result<Marked, OutputError> {
+        let (Some(committer), Some(waiting)) = (&self.ledger.committer, &self.waiting) else {
+            return self.ledger.started(input, row).await;
         };
-        self.wake.notify_one();
-        mine
-    }
-
-    /// Waits until what was queued with ticket `mine` is durable.
-    pub(super) async fn durable(&self, mine: u64, path: &Path) -> Result<(), OutputError> {
-        let mut synced = self.synced.subscribe();
-        let synced = synced.wait_for(|s| s.as_ref().map_or(true, |&upto| upto >= mine)).await;
-        match synced.as_deref() {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((kind, message))) => Err(io(path)(std::io::Error::new(*kind, message.clone()))),
-            Err(_) => Err(io(path)(std::io::Error::other("the committer's thread ended"))),
+        let (mine, marked) = Ledger::queue_started(committer, input, row);
+        let durable = {
+            let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+            match &waiting.synced {
+                Ok(upto) if *upto >= mine => None,
+                Ok(_) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let at = waiting.rows.partition_point(|(ticket, _)| *ticket < mine);
+                    waiting.rows.insert(at, (mine, tx));
+                    Some(rx)
+                }
+                Err((kind, message)) => return Err(io(&self.ledger.path)(std::io::Error::new(*kind, message.clone()))),
+            }
+        };
+        if let Some(durable) = durable
+            && durable.await.is_err()
+        {
+            // The follower is gone: the committer's thread ended, or failed.
+            let failed = waiting.lock().unwrap_or_else(|e| e.into_inner()).synced.clone();
+            let (kind, message) =
+                failed.err().unwrap_or((std::io::ErrorKind::Other, "the committer's thread ended".into()));
+            return Err(io(&self.ledger.path)(std::io::Error::new(kind, message)));
         }
+        Ok(marked)
     }
 
-    /// Ends the thread once what is queued is written.
-    pub(super) fn close(&self) {
-        self.queued.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
-        self.wake.notify_one();
-    }
-
-    fn run(&self, file: &File, path: &Path) {
+    /// Follows the committer: after each sync, wakes the workers whose
+    /// marks it made durable. Ends with the committer's thread (every
+    /// worker still waiting is then told), or when it fails.
+    async fn follow(mut synced: tokio::sync::watch::Receiver<Synced>, waiting: Arc<std::sync::Mutex<Waiting>>) {
         loop {
-            let (marks, upto) = {
-                let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-                while queued.0.is_empty() && !queued.2 {
-                    queued = self.wake.wait(queued).unwrap_or_else(|e| e.into_inner());
+            let now = synced.borrow_and_update().clone();
+            let failed = now.is_err();
+            {
+                let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                let upto = *now.as_ref().unwrap_or(&u64::MAX);
+                while waiting.rows.front().is_some_and(|(ticket, _)| *ticket <= upto) {
+                    let (_, durable) = waiting.rows.pop_front().expect("checked");
+                    // An error leaves the sender dropped: its worker is told.
+                    if !failed {
+                        let _ = durable.send(());
+                    }
                 }
-                if queued.0.is_empty() {
-                    return;
-                }
-                (std::mem::take(&mut queued.0), queued.1)
-            };
-            let began = std::time::Instant::now();
-            let written = (&*file).write_all(&marks).and_then(|()| sync(file, path));
-            if let Err(e) = written {
-                let _ = self.synced.send_replace(Err((e.kind(), e.to_string())));
-                return;
+                waiting.synced = now;
             }
-            let _ = self.synced.send_replace(Ok(upto));
-            // The next marks gather for the rest of the window.
-            if let Some(rest) = COMMIT_WINDOW.checked_sub(began.elapsed()) {
-                std::thread::sleep(rest);
+            if failed || synced.changed().await.is_err() {
+                break;
             }
+        }
+        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.rows.clear();
+        if waiting.synced.is_ok() {
+            waiting.synced = Err((std::io::ErrorKind::Other, "the committer's thread ended".into()));
         }
     }
 }
@@ -159,14 +165,15 @@ pub struct Done {
 }
 
 impl Ledger {
-    /// Opens the ledger; `sync_started` makes each `S` mark durable before
-    /// [`Ledger::started`] returns.
-    pub fn open(dir: &Path, append: bool, sync_started: bool) -> Result<Ledger, OutputError> {
+    /// Opens the ledger, marking rows started as `started` says.
+    pub fn open(dir: &Path, append: bool, started: MarkStarted) -> Result<Ledger, OutputError> {
         let path = dir.join("journal");
         let file = open_file(&path, append, Records::Lines)?;
-        let committer = match sync_started {
-            true => Some(Committer::start(file.try_clone().map_err(io(&path))?, path.clone())),
-            false => None,
+        let committer = match started {
+            MarkStarted::Durable { in_doubt } => {
+                Some(Committer::start(file.try_clone().map_err(io(&path))?, path.clone(), Some(in_doubt)))
+            }
+            MarkStarted::Written => None,
         };
         Ok(Ledger {
             file,
@@ -178,18 +185,17 @@ impl Ledger {
         })
     }
 
-    /// Marks a row started, written (with `sync_started`, durable) before
-    /// this returns. Workers that mark rows in the same moment share one
-    /// `write` and one sync: each queues its mark, lets the others run once,
-    /// and the first back writes every mark queued.
-    pub async fn started(self: &Arc<Self>, input: usize, row: u64) -> Result<(), OutputError> {
+    /// Marks a row started, written (with [`MarkStarted::Durable`],
+    /// durable) before this returns; the row is settled when the [`Marked`]
+    /// returned is dropped. Workers that mark rows in the same moment share
+    /// one `write` (and one sync): each queues its mark, lets the others run
+    /// once, and the first back writes every mark queued.
+    pub async fn started(self: &Arc<Self>, input: usize, row: u64) -> Result<Marked, OutputError> {
         use std::sync::atomic::Ordering;
         if let Some(committer) = &self.committer {
-            // Durable before it returns: queued for the committer's next sync.
-            let mine = committer.queue(|buf| {
-                let _ = writeln!(ByteWriter(buf), "S\t{input}\t{row}");
-            });
-            return committer.durable(mine, &self.path).await;
+            let (mine, marked) = Self::queue_started(committer, input, row);
+            committer.durable(mine, &self.path).await?;
+            return Ok(marked);
         }
         let mine = {
             let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
@@ -198,10 +204,34 @@ impl Ledger {
             queued.1
         };
         tokio::task::yield_now().await;
-        if self.written.load(Ordering::Acquire) >= mine {
-            return Ok(());
+        if self.written.load(Ordering::Acquire) < mine {
+            self.write_queued(mine)?;
         }
-        self.write_queued(mine)
+        Ok(Marked::unbounded())
+    }
+
+    /// Queues a started mark for the committer's next sync, which takes it
+    /// once there is room: its ticket, and the row's [`Marked`] (which
+    /// settles even when dropped while it waits).
+    fn queue_started(committer: &Arc<Committer>, input: usize, row: u64) -> (u64, Marked) {
+        let mine = committer.queue(|buf| {
+            let _ = writeln!(ByteWriter(buf), "S\t{input}\t{row}");
+        });
+        (mine, committer.marked())
+    }
+
+    /// Where this thread's workers mark their rows started: for a ledger
+    /// whose marks are durable first, a task on this thread's runtime
+    /// follows the committer for them. Called on an async runtime.
+    pub fn marks(self: &Arc<Self>) -> Marks {
+        let waiting = self.committer.as_ref().map(|committer| {
+            let synced = committer.subscribe();
+            let waiting = Waiting { synced: synced.borrow().clone(), rows: Default::default() };
+            let waiting = Arc::new(std::sync::Mutex::new(waiting));
+            tokio::spawn(Marks::follow(synced, waiting.clone()));
+            waiting
+        });
+        Marks { ledger: self.clone(), waiting }
     }
 
     /// Writes every mark queued, unless another writer already wrote `mine`

@@ -11,6 +11,7 @@
 
 mod accepted;
 mod commit;
+mod committer;
 mod events;
 mod ledger;
 mod lock;
@@ -27,8 +28,9 @@ use serde::Serialize;
 
 pub use accepted::{ACCEPTED, AcceptedFile, AcceptedRow, Place, StoredRecord};
 pub use commit::{GroupCommit, SYNC_EVERY};
+pub use committer::{COMMIT_WINDOW, Marked};
 pub use events::EventsFile;
-pub use ledger::{Done, Ledger, LedgerState, Mark};
+pub use ledger::{Done, Ledger, LedgerState, Mark, MarkStarted, Marks};
 pub use lock::{JobLock, lock_job, lock_run_dir, run_dir_holder};
 pub use recover::{Recent, recent_outcomes};
 pub use run_info::{RunFlags, RunInfo};

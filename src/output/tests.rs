@@ -58,7 +58,7 @@ fn a_done_mark_reaches_the_disk_only_after_its_outcome_line() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
     let mut writer = Writer::open(dir.path(), inputs, false, true, None).unwrap();
-    let ledger = Ledger::open(dir.path(), false, false).unwrap();
+    let ledger = Ledger::open(dir.path(), false, MarkStarted::Written).unwrap();
     let len = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
 
     let mut group = GroupCommit::default();
@@ -87,8 +87,9 @@ fn a_done_mark_reaches_the_disk_only_after_its_outcome_line() {
 async fn started_marks_are_durable_before_a_row_goes_out_only_when_asked() {
     for sync_started in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(Ledger::open(dir.path(), false, sync_started).unwrap());
-        ledger.started(0, 1).await.unwrap();
+        let started = if sync_started { MarkStarted::Durable { in_doubt: 1 } } else { MarkStarted::Written };
+        let ledger = Arc::new(Ledger::open(dir.path(), false, started).unwrap());
+        let _marked = ledger.started(0, 1).await.unwrap();
         let expected = if sync_started { vec![("journal".to_string(), 6)] } else { vec![] };
         assert_eq!(synced(dir.path()), expected, "sync_started = {sync_started}");
         assert_eq!(std::fs::read_to_string(dir.path().join("journal")).unwrap(), "S\t0\t1\n");
@@ -206,7 +207,7 @@ fn a_written_line_is_due_for_its_sync_within_sync_every_of_the_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
     let mut writer = Writer::open(dir.path(), inputs, false, true, None).unwrap();
-    let ledger = Ledger::open(dir.path(), false, false).unwrap();
+    let ledger = Ledger::open(dir.path(), false, MarkStarted::Written).unwrap();
     let mut group = GroupCommit::default();
     assert!(group.due().is_none(), "nothing written, nothing due");
     let before = std::time::Instant::now();
@@ -226,7 +227,7 @@ fn a_written_line_is_due_for_its_sync_within_sync_every_of_the_oldest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn started_marks_share_one_sync_per_window_at_most() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(Ledger::open(dir.path(), false, true).unwrap());
+    let ledger = Arc::new(Ledger::open(dir.path(), false, MarkStarted::Durable { in_doubt: 400 }).unwrap());
     let began = std::time::Instant::now();
     let rows: Vec<_> = (0..400u64)
         .map(|row| {
@@ -234,8 +235,9 @@ async fn started_marks_share_one_sync_per_window_at_most() {
             tokio::spawn(async move { ledger.started(0, row).await })
         })
         .collect();
+    let mut marked = Vec::new();
     for row in rows {
-        row.await.unwrap().unwrap();
+        marked.push(row.await.unwrap().unwrap());
     }
     let took = began.elapsed();
     // Every mark is on disk once its started() returned.
@@ -243,6 +245,62 @@ async fn started_marks_share_one_sync_per_window_at_most() {
     assert_eq!(journal.lines().filter(|l| l.starts_with("S\t0\t")).count(), 400);
     let syncs = synced(dir.path()).len() as u128;
     // One sync per COMMIT_WINDOW at most (the first one at once).
-    assert!(syncs <= took.as_micros() / super::ledger::COMMIT_WINDOW.as_micros() + 1, "{syncs} syncs in {took:?}");
+    assert!(syncs <= took.as_micros() / COMMIT_WINDOW.as_micros() + 1, "{syncs} syncs in {took:?}");
     assert!(syncs < 400, "marks share syncs: {syncs} for 400 rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_rows_are_marked_started_than_may_be_in_doubt_until_one_is_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(dir.path(), false, MarkStarted::Durable { in_doubt: 3 }).unwrap());
+    let marks_on_file = || {
+        let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap_or_default();
+        journal.lines().filter(|l| l.starts_with("S\t")).count()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for row in 0..5u64 {
+        let (ledger, tx) = (ledger.clone(), tx.clone());
+        tokio::spawn(async move { tx.send((row, ledger.started(0, row).await.unwrap())).unwrap() });
+    }
+    let mut marked = Vec::new();
+    for _ in 0..3 {
+        marked.push(rx.recv().await.unwrap());
+    }
+    // Three rows marked and not settled: the other two wait, unwritten (a
+    // crash now leaves three rows in doubt, not five).
+    tokio::time::sleep(COMMIT_WINDOW * 20).await;
+    assert!(rx.try_recv().is_err(), "a fourth row was marked while three were not settled");
+    assert_eq!(marks_on_file(), 3);
+    // One outcome written (its mark dropped): one more row is marked.
+    drop(marked.remove(0));
+    marked.push(rx.recv().await.unwrap());
+    assert_eq!(marks_on_file(), 4);
+    tokio::time::sleep(COMMIT_WINDOW * 20).await;
+    assert!(rx.try_recv().is_err(), "one settled, one more marked");
+    drop(marked);
+    let _last = rx.recv().await.unwrap();
+    assert_eq!(marks_on_file(), 5);
+}
+
+#[tokio::test]
+async fn a_lanes_workers_wait_for_their_marks_through_one_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(dir.path(), false, MarkStarted::Durable { in_doubt: 100 }).unwrap());
+    let marks = Arc::new(ledger.marks());
+    let rows: Vec<_> = (0..50u64)
+        .map(|row| {
+            let marks = marks.clone();
+            tokio::spawn(async move { marks.started(0, row).await })
+        })
+        .collect();
+    let mut marked = Vec::new();
+    for row in rows {
+        marked.push(row.await.unwrap().unwrap());
+    }
+    let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
+    let mut rows: Vec<u64> = journal.lines().map(|l| l.rsplit('\t').next().unwrap().parse().unwrap()).collect();
+    rows.sort_unstable();
+    assert_eq!(rows, (0..50).collect::<Vec<_>>(), "every mark on file once its started() returned");
+    let syncs = synced(dir.path());
+    assert!(!syncs.is_empty() && syncs.len() < 50, "marks share syncs: {syncs:?}");
 }

@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::input::Item;
+use crate::output::{Marked, Marks};
 
 use super::Shared;
 use super::reader::BATCH;
@@ -45,6 +46,14 @@ pub(super) fn start_lane(
     Ok(done_rx)
 }
 
+/// What a lane's workers share, on the lane's thread alone.
+pub(super) struct Lane {
+    /// The lane's own: its connections' I/O stays on this thread.
+    pub(super) client: reqwest::Client,
+    /// Where its workers wait for their started marks.
+    pub(super) marks: Marks,
+}
+
 pub(super) async fn lane(
     workers: usize,
     shared: Arc<Shared>,
@@ -64,33 +73,23 @@ pub(super) async fn lane(
         }
     });
 
-    let idempotent = shared.requests.idempotent();
+    let lane = Arc::new(Lane { marks: shared.ledger.marks(), client });
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (shared, rows, out, client) = (shared.clone(), row_rx.clone(), outcomes.clone(), client.clone());
+        let (shared, rows, out, lane) = (shared.clone(), row_rx.clone(), outcomes.clone(), lane.clone());
         set.spawn(async move {
             while !shared.stop.is_cancelled() {
                 let Ok(item) = rows.recv().await else { break };
                 if shared.stop.is_cancelled() {
                     break;
                 }
-                let Some(outcome) = process(&shared, &client, item).await else { continue };
-                // A job that is not idempotent takes its next row only once
-                // this outcome is written, so its rows in doubt after a
-                // crash are never more than the calls in flight.
-                let (ack, written) = if idempotent {
-                    (None, None)
-                } else {
-                    let (ack, written) = oneshot::channel();
-                    (Some(ack), Some(written))
-                };
-                if out.send((outcome, ack)).await.is_err() {
+                // The row's started mark, once it has one: settled once its
+                // outcome is written (the recorder drops it then), or here
+                // when the row ends without an outcome.
+                let mut marked = Marked::unbounded();
+                let Some(outcome) = process(&shared, &lane, item, &mut marked).await else { continue };
+                if out.send((outcome, marked)).await.is_err() {
                     // The recorder stopped: nowhere to put outcomes.
-                    break;
-                }
-                if let Some(written) = written
-                    && written.await.is_err()
-                {
                     break;
                 }
             }

@@ -36,7 +36,7 @@ use crate::job::Requests;
 use crate::limiter::{Limiter, RetryBudget};
 use crate::options::MaxFailures;
 use crate::outcome::Outcome;
-use crate::output::{AcceptedFile, GroupCommit, InputInfo, Ledger, Writer};
+use crate::output::{AcceptedFile, GroupCommit, InputInfo, Ledger, MarkStarted, Writer};
 use crate::report::{Live, Progress, ProgressMode, ProgressSource, Stats, Summary};
 use crate::retry::Policy;
 use crate::rows::RowSet;
@@ -123,6 +123,10 @@ pub struct Finished {
 
 /// How many failures the closing lines show.
 const SHOWN_FAILURES: usize = 3;
+
+/// How many workers more than `-j` a job that is not idempotent runs, at
+/// most, shared by its lanes: those that wait for their started marks.
+const EXTRA_CLAIM_WORKERS: usize = 128;
 
 fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
     let failure = outcome.result.as_ref().err()?;
@@ -319,8 +323,14 @@ pub async fn run(
     let lanes = lane_count(concurrency);
     let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
     // A row of a job that is not idempotent must be known as sent even
-    // after a power cut: its started mark is durable before it goes out.
-    let ledger = Arc::new(Ledger::open(&plan.dir, append, !plan.requests.idempotent())?);
+    // after a power cut: its started mark is durable before it goes out,
+    // and the rows a crash can leave in doubt are never more than the calls
+    // that may be in flight.
+    let started = match plan.requests.idempotent() {
+        true => MarkStarted::Written,
+        false => MarkStarted::Durable { in_doubt: concurrency },
+    };
+    let ledger = Arc::new(Ledger::open(&plan.dir, append, started)?);
     let resume_polls = resume.polls;
     let mut stats = resume.recorded;
     stats.restart_clock();
@@ -415,9 +425,10 @@ pub async fn run(
     // syncs, and a full channel makes workers wait. Eight places per worker
     // (at least 64) keep the syncs off the calls' path. The rows in doubt
     // after a crash: those in flight, those waiting here, and the group the
-    // recorder holds while it writes (at most as many again); a job that is
-    // not idempotent waits for each outcome to be written (see `lane`), so
-    // its rows in doubt are only those in flight.
+    // recorder holds while it writes (at most as many again); for a job
+    // that is not idempotent, the ledger marks no row started while `-j`
+    // rows are marked and their outcome not yet written (see
+    // `MarkStarted::Durable`), so its rows in doubt are at most `-j`.
     let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
     let recorder = Recorder { writer, group: GroupCommit::default(), stats: stats.clone(), first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
@@ -435,7 +446,14 @@ pub async fn run(
     };
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
-        let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
+        let mut workers = concurrency / lanes + usize::from(number < concurrency % lanes);
+        if !shared.requests.idempotent() {
+            // Rows that wait for their started mark's sync are not yet in
+            // flight nor in doubt: more workers than calls, so that while
+            // some wait for the sync, the calls in flight stay at `-j`
+            // (the ledger lets no more rows be marked than that).
+            workers += workers.min(EXTRA_CLAIM_WORKERS / lanes);
+        }
         match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), client) {
             Ok(end) => lane_ends.push(end),
             Err(e) => shared.abort(e),

@@ -33,7 +33,7 @@ use crate::error::Error;
 use crate::input::{CsvHeaders, Origin, Raw, Row};
 use crate::job::{First, PollUrl, Request};
 use crate::outcome::{ErrorKind, Failure, Outcome, Polled, Source, Success};
-use crate::output::{AcceptedFile, AcceptedRow, Place, StoredRecord};
+use crate::output::{AcceptedFile, AcceptedRow, Marked, Place, StoredRecord};
 
 use super::Shared;
 use super::call::{answer_message, backoff, send, take_token};
@@ -284,7 +284,7 @@ async fn poll_all(
         if preload.give_up {
             match given_up(polls, &headers, waiting.place) {
                 Ok(outcome) => {
-                    if outcomes.send((outcome, None)).await.is_err() {
+                    if outcomes.send((outcome, Marked::unbounded())).await.is_err() {
                         return end;
                     }
                 }
@@ -314,7 +314,7 @@ async fn poll_all(
                 match step {
                     Step::Final(outcome) => {
                         waited();
-                        if outcomes.send((*outcome, None)).await.is_err() {
+                        if outcomes.send((*outcome, Marked::unbounded())).await.is_err() {
                             break;
                         }
                     }
@@ -352,7 +352,7 @@ async fn poll_all(
     while let Some((waiting, step)) = in_flight.next().await {
         match step {
             Step::Final(outcome) => {
-                let _ = outcomes.send((*outcome, None)).await;
+                let _ = outcomes.send((*outcome, Marked::unbounded())).await;
             }
             Step::Again(_) | Step::Stopped => end.pend(&waiting),
         }

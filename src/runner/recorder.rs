@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::outcome::Outcome;
-use crate::output::{GroupCommit, OutputError, Writer};
+use crate::output::{GroupCommit, Marked, OutputError, Writer};
 use crate::report::Stats;
 
 use super::{SHOWN_FAILURES, Shared, describe_failure};
@@ -71,26 +71,30 @@ impl Recorder {
     }
 }
 
-/// An outcome on its way to the recorder, with, for a job that is not
-/// idempotent, the worker's wait for it to be written.
-pub(super) type ToRecord = (Outcome, Option<oneshot::Sender<()>>);
+/// An outcome on its way to the recorder, with its row's started mark:
+/// settled once the outcome is written.
+pub(super) type ToRecord = (Outcome, Marked);
 
 /// How often a busy recorder takes the outcomes waiting: in a beat, rather
 /// than woken by every one (a wake-up crosses threads).
 pub(super) const RECORDER_BEAT: Duration = Duration::from_millis(1);
+
+/// The beat for a job that is not idempotent: its rows hold their place
+/// among those that may be in doubt until their outcome is written, so
+/// they are written sooner.
+pub(super) const CLAIM_BEAT: Duration = Duration::from_micros(200);
 
 /// Starts the recorder: a thread that takes the outcomes waiting and writes
 /// them at once, and makes what it wrote durable (with the done marks after
 /// it) at most [`crate::output::SYNC_EVERY`] later, so one sync serves every
 /// outcome of that moment and the syncs never hold up a call: workers wait
 /// only when the channel is full. While outcomes keep coming it takes them
-/// every [`RECORDER_BEAT`] (for a job that is not idempotent, whose
-/// workers wait for their outcome to be written, as they come); when none
-/// came, it waits to be woken. When a
-/// write fails, the run is aborted and the channel closed (the workers
-/// stop: without a place for outcomes, sending more would lose them). The
-/// thread hands the recorder back when every sender is gone and the last
-/// outcomes are durable.
+/// every [`RECORDER_BEAT`] ([`CLAIM_BEAT`] for a job that is not
+/// idempotent, whose rows are settled once their outcome is written); when
+/// none came, it waits to be woken. When a write fails, the run is aborted
+/// and the channel closed (the workers stop: without a place for outcomes,
+/// sending more would lose them). The thread hands the recorder back when
+/// every sender is gone and the last outcomes are durable.
 pub(super) fn start_recorder(
     mut recorder: Recorder,
     shared: Arc<Shared>,
@@ -106,12 +110,11 @@ pub(super) fn start_recorder(
         let most = outcomes.max_capacity();
         let mut group = Vec::with_capacity(most);
         let (mut busy, mut open) = (false, true);
-        // A claim's worker waits for its outcome to be written before its
-        // next row: no beat for it, the outcomes are taken as they come.
-        let beat = shared.requests.idempotent();
+        let beat = if shared.requests.idempotent() { RECORDER_BEAT } else { CLAIM_BEAT };
         while open {
-            if busy && beat {
-                tokio::time::sleep(RECORDER_BEAT).await;
+            if busy {
+                // This thread's own: nothing else waits on its runtime.
+                std::thread::sleep(beat);
                 while group.len() < most {
                     match outcomes.try_recv() {
                         Ok(outcome) => group.push(outcome),
@@ -129,15 +132,13 @@ pub(super) fn start_recorder(
                 }
             }
             busy = !group.is_empty();
-            let (written, acks): (Vec<Outcome>, Vec<_>) = group.drain(..).unzip();
+            let (written, marks): (Vec<Outcome>, Vec<Marked>) = group.drain(..).unzip();
             if busy && let Err(e) = recorder.record(&shared, &written) {
                 shared.abort(Error::Output(e));
                 return recorder;
             }
-            // Written: their workers may take their next rows.
-            for ack in acks.into_iter().flatten() {
-                let _ = ack.send(());
-            }
+            // Written: their rows are settled, and others may be marked.
+            drop(marks);
             if recorder.group.due().is_some_and(|due| std::time::Instant::now() >= due)
                 && let Err(e) = recorder.sync(&shared)
             {

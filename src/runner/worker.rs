@@ -11,26 +11,33 @@ use crate::error::Error;
 use crate::input::{Item, Row};
 use crate::job::Request;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
+use crate::output::Marked;
 use crate::retry::{self, Next, Used};
 use crate::token::Token;
 
 use super::Shared;
 use super::breaker::{self, Hold};
 use super::call::{Answer, answer_message, backoff, send, take_token};
+use super::lane::Lane;
 
 /// Takes one row to its outcome: render it, then attempt and decide until
 /// the decision is final. `None` when the run stopped before the row was
 /// finished: it stays to resume (released in the ledger when the gateway
-/// provably did not act on it, else in doubt).
-pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Item) -> Option<Outcome> {
+/// provably did not act on it, else in doubt), or when it was accepted and
+/// handed to the poller. `marked` holds the row's started mark once there
+/// is one: the row is settled when it is dropped.
+pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &mut Marked) -> Option<Outcome> {
     let (row, request) = match render(shared, item) {
         Ok(rendered) => rendered,
         Err(outcome) => {
             // Marked started like every row that gets an outcome: `resume`
             // trusts an outcome line only for a row the ledger knows.
-            if let Err(e) = shared.ledger.started(outcome.input, outcome.number).await {
-                shared.abort(Error::Output(e));
-                return None;
+            match lane.marks.started(outcome.input, outcome.number).await {
+                Ok(mark) => *marked = mark,
+                Err(e) => {
+                    shared.abort(Error::Output(e));
+                    return None;
+                }
             }
             return Some(outcome);
         }
@@ -40,9 +47,12 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
     if shared.leave_out_earlier
         && let Some(kind) = row.earlier.as_deref().and_then(outcome::may_have_acted)
     {
-        if let Err(e) = shared.ledger.started(row.input, row.number).await {
-            shared.abort(Error::Output(e));
-            return None;
+        match lane.marks.started(row.input, row.number).await {
+            Ok(mark) => *marked = mark,
+            Err(e) => {
+                shared.abort(Error::Output(e));
+                return None;
+            }
         }
         let earlier = row.earlier.as_deref().expect("checked above");
         let message = format!(
@@ -66,7 +76,7 @@ pub(super) async fn process(shared: &Shared, client: &reqwest::Client, item: Ite
     let mut unprocessed = true;
     let mut resend = false;
     loop {
-        let (result, latency, token) = match attempt(shared, client, &row, &request, &mut used, resend).await {
+        let (result, latency, token) = match attempt(shared, lane, &row, &request, &mut used, resend, marked).await {
             Tried::Sent { result, latency, token } => (result, latency, token),
             Tried::Stopped => return unfinished(shared, &row, &used, unprocessed),
             Tried::Abandoned => return None,
@@ -234,15 +244,16 @@ pub(super) enum Tried {
 }
 
 /// One attempt: waits for the rate limiter, marks the row started before
-/// its first attempt, takes the token (as late as can be, so it cannot
+/// its first attempt (into `marked`), takes the token (as late as can be, so it cannot
 /// expire in between), sends. A resend after a token refresh is not counted.
 pub(super) async fn attempt(
     shared: &Shared,
-    client: &reqwest::Client,
+    lane: &Lane,
     row: &Row,
     request: &Request,
     used: &mut Used,
     resend: bool,
+    marked: &mut Marked,
 ) -> Tried {
     let ready = tokio::select! {
         biased;
@@ -255,9 +266,12 @@ pub(super) async fn attempt(
     if !resend {
         used.attempts += 1;
         if used.attempts == 1 {
-            if let Err(e) = shared.ledger.started(row.input, row.number).await {
-                shared.abort(Error::Output(e));
-                return Tried::Abandoned;
+            match lane.marks.started(row.input, row.number).await {
+                Ok(mark) => *marked = mark,
+                Err(e) => {
+                    shared.abort(Error::Output(e));
+                    return Tried::Abandoned;
+                }
             }
             shared.budget.earn_retry();
         }
@@ -266,7 +280,7 @@ pub(super) async fn attempt(
     shared.live.in_flight.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let result = tokio::select! {
-        r = send(shared, client, request, token.as_deref()) => Some(r),
+        r = send(shared, &lane.client, request, token.as_deref()) => Some(r),
         _ = shared.hard_stop.cancelled() => None,
     };
     shared.live.in_flight.fetch_sub(1, Ordering::Relaxed);
