@@ -74,14 +74,14 @@ async fn four_processes_keep_one_limit_between_them() {
     // The burst goes at once, then one call per period of the paced rate,
     // but for the slots given up by calls woken too late and those that
     // lapsed while no process leased.
-    let lost: u64 = limiters.iter().map(|l| l.given_up() + l.lapsed()).sum();
+    let lost: f64 = limiters.iter().map(|l| l.given_up() as f64 + l.lapsed()).sum();
     let span = (times[times.len() - 1] - times[0]) as f64 / 1e9;
     let paced = rate * (1.0 - bulkcall::limiter::HEADROOM);
     let achieved = achieved_rate(&times, burst as usize);
-    let expected = paced - lost as f64 / span;
+    let expected = paced - lost / span;
     assert!(
         achieved <= rate && (achieved - expected).abs() / paced < 0.01,
-        "achieved {achieved:.1}/s paced at {paced:.1}/s with {lost} slots given up or lapsed"
+        "achieved {achieved:.1}/s paced at {paced:.1}/s with {lost:.1} slots given up or lapsed"
     );
     // However late the calls woke, a second holds at most the limit and the
     // burst: the headroom pays for the calls up to `LATE` late.

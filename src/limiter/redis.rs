@@ -288,7 +288,8 @@ pub struct RedisLimiter {
     round_trips: Arc<AtomicU64>,
     calls: AtomicU64,
     given_up: AtomicU64,
-    lapsed: AtomicU64,
+    /// Slots of the shared schedule found lapsed, in millionths of a slot.
+    lapsed_micro: AtomicU64,
     /// How far ahead of its answer the last lease's last slot was, in ns:
     /// with many workers waiting, every process's, the shared schedule is
     /// booked that far ahead.
@@ -324,7 +325,7 @@ impl RedisLimiter {
             round_trips: Arc::new(AtomicU64::new(0)),
             calls: AtomicU64::new(0),
             given_up: AtomicU64::new(0),
-            lapsed: AtomicU64::new(0),
+            lapsed_micro: AtomicU64::new(0),
             booked_ahead_ns: AtomicU64::new(0),
             events: Events::default(),
         }
@@ -443,9 +444,10 @@ impl RedisLimiter {
     }
 
     /// Slots of the shared schedule that lapsed unleased, found by this
-    /// process's leases (each lapse is found by one process).
-    pub fn lapsed(&self) -> u64 {
-        self.lapsed.load(Ordering::Relaxed)
+    /// process's leases (each lapse is found by one process), fractions
+    /// included: a lapse shorter than a period costs part of a slot.
+    pub fn lapsed(&self) -> f64 {
+        self.lapsed_micro.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     fn count_sent(&self) {
@@ -481,9 +483,12 @@ impl RedisLimiter {
             })?;
         if period_ns > 0 && lapsed_us > 0 {
             // Slots nobody leased: every process was late, or had no call
-            // waiting. Counted, so a rate below the limit can be explained.
-            let slots = lapsed_us * 1000 / period_ns;
-            self.lapsed.fetch_add(slots, Ordering::Relaxed);
+            // waiting. Counted, so a rate below the limit can be explained:
+            // to the fraction, for many lapses shorter than a period add
+            // up (a slow gateway keeping every worker busy lapses it on
+            // most leases).
+            let slots = lapsed_us as f64 * 1000.0 / period_ns as f64;
+            self.lapsed_micro.fetch_add((slots * 1e6).round() as u64, Ordering::Relaxed);
             tracing::trace!(target: PACE_TARGET, slots, "shared schedule lapsed");
         }
         let anchor =

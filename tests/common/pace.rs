@@ -30,14 +30,14 @@ pub fn slots_given_up(stderr: &str) -> usize {
 }
 
 /// How many slots of the shared schedule lapsed unleased, as a child's
-/// Redis limiter found them.
-pub fn slots_lapsed(stderr: &str) -> u64 {
+/// Redis limiter found them (fractions of a slot included).
+pub fn slots_lapsed(stderr: &str) -> f64 {
     stderr
         .lines()
         .filter(|line| line.contains("shared schedule lapsed"))
         .map(|line| {
             let slots = line.split("slots=").nth(1).unwrap_or_else(|| panic!("no slots in {line}"));
-            slots.split_whitespace().next().unwrap().parse::<u64>().unwrap_or_else(|e| panic!("slots in {line}: {e}"))
+            slots.split_whitespace().next().unwrap().parse::<f64>().unwrap_or_else(|e| panic!("slots in {line}: {e}"))
         })
         .sum()
 }
