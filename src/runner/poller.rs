@@ -94,7 +94,22 @@ fn header_map(headers: &HeaderMap) -> Map<String, Value> {
 /// A row whose first call succeeded: polled if there is a URL to poll
 /// (recorded in `accepted.jsonl` first, durable, and `None` returned: its
 /// outcome comes from the poller), else its outcome as it is.
-pub(super) async fn accept(
+///
+/// Boxed: its future is about 2 KiB, more than the rest of a worker's, and
+/// a worker's task holds room for its largest future all the time (4 KiB a
+/// worker instead of about 2.5 at `-j 2000`; BENCHMARKS.md).
+pub(super) fn accept<'a>(
+    shared: &'a Shared,
+    polls: &'a Polls,
+    outcome: Outcome,
+    request: &'a Request,
+    headers: &'a HeaderMap,
+    retry_after: Option<Duration>,
+) -> std::pin::Pin<Box<impl Future<Output = Option<Outcome>> + Send + 'a>> {
+    Box::pin(accept_row(shared, polls, outcome, request, headers, retry_after))
+}
+
+async fn accept_row(
     shared: &Shared,
     polls: &Polls,
     mut outcome: Outcome,
