@@ -39,7 +39,9 @@ pub fn slots_lapsed(stderr: &str) -> f64 {
             let slots = line.split("slots=").nth(1).unwrap_or_else(|| panic!("no slots in {line}"));
             slots.split_whitespace().next().unwrap().parse::<f64>().unwrap_or_else(|e| panic!("slots in {line}: {e}"))
         })
-        .sum()
+        .sum::<f64>()
+        // An empty sum is -0.0.
+        + 0.0
 }
 
 /// The child's stderr without the per-call lines, for an assertion message.
