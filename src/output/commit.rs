@@ -14,7 +14,8 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(10)
 /// cut) and keeps their done marks; [`GroupCommit::sync`] makes the ledger
 /// durable (the started marks of these rows, written before they were
 /// sent, and the done marks of earlier groups, whose lines were made
-/// durable before them), then every line written so far, and only then
+/// durable before them; nothing for a ledger whose started marks were
+/// durable before their rows went out), then every line written so far, and only then
 /// writes the group's done marks. A done mark is never on disk before its
 /// outcome line, nor an outcome line before its row's started mark, at one
 /// `fdatasync` per file per group; after a power cut, the rows with an
@@ -57,7 +58,7 @@ impl GroupCommit {
         if self.since.take().is_none() {
             return Ok(());
         }
-        ledger.sync()?;
+        ledger.sync_started()?;
         writer.sync()?;
         ledger.write_marks(&std::mem::take(&mut self.marks))
     }
