@@ -268,6 +268,13 @@ impl Run {
             );
         }
         family(
+            "bulkcall_disk_syncs_total",
+            "fdatasync calls made to keep the run's files durable (started marks, outcomes, done marks); \
+             a slow disk shows here first",
+            MetricType::COUNTER,
+            vec![self.counter(None, crate::output::disk_syncs() as f64)],
+        );
+        family(
             "bulkcall_run_start_timestamp_seconds",
             "When the run started",
             MetricType::GAUGE,

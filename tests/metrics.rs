@@ -174,6 +174,41 @@ async fn the_metrics_file_passes_promtool_and_agrees_with_the_summary() {
     assert_eq!(value(&s, "bulkcall_last_success_timestamp_seconds", &job_name), None, "no run succeeded yet");
 }
 
+/// A claim job (not idempotent): every started mark durable before its
+/// call, yet the syncs are shared: far fewer than one per row, and never
+/// more than one per millisecond of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_job_shares_its_syncs_among_rows_and_counts_them() {
+    if !have("promtool", "prometheus") {
+        return;
+    }
+    let gw = Gateway::start(sandbox_config()).await;
+    gw.config(SECRET, "");
+    let rows = 3000;
+    let input = gw.write("rows.csv", &eligibility_csv(1, rows));
+    let job = gw.write("claims.toml", CLAIMS_JOB);
+    let (out, file) = (gw.path("run"), gw.path("bulkcall.prom"));
+    let code = gw.run_job(&job, &input, &out, &["-j", "16", "--metrics-file", file.to_str().unwrap()]).await;
+    assert_eq!(code, ExitCode::Success);
+    let text = std::fs::read_to_string(&file).unwrap();
+    promtool_accepts(&text, "the metrics file of a claim job");
+    let s = samples(&text);
+    let job_name = [("job_name", "claims")];
+    let syncs = value(&s, "bulkcall_disk_syncs_total", &job_name).expect("the syncs are counted");
+    let (start, end) = (
+        value(&s, "bulkcall_run_start_timestamp_seconds", &job_name).unwrap(),
+        value(&s, "bulkcall_run_end_timestamp_seconds", &job_name).unwrap(),
+    );
+    let run_ms = (end - start) * 1000.0;
+    eprintln!("{syncs} syncs for {rows} rows in {run_ms:.0} ms");
+    // At least one sync per 16 rows (no more rows marked and not settled
+    // than -j), the outcomes' too.
+    assert!(syncs >= rows as f64 / 16.0, "{syncs} syncs for {rows} rows");
+    assert!(syncs <= rows as f64 / 2.0, "{syncs} syncs for {rows} rows: the rows share them");
+    // The clock's millisecond, rounded at both ends.
+    assert!(syncs <= run_ms + 2.0, "{syncs} syncs in {run_ms} ms");
+}
+
 /// A run paced at 20 calls per second lasts; `/metrics` is scraped until
 /// its counters rise, and the file, written at the start and rewritten
 /// after 10 s, passes promtool both times while the run goes on.

@@ -58,9 +58,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
     move |source| OutputError::Io { path: path.to_path_buf(), source }
 }
 
+/// How many times this process made a run's file durable ([`sync`]).
+static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many `fdatasync`s this process made to keep its run's files durable
+/// (started marks, outcome lines, done marks, accepted rows).
+pub fn disk_syncs() -> u64 {
+    SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Makes what was written to `file` durable: on disk, not only handed to
 /// the operating system. Tests record the order files were synced in.
 fn sync(file: &File, path: &Path) -> std::io::Result<()> {
+    SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     #[cfg(test)]
     tests::SYNCED.lock().unwrap().push((path.to_path_buf(), file.metadata().map_or(0, |m| m.len())));
     #[cfg(not(test))]
