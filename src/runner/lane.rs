@@ -6,12 +6,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::input::Item;
-use crate::output::{Marked, Marks};
+use crate::output::Marked;
 
 use super::Shared;
 use super::reader::BATCH;
 use super::recorder::ToRecord;
-use super::worker::process;
+use super::worker::{Lane, process};
 
 /// Starts one lane: a thread running `workers` workers and their collector
 /// on an async runtime of its own. The receiver says whether every worker
@@ -44,14 +44,6 @@ pub(super) fn start_lane(
         })
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
     Ok(done_rx)
-}
-
-/// What a lane's workers share, on the lane's thread alone.
-pub(super) struct Lane {
-    /// The lane's own: its connections' I/O stays on this thread.
-    pub(super) client: reqwest::Client,
-    /// Where its workers wait for their started marks.
-    pub(super) marks: Marks,
 }
 
 pub(super) async fn lane(

@@ -11,14 +11,21 @@ use crate::error::Error;
 use crate::input::{Item, Row};
 use crate::job::Request;
 use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
-use crate::output::Marked;
+use crate::output::{Marked, Marks};
 use crate::retry::{self, Next, Used};
 use crate::token::Token;
 
 use super::Shared;
 use super::breaker::{self, Hold};
 use super::call::{Answer, answer_message, backoff, send, take_token};
-use super::lane::Lane;
+
+/// What a lane's workers share, on the lane's thread alone.
+pub(super) struct Lane {
+    /// The lane's own: its connections' I/O stays on this thread.
+    pub(super) client: reqwest::Client,
+    /// Where its workers wait for their started marks.
+    pub(super) marks: Marks,
+}
 
 /// Takes one row to its outcome: render it, then attempt and decide until
 /// the decision is final. `None` when the run stopped before the row was
