@@ -261,7 +261,10 @@ fn to_row(
     if fields != width {
         let hint = if open_quote {
             let lines = 1 + record.iter().map(|f| memchr::memchr_iter(b'\n', f).count()).sum::<usize>();
-            format!(" (a quote is left open: it runs {lines} lines to the end of the file)")
+            // The quote opened the record's last field: it took the rest of the file.
+            let field = fields.checked_sub(1).and_then(|i| headers.names.get(i));
+            let field = field.map(|name| format!(" in field `{name}`")).unwrap_or_default();
+            format!(" (a quote is left open{field}: it runs {lines} lines to the end of the file)")
         } else if fields > width {
             " (an unquoted delimiter in a value?)".to_string()
         } else {
@@ -320,7 +323,7 @@ mod tests {
         let Err(bad) = &items[1] else { panic!("a bad row") };
         assert_eq!((bad.number, bad.line), (2, 3));
         assert!(bad.message.starts_with("line 3: has 2 fields"), "{}", bad.message);
-        assert!(bad.message.contains("a quote is left open"), "{}", bad.message);
+        assert!(bad.message.contains("a quote is left open in field `b`"), "{}", bad.message);
         // Closed values that end in a newline, at the end of the file, with
         // every kind of ending; and a quote left open after an escaped quote.
         for (text, line) in [
