@@ -88,7 +88,11 @@ async fn a_redirect_is_an_answer_never_followed() {
         }
         assert!(!out.join("results.jsonl").exists() || jsonl(&out.join("results.jsonl")).is_empty());
         // The advice is where the redirect points, not a resend that meets it again.
-        assert!(stderr.contains("5 rows answered with a redirect (3xx), not followed: set base_url"), "{stderr}");
+        assert!(
+            stderr.contains("5 rows answered with a redirect (3xx), not followed: see where it points"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("change base_url or the job's url"), "{stderr}");
         assert!(!stderr.contains("fix the rows that failed"), "{stderr}");
     }
 }

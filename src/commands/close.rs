@@ -246,8 +246,9 @@ fn closing_lines(
         let redirected: u64 = s.statuses.iter().filter(|(code, _)| code.starts_with('3')).map(|(_, n)| n).sum();
         if redirected > 0 {
             eprintln!(
-                "  {} answered with a redirect (3xx), not followed: set base_url to where its Location points \
-                 (in each _message), then send them again",
+                "  {} answered with a redirect (3xx), not followed: see where it points (the Location in each \
+                 _message); if the API moved there, change base_url or the job's url to match (a login page or \
+                 another site means base_url is not the API's address), then send them again",
                 plural(redirected, "row")
             );
         }
