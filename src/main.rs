@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging(&cli.log);
+    let json = cli.log.log_format == LogFormat::Json;
     // The main thread's runtime handles signals, progress and token
     // requests. A run's calls go out from lanes, each a thread with a
     // runtime of its own (runner.rs): a row never changes threads, which
@@ -44,8 +45,16 @@ fn main() -> ExitCode {
         match bulkcall::commands::execute(cli, stop).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("bulkcall: error: {e}");
-                e.exit_code()
+                let code = e.exit_code();
+                if json {
+                    // One JSON object per line, this one too, with its time:
+                    // a log collector (or a cron log read the morning after)
+                    // gets the reason a run never started.
+                    tracing::error!(exit_code = code.code(), "{e}");
+                } else {
+                    eprintln!("bulkcall: error: {e}");
+                }
+                code
             }
         }
     });

@@ -160,6 +160,23 @@ async fn log_format_json_makes_every_line_a_json_object() {
     let finished = lines.iter().find(|l| l["message"] == "finished").expect("a closing line");
     assert_eq!(finished["summary"]["failed"], 1, "{finished}");
     assert!(!stderr.contains(SECRET));
+
+    // A run that never starts (the credentials rejected) says why in a
+    // JSON line too, with its time and exit code.
+    let wrong = gw.config("not-the-secret-91c2", "");
+    let out = gw.path("refused");
+    let output = run_command(&job, &input, &out, &wrong).args(["--log-format", "json", "-q"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}")))
+        .collect();
+    let [error] = &lines[..] else { panic!("one line: {stderr}") };
+    assert_eq!((&error["level"], &error["exit_code"]), (&"ERROR".into(), &3.into()), "{error}");
+    assert!(error["timestamp"].is_string(), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("rejected the credentials"), "{error}");
+    assert!(!stderr.contains("not-the-secret-91c2"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
