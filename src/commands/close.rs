@@ -62,6 +62,10 @@ pub(super) fn flags_text(flags: &RunFlags) -> String {
     for (setting, flag) in names.into_iter().chain([("timeout", "--timeout")]) {
         match flags.settings.get(setting) {
             Some(Value::String(v)) => text.push_str(&format!(" {flag} {}", v.replace(' ', ""))),
+            // A rate is kept as a float: `-r 300`, as it was typed, not `-r 300.0`.
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15) => {
+                text.push_str(&format!(" {flag} {}", n.as_f64().unwrap_or_default() as i64))
+            }
             Some(v) => text.push_str(&format!(" {flag} {v}")),
             None => {}
         }
