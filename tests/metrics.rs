@@ -175,10 +175,13 @@ async fn the_metrics_file_passes_promtool_and_agrees_with_the_summary() {
 }
 
 /// A claim job (not idempotent): every started mark durable before its
-/// call, yet the syncs are shared: far fewer than one per row, and never
-/// more than one per millisecond of the run.
+/// call, and the syncs counted: never more than one per millisecond of the
+/// run (rows that start in the same moment share one), and at least one
+/// per `-j` rows (no more rows marked and without an outcome than `-j`).
+/// How many rows share a sync depends on how fast they come (the unit
+/// tests of `output` hold the sharing itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_job_shares_its_syncs_among_rows_and_counts_them() {
+async fn a_claim_job_makes_at_most_one_sync_per_millisecond_and_counts_them() {
     if !have("promtool", "prometheus") {
         return;
     }
@@ -204,7 +207,6 @@ async fn a_claim_job_shares_its_syncs_among_rows_and_counts_them() {
     // At least one sync per 16 rows (no more rows marked and not settled
     // than -j), the outcomes' too.
     assert!(syncs >= rows as f64 / 16.0, "{syncs} syncs for {rows} rows");
-    assert!(syncs <= rows as f64 / 2.0, "{syncs} syncs for {rows} rows: the rows share them");
     // The clock's millisecond, rounded at both ends.
     assert!(syncs <= run_ms + 2.0, "{syncs} syncs in {run_ms} ms");
 }

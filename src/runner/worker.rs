@@ -38,15 +38,10 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
         Ok(rendered) => rendered,
         Err(outcome) => {
             // Marked started like every row that gets an outcome: `resume`
-            // trusts an outcome line only for a row the ledger knows.
-            match lane.marks.started(outcome.input, outcome.number).await {
-                Ok(mark) => *marked = mark,
-                Err(e) => {
-                    shared.abort(Error::Output(e));
-                    return None;
-                }
-            }
-            return Some(outcome);
+            // trusts an outcome line only for a row the ledger knows. (A
+            // rare path, boxed: no room for it in every worker's task.)
+            let marking = Box::pin(mark(shared, lane, (outcome.input, outcome.number), marked));
+            return marking.await.then_some(outcome);
         }
     };
     // A row of a failures file that the gateway may have acted on: a job
@@ -54,12 +49,8 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
     if shared.leave_out_earlier
         && let Some(kind) = row.earlier.as_deref().and_then(outcome::may_have_acted)
     {
-        match lane.marks.started(row.input, row.number).await {
-            Ok(mark) => *marked = mark,
-            Err(e) => {
-                shared.abort(Error::Output(e));
-                return None;
-            }
+        if !Box::pin(mark(shared, lane, (row.input, row.number), marked)).await {
+            return None;
         }
         let earlier = row.earlier.as_deref().expect("checked above");
         let message = format!(
@@ -201,6 +192,21 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
     }
 }
 
+/// Marks a row started (into `marked`); false, the run aborted, when the
+/// ledger cannot be written.
+async fn mark(shared: &Shared, lane: &Lane, (input, row): (usize, u64), marked: &mut Marked) -> bool {
+    match lane.marks.started(input, row).await {
+        Ok(mark) => {
+            *marked = mark;
+            true
+        }
+        Err(e) => {
+            shared.abort(Error::Output(e));
+            false
+        }
+    }
+}
+
 /// Whether a row whose last attempt was an outage attempt is released to
 /// resume rather than recorded as failed: the breaker opened (or the run
 /// stopped) before any other call got an answer.
@@ -273,12 +279,8 @@ pub(super) async fn attempt(
     if !resend {
         used.attempts += 1;
         if used.attempts == 1 {
-            match lane.marks.started(row.input, row.number).await {
-                Ok(mark) => *marked = mark,
-                Err(e) => {
-                    shared.abort(Error::Output(e));
-                    return Tried::Abandoned;
-                }
+            if !mark(shared, lane, (row.input, row.number), marked).await {
+                return Tried::Abandoned;
             }
             shared.budget.earn_retry();
         }
