@@ -124,9 +124,6 @@ pub struct Finished {
 /// How many failures the closing lines show.
 const SHOWN_FAILURES: usize = 3;
 
-/// How many workers more than `-j` a job that is not idempotent runs, at
-/// most, shared by its lanes: those that wait for their started marks.
-const EXTRA_CLAIM_WORKERS: usize = 128;
 
 fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
     let failure = outcome.result.as_ref().err()?;
@@ -446,14 +443,7 @@ pub async fn run(
     };
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
-        let mut workers = concurrency / lanes + usize::from(number < concurrency % lanes);
-        if !shared.requests.idempotent() {
-            // Rows that wait for their started mark's sync are not yet in
-            // flight nor in doubt: more workers than calls, so that while
-            // some wait for the sync, the calls in flight stay at `-j`
-            // (the ledger lets no more rows be marked than that).
-            workers += workers.min(EXTRA_CLAIM_WORKERS / lanes);
-        }
+        let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
         match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), client) {
             Ok(end) => lane_ends.push(end),
             Err(e) => shared.abort(e),
