@@ -124,7 +124,6 @@ pub struct Finished {
 /// How many failures the closing lines show.
 const SHOWN_FAILURES: usize = 3;
 
-
 fn describe_failure(outcome: &Outcome) -> Option<(String, String)> {
     let failure = outcome.result.as_ref().err()?;
     let status = outcome.status.map(|s| format!(", status {s}")).unwrap_or_default();
