@@ -41,7 +41,7 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
             // trusts an outcome line only for a row the ledger knows. (A
             // rare path, boxed: no room for it in every worker's task.)
             let marking = Box::pin(mark(shared, lane, (outcome.input, outcome.number), marked));
-            return marking.await.then_some(outcome);
+            return (marking.await && going_on(shared, outcome.input, outcome.number)).then_some(outcome);
         }
     };
     // A row of a failures file that the gateway may have acted on: a job
@@ -49,7 +49,9 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
     if shared.leave_out_earlier
         && let Some(kind) = row.earlier.as_deref().and_then(outcome::may_have_acted)
     {
-        if !Box::pin(mark(shared, lane, (row.input, row.number), marked)).await {
+        if !(Box::pin(mark(shared, lane, (row.input, row.number), marked)).await
+            && going_on(shared, row.input, row.number))
+        {
             return None;
         }
         let earlier = row.earlier.as_deref().expect("checked above");
@@ -207,6 +209,21 @@ async fn mark(shared: &Shared, lane: &Lane, (input, row): (usize, u64), marked: 
     }
 }
 
+/// Whether a row marked started without a call to make (its outcome is
+/// known already) goes on to it: not once the run stopped while its mark
+/// waited (its room came when an outcome that stopped the run was
+/// written, as with `--max-failures`); the row is then released, as one
+/// never sent.
+fn going_on(shared: &Shared, input: usize, row: u64) -> bool {
+    if !shared.stop.is_cancelled() {
+        return true;
+    }
+    if let Err(e) = shared.ledger.released(input, row) {
+        shared.abort(Error::Output(e));
+    }
+    false
+}
+
 /// Whether a row whose last attempt was an outage attempt is released to
 /// resume rather than recorded as failed: the breaker opened (or the run
 /// stopped) before any other call got an answer.
@@ -281,6 +298,11 @@ pub(super) async fn attempt(
         if used.attempts == 1 {
             if !mark(shared, lane, (row.input, row.number), marked).await {
                 return Tried::Abandoned;
+            }
+            // The run stopped while the mark waited (its room came when an
+            // outcome that stopped the run was written): nothing goes out.
+            if shared.stop.is_cancelled() {
+                return Tried::Stopped;
             }
             shared.budget.earn_retry();
         }
