@@ -20,6 +20,17 @@ pub const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_micros(
 /// How many queued lines are durable, or why writing them failed.
 pub(super) type Synced = Result<u64, (std::io::ErrorKind, String)>;
 
+/// Why lines queued for `path` did not become durable: the write that
+/// failed, or the committer's thread gone ([`ended`]).
+pub(super) fn failed(path: &Path, (kind, message): &(std::io::ErrorKind, String)) -> OutputError {
+    io(path)(std::io::Error::new(*kind, message.clone()))
+}
+
+/// The committer's thread ended: nothing queued now becomes durable.
+pub(super) fn ended() -> (std::io::ErrorKind, String) {
+    (std::io::ErrorKind::Other, "the committer's thread ended".into())
+}
+
 /// Lines on their way to the disk: queued by many, written and synced by
 /// one thread, one `fdatasync` per [`COMMIT_WINDOW`] at most. For started
 /// marks (`at_most`), the thread takes a mark only while fewer than that
@@ -122,8 +133,8 @@ impl Committer {
         let synced = synced.wait_for(|s| s.as_ref().map_or(true, |&upto| upto >= mine)).await;
         match synced.as_deref() {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((kind, message))) => Err(io(path)(std::io::Error::new(*kind, message.clone()))),
-            Err(_) => Err(io(path)(std::io::Error::other("the committer's thread ended"))),
+            Ok(Err(why)) => Err(failed(path, why)),
+            Err(_) => Err(failed(path, &ended())),
         }
     }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::committer::{Committer, Marked, Synced};
+use super::committer::{Committer, Marked, Synced, ended, failed};
 use super::{OutputError, Records, io, open_file, sync};
 use crate::outcome::Outcome;
 use crate::rows::RowSet;
@@ -80,17 +80,15 @@ impl Marks {
                     waiting.rows.insert(at, (mine, tx));
                     Some(rx)
                 }
-                Err((kind, message)) => return Err(io(&self.ledger.path)(std::io::Error::new(*kind, message.clone()))),
+                Err(why) => return Err(failed(&self.ledger.path, why)),
             }
         };
         if let Some(durable) = durable
             && durable.await.is_err()
         {
-            // The follower is gone: the committer's thread ended, or failed.
-            let failed = waiting.lock().unwrap_or_else(|e| e.into_inner()).synced.clone();
-            let (kind, message) =
-                failed.err().unwrap_or((std::io::ErrorKind::Other, "the committer's thread ended".into()));
-            return Err(io(&self.ledger.path)(std::io::Error::new(kind, message)));
+            // The follower is gone: the committer's thread failed, or ended.
+            let synced = waiting.lock().unwrap_or_else(|e| e.into_inner()).synced.clone();
+            return Err(failed(&self.ledger.path, &synced.err().unwrap_or_else(ended)));
         }
         Ok(marked)
     }
@@ -118,10 +116,12 @@ impl Marks {
                 break;
             }
         }
+        // Every worker still waiting is told (its sender dropped), and any
+        // later one at once: the committer's error, or that its thread ended.
         let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
         waiting.rows.clear();
         if waiting.synced.is_ok() {
-            waiting.synced = Err((std::io::ErrorKind::Other, "the committer's thread ended".into()));
+            waiting.synced = Err(ended());
         }
     }
 }
