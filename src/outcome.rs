@@ -153,6 +153,32 @@ pub struct Failure {
 }
 
 impl Outcome {
+    /// About how many bytes the outcome holds, itself and what it points
+    /// to (the answer kept, the input record, the message): what keeping it
+    /// waiting for the recorder costs. Shared parts (a CSV file's header)
+    /// are not counted.
+    pub fn weight(&self) -> usize {
+        let mut bytes = std::mem::size_of::<Outcome>() + self.key.capacity();
+        bytes += match &self.source {
+            Source::Record(Record::Csv { values, .. }) => strings_weight(values.iter().map(String::capacity)),
+            Source::Record(Record::Json(map)) => map_weight(map),
+            Source::Raw(Raw::Csv { values, .. }) => strings_weight(values.iter().map(Vec::capacity)),
+            Source::Raw(Raw::Text(text)) => text.capacity(),
+        };
+        bytes += match &self.result {
+            Ok(success) => {
+                success.raw.as_ref().map_or(0, Vec::capacity)
+                    + value_weight(&success.response)
+                    + map_weight(&success.captured)
+            }
+            Err(failure) => failure.message.capacity(),
+        };
+        if let Some(polled) = &self.poll {
+            bytes += std::mem::size_of::<Polled>() + value_weight(&polled.response);
+        }
+        bytes
+    }
+
     pub fn invalid(row: &Row, key: String, message: String) -> Outcome {
         Outcome {
             input: row.input,
@@ -183,6 +209,28 @@ impl Outcome {
             origin: bad.earlier.and_then(|e| e.origin),
             poll: None,
         }
+    }
+}
+
+/// A list of strings' bytes: each one's and its own header's.
+fn strings_weight(capacities: impl Iterator<Item = usize>) -> usize {
+    capacities.map(|c| c + std::mem::size_of::<String>()).sum()
+}
+
+/// About what a JSON object holds: each entry's key, value and place in the map.
+fn map_weight(map: &Map<String, Value>) -> usize {
+    map.iter().map(|(k, v)| k.capacity() + std::mem::size_of::<(String, Value, u64)>() + value_weight(v)).sum()
+}
+
+/// About what a JSON value holds beyond its own place (counted by its parent).
+fn value_weight(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 0,
+        // With `arbitrary_precision` a number is its digits in a string.
+        Value::Number(_) => 24,
+        Value::String(s) => s.capacity(),
+        Value::Array(items) => items.iter().map(|v| std::mem::size_of::<Value>() + value_weight(v)).sum(),
+        Value::Object(map) => map_weight(map),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::input::Item;
@@ -10,7 +10,7 @@ use crate::output::Marked;
 
 use super::Shared;
 use super::reader::BATCH;
-use super::recorder::ToRecord;
+use super::recorder::Outcomes;
 use super::worker::{Lane, process};
 
 /// Starts one lane: a thread running `workers` workers and their collector
@@ -21,7 +21,7 @@ pub(super) fn start_lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    outcomes: mpsc::Sender<ToRecord>,
+    outcomes: Outcomes,
     client: reqwest::Client,
 ) -> Result<oneshot::Receiver<bool>, Error> {
     let (done_tx, done_rx) = oneshot::channel();
@@ -50,7 +50,7 @@ pub(super) async fn lane(
     workers: usize,
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
-    outcomes: mpsc::Sender<ToRecord>,
+    outcomes: Outcomes,
     // The lane's own: its connections' I/O stays on this thread.
     client: reqwest::Client,
 ) -> bool {
@@ -80,7 +80,7 @@ pub(super) async fn lane(
                 // when the row ends without an outcome.
                 let mut marked = Marked::unbounded();
                 let Some(outcome) = process(&shared, &lane, item, &mut marked).await else { continue };
-                if out.send((outcome, marked)).await.is_err() {
+                if out.send(outcome, marked).await.is_err() {
                     // The recorder stopped: nowhere to put outcomes.
                     break;
                 }

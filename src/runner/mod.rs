@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -47,7 +46,7 @@ use breaker::Breaker;
 use lane::start_lane;
 use poller::start_poller;
 use reader::spawn_reader;
-use recorder::{Recorder, ToRecord, start_recorder};
+use recorder::{Outcomes, Recorder, WAITING_BYTES, start_recorder};
 
 pub use dry::dry_run;
 pub use http::{http_client, token_client};
@@ -425,7 +424,9 @@ pub async fn run(
     // that is not idempotent, the ledger marks no row started while `-j`
     // rows are marked and their outcome not yet written (see
     // `MarkStarted::Durable`), so its rows in doubt are at most `-j`.
-    let (outcome_tx, outcome_rx) = mpsc::channel::<ToRecord>((8 * concurrency).max(64));
+    // The bytes they hold are bounded too (`WAITING_BYTES`): an outcome
+    // holds its answer.
+    let (outcome_tx, outcome_rx) = Outcomes::channel((8 * concurrency).max(64), WAITING_BYTES);
     let recorder = Recorder { writer, group: GroupCommit::default(), stats: stats.clone(), first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
     // Cancelled once every lane ended: no row is accepted after that.

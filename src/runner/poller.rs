@@ -37,7 +37,7 @@ use crate::output::{AcceptedFile, AcceptedRow, Marked, Place, StoredRecord};
 
 use super::Shared;
 use super::call::{answer_message, backoff, send, take_token};
-use super::recorder::ToRecord;
+use super::recorder::Outcomes;
 
 /// What workers need to hand an accepted row to the poller.
 pub(super) struct Polls {
@@ -254,7 +254,7 @@ pub(super) fn start_poller(
     shared: Arc<Shared>,
     client: reqwest::Client,
     rows: mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>,
-    outcomes: mpsc::Sender<ToRecord>,
+    outcomes: Outcomes,
     lanes_done: CancellationToken,
     preload: Preload,
 ) -> Result<oneshot::Receiver<PollerEnd>, Error> {
@@ -281,7 +281,7 @@ async fn poll_all(
     shared: &Shared,
     client: &reqwest::Client,
     mut rows: mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>,
-    outcomes: &mpsc::Sender<ToRecord>,
+    outcomes: &Outcomes,
     lanes_done: CancellationToken,
     preload: Preload,
 ) -> PollerEnd {
@@ -299,7 +299,7 @@ async fn poll_all(
         if preload.give_up {
             match given_up(polls, &headers, waiting.place) {
                 Ok(outcome) => {
-                    if outcomes.send((outcome, Marked::unbounded())).await.is_err() {
+                    if outcomes.send(outcome, Marked::unbounded()).await.is_err() {
                         return end;
                     }
                 }
@@ -329,7 +329,7 @@ async fn poll_all(
                 match step {
                     Step::Final(outcome) => {
                         waited();
-                        if outcomes.send((*outcome, Marked::unbounded())).await.is_err() {
+                        if outcomes.send(*outcome, Marked::unbounded()).await.is_err() {
                             break;
                         }
                     }
@@ -367,7 +367,7 @@ async fn poll_all(
     while let Some((waiting, step)) = in_flight.next().await {
         match step {
             Step::Final(outcome) => {
-                let _ = outcomes.send((*outcome, Marked::unbounded())).await;
+                let _ = outcomes.send(*outcome, Marked::unbounded()).await;
             }
             Step::Again(_) | Step::Stopped => end.pend(&waiting),
         }

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::Error;
 use crate::outcome::Outcome;
@@ -71,9 +71,47 @@ impl Recorder {
     }
 }
 
-/// An outcome on its way to the recorder, with its row's started mark:
-/// settled once the outcome is written.
-pub(super) type ToRecord = (Outcome, Marked);
+/// An outcome on its way to the recorder, with its row's started mark
+/// (settled once the outcome is written) and its share of the bytes that
+/// may wait (given back then too).
+pub(super) type ToRecord = (Outcome, Marked, OwnedSemaphorePermit);
+
+/// How many bytes the outcomes waiting for the recorder may hold in all
+/// (each outcome holds its answer, up to `max_response_bytes`): with
+/// eight places per worker and answers of a megabyte, places alone would
+/// let gigabytes wait while the recorder syncs.
+pub(super) const WAITING_BYTES: usize = 16 << 20;
+
+/// Where workers (and the poller) hand their outcomes to the recorder:
+/// bounded by places and by bytes; a sender waits while either is full.
+#[derive(Clone)]
+pub(super) struct Outcomes {
+    places: mpsc::Sender<ToRecord>,
+    bytes: Arc<Semaphore>,
+    /// The whole budget: an outcome weighing more waits until nothing else
+    /// waits, then goes alone.
+    most: u32,
+}
+
+/// The recorder is gone: nowhere to put outcomes.
+#[derive(Debug)]
+pub(super) struct Closed;
+
+impl Outcomes {
+    /// A channel of `places` outcomes holding `bytes` at most in all.
+    pub(super) fn channel(places: usize, bytes: usize) -> (Outcomes, mpsc::Receiver<ToRecord>) {
+        let (places, receiver) = mpsc::channel(places);
+        let most = u32::try_from(bytes).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        (Outcomes { places, bytes: Arc::new(Semaphore::new(most as usize)), most }, receiver)
+    }
+
+    /// Hands an outcome to the recorder once its bytes and a place are free.
+    pub(super) async fn send(&self, outcome: Outcome, marked: Marked) -> Result<(), Closed> {
+        let weight = u32::try_from(outcome.weight()).unwrap_or(u32::MAX).min(self.most);
+        let bytes = self.bytes.clone().acquire_many_owned(weight).await.map_err(|_| Closed)?;
+        self.places.send((outcome, marked, bytes)).await.map_err(|_| Closed)
+    }
+}
 
 /// How often a busy recorder takes the outcomes waiting: in a beat, rather
 /// than woken by every one (a wake-up crosses threads).
@@ -132,13 +170,15 @@ pub(super) fn start_recorder(
                 }
             }
             busy = !group.is_empty();
-            let (written, marks): (Vec<Outcome>, Vec<Marked>) = group.drain(..).unzip();
+            let (written, held): (Vec<Outcome>, Vec<(Marked, OwnedSemaphorePermit)>) =
+                group.drain(..).map(|(outcome, marked, bytes)| (outcome, (marked, bytes))).unzip();
             if busy && let Err(e) = recorder.record(&shared, &written) {
                 shared.abort(Error::Output(e));
                 return recorder;
             }
-            // Written: their rows are settled, and others may be marked.
-            drop(marks);
+            // Written: their rows are settled, and others may be marked;
+            // their bytes are free for outcomes to come.
+            drop(held);
             if recorder.group.due().is_some_and(|due| std::time::Instant::now() >= due)
                 && let Err(e) = recorder.sync(&shared)
             {
@@ -168,5 +208,94 @@ pub(super) async fn sleep_until_some(at: Option<std::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt as _;
+    use serde_json::{Map, Value};
+
+    use super::*;
+    use crate::input::Record;
+    use crate::outcome::{Source, Success};
+
+    /// A row's outcome holding an answer of `bytes` bytes.
+    fn answered(number: u64, bytes: usize) -> Outcome {
+        Outcome {
+            input: 0,
+            number,
+            line: number + 1,
+            key: number.to_string(),
+            attempts: 1,
+            latency: Duration::from_millis(1),
+            status: Some(200),
+            result: Ok(Success {
+                response: Value::Null,
+                raw: Some(vec![b'1'; bytes]),
+                truncated: None,
+                captured: Map::new(),
+            }),
+            source: Source::Record(Record::Json(Map::new())),
+            origin: None,
+            poll: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_waiting_for_the_recorder_are_bounded_by_their_bytes_as_well_as_by_places() {
+        let (outcomes, mut recorder) = Outcomes::channel(64, 100_000);
+        // Places for 64, bytes for one of these.
+        outcomes.send(answered(1, 60_000), Marked::unbounded()).now_or_never().expect("room").unwrap();
+        let mut second = Box::pin(outcomes.send(answered(2, 60_000), Marked::unbounded()));
+        assert!(futures::poll!(&mut second).is_pending(), "63 places free, but not the bytes");
+        // A small one waits its turn behind it: bytes are handed out in order.
+        let mut small = Box::pin(outcomes.send(answered(3, 10), Marked::unbounded()));
+        assert!(futures::poll!(&mut small).is_pending());
+
+        // The recorder takes the first and writes it: its bytes are free.
+        let (first, marked, bytes) = recorder.recv().await.unwrap();
+        assert_eq!(first.number, 1);
+        assert!(futures::poll!(&mut second).is_pending(), "taken, not written yet");
+        drop((marked, bytes));
+        second.await.unwrap();
+        small.await.unwrap();
+        assert_eq!(recorder.recv().await.unwrap().0.number, 2);
+        assert_eq!(recorder.recv().await.unwrap().0.number, 3);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_heavier_than_every_byte_allowed_goes_alone() {
+        let (outcomes, mut recorder) = Outcomes::channel(64, 100_000);
+        outcomes.send(answered(1, 10), Marked::unbounded()).now_or_never().expect("room").unwrap();
+        let mut heavy = Box::pin(outcomes.send(answered(2, 1 << 20), Marked::unbounded()));
+        assert!(futures::poll!(&mut heavy).is_pending(), "it waits for the one before it");
+        drop(recorder.recv().await.unwrap());
+        heavy.await.unwrap();
+        let next = outcomes.send(answered(3, 10), Marked::unbounded());
+        assert!(next.now_or_never().is_none(), "nothing else while it waits");
+        drop(recorder.recv().await.unwrap());
+        outcomes.send(answered(4, 10), Marked::unbounded()).now_or_never().expect("room again").unwrap();
+    }
+
+    #[test]
+    fn an_outcome_weighs_its_answer_and_its_row() {
+        let small = answered(1, 0).weight();
+        assert!(small >= std::mem::size_of::<Outcome>());
+        assert!(answered(1, 50_000).weight() >= small + 50_000);
+        let mut row = Map::new();
+        row.insert("name".into(), Value::String("x".repeat(1000)));
+        let mut with_row = answered(1, 0);
+        with_row.source = Source::Record(Record::Json(row));
+        assert!(with_row.weight() >= small + 1000);
+    }
+
+    #[tokio::test]
+    async fn a_sender_learns_the_recorder_is_gone() {
+        let (outcomes, recorder) = Outcomes::channel(64, 100_000);
+        drop(recorder);
+        assert!(outcomes.send(answered(1, 10), Marked::unbounded()).await.is_err());
     }
 }
