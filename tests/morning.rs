@@ -254,3 +254,53 @@ async fn runs_lists_a_jobs_runs_newest_first_and_latest_points_at_the_newest() {
     let page = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
     assert!(page.contains(&run_dir.display().to_string()) && !page.contains("/latest"), "the page names the run");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_failure_may_have_been_acted_on_next_resends_them_once_checked() {
+    // A claim job (not idempotent): the slow rows time out, in doubt (the
+    // breaker off: timeouts alone at the end of a run are no outage here).
+    let faults = Faults { slow: 0.3, slow_delay: std::time::Duration::from_millis(1500), ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults: faults.clone(), ..sandbox_config() }).await;
+    let job = gw.write("claims.toml", ECHO_JOB);
+    let input = claims_input(&gw, 20);
+    let out = gw.path("run");
+    let flags = ["-j", "4", "--max-attempts", "1", "--timeout", "300ms"];
+    let config = gw.config(SECRET, "outage_after = \"0s\"");
+    let output = run_command(&job, &input, &out, &config).args(flags).arg("-q").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let failures = out.join("failures.jsonl");
+    let failed = jsonl(&failures);
+    let slow = (1..=20u64).filter(|i| faults.fault_for(&format!("{i:09}")).is_some()).count();
+    assert!(slow > 0 && failed.len() == slow, "the slow rows failed: {stderr}");
+    assert!(failed.iter().all(|f| f["_error"] == "in_doubt"), "{failed:?}");
+    let line = stderr.lines().last().unwrap();
+    let check = format!(
+        "; {} the gateway may have acted on (in_doubt {slow}): check each there and remove from the failures file \
+         those it processed before the next command sends them again; next: ",
+        if slow == 1 { "1 row".to_string() } else { format!("{slow} rows") }
+    );
+    assert!(line.contains(&check), "{line}");
+    // The next command sends them (the file as it is, without --in-doubt
+    // resend, would leave every row out and send nothing).
+    let next = line.split("; next: ").nth(1).unwrap();
+    assert!(next.ends_with(&format!("--timeout 300ms --in-doubt resend {}", failures.display())), "{next}");
+    gw.settled().await;
+    let before = gw.sandbox.stats().api_calls;
+    let again = gw.path("again");
+    let (code, stderr) = follow(&format!("{next} -o {} -q", again.display())).await;
+    assert_eq!(code, Some(0), "sent again, answered at once this time: {stderr}");
+    assert_eq!(gw.sandbox.stats().api_calls - before, slow as u64, "each checked row sent once more");
+    assert_eq!(jsonl(&again.join("results.jsonl")).len(), slow);
+
+    // At a terminal, the closing lines say the same (a fresh gateway: the
+    // slow rows are slow on their first call only).
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    let out = gw.path("terminal");
+    let config = gw.config(SECRET, "outage_after = \"0s\"");
+    let output = run_command(&job, &input, &out, &config).args(flags).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("every failed row is one the gateway may have acted on (in_doubt"), "{stderr}");
+    assert!(stderr.contains(&format!("--in-doubt resend {}", out.join("failures.jsonl").display())), "{stderr}");
+    assert!(!stderr.contains("that leaves out the rows"), "{stderr}");
+}

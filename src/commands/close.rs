@@ -88,15 +88,41 @@ fn raised(cap: MaxFailures, failed: u64) -> MaxFailures {
     }
 }
 
+/// The failed rows the gateway may have acted on (`in_doubt`, `server_error`,
+/// a timeout or a lost connection), by kind: `in_doubt 4, server_error 1`.
+fn acted_on(s: &crate::report::Summary) -> (u64, String) {
+    let acted: Vec<(&String, &u64)> =
+        s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted)).collect();
+    let text: Vec<String> = acted.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    (acted.iter().map(|(_, n)| **n).sum(), text.join(", "))
+}
+
+/// Whether every failed row is one the gateway may have acted on, in a job
+/// that is not idempotent: fed back as it is, the failures file would send
+/// nothing (such rows are left out), so the command to send them again
+/// needs `--in-doubt resend`, once the operator has checked them.
+fn all_may_have_acted(s: &crate::report::Summary, idempotent: bool) -> bool {
+    !idempotent && s.failed > 0 && acted_on(s).0 == s.failed
+}
+
 /// The one command to run next, if there is one.
-fn next_command(finished: &Finished, dir: &Path, options: &RunOptions, files: &[String]) -> Option<String> {
+fn next_command(
+    finished: &Finished,
+    dir: &Path,
+    options: &RunOptions,
+    files: &[String],
+    idempotent: bool,
+) -> Option<String> {
     let program = crate::options::program();
     let resume = format!("{program} resume {}", dir.display());
     match finished.exit {
         _ if options.dry_run => None,
         ExitCode::Success | ExitCode::Usage => None,
         ExitCode::RowsFailed if files.is_empty() => None,
-        ExitCode::RowsFailed => Some(format!("{}{} {}", options.rerun, flags_text(&options.flags), files.join(" "))),
+        ExitCode::RowsFailed => {
+            let resend = if all_may_have_acted(&finished.summary, idempotent) { " --in-doubt resend" } else { "" };
+            Some(format!("{}{}{resend} {}", options.rerun, flags_text(&options.flags), files.join(" ")))
+        }
         _ if !options.resumable => Some(format!("{program} demo")),
         ExitCode::MaxFailures => {
             let cap = options.max_failures.unwrap_or(MaxFailures::Count(finished.summary.failed.max(1)));
@@ -113,7 +139,17 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: 
     let files: Vec<String> = finished.failure_files.iter().map(|(_, f)| f.display().to_string()).collect();
     let report = dir.join("report.html");
     let report = report.exists().then_some(report);
-    let next = next_command(finished, dir, options, &files);
+    let next = next_command(finished, dir, options, &files, idempotent);
+    // Rows to check on the gateway before the next command sends them again.
+    let check_first = (finished.exit == ExitCode::RowsFailed && !files.is_empty() && all_may_have_acted(s, idempotent))
+        .then(|| {
+            format!(
+                "{} the gateway may have acted on ({}): check each there and remove from the failures file those it \
+                 processed before the next command sends them again",
+                plural(s.failed, "row"),
+                acted_on(s).1
+            )
+        });
     let now = SystemTime::now();
     let how = match finished.exit {
         _ if options.dry_run => "dry run of",
@@ -132,6 +168,7 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: 
             "failures": files,
             "report": report,
             "next": next,
+            "check_first": check_first,
             "summary": s,
         });
         eprintln!("{line}");
@@ -170,6 +207,9 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: 
             if let Some(report) = &report {
                 line.push_str(&format!("; report {}", report.display()));
             }
+            if let Some(check) = &check_first {
+                line.push_str(&format!("; {check}"));
+            }
             if let Some(next) = &next {
                 line.push_str(&format!("; next: {next}"));
             }
@@ -177,7 +217,7 @@ pub(super) fn close(finished: &Finished, dir: &Path, options: &RunOptions, job: 
         eprintln!("{line}");
     }
     if !options.log.quiet && options.log.log_format == LogFormat::Text {
-        closing_lines(finished, dir, options, idempotent, &files, next.as_deref());
+        closing_lines(finished, dir, options, idempotent, &files, next.as_deref(), check_first.is_some());
     }
     if options.json {
         println!("{}", serde_json::to_string_pretty(s).expect("serializable"));
@@ -194,6 +234,7 @@ fn closing_lines(
     idempotent: bool,
     files: &[String],
     next: Option<&str>,
+    check_first: bool,
 ) {
     let s = &finished.summary;
     if !options.dry_run {
@@ -244,7 +285,21 @@ fn closing_lines(
         }
     }
     let rerun = format!("{}{}", options.rerun, flags_text(&options.flags));
-    if !files.is_empty() && finished.exit == ExitCode::RowsFailed {
+    if let (true, Some(next)) = (check_first, next) {
+        // Fed back as it is the file would send nothing: every row in it
+        // would be left out again. Say so, and what sends them once checked.
+        let (_, acted) = acted_on(s);
+        let left_out = if s.left_out > 0 {
+            format!(" ({} of them left out of this run, not sent)", s.left_out)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "  every failed row is one the gateway may have acted on ({acted}){left_out}: the job is not idempotent, \
+             so the failures file fed back as it is would send none of them; check each on the gateway (by its \
+             _key), remove from the failures file those it processed, then send the rest again with: {next}"
+        );
+    } else if !files.is_empty() && finished.exit == ExitCode::RowsFailed {
         // A 4xx or an invalid row fails the same way when sent as it is;
         // a redirect, until base_url is where it points.
         let redirected: u64 = s.statuses.iter().filter(|(code, _)| code.starts_with('3')).map(|(_, n)| n).sum();
@@ -265,18 +320,16 @@ fn closing_lines(
         };
         eprintln!("  {first}send the failures again: {rerun} {}", files.join(" "));
     }
-    if !files.is_empty() {
-        let acted = s.errors.iter().filter(|(k, _)| ErrorKind::parse(k).is_some_and(ErrorKind::may_have_acted));
-        let acted: Vec<String> = acted.map(|(k, n)| format!("{k} {n}")).collect();
-        if !idempotent && !acted.is_empty() {
+    if !files.is_empty() && !check_first {
+        let (acted, kinds) = acted_on(s);
+        if !idempotent && acted > 0 {
             eprintln!(
-                "    that leaves out the rows the gateway may have acted on ({}): the job is not idempotent; \
-                 check them on the gateway, then add --in-doubt resend to send them too",
-                acted.join(", ")
+                "    that leaves out the rows the gateway may have acted on ({kinds}): the job is not idempotent; \
+                 check them on the gateway, then add --in-doubt resend to send them too"
             );
         }
     }
-    if s.left_out > 0 {
+    if s.left_out > 0 && !check_first {
         let rows = if s.left_out == 1 { "1 row".to_string() } else { format!("{} rows", s.left_out) };
         eprintln!(
             "  {rows} of the failures fed back left out, not sent: they had failed where the gateway may have \
