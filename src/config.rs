@@ -315,9 +315,28 @@ pub struct Loaded {
     pub settings: Settings,
     pub config_file: Option<PathBuf>,
     pub profile: String,
+    /// Where `auth.client_id` and `auth.client_secret` were set, when they
+    /// were: `[local] of config/bulkcall.toml`, `the environment variable
+    /// BULKCALL_AUTH__CLIENT_SECRET`.
+    pub set_in: BTreeMap<&'static str, String>,
 }
 
 impl Loaded {
+    /// [`Settings::credentials`], saying where each was read from: the
+    /// profile, and the config file's table or the variable that set a
+    /// setting.
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        let mut credentials = self.settings.credentials()?;
+        let from = &mut credentials.from;
+        from.profile = Some(self.profile.clone());
+        for from in from.id.iter_mut().chain(from.proof.iter_mut().map(|(_, f)| f)) {
+            if let CredentialFrom::Setting { key, place } = from {
+                *place = self.set_in.get(key).cloned();
+            }
+        }
+        Ok(credentials)
+    }
+
     /// The token endpoint, which a run that sends calls with a token needs.
     pub fn token_url(&self) -> Result<&str, ConfigError> {
         self.settings.auth.token_url.as_deref().ok_or_else(|| ConfigError::NoTokenUrl {
@@ -340,10 +359,12 @@ impl Sources {
         };
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         let mut known = vec![];
+        let mut tables = figment::value::Map::new();
         if let Some(path) = &config_file {
             let file = Toml::file_exact(path).nested();
             // Parse now, so a TOML error is reported as such (with its line).
-            known = file.data()?.into_keys().map(|p| p.as_str().to_string()).collect();
+            tables = file.data()?;
+            known = tables.keys().map(|p| p.as_str().to_string()).collect();
             figment = figment.merge(file);
         }
         let profile = self.profile.clone().unwrap_or_else(|| "default".into());
@@ -370,8 +391,12 @@ impl Sources {
                 .merge(Env::raw().only(&["BULKCALL_REDIS_URL"]).map(|_| "coordination.redis_url".into()).global());
         }
         figment = figment.merge(Serialized::globals(plain(&self.flags)));
-        let settings: Settings =
-            figment.select(Profile::new(&profile)).extract().map_err(|e| placed(e, config_file.as_deref()))?;
+        let figment = figment.select(Profile::new(&profile));
+        let settings: Settings = figment.extract().map_err(|e| placed(e, config_file.as_deref()))?;
+        let set_in = ["auth.client_id", "auth.client_secret"]
+            .into_iter()
+            .filter_map(|key| Some((key, set_in(&figment, &tables, &profile, key)?)))
+            .collect();
         settings.validate()?;
         let loopback_idp =
             settings.auth.token_url.as_deref().and_then(|u| url::Url::parse(u).ok()).is_some_and(|u| is_loopback(&u));
@@ -381,7 +406,48 @@ impl Sources {
         {
             warn_if_readable_by_others(path, "a client secret");
         }
-        Ok(Loaded { settings, config_file, profile })
+        Ok(Loaded { settings, config_file, profile, set_in })
+    }
+}
+
+/// Where `key` got its value, if it has one and a file or the environment
+/// set it: `[local] of config/bulkcall.toml`, `the environment variable
+/// BULKCALL_AUTH__CLIENT_SECRET`.
+/// `tables` are the config file's tables, by profile.
+fn set_in(
+    figment: &Figment,
+    tables: &figment::value::Map<Profile, figment::value::Dict>,
+    profile: &str,
+    key: &str,
+) -> Option<String> {
+    let tag = figment.find_value(key).ok()?.tag();
+    let metadata = figment.get_metadata(tag)?;
+    match &metadata.source {
+        Some(figment::Source::File(path)) => {
+            let shown = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+                .unwrap_or_else(|| path.clone());
+            // The selected profile's table wins over [default]'s.
+            let has = |table: &str| {
+                let dict = tables.get(&Profile::new(table))?;
+                let mut parts = key.split('.');
+                let mut value = dict.get(parts.next()?)?;
+                for part in parts {
+                    value = value.as_dict()?.get(part)?;
+                }
+                Some(value)
+            };
+            let table = [profile, "default"].into_iter().find(|t| has(t).is_some());
+            Some(match table {
+                Some(table) => format!("[{table}] of {}", shown.display()),
+                None => shown.display().to_string(),
+            })
+        }
+        _ if metadata.name.contains("environment") => {
+            Some(format!("the environment variable BULKCALL_{}", key.to_uppercase().replace('.', "__")))
+        }
+        _ => None,
     }
 }
 
@@ -555,6 +621,64 @@ pub struct Credentials {
     pub proof: Proof,
     /// `tls.client_cert`, to name in a message when a server refuses it.
     pub client_cert: Option<PathBuf>,
+    /// Where the client id and its proof were read from, to name when the
+    /// token endpoint rejects them (never their values).
+    pub from: CredentialsFrom,
+}
+
+/// Where a run's credentials come from: the profile, and for the client id
+/// and its proof the variable, file or setting each was read from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialsFrom {
+    /// The profile the settings were read for; `None` when not from a config.
+    pub profile: Option<String>,
+    pub id: Option<CredentialFrom>,
+    /// What proves the client (`client secret`, `private key`, `client
+    /// certificate`) and where it was read from.
+    pub proof: Option<(&'static str, CredentialFrom)>,
+}
+
+/// Where one credential was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFrom {
+    /// An environment variable, by its name.
+    Env(String),
+    /// A file (`auth.client_secret_file`, `auth.private_key_file`, `tls.client_cert`), and the setting naming it.
+    File { path: PathBuf, setting: &'static str },
+    /// A setting itself (`auth.client_id`, `auth.client_secret`), and where
+    /// it was set when known: `[local] of config/bulkcall.toml`.
+    Setting { key: &'static str, place: Option<String> },
+}
+
+impl std::fmt::Display for CredentialFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialFrom::Env(var) => write!(f, "the environment variable {var}"),
+            CredentialFrom::File { path, setting } => write!(f, "the file {} ({setting})", path.display()),
+            CredentialFrom::Setting { key, place: Some(place) } => write!(f, "{key} in {place}"),
+            CredentialFrom::Setting { key, place: None } => write!(f, "{key}"),
+        }
+    }
+}
+
+impl std::fmt::Display for CredentialsFrom {
+    /// `profile `local`: client id from auth.client_id in [local] of
+    /// config/bulkcall.toml, client secret from the environment variable
+    /// BULKCALL_CLIENT_SECRET`; empty when nothing is known.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = vec![];
+        if let Some(id) = &self.id {
+            parts.push(format!("client id from {id}"));
+        }
+        if let Some((what, from)) = &self.proof {
+            parts.push(format!("{what} from {from}"));
+        }
+        match &self.profile {
+            Some(profile) if parts.is_empty() => write!(f, "profile `{profile}`"),
+            Some(profile) => write!(f, "profile `{profile}`: {}", parts.join(", ")),
+            None => write!(f, "{}", parts.join(", ")),
+        }
+    }
 }
 
 /// What proves the client at the token endpoint.
@@ -570,7 +694,12 @@ pub enum Proof {
 
 impl Credentials {
     pub fn secret(client_id: String, client_secret: SecretString) -> Credentials {
-        Credentials { client_id, proof: Proof::Secret(client_secret), client_cert: None }
+        Credentials {
+            client_id,
+            proof: Proof::Secret(client_secret),
+            client_cert: None,
+            from: CredentialsFrom::default(),
+        }
     }
 
     /// The client secret, for the styles that send one.
@@ -622,13 +751,20 @@ impl AuthSettings {
     /// names for `tls_client_auth`.
     pub fn credentials_with(&self, tls: &TlsSettings) -> Result<Credentials, ConfigError> {
         let from_env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
-        let client_id = from_env(&self.client_id_env).or_else(|| self.client_id.clone()).ok_or_else(|| {
-            ConfigError::MissingCredential {
-                what: "id",
-                var: self.client_id_env.clone(),
-                hint: " (or auth.client_id in the profile)",
+        let setting = |key| CredentialFrom::Setting { key, place: None };
+        let (client_id, id_from) = match (from_env(&self.client_id_env), &self.client_id) {
+            (Some(id), _) => (id, CredentialFrom::Env(self.client_id_env.clone())),
+            (None, Some(id)) => (id.clone(), setting("auth.client_id")),
+            (None, None) => {
+                return Err(ConfigError::MissingCredential {
+                    what: "id",
+                    var: self.client_id_env.clone(),
+                    hint: " (or auth.client_id in the profile)",
+                });
             }
-        })?;
+        };
+        let from =
+            |what, proof| CredentialsFrom { profile: None, id: Some(id_from.clone()), proof: Some((what, proof)) };
         let keyed = matches!(self.style, AuthStyle::PrivateKeyJwt | AuthStyle::TlsClientAuth);
         if keyed
             && (from_env(&self.client_secret_env).is_some()
@@ -648,7 +784,16 @@ impl AuthSettings {
                         "auth.style = \"private_key_jwt\" needs auth.private_key_file or auth.private_key_env".into(),
                     )
                 })?;
-                return Ok(Credentials { client_id, proof: Proof::Key(std::sync::Arc::new(key)), client_cert: None });
+                let key_from = match (&self.private_key_file, &self.private_key_env) {
+                    (Some(path), _) => CredentialFrom::File { path: path.clone(), setting: "auth.private_key_file" },
+                    (None, var) => CredentialFrom::Env(var.clone().unwrap_or_default()),
+                };
+                return Ok(Credentials {
+                    client_id,
+                    proof: Proof::Key(std::sync::Arc::new(key)),
+                    client_cert: None,
+                    from: from("private key", key_from),
+                });
             }
             AuthStyle::TlsClientAuth => {
                 use sha2::Digest as _;
@@ -661,18 +806,27 @@ impl AuthSettings {
                     ConfigError::Value(format!("cannot read the client certificate {}: {e}", cert.display()))
                 })?;
                 let hash = sha2::Sha256::digest(&pem).iter().map(|b| format!("{b:02x}")).collect();
-                return Ok(Credentials { client_id, proof: Proof::Certificate(hash), client_cert: None });
+                let cert_from = CredentialFrom::File { path: cert.clone(), setting: "tls.client_cert" };
+                return Ok(Credentials {
+                    client_id,
+                    proof: Proof::Certificate(hash),
+                    client_cert: None,
+                    from: from("client certificate", cert_from),
+                });
             }
             _ => {}
         }
-        let secret = match from_env(&self.client_secret_env) {
-            Some(s) => s,
+        let (secret, secret_from) = match from_env(&self.client_secret_env) {
+            Some(s) => (s, CredentialFrom::Env(self.client_secret_env.clone())),
             None => match (&self.client_secret_file, &self.client_secret) {
-                (Some(path), _) => std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-                (None, Some(s)) => s.expose_secret().to_string(),
+                (Some(path), _) => (
+                    std::fs::read_to_string(path)
+                        .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                    CredentialFrom::File { path: path.clone(), setting: "auth.client_secret_file" },
+                ),
+                (None, Some(s)) => (s.expose_secret().to_string(), setting("auth.client_secret")),
                 (None, None) => {
                     return Err(ConfigError::MissingCredential {
                         what: "secret",
@@ -682,7 +836,9 @@ impl AuthSettings {
                 }
             },
         };
-        Ok(Credentials::secret(client_id, SecretString::from(secret)))
+        let mut credentials = Credentials::secret(client_id, SecretString::from(secret));
+        credentials.from = from("client secret", secret_from);
+        Ok(credentials)
     }
 
     /// The private key `private_key_file` or `private_key_env` names, if any.

@@ -59,6 +59,56 @@ async fn a_wrong_secret_exits_3_and_never_shows_the_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_secret_names_the_profile_and_where_the_id_and_secret_came_from() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let wrong = "WrOnG-sEcReT-4c1a";
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    let config = gw.path("bulkcall.toml");
+    let run = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"];
+
+    // Both in the config file's [test] table.
+    gw.config(wrong, "");
+    let output = bulkcall(gw.dir.path(), &run).await;
+    assert_eq!(output.status.code(), Some(3));
+    let all = text(&output);
+    assert!(
+        all.contains(
+            "profile `test`: client id from auth.client_id in [test] of bulkcall.toml, client secret from \
+             auth.client_secret in [test] of bulkcall.toml"
+        ),
+        "{all}"
+    );
+    assert!(!all.contains(wrong), "never the secret: {all}");
+
+    // The secret from a variable the profile names: the variable's name, never its value.
+    gw.config(SECRET, "auth.client_secret_env = \"TEST_GATEWAY_CLIENT_SECRET\"");
+    let output = common::bulkcall()
+        .args(run)
+        .current_dir(gw.dir.path())
+        .env("TEST_GATEWAY_CLIENT_SECRET", wrong)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    let all = text(&output);
+    assert!(all.contains("client secret from the environment variable TEST_GATEWAY_CLIENT_SECRET"), "{all}");
+    assert!(!all.contains(wrong), "never the secret: {all}");
+
+    // From a file: the file's name.
+    let file = gw.write("secret.txt", &format!("{wrong}\n"));
+    gw.config(SECRET, &format!("auth.client_secret_file = \"{}\"", file.display()));
+    let output = bulkcall(gw.dir.path(), &["token", "-c", config.to_str().unwrap(), "-p", "test"]).await;
+    assert_eq!(output.status.code(), Some(3));
+    let all = text(&output);
+    assert!(
+        all.contains(&format!("client secret from the file {} (auth.client_secret_file)", file.display())),
+        "{all}"
+    );
+    assert!(!all.contains(wrong), "never the secret: {all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_shows_the_expiry_and_prints_the_token_only_when_asked() {
     let gw = Gateway::start(sandbox_config()).await;
     let config = gw.config(SECRET, "");

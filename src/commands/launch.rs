@@ -233,7 +233,7 @@ async fn run_job(
         r.loaded.token_url()?;
         let credentials = match credentials {
             Some(c) => c,
-            None => settings.credentials()?,
+            None => r.loaded.credentials()?,
         };
         let request_key = crate::token::request_key(&settings.auth, &credentials);
         let mut tokens = TokenSource::new(client.clone(), &settings.auth, credentials).with_events(events.clone());

@@ -24,7 +24,7 @@ pub(super) async fn token(args: TokenArgs) -> Result<ExitCode, Error> {
         )));
     }
     let client = runner::token_client(&loaded.settings)?;
-    let tokens = TokenSource::new(client, auth, loaded.settings.credentials()?);
+    let tokens = TokenSource::new(client, auth, loaded.credentials()?);
     let token = if args.refresh { tokens.get_fresh().await? } else { tokens.get().await? };
     let left = token.expires_at.saturating_duration_since(tokio::time::Instant::now());
     let url = crate::token::shown_url(auth.token_url.as_deref().unwrap_or(""));

@@ -46,11 +46,10 @@ const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
-    #[error(
-        "the token endpoint {url} rejected the credentials ({status}{error}); \
-         check the client id and secret for this profile"
-    )]
-    Rejected { url: String, status: u16, error: String },
+    /// `from` names the profile and where the client id and its proof
+    /// were read from (a variable's name, a file, a setting), never them.
+    #[error("the token endpoint {url} rejected the credentials ({status}{error}); {}", rejected_advice(from))]
+    Rejected { url: String, status: u16, error: String, from: String },
     /// Unreachable, or answering 5xx (or 408/429) through every attempt:
     /// exit 75, try again later.
     #[error(
@@ -698,6 +697,7 @@ impl Inner {
                     url: self.shown.clone(),
                     status: code,
                     error: shown,
+                    from: self.credentials.from.to_string(),
                 }));
             }
             if status.is_client_error() && !matches!(code, 408 | 425 | 429) {
@@ -815,6 +815,15 @@ impl Origin {
             Origin::Cache(_) => "cache",
             Origin::Shared => "shared",
         }
+    }
+}
+
+/// What to check when the credentials are rejected: where they came from.
+fn rejected_advice(from: &str) -> String {
+    if from.is_empty() {
+        "check the client id and secret for this profile".into()
+    } else {
+        format!("{from}: check that these hold this environment's credentials")
     }
 }
 
