@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use bulkcall::cli::{Cli, Color, LogArgs, LogFormat};
 use clap::Parser;
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let json = cli.log.log_format == LogFormat::Json;
+    // Under -q an error line is all a cron log may get of a run: it says
+    // when, which job and the exit code, as the closing line does.
+    let quiet = cli.log.quiet.then(|| bulkcall::commands::subject(&cli));
     // The main thread's runtime handles signals, progress and token
     // requests. A run's calls go out from lanes, each a thread with a
     // runtime of its own (runner.rs): a row never changes threads, which
@@ -51,6 +55,8 @@ fn main() -> ExitCode {
                     // a log collector (or a cron log read the morning after)
                     // gets the reason a run never started.
                     tracing::error!(exit_code = code.code(), "{e}");
+                } else if let Some(subject) = quiet {
+                    eprintln!("{}", bulkcall::commands::quiet_error_line(subject.as_deref(), &e, SystemTime::now()));
                 } else {
                     eprintln!("bulkcall: error: {e}");
                 }

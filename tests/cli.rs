@@ -109,6 +109,38 @@ async fn a_rejected_secret_names_the_profile_and_where_the_id_and_secret_came_fr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_q_an_error_line_says_when_which_job_and_the_exit_code() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("claims-nightly.toml", &format!("name = \"claims\"\n{CLAIMS_JOB}"));
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    let config = gw.config("not-the-secret", "");
+    let run = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "test"];
+    let output = bulkcall(gw.dir.path(), &[&run[..], &["-q"]].concat()).await;
+    assert_eq!(output.status.code(), Some(3), "the exit code stays");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for the cron log: {stderr}");
+    // bulkcall: 2026-12-03T19:11:46Z claims (/tmp/.../claims-nightly.toml): error: ...; exit 3
+    let rest = lines[0].strip_prefix("bulkcall: ").expect("the program first");
+    let (stamp, rest) = rest.split_once(' ').unwrap();
+    assert!(humantime::parse_rfc3339(stamp).is_ok() && stamp.ends_with('Z'), "a UTC time first: {stderr}");
+    let subject = format!("claims ({}): error: the token endpoint", job.display());
+    assert!(rest.starts_with(&subject), "the job's name and file: {stderr}");
+    assert!(rest.ends_with("; exit 3"), "{stderr}");
+
+    // Without -q the line stays as it was.
+    let output = bulkcall(gw.dir.path(), &run).await;
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bulkcall: error: the token endpoint"));
+
+    // resume names the run directory.
+    let missing = gw.path("no-such-run");
+    let output = bulkcall(gw.dir.path(), &["resume", missing.to_str().unwrap(), "-q"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("Z resume {}: error: ", missing.display())), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_shows_the_expiry_and_prints_the_token_only_when_asked() {
     let gw = Gateway::start(sandbox_config()).await;
     let config = gw.config(SECRET, "");

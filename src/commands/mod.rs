@@ -56,6 +56,47 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
     }
 }
 
+/// What a command works on, for the error line a cron log gets under `-q`:
+/// the job's name and its file (`eligibility (jobs/eligibility.toml)`), or
+/// for `resume` the job's name and the run directory; `None` for commands
+/// without a job.
+pub fn subject(cli: &Cli) -> Option<String> {
+    let job = |path: &Path| {
+        // The spec's `name`, else its file's stem, as a run names it.
+        let named = std::fs::read_to_string(path).ok().and_then(|text| {
+            let table: toml::Table = toml::from_str(&text).ok()?;
+            table.get("name")?.as_str().map(str::to_string)
+        });
+        let name = named.or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()));
+        format!("{} ({})", name.unwrap_or_default(), path.display())
+    };
+    match &cli.command {
+        Command::Run(args) => Some(job(&args.job)),
+        Command::Validate(args) => Some(job(&args.job)),
+        Command::Resume(args) => {
+            let name = std::fs::read(args.run_dir.join("run.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|info| info["job_name"].as_str().map(str::to_string));
+            let dir = args.run_dir.display();
+            Some(name.map_or_else(|| format!("resume {dir}"), |name| format!("{name} (resume {dir})")))
+        }
+        _ => None,
+    }
+}
+
+/// The one line an error that ends a command gets under `-q`: `bulkcall:
+/// 2026-12-03T19:11:46Z eligibility (jobs/eligibility.toml): error: ...;
+/// exit 3`.
+pub fn quiet_error_line(subject: Option<&str>, error: &Error, now: std::time::SystemTime) -> String {
+    let when = humantime::format_rfc3339_seconds(now);
+    let code = error.exit_code().code();
+    match subject {
+        Some(subject) => format!("bulkcall: {when} {subject}: error: {error}; exit {code}"),
+        None => format!("bulkcall: {when} error: {error}; exit {code}"),
+    }
+}
+
 /// The run a link such as `out/<job>/latest` points to, so what is shown
 /// and advised names that run, not a link that will move to the next one.
 fn through_link(path: std::path::PathBuf) -> std::path::PathBuf {
