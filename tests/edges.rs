@@ -233,8 +233,12 @@ async fn a_failures_file_keeps_every_input_field_and_feeds_back_the_original_row
     let lines: Vec<&str> = failures_csv.lines().collect();
     assert_eq!(lines[0], "controlNumber,_status,_message,note,_row,_key,_error,_status,_attempts,_message");
     assert!(lines[1].starts_with("000000001,open,\"see, you\",a,1,000000001,client_error,400,1,"), "{}", lines[1]);
-    let ragged = "000000003,x,y,z,extra 1,extra 2,3,3,invalid_row,,0,";
+    // The ragged row whole, in the header's columns: its extra fields
+    // joined into the last one, so the record lines up with the header.
+    let ragged = "000000003,x,y,\"z,extra 1,extra 2\",3,3,invalid_row,,0,";
     assert!(lines[3].starts_with(ragged), "the ragged row whole: {}", lines[3]);
+    let mut reader = csv::Reader::from_reader(failures_csv.as_bytes());
+    assert!(reader.records().all(|r| r.is_ok_and(|r| r.len() == 10)), "every record as wide as the header");
 
     // Fed back to a gateway that takes them: the very rows of the inputs.
     let gw2 = Gateway::start(sandbox_config()).await;
@@ -255,7 +259,8 @@ async fn a_failures_file_keeps_every_input_field_and_feeds_back_the_original_row
     expected.extend(records.iter().map(|r| r.to_string()));
     assert_eq!(bodies, expected, "each row as it stood in its input, the ragged one not sent");
     let ragged = std::fs::read_to_string(again[0].join("failures.csv")).unwrap();
-    assert!(ragged.lines().nth(1).unwrap().starts_with("000000003,x,y,z,extra 1,extra 2,"), "{ragged}");
+    assert!(ragged.lines().nth(1).unwrap().starts_with("000000003,x,y,\"z,extra 1,extra 2\","), "{ragged}");
+    assert!(ragged.contains("has 6 fields but the header has 4 (the extra fields joined into the last column)"));
 }
 
 /// A job whose URL carries row values in its path and query.

@@ -220,7 +220,8 @@ async fn failures_csv_keeps_the_input_columns_and_feeds_back() {
     assert_eq!(code, ExitCode::RowsFailed);
 
     let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(failures.as_bytes());
+    // Every record lines up with the header (the reader is not flexible).
+    let mut reader = csv::ReaderBuilder::new().from_reader(failures.as_bytes());
     let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
     assert_eq!(
         header,
@@ -245,12 +246,17 @@ async fn failures_csv_keeps_the_input_columns_and_feeds_back() {
     assert_eq!(rows.len(), 2);
     let bad = rows.iter().find(|r| r[0] == "77").unwrap();
     assert_eq!(&bad[8..13], ["4", "77", "client_error", "400", "1"]);
-    // The ragged row keeps its own three fields, the six columns after them.
+    // The ragged row keeps its own three fields in their columns, the
+    // missing five empty, the six columns after them.
     let ragged = rows.iter().find(|r| r[0] == "000000005").unwrap();
-    assert_eq!(ragged.len(), 3 + 6, "{ragged:?}");
-    assert_eq!(&ragged[..3], ["000000005", "000050", "Too few columns"]);
-    assert_eq!((ragged[3].as_str(), ragged[5].as_str()), ("5", "invalid_row"));
-    assert!(ragged[8].contains("rows.csv") && ragged[8].contains("line 6"), "{}", ragged[8]);
+    assert_eq!(ragged.len(), 8 + 6, "{ragged:?}");
+    assert_eq!(&ragged[..8], ["000000005", "000050", "Too few columns", "", "", "", "", ""]);
+    assert_eq!((ragged[8].as_str(), ragged[10].as_str()), ("5", "invalid_row"));
+    let message = &ragged[13];
+    assert!(
+        message.contains("rows.csv: line 6: has 3 fields but the header has 8"),
+        "file, line, found and expected: {message}"
+    );
 
     let again = gw.path("again");
     let code = gw
@@ -259,15 +265,29 @@ async fn failures_csv_keeps_the_input_columns_and_feeds_back() {
     assert_eq!(code, ExitCode::RowsFailed);
     let received = gw.received_by_control_number();
     assert_eq!(received["77"].len(), 2, "fed back, the 400 row is sent again");
-    // The ragged row comes back as it was, three fields: it fails again,
-    // unsent, until it is fixed in the file.
+    // The ragged row comes back as it was written, its missing fields
+    // empty: it fails again, unsent (never sent with the padding as
+    // values), until it is fixed in the file.
     assert!(!received.contains_key("000000005"));
     assert_eq!(gw.sandbox.stats().api_calls, 5);
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(again.join("failures.csv")).unwrap();
+    let mut reader = csv::ReaderBuilder::new().from_path(again.join("failures.csv")).unwrap();
     let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
     // Before the six, where it first came from: row 5 of the first run.
     let ragged = records.iter().find(|r| &r[0] == "000000005").unwrap();
-    assert_eq!((ragged.len(), &ragged[3], &ragged[8]), (3 + 3 + 6, "5", "invalid_row"), "{ragged:?}");
+    assert_eq!((ragged.len(), &ragged[8], &ragged[13]), (8 + 3 + 6, "5", "invalid_row"), "{ragged:?}");
+    assert!(ragged[16].contains("has 3 fields but the header has 8 (the missing fields left empty)"), "{ragged:?}");
+
+    // Fixed in the file (its fields filled in), it goes out.
+    let fixed = again.join("failures.csv");
+    let text = std::fs::read_to_string(&fixed).unwrap();
+    let text =
+        text.replace("000000005,000050,Too few columns,,,,,", "000000005,000050,Fixed,0123456789,M5,Pat,Doe,19800102");
+    std::fs::write(&fixed, text).unwrap();
+    let code = gw
+        .run(&["run", job.to_str().unwrap(), fixed.to_str().unwrap(), "-o", gw.path("fixed").to_str().unwrap()])
+        .await;
+    assert_eq!(code, ExitCode::RowsFailed, "77 fails again");
+    assert_eq!(gw.received_by_control_number()["000000005"].len(), 1, "the fixed row is sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

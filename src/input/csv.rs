@@ -273,6 +273,17 @@ fn to_row(
         let message = format!("line {line}: has {fields} fields but the header has {width}{hint}");
         return Err(bad(message));
     }
+    // A ragged row a failures file holds aligned, fed back as it was
+    // written: its empty padding or joined last column are not values.
+    if let Some(earlier) = &earlier
+        && let Some((found, expected, how)) = still_ragged(earlier, record.iter().take(width), headers.delimiter)
+        && expected == width
+    {
+        return Err(bad(format!(
+            "line {line}: still as a failures file holds a row that has {found} fields but the header has \
+             {expected} ({how}); fix its fields, then send it again"
+        )));
+    }
     let mut values = Vec::with_capacity(width);
     for (i, field) in record.iter().take(width).enumerate() {
         match std::str::from_utf8(field) {
@@ -286,6 +297,35 @@ fn to_row(
         }
     }
     Ok(Row { input, number, line, record: Record::Csv { headers: headers.clone(), values }, earlier })
+}
+
+/// Whether a failures file's record of a ragged row (its `_message` says
+/// `has N fields but the header has M`) is still as bulkcall wrote it,
+/// aligned with the header (`output::writer`): a short row's last `M - N`
+/// fields empty, a long row's last field holding `N - M + 1` values joined
+/// by the delimiter. Returns `N`, `M` and how it was written.
+pub(crate) fn still_ragged<'a>(
+    earlier: &Earlier,
+    fields: impl Iterator<Item = &'a [u8]>,
+    delimiter: u8,
+) -> Option<(usize, usize, &'static str)> {
+    if earlier.error != "invalid_row" {
+        return None;
+    }
+    let (_, rest) = earlier.message.split_once("has ")?;
+    let (found, rest) = rest.split_once(" fields but the header has ")?;
+    let found: usize = found.parse().ok()?;
+    let expected: usize = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let fields: Vec<&[u8]> = fields.collect();
+    if fields.len() != expected || found == expected || expected == 0 {
+        return None;
+    }
+    if found < expected {
+        fields[found..].iter().all(|f| f.is_empty()).then_some((found, expected, "the missing fields left empty"))
+    } else {
+        let joined = memchr::memchr_iter(delimiter, fields[expected - 1]).count() + 1;
+        (joined == found - expected + 1).then_some((found, expected, "the extra fields joined into the last column"))
+    }
 }
 
 #[cfg(test)]

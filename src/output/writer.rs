@@ -371,9 +371,10 @@ impl Writer {
                         file.write(values.iter().map(String::as_bytes).chain(own))
                     }
                     Source::Raw(Raw::Csv { headers, values }) => {
+                        let values = aligned(values, headers.names().len(), headers.delimiter());
                         let file = self.csv_file(outcome.input, headers)?;
                         let own = own(file.sources);
-                        file.write(values.iter().map(Vec::as_slice).chain(own))
+                        file.write(values.iter().map(|v| v.as_ref()).chain(own))
                     }
                     Source::Record(Record::Json(record)) => {
                         // A record with fields of the names bulkcall adds
@@ -546,4 +547,23 @@ impl RequestsFile {
     pub fn flush(&mut self) -> Result<(), OutputError> {
         self.file.flush().map_err(io(&self.path))
     }
+}
+
+/// A ragged CSV row's fields as its failures file holds them, in the
+/// header's columns so that every record lines up with the header: a short
+/// row's missing fields empty, a long row's extra fields joined into the
+/// last column by the file's delimiter (every value kept, in order). The
+/// reader knows such a record when it is fed back unchanged
+/// (`input::csv::still_ragged`).
+fn aligned(values: &[Vec<u8>], width: usize, delimiter: u8) -> Vec<std::borrow::Cow<'_, [u8]>> {
+    use std::borrow::Cow;
+    let mut out: Vec<Cow<'_, [u8]>> = values.iter().take(width.saturating_sub(1)).map(|v| Cow::from(&v[..])).collect();
+    match values.len().cmp(&width) {
+        std::cmp::Ordering::Greater => out.push(Cow::Owned(values[width.saturating_sub(1)..].join(&delimiter))),
+        _ => {
+            out.extend(values.iter().skip(out.len()).map(|v| Cow::from(&v[..])));
+            out.resize(width, Cow::Borrowed(&[]));
+        }
+    }
+    out
 }
