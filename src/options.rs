@@ -13,6 +13,32 @@ pub fn program() -> String {
         .unwrap_or_else(|| "bulkcall".to_string())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::shell_word;
+
+    #[test]
+    fn a_word_is_quoted_only_when_a_shell_would_split_or_expand_it() {
+        assert_eq!(
+            shell_word("out/claims/2026-12-02T030000Z/failures.csv"),
+            "out/claims/2026-12-02T030000Z/failures.csv"
+        );
+        assert_eq!(shell_word("my jobs/claims.toml"), "'my jobs/claims.toml'");
+        assert_eq!(shell_word("it's $HOME"), "'it'\\''s $HOME'");
+        assert_eq!(shell_word(""), "''");
+    }
+}
+
+/// A word of a printed command as a shell reads it back: as it is when
+/// it holds only characters no shell treats specially, else in single
+/// quotes (a path with a space: `'my jobs/claims.toml'`), so the command
+/// works when copied as printed.
+pub fn shell_word(word: impl std::fmt::Display) -> String {
+    let word = word.to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) { word } else { format!("'{}'", word.replace('\'', "'\\''")) }
+}
+
 /// `--max-failures N` or `P%`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MaxFailures {

@@ -223,9 +223,11 @@ impl RunStatus {
                 (None, Some(_)) => writeln!(
                     out,
                     "  send the rest: {program} resume {} (or start the shard again with the same command)",
-                    s.dir.display()
+                    crate::options::shell_word(s.dir.display())
                 ),
-                (None, None) => writeln!(out, "  send the rest: {program} resume {}", s.dir.display()),
+                (None, None) => {
+                    writeln!(out, "  send the rest: {program} resume {}", crate::options::shell_word(s.dir.display()))
+                }
             };
         }
         out

@@ -304,3 +304,27 @@ async fn when_every_failure_may_have_been_acted_on_next_resends_them_once_checke
     assert!(stderr.contains(&format!("--in-doubt resend {}", out.join("failures.jsonl").display())), "{stderr}");
     assert!(!stderr.contains("that leaves out the rows"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printed_command_works_pasted_into_a_shell_when_its_paths_have_spaces() {
+    let faults = Faults { bad_requests: 0.3, ..Default::default() };
+    let gw = Gateway::start(SandboxConfig { faults, ..sandbox_config() }).await;
+    std::fs::create_dir(gw.path("my jobs")).unwrap();
+    let job = gw.write("my jobs/claims job.toml", ECHO_JOB);
+    let input = claims_input(&gw, 20);
+    let out = gw.path("my runs/it's the first");
+    let config = gw.config(SECRET, "");
+    let output = run_command(&job, &input, &out, &config).args(FLAGS).arg("-q").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let failed = jsonl(&out.join("failures.jsonl")).len();
+    let next = stderr.lines().last().unwrap().split("; next: ").nth(1).expect("a next command");
+    assert!(next.contains("'"), "quoted: {next}");
+    // As a person pasting it would: through a shell.
+    let again = gw.path("again");
+    let pasted = format!("{next} -o {} -q", again.display());
+    let output = tokio::process::Command::new("sh").args(["-c", &pasted]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "the same rows fail again at this gateway: {pasted}: {stderr}");
+    assert_eq!(jsonl(&again.join("failures.jsonl")).len(), failed, "{stderr}");
+}

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::cli::*;
 use crate::error::ExitCode;
-use crate::options::MaxFailures;
+use crate::options::{MaxFailures, shell_word};
 use crate::outcome::ErrorKind;
 use crate::output::RunFlags;
 use crate::runner::Finished;
@@ -40,14 +40,19 @@ pub(super) fn print_dry_run(dir: &Path, verbose: bool, json: bool) {
 /// How to run the job again with the same configuration (for the hint
 /// that sends the failures again).
 pub(super) fn rerun_command(job: &Path, profile: Option<&str>, config: Option<&Path>) -> String {
-    let mut command = format!("{} run {}", crate::options::program(), job.display());
+    let mut command = format!("{} run {}", crate::options::program(), shell_word(job.display()));
     if let Some(config) = config {
-        command.push_str(&format!(" -c {}", config.display()));
+        command.push_str(&format!(" -c {}", shell_word(config.display())));
     }
     if let Some(profile) = profile {
-        command.push_str(&format!(" -p {profile}"));
+        command.push_str(&format!(" -p {}", shell_word(profile)));
     }
     command
+}
+
+/// Paths as words of a printed command, each quoted if a shell would split it.
+fn words(paths: &[String]) -> String {
+    paths.iter().map(shell_word).collect::<Vec<_>>().join(" ")
 }
 
 pub(super) fn plural(n: u64, word: &str) -> String {
@@ -114,14 +119,14 @@ fn next_command(
     idempotent: bool,
 ) -> Option<String> {
     let program = crate::options::program();
-    let resume = format!("{program} resume {}", dir.display());
+    let resume = format!("{program} resume {}", shell_word(dir.display()));
     match finished.exit {
         _ if options.dry_run => None,
         ExitCode::Success | ExitCode::Usage => None,
         ExitCode::RowsFailed if files.is_empty() => None,
         ExitCode::RowsFailed => {
             let resend = if all_may_have_acted(&finished.summary, idempotent) { " --in-doubt resend" } else { "" };
-            Some(format!("{}{}{resend} {}", options.rerun, flags_text(&options.flags), files.join(" ")))
+            Some(format!("{}{}{resend} {}", options.rerun, flags_text(&options.flags), words(files)))
         }
         _ if !options.resumable => Some(format!("{program} demo")),
         ExitCode::MaxFailures => {
@@ -318,7 +323,7 @@ fn closing_lines(
         } else {
             ""
         };
-        eprintln!("  {first}send the failures again: {rerun} {}", files.join(" "));
+        eprintln!("  {first}send the failures again: {rerun} {}", words(files));
     }
     if !files.is_empty() && !check_first {
         let (acted, kinds) = acted_on(s);
@@ -334,7 +339,7 @@ fn closing_lines(
         eprintln!(
             "  {rows} of the failures fed back left out, not sent: they had failed where the gateway may have \
              acted on them (each one's _message says how); check on the gateway, then: {rerun} --in-doubt resend {}",
-            files.join(" ")
+            words(files)
         );
     }
     if s.in_doubt > 0 {

@@ -34,7 +34,9 @@ pub(super) async fn resume(args: ResumeArgs, log: LogArgs, stop: CancellationTok
                 .shards
                 .iter()
                 .filter(|s| !s.state.finished())
-                .map(|s| format!("{} resume {}", crate::options::program(), s.dir.display()))
+                .map(|s| {
+                    format!("{} resume {}", crate::options::program(), crate::options::shell_word(s.dir.display()))
+                })
                 .collect();
             return Error::Usage(format!(
                 "{} is the folder of a run split into {} shards: each resumes on its own (or is started again \

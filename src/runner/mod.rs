@@ -252,7 +252,8 @@ pub fn last_words() -> Option<String> {
         dir.display()
     );
     if *resumable {
-        words.push_str(&format!("; send the rest with: {} resume {}", crate::options::program(), dir.display()));
+        let dir = crate::options::shell_word(dir.display());
+        words.push_str(&format!("; send the rest with: {} resume {dir}", crate::options::program()));
     }
     Some(words)
 }
