@@ -105,6 +105,34 @@ impl RowStates {
         recovery: Recovery<'_>,
         on_done: impl FnMut(&Done),
     ) -> Result<(RowStates, Vec<Recovered>), OutputError> {
+        let (done, in_doubt, recovered) = Self::scan(dir, recovery, on_done)?;
+        Ledger::recovered(dir, &recovered)?;
+        Ok((Self::accepted(dir, done, in_doubt)?, recovered))
+    }
+
+    /// What [`RowStates::recover`] would find, writing nothing: the rows
+    /// whose outcome is on file without its done mark count as done, and
+    /// are returned, but stay unmarked. `status` reads a run so (a process
+    /// may be working on it), and its counts agree with what `resume`
+    /// then finds.
+    pub fn read_recovering(
+        dir: &Path,
+        recovery: Recovery<'_>,
+        on_done: impl FnMut(&Done),
+    ) -> Result<(RowStates, Vec<Recovered>), OutputError> {
+        let (done, in_doubt, recovered) = Self::scan(dir, recovery, on_done)?;
+        Ok((Self::accepted(dir, done, in_doubt)?, recovered))
+    }
+
+    /// The ledger, then the outcomes on file it has no done mark for: the
+    /// rows done (those outcomes included), the rows started and not done
+    /// otherwise, and those outcomes. Writes nothing.
+    #[allow(clippy::type_complexity)]
+    fn scan(
+        dir: &Path,
+        recovery: Recovery<'_>,
+        on_done: impl FnMut(&Done),
+    ) -> Result<(RowSet, HashSet<(usize, u64)>, Vec<Recovered>), OutputError> {
         let (mut done, started) = Ledger::read(dir, on_done)?;
         let mut in_doubt: HashSet<(usize, u64)> = started.into_iter().collect();
         let mut recovered = Vec::new();
@@ -118,8 +146,7 @@ impl RowStates {
                 recovered.push((input, row, outcome));
             }
         }
-        Ledger::recovered(dir, &recovered)?;
-        Ok((Self::accepted(dir, done, in_doubt)?, recovered))
+        Ok((done, in_doubt, recovered))
     }
 
     /// Splits the rows started and not done into pending (their acceptance
@@ -198,6 +225,19 @@ mod tests {
         assert_eq!(outcomes, 2);
         assert_eq!(read.pending.iter().map(|&(i, r, _)| (i, r)).collect::<Vec<_>>(), [(0, 4), (0, 8)]);
         assert_eq!(std::fs::read(dir.path().join("journal")).unwrap(), journal);
+    }
+
+    #[test]
+    fn reading_with_the_recovery_finds_what_it_would_and_writes_nothing() {
+        use RowState::*;
+        let dir = run_dir();
+        let journal = std::fs::read(dir.path().join("journal")).unwrap();
+        let failures = [("failures.jsonl".to_string(), b','), ("failures-2.jsonl".to_string(), b',')];
+        let (read, recovered) =
+            RowStates::read_recovering(dir.path(), Recovery { failures: &failures, inputs: 2 }, |_| {}).unwrap();
+        assert_eq!(states(&read), [Done, InDoubt, Unsent, Pending, Done, Unsent, Done, Done]);
+        assert_eq!(recovered.len(), 2);
+        assert_eq!(std::fs::read(dir.path().join("journal")).unwrap(), journal, "nothing marked");
     }
 
     #[test]

@@ -262,14 +262,31 @@ fn read_dir(shard: Option<Shard>, dir: &Path) -> Result<ShardStatus, StatusError
         Some(s) => State::Stopped(s.exit_code),
     };
     let (mut succeeded, mut failed, mut in_doubt) = (0, 0, 0);
-    // Read as it is, with no recovery: a process may be working on it.
-    let states = RowStates::read(dir, |outcome| match outcome.error.as_deref() {
+    let mut count = |outcome: &crate::output::Done| match outcome.error.as_deref() {
         None => succeeded += 1,
         Some(kind) => {
             failed += 1;
             in_doubt += u64::from(kind == crate::outcome::ErrorKind::InDoubt.as_str());
         }
-    })?;
+    };
+    // With the recovery `resume` makes, so the counts agree with what it
+    // finds, but writing nothing: a process may be working on the run.
+    // Each input's failures file and the delimiter it is written with (a
+    // run from before run.json named them: the names a run gives them).
+    let info = read_info(dir);
+    let inputs = info.as_ref().map(|i| i.inputs.as_slice()).unwrap_or_default();
+    let delimiter = |i: &crate::input::InputFingerprint| i.delimiter.bytes().next().unwrap_or(b',');
+    let named: Vec<_> = inputs.iter().map(|i| (i.path.clone(), i.format, delimiter(i))).collect();
+    let failures: Vec<(String, u8)> = inputs
+        .iter()
+        .zip(crate::output::failure_file_names(&named))
+        .map(|(i, computed)| (i.failures.clone().unwrap_or(computed), delimiter(i)))
+        .collect();
+    let recovery = crate::lifecycle::Recovery { failures: &failures, inputs: inputs.len() };
+    let (states, recovered) = RowStates::read_recovering(dir, recovery, &mut count)?;
+    for (_, _, outcome) in &recovered {
+        count(outcome);
+    }
     status.done = states.done.len();
     (status.succeeded, status.failed, status.in_doubt) = (succeeded, failed, in_doubt);
     // Started and not done: in doubt, unless the gateway's acceptance is on file (pending).

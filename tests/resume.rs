@@ -493,3 +493,43 @@ async fn a_run_that_needed_format_is_resumed_with_its_saved_format() {
     assert_eq!(gw.sandbox.stats().api_calls, 20, "the recorded rows are not sent again");
     assert_eq!(json(&out.join("summary.json"))["total"], 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_a_crashed_run_as_resume_then_finds_it_and_writes_nothing() {
+    let (_gw, out, results, failures) = finished_with_failures().await;
+    // As if the process died after writing the last outcomes (results and
+    // failures) but before their done marks: drop those of rows 31 to 50.
+    let journal = std::fs::read_to_string(out.join("journal")).unwrap();
+    let kept: Vec<&str> = journal
+        .lines()
+        .filter(|l| !(l.starts_with("D\t") && l.split('\t').nth(2).unwrap().parse::<u64>().unwrap() > 30))
+        .collect();
+    std::fs::write(out.join("journal"), kept.join("\n") + "\n").unwrap();
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+    let before: Vec<Vec<u8>> =
+        ["journal", "results.jsonl", "failures.csv"].iter().map(|f| std::fs::read(out.join(f)).unwrap()).collect();
+
+    let output = bulkcall()
+        .args(["status", out.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let shard = &status["shards"][0];
+    let after: Vec<Vec<u8>> =
+        ["journal", "results.jsonl", "failures.csv"].iter().map(|f| std::fs::read(out.join(f)).unwrap()).collect();
+    assert!(before == after, "status writes nothing in the run directory");
+    // Every outcome is on file: none in doubt, all 50 done, as resume finds.
+    let counts = |s: &serde_json::Value| {
+        ["done", "succeeded", "failed", "in_doubt"].map(|k| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}")))
+    };
+    assert_eq!(counts(shard), [50, results.len() as u64, failures.len() as u64, 0], "{status}");
+
+    let output = bulkcall().args(["resume", out.to_str().unwrap()]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("nothing to resume") || stderr.contains("50 rows already have an outcome; 0 were in flight"),
+        "{stderr}"
+    );
+}
