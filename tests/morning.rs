@@ -303,6 +303,18 @@ async fn when_every_failure_may_have_been_acted_on_next_resends_them_once_checke
     assert!(stderr.contains("every failed row is one the gateway may have acted on (in_doubt"), "{stderr}");
     assert!(stderr.contains(&format!("--in-doubt resend {}", out.join("failures.jsonl").display())), "{stderr}");
     assert!(!stderr.contains("that leaves out the rows"), "{stderr}");
+
+    // Fed back as it is: every row left out, and said to be in doubt from
+    // before, not sent by this run.
+    let failures = out.join("failures.jsonl");
+    let output = run_command(&job, &failures, &gw.path("fed"), &config).args(flags).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("of them left out of this run, not sent)"), "{stderr}");
+    assert!(
+        stderr.contains("sent, by this run or the one whose failures were fed back, without a recorded answer"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

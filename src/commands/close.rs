@@ -344,7 +344,9 @@ fn closing_lines(
     }
     if s.in_doubt > 0 {
         let rows = if s.in_doubt == 1 { "1 row was".to_string() } else { format!("{} rows were", s.in_doubt) };
-        eprintln!("  {rows} sent without a recorded answer (in doubt)");
+        // Rows left out were not sent now: they are in doubt from before.
+        let when = if s.left_out > 0 { ", by this run or the one whose failures were fed back," } else { "" };
+        eprintln!("  {rows} sent{when} without a recorded answer (in doubt)");
     }
     match (finished.exit, next) {
         (ExitCode::MaxFailures, Some(next)) => eprintln!(
