@@ -29,9 +29,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let json = cli.log.log_format == LogFormat::Json;
-    // Under -q an error line is all a cron log may get of a run: it says
-    // when, which job and the exit code, as the closing line does.
-    let quiet = cli.log.quiet.then(|| bulkcall::commands::subject(&cli));
+    let quiet = cli.log.quiet;
+    // Under -q (or in a JSON log) an error line is all a cron log may get
+    // of a run: it says when, which job and the exit code, as the closing
+    // line does.
+    let subject = (cli.log.quiet || json).then(|| bulkcall::commands::subject(&cli)).flatten();
     // The main thread's runtime handles signals, progress and token
     // requests. A run's calls go out from lanes, each a thread with a
     // runtime of its own (runner.rs): a row never changes threads, which
@@ -54,9 +56,11 @@ fn main() -> ExitCode {
                     // One JSON object per line, this one too, with its time:
                     // a log collector (or a cron log read the morning after)
                     // gets the reason a run never started.
-                    tracing::error!(exit_code = code.code(), "{e}");
-                } else if let Some(subject) = quiet {
-                    eprintln!("{}", bulkcall::commands::quiet_error_line(subject.as_deref(), &e, SystemTime::now()));
+                    let job = subject.as_ref().and_then(|s| s.job.as_deref());
+                    let place = subject.as_ref().map(|s| s.place.as_str());
+                    tracing::error!(exit_code = code.code(), job, place, "{e}");
+                } else if quiet {
+                    eprintln!("{}", bulkcall::commands::quiet_error_line(subject.as_ref(), &e, SystemTime::now()));
                 } else {
                     eprintln!("bulkcall: error: {e}");
                 }

@@ -128,6 +128,14 @@ async fn under_q_an_error_line_says_when_which_job_and_the_exit_code() {
     assert!(rest.starts_with(&subject), "the job's name and file: {stderr}");
     assert!(rest.ends_with("; exit 3"), "{stderr}");
 
+    // A JSON log's error line names the job too.
+    let output = bulkcall(gw.dir.path(), &[&run[..], &["--log-format", "json"]].concat()).await;
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!((&last["job"], &last["exit_code"]), (&"claims".into(), &3.into()), "{last}");
+    assert_eq!(last["place"], job.display().to_string(), "{last}");
+
     // Without -q the line stays as it was.
     let output = bulkcall(gw.dir.path(), &run).await;
     assert!(String::from_utf8_lossy(&output.stderr).contains("bulkcall: error: the token endpoint"));

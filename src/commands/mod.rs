@@ -56,30 +56,45 @@ pub async fn execute(cli: Cli, stop: CancellationToken) -> Result<ExitCode, Erro
     }
 }
 
-/// What a command works on, for the error line a cron log gets under `-q`:
-/// the job's name and its file (`eligibility (jobs/eligibility.toml)`), or
-/// for `resume` the job's name and the run directory; `None` for commands
-/// without a job.
-pub fn subject(cli: &Cli) -> Option<String> {
+/// What a command works on, for the error line that ends it in a cron log
+/// (`-q`) or a JSON log: the job's name, and its file or (`resume`) the
+/// run directory; `None` for commands without a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The spec's `name`, else its file's stem, as a run names it; for
+    /// `resume`, the name in run.json (if it can be read).
+    pub job: Option<String>,
+    /// `jobs/eligibility.toml`, or `resume out/eligibility/2026-12-02T030000Z`.
+    pub place: String,
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.job {
+            Some(job) => write!(f, "{job} ({})", self.place),
+            None => write!(f, "{}", self.place),
+        }
+    }
+}
+
+pub fn subject(cli: &Cli) -> Option<Subject> {
     let job = |path: &Path| {
-        // The spec's `name`, else its file's stem, as a run names it.
         let named = std::fs::read_to_string(path).ok().and_then(|text| {
             let table: toml::Table = toml::from_str(&text).ok()?;
             table.get("name")?.as_str().map(str::to_string)
         });
-        let name = named.or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()));
-        format!("{} ({})", name.unwrap_or_default(), path.display())
+        let job = named.or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()));
+        Subject { job, place: path.display().to_string() }
     };
     match &cli.command {
         Command::Run(args) => Some(job(&args.job)),
         Command::Validate(args) => Some(job(&args.job)),
         Command::Resume(args) => {
-            let name = std::fs::read(args.run_dir.join("run.json"))
+            let job = std::fs::read(args.run_dir.join("run.json"))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
                 .and_then(|info| info["job_name"].as_str().map(str::to_string));
-            let dir = args.run_dir.display();
-            Some(name.map_or_else(|| format!("resume {dir}"), |name| format!("{name} (resume {dir})")))
+            Some(Subject { job, place: format!("resume {}", args.run_dir.display()) })
         }
         _ => None,
     }
@@ -88,7 +103,7 @@ pub fn subject(cli: &Cli) -> Option<String> {
 /// The one line an error that ends a command gets under `-q`: `bulkcall:
 /// 2026-12-03T19:11:46Z eligibility (jobs/eligibility.toml): error: ...;
 /// exit 3`.
-pub fn quiet_error_line(subject: Option<&str>, error: &Error, now: std::time::SystemTime) -> String {
+pub fn quiet_error_line(subject: Option<&Subject>, error: &Error, now: std::time::SystemTime) -> String {
     let when = humantime::format_rfc3339_seconds(now);
     let code = error.exit_code().code();
     match subject {
