@@ -35,8 +35,9 @@ pub enum ConfigError {
          use an https:// URL or set allow_http = true"
     )]
     InsecureUrl { what: &'static str, url: String },
-    #[error("no client {what}: set the environment variable {var}{hint}")]
-    MissingCredential { what: &'static str, var: String, hint: &'static str },
+    /// `profile` is ` for profile `sandbox`` once known, else empty.
+    #[error("no client {what}{profile}: set the environment variable {var}{hint}")]
+    MissingCredential { what: &'static str, var: String, hint: &'static str, profile: String },
     #[error(
         "auth.token_url is not set for profile `{profile}`{file}: name the token endpoint there, \
          or set auth.style = \"none\" for an API without OAuth"
@@ -326,7 +327,12 @@ impl Loaded {
     /// profile, and the config file's table or the variable that set a
     /// setting.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
-        let mut credentials = self.settings.credentials()?;
+        let mut credentials = self.settings.credentials().map_err(|e| match e {
+            ConfigError::MissingCredential { what, var, hint, .. } => {
+                ConfigError::MissingCredential { what, var, hint, profile: format!(" for profile `{}`", self.profile) }
+            }
+            e => e,
+        })?;
         let from = &mut credentials.from;
         from.profile = Some(self.profile.clone());
         for from in from.id.iter_mut().chain(from.proof.iter_mut().map(|(_, f)| f)) {
@@ -575,6 +581,7 @@ impl Settings {
                 what: "certificate key",
                 var: var.clone(),
                 hint: " (tls.client_key_env)",
+                profile: String::new(),
             })?,
             (None, None) => unreachable!("validated: a client certificate has a key"),
         };
@@ -760,6 +767,7 @@ impl AuthSettings {
                     what: "id",
                     var: self.client_id_env.clone(),
                     hint: " (or auth.client_id in the profile)",
+                    profile: String::new(),
                 });
             }
         };
@@ -832,6 +840,7 @@ impl AuthSettings {
                         what: "secret",
                         var: self.client_secret_env.clone(),
                         hint: " (or auth.client_secret_file in the profile)",
+                        profile: String::new(),
                     });
                 }
             },
@@ -854,6 +863,7 @@ impl AuthSettings {
                         what: "private key",
                         var: var.clone(),
                         hint: " (auth.private_key_env; or auth.private_key_file)",
+                        profile: String::new(),
                     });
                 }
             },

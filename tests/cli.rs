@@ -109,6 +109,30 @@ async fn a_rejected_secret_names_the_profile_and_where_the_id_and_secret_came_fr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_credential_names_the_profile_and_the_variable() {
+    let gw = Gateway::start(sandbox_config()).await;
+    let job = gw.write("eligibility.toml", ELIGIBILITY_JOB);
+    let input = gw.write("rows.csv", &eligibility_csv(1, 5));
+    let config = gw.write(
+        "bulkcall.toml",
+        &format!(
+            "[nightly]\nbase_url = \"{}\"\nauth.token_url = \"{}\"\nauth.client_id_env = \"NIGHTLY_CLIENT_ID\"\n",
+            gw.sandbox.base_url(),
+            gw.sandbox.token_url()
+        ),
+    );
+    let run = ["run", job.to_str().unwrap(), input.to_str().unwrap(), "-c", config.to_str().unwrap(), "-p", "nightly"];
+    let output = bulkcall(gw.dir.path(), &run).await;
+    assert_eq!(output.status.code(), Some(2));
+    let all = text(&output);
+    assert!(
+        all.contains("no client id for profile `nightly`: set the environment variable NIGHTLY_CLIENT_ID"),
+        "{all}"
+    );
+    assert_eq!(gw.sandbox.stats().token_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_q_an_error_line_says_when_which_job_and_the_exit_code() {
     let gw = Gateway::start(sandbox_config()).await;
     let job = gw.write("claims-nightly.toml", &format!("name = \"claims\"\n{CLAIMS_JOB}"));
