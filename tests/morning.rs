@@ -310,7 +310,7 @@ async fn when_every_failure_may_have_been_acted_on_next_resends_them_once_checke
     let output = run_command(&job, &failures, &gw.path("fed"), &config).args(flags).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("of them left out of this run, not sent)"), "{stderr}");
+    assert!(stderr.contains("of the failures fed back left out, not sent: the job is not idempotent"), "{stderr}");
     assert!(
         stderr.contains("sent, by this run or the one whose failures were fed back, without a recorded answer"),
         "{stderr}"

@@ -295,7 +295,7 @@ fn closing_lines(
         // would be left out again. Say so, and what sends them once checked.
         let (_, acted) = acted_on(s);
         let left_out = if s.left_out > 0 {
-            format!(" ({} of them left out of this run, not sent)", s.left_out)
+            format!("; {} of the failures fed back left out, not sent", plural(s.left_out, "row"))
         } else {
             String::new()
         };
