@@ -291,9 +291,10 @@ fn pending_message(plan: &Plan, pending: u64) -> String {
     let when = "at poll.max_wait";
     let next = if plan.resumable {
         format!(
-            "`{} resume {}` polls them again (a cron job can run it until it exits 0 or 1;              --give-up-pending writes them to failures instead)",
+            "`{} resume {}` polls them again (a cron job can run it until it exits 0 or 1; \
+             --give-up-pending writes them to failures instead)",
             crate::options::program(),
-            plan.dir.display()
+            crate::options::shell_word(plan.dir.display())
         )
     } else {
         "this run cannot be resumed".to_string()

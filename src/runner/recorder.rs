@@ -56,7 +56,7 @@ impl Recorder {
                     shared.abort(Error::MaxFailures(format!(
                         "{failed} of {of} failed, reaching --max-failures; `{} resume {}` sends the rest",
                         crate::options::program(),
-                        shared.dir.display()
+                        crate::options::shell_word(shared.dir.display())
                     )));
                 }
             }

@@ -442,6 +442,6 @@ pub(super) fn pause_message(shared: &Shared, after: Duration) -> String {
         humantime::format_duration(after),
         humantime::format_duration(shared.settings.retry_after_max),
         crate::options::program(),
-        shared.dir.display()
+        crate::options::shell_word(shared.dir.display())
     )
 }
