@@ -82,16 +82,14 @@ fn main() {
     // is made durable (then marked done) once it has waited SYNC_EVERY.
     let out = dir.path().join("run");
     std::fs::create_dir(&out).unwrap();
-    let writer = std::sync::Mutex::new(
-        Writer::open(
-            &out,
-            vec![InputInfo { name: "rows.csv".into(), failures: "failures.csv".into() }],
-            false,
-            true,
-            None,
-        )
-        .unwrap(),
-    );
+    let mut writer = Writer::open(
+        &out,
+        vec![InputInfo { name: "rows.csv".into(), failures: "failures.csv".into() }],
+        false,
+        true,
+        None,
+    )
+    .unwrap();
     let ledger = std::sync::Arc::new(Ledger::open(&out, false, bulkcall::output::MarkStarted::Written).unwrap());
     let mut group = GroupCommit::default();
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -124,9 +122,9 @@ fn main() {
             };
             outcomes.push(outcome);
         }
-        group.write(&writer, &outcomes).unwrap();
+        group.write(&mut writer, &outcomes).unwrap();
         if group.due().is_some_and(|due| Instant::now() >= due) {
-            group.sync(&writer, &ledger).unwrap();
+            group.sync(&mut writer, &ledger).unwrap();
         }
     };
     let started = Instant::now();
@@ -139,6 +137,6 @@ fn main() {
     })
     .unwrap();
     record_chunk(&mut chunk);
-    group.sync(&writer, &ledger).unwrap();
+    group.sync(&mut writer, &ledger).unwrap();
     report("read + render + record", rows, started.elapsed());
 }
