@@ -1,7 +1,5 @@
 //! Group commit: outcome lines made durable before their done marks.
 
-use std::sync::Mutex;
-
 use super::{Ledger, OutputError, Writer};
 use crate::outcome::Outcome;
 
@@ -35,18 +33,9 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Writes the outcomes' lines, one write per file; their done marks
     /// wait for the next [`GroupCommit::sync`].
-    pub fn write(&mut self, writer: &Mutex<Writer>, outcomes: &[Outcome]) -> Result<(), OutputError> {
-        if !outcomes.is_empty() {
-            Writer::lock(writer).write_all(outcomes)?;
-        }
-        self.written(outcomes);
-        Ok(())
-    }
-
-    /// Takes outcomes whose lines were written already (by a lane, with
-    /// [`Writer::write_all`]): their done marks wait for the next
-    /// [`GroupCommit::sync`], which makes those lines durable first.
-    pub fn written(&mut self, outcomes: &[Outcome]) {
+    pub fn write(&mut self, writer: &mut Writer, outcomes: &[Outcome]) -> Result<(), OutputError> {
+        outcomes.iter().try_for_each(|outcome| writer.record(outcome))?;
+        writer.flush()?;
         // When these outcomes were recorded: one clock reading for all.
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         for outcome in outcomes {
@@ -55,6 +44,7 @@ impl GroupCommit {
         if !outcomes.is_empty() {
             self.since.get_or_insert_with(std::time::Instant::now);
         }
+        Ok(())
     }
 
     /// When the lines written wait to be made durable: [`SYNC_EVERY`]
@@ -63,16 +53,13 @@ impl GroupCommit {
         self.since.map(|since| since + SYNC_EVERY)
     }
 
-    /// Makes the ledger and every line written durable, then writes their
-    /// done marks. The writer is locked only to take its files: lanes go
-    /// on writing lines while they sync.
-    pub fn sync(&mut self, writer: &Mutex<Writer>, ledger: &Ledger) -> Result<(), OutputError> {
+    /// Makes the ledger and every line written durable, then writes their done marks.
+    pub fn sync(&mut self, writer: &mut Writer, ledger: &Ledger) -> Result<(), OutputError> {
         if self.since.take().is_none() {
             return Ok(());
         }
         ledger.sync_started()?;
-        let unsynced = Writer::lock(writer).unsynced();
-        unsynced.sync()?;
+        writer.sync()?;
         ledger.write_marks(&std::mem::take(&mut self.marks))
     }
 }

@@ -56,29 +56,14 @@ pub fn failure_file_names(inputs: &[(PathBuf, Format, u8)]) -> Vec<String> {
 /// made durable.
 trait OutcomeFile {
     fn flush(&mut self) -> Result<(), OutputError>;
-    /// The file, if lines were handed to the operating system since this
-    /// was last asked: to sync (it then counts as synced).
-    fn unsynced(&mut self) -> Option<(Arc<File>, PathBuf)>;
-}
-
-/// Outcome files with lines not yet durable, to sync: apart from the
-/// [`Writer`], so that its lock need not be held through the syncs.
-#[must_use = "the files are synced only by Unsynced::sync"]
-pub struct Unsynced(Vec<(Arc<File>, PathBuf)>);
-
-impl Unsynced {
-    /// Makes every line handed to the operating system before these files
-    /// were taken durable: one `fdatasync` each.
-    pub fn sync(self) -> Result<(), OutputError> {
-        self.0.iter().try_for_each(|(file, path)| sync(file, path).map_err(io(path)))
-    }
+    fn sync(&mut self) -> Result<(), OutputError>;
 }
 
 /// A JSON Lines file written one whole line at a time, straight to the
 /// operating system.
 struct Lines {
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
     /// Whole lines not yet handed to the operating system.
     pending: Vec<u8>,
     /// Lines handed to the operating system since the last sync.
@@ -88,7 +73,7 @@ struct Lines {
 impl Lines {
     fn open(path: PathBuf, append: bool) -> Result<Lines, OutputError> {
         Ok(Lines {
-            file: Arc::new(open_file(&path, append, Records::Lines)?),
+            file: open_file(&path, append, Records::Lines)?,
             path,
             pending: Vec::with_capacity(64 * 1024),
             unsynced: false,
@@ -118,17 +103,20 @@ impl Lines {
 
 impl OutcomeFile for Lines {
     fn flush(&mut self) -> Result<(), OutputError> {
-        self.unsynced |= flush_pending(&self.file, &mut self.pending, &self.path)?;
+        self.unsynced |= flush_pending(&mut self.file, &mut self.pending, &self.path)?;
         Ok(())
     }
 
-    fn unsynced(&mut self) -> Option<(Arc<File>, PathBuf)> {
-        std::mem::take(&mut self.unsynced).then(|| (self.file.clone(), self.path.clone()))
+    fn sync(&mut self) -> Result<(), OutputError> {
+        if std::mem::take(&mut self.unsynced) {
+            sync(&self.file, &self.path).map_err(io(&self.path))?;
+        }
+        Ok(())
     }
 }
 
 /// Writes what is pending; true if there was anything.
-fn flush_pending(mut file: &File, pending: &mut Vec<u8>, path: &Path) -> Result<bool, OutputError> {
+fn flush_pending(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> Result<bool, OutputError> {
     if pending.is_empty() {
         return Ok(false);
     }
@@ -140,7 +128,7 @@ fn flush_pending(mut file: &File, pending: &mut Vec<u8>, path: &Path) -> Result<
 /// A CSV file written one whole record at a time.
 struct CsvFile {
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
     /// Whole records not yet handed to the operating system.
     record: Vec<u8>,
     /// The input's delimiter for a failures file, so it reads back as the input did.
@@ -161,7 +149,7 @@ impl CsvFile {
     ) -> Result<CsvFile, OutputError> {
         let has_header = append && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut this = CsvFile {
-            file: Arc::new(open_file(&path, append, Records::Csv)?),
+            file: open_file(&path, append, Records::Csv)?,
             path,
             record: Vec::with_capacity(1024),
             delimiter: b',',
@@ -185,7 +173,7 @@ impl CsvFile {
             false => headers.is_failures(),
         };
         let mut this = CsvFile {
-            file: Arc::new(open_file(&path, append, Records::Csv)?),
+            file: open_file(&path, append, Records::Csv)?,
             path,
             record: Vec::with_capacity(1024),
             delimiter: headers.delimiter(),
@@ -212,12 +200,15 @@ impl CsvFile {
 
 impl OutcomeFile for CsvFile {
     fn flush(&mut self) -> Result<(), OutputError> {
-        self.unsynced |= flush_pending(&self.file, &mut self.record, &self.path)?;
+        self.unsynced |= flush_pending(&mut self.file, &mut self.record, &self.path)?;
         Ok(())
     }
 
-    fn unsynced(&mut self) -> Option<(Arc<File>, PathBuf)> {
-        std::mem::take(&mut self.unsynced).then(|| (self.file.clone(), self.path.clone()))
+    fn sync(&mut self) -> Result<(), OutputError> {
+        if std::mem::take(&mut self.unsynced) {
+            sync(&self.file, &self.path).map_err(io(&self.path))?;
+        }
+        Ok(())
     }
 }
 
@@ -449,18 +440,6 @@ impl Writer {
         OutputError::Io { path, source: std::io::Error::other("CSV and JSON failures of one input") }
     }
 
-    /// The writer the lanes and the recorder share, locked.
-    pub fn lock(shared: &std::sync::Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
-        shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records the outcomes and hands their lines to the operating system:
-    /// one `write` per file. They count as recorded once this returns.
-    pub fn write_all<'a>(&mut self, outcomes: impl IntoIterator<Item = &'a Outcome>) -> Result<(), OutputError> {
-        outcomes.into_iter().try_for_each(|outcome| self.record(outcome))?;
-        self.flush()
-    }
-
     /// Hands every recorded line to the operating system: one `write` per
     /// file. An outcome counts as recorded once this returns.
     pub fn flush(&mut self) -> Result<(), OutputError> {
@@ -470,17 +449,7 @@ impl Writer {
     /// Makes every line flushed so far durable: one `fdatasync` per file
     /// written to since the last call.
     pub fn sync(&mut self) -> Result<(), OutputError> {
-        self.unsynced().sync()
-    }
-
-    /// The files written to since the last call, to sync ([`Unsynced::sync`]).
-    pub fn unsynced(&mut self) -> Unsynced {
-        let mut files = Vec::new();
-        let _ = self.each_file(|f| {
-            files.extend(f.unsynced());
-            Ok(())
-        });
-        Unsynced(files)
+        self.each_file(|f| f.sync())
     }
 
     /// Calls `act` on every outcome file open.

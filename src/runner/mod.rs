@@ -429,13 +429,7 @@ pub async fn run(
     // The bytes they hold are bounded too (`WAITING_BYTES`): an outcome
     // holds its answer.
     let (outcome_tx, outcome_rx) = Outcomes::channel((8 * concurrency).max(64), WAITING_BYTES);
-    let writer = Arc::new(Mutex::new(writer));
-    let recorder = Recorder {
-        writer: writer.clone(),
-        group: GroupCommit::default(),
-        stats: stats.clone(),
-        first_failures: Vec::new(),
-    };
+    let recorder = Recorder { writer, group: GroupCommit::default(), stats: stats.clone(), first_failures: Vec::new() };
     let recorded = start_recorder(recorder, shared.clone(), outcome_rx)?;
     // Cancelled once every lane ended: no row is accepted after that.
     let lanes_done = CancellationToken::new();
@@ -452,8 +446,7 @@ pub async fn run(
     let mut lane_ends = Vec::with_capacity(lanes);
     for (number, client) in clients.into_iter().enumerate() {
         let workers = concurrency / lanes + usize::from(number < concurrency % lanes);
-        match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), writer.clone(), client)
-        {
+        match start_lane(number, workers, shared.clone(), batch_rx.clone(), outcome_tx.clone(), client) {
             Ok(end) => lane_ends.push(end),
             Err(e) => shared.abort(e),
         }
@@ -509,7 +502,7 @@ pub async fn run(
     // Their first calls went out: counted, though their outcome is to come.
     summary.attempts += polled.pending_attempts;
     summary.throttled_rate = limiter.lowest_rate().map(|r| (r * 10.0).round() / 10.0);
-    let failure_files = failure_files(&plan, &Writer::lock(&writer));
+    let failure_files = failure_files(&plan, &writer);
     summary.run_dir = Some(plan.dir.clone());
     summary.failures = failure_files.iter().map(|(_, file)| file.clone()).collect();
     // Written from this summary right after.

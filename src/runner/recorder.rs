@@ -15,9 +15,7 @@ use super::{SHOWN_FAILURES, Shared, describe_failure};
 
 /// The run's files and statistics, owned by the recorder thread.
 pub(super) struct Recorder {
-    /// Shared with the lanes of a job that is not idempotent, which write
-    /// their outcomes' lines themselves ([`Line::Written`]).
-    pub(super) writer: Arc<Mutex<Writer>>,
+    pub(super) writer: Writer,
     pub(super) group: GroupCommit,
     /// Shared with the metrics, which read it while the run goes on.
     pub(super) stats: Arc<Mutex<Stats>>,
@@ -25,13 +23,13 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    /// Records outcomes: counted, and those `unwritten` written with one
-    /// write per file; made durable and marked done at the group's sync.
-    fn record(&mut self, shared: &Shared, unwritten: &[Outcome], written: &[Outcome]) -> Result<(), OutputError> {
+    /// Records outcomes: counted, and written with one write per file;
+    /// made durable and marked done at the group's sync.
+    fn record(&mut self, shared: &Shared, outcomes: &[Outcome]) -> Result<(), OutputError> {
         let live = &shared.live;
         // Held while counting, so the metrics see the statistics and `live` agree.
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        for outcome in unwritten.iter().chain(written) {
+        for outcome in outcomes {
             stats.add(outcome);
             if self.first_failures.len() < SHOWN_FAILURES {
                 self.first_failures.extend(describe_failure(outcome));
@@ -64,28 +62,19 @@ impl Recorder {
         drop(stats);
         // The outcomes first, durable, then the ledger's marks: a crash or
         // a power cut between the two leaves those rows in doubt, never lost.
-        self.group.written(written);
-        self.group.write(&self.writer, unwritten)
+        self.group.write(&mut self.writer, outcomes)
     }
 
     /// Makes the outcomes written durable and marks them done.
     fn sync(&mut self, shared: &Shared) -> Result<(), OutputError> {
-        self.group.sync(&self.writer, &shared.ledger)
+        self.group.sync(&mut self.writer, &shared.ledger)
     }
 }
 
-/// An outcome on its way to the recorder, with who writes its line and its
-/// share of the bytes that may wait (given back once it is recorded).
-pub(super) type ToRecord = (Outcome, Line, OwnedSemaphorePermit);
-
-/// Who writes an outcome's line.
-pub(super) enum Line {
-    /// The recorder, which then settles the row: drops its started mark
-    /// (held for that alone).
-    ToWrite { _marked: Marked },
-    /// Its lane did ([`super::lane`]'s scribe), and settled the row then.
-    Written,
-}
+/// An outcome on its way to the recorder, with its row's started mark
+/// (settled once the outcome is written) and its share of the bytes that
+/// may wait (given back then too).
+pub(super) type ToRecord = (Outcome, Marked, OwnedSemaphorePermit);
 
 /// How many bytes the outcomes waiting for the recorder may hold in all
 /// (each outcome holds its answer, up to `max_response_bytes`): with
@@ -116,22 +105,11 @@ impl Outcomes {
         (Outcomes { places, bytes: Arc::new(Semaphore::new(most as usize)), most }, receiver)
     }
 
-    /// Hands an outcome to the recorder, to write and then settle its row
-    /// (`marked`), once its bytes and a place are free.
+    /// Hands an outcome to the recorder once its bytes and a place are free.
     pub(super) async fn send(&self, outcome: Outcome, marked: Marked) -> Result<(), Closed> {
-        self.hand(outcome, Line::ToWrite { _marked: marked }).await
-    }
-
-    /// Hands an outcome its lane wrote to the recorder, to count it and
-    /// mark it done, once its bytes and a place are free.
-    pub(super) async fn send_written(&self, outcome: Outcome) -> Result<(), Closed> {
-        self.hand(outcome, Line::Written).await
-    }
-
-    async fn hand(&self, outcome: Outcome, line: Line) -> Result<(), Closed> {
         let weight = u32::try_from(outcome.weight()).unwrap_or(u32::MAX).min(self.most);
         let bytes = self.bytes.clone().acquire_many_owned(weight).await.map_err(|_| Closed)?;
-        self.places.send((outcome, line, bytes)).await.map_err(|_| Closed)
+        self.places.send((outcome, marked, bytes)).await.map_err(|_| Closed)
     }
 }
 
@@ -139,10 +117,9 @@ impl Outcomes {
 /// than woken by every one (a wake-up crosses threads).
 pub(super) const RECORDER_BEAT: Duration = Duration::from_millis(1);
 
-/// The beat for the failures of a job that is not idempotent run with
-/// `--max-failures`: their rows hold their place among those that may be
-/// in doubt until the recorder wrote them (it counts them first, so no row
-/// is marked after the one that stops the run), so they are written sooner.
+/// The beat for a job that is not idempotent: its rows hold their place
+/// among those that may be in doubt until their outcome is written, so
+/// they are written sooner.
 pub(super) const CLAIM_BEAT: Duration = Duration::from_micros(200);
 
 /// Starts the recorder: a thread that takes the outcomes waiting and writes
@@ -151,8 +128,8 @@ pub(super) const CLAIM_BEAT: Duration = Duration::from_micros(200);
 /// outcome of that moment and the syncs never hold up a call: workers wait
 /// only when the channel is full. While outcomes keep coming it takes them
 /// every [`RECORDER_BEAT`] ([`CLAIM_BEAT`] for a job that is not
-/// idempotent with `--max-failures`, whose failures it writes; see
-/// [`super::lane`]); when none came, it waits to be woken. When a write fails, the run is aborted
+/// idempotent, whose rows are settled once their outcome is written); when
+/// none came, it waits to be woken. When a write fails, the run is aborted
 /// and the channel closed (the workers stop: without a place for outcomes,
 /// sending more would lose them). The thread hands the recorder back when
 /// every sender is gone and the last outcomes are durable.
@@ -171,10 +148,7 @@ pub(super) fn start_recorder(
         let most = outcomes.max_capacity();
         let mut group = Vec::with_capacity(most);
         let (mut busy, mut open) = (false, true);
-        let beat = match shared.requests.idempotent() || shared.max_failures.is_none() {
-            true => RECORDER_BEAT,
-            false => CLAIM_BEAT,
-        };
+        let beat = if shared.requests.idempotent() { RECORDER_BEAT } else { CLAIM_BEAT };
         while open {
             if busy {
                 // This thread's own: nothing else waits on its runtime.
@@ -196,15 +170,9 @@ pub(super) fn start_recorder(
                 }
             }
             busy = !group.is_empty();
-            let (mut unwritten, mut written, mut held) = (Vec::new(), Vec::new(), Vec::with_capacity(group.len()));
-            for (outcome, line, bytes) in group.drain(..) {
-                match line {
-                    Line::ToWrite { .. } => unwritten.push(outcome),
-                    Line::Written => written.push(outcome),
-                }
-                held.push((line, bytes));
-            }
-            if busy && let Err(e) = recorder.record(&shared, &unwritten, &written) {
+            let (written, held): (Vec<Outcome>, Vec<(Marked, OwnedSemaphorePermit)>) =
+                group.drain(..).map(|(outcome, marked, bytes)| (outcome, (marked, bytes))).unzip();
+            if busy && let Err(e) = recorder.record(&shared, &written) {
                 shared.abort(Error::Output(e));
                 return recorder;
             }
