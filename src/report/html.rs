@@ -75,8 +75,8 @@ struct Timeline {
     /// Outcomes per second, keyed by Unix second, counted by kind (the
     /// index into `kinds`).
     per_second: BTreeMap<u64, Vec<u64>>,
-    /// Latency of each row's last attempt (µs), keyed by Unix second.
-    latency_per_second: BTreeMap<u64, Vec<u64>>,
+    /// Latencies of the rows' last attempts, keyed by Unix second.
+    latency_per_second: BTreeMap<u64, Latencies>,
     /// Kinds of outcome: `succeeded`, `succeeded after retries`, then each
     /// error kind as first met.
     kinds: Vec<String>,
@@ -89,6 +89,66 @@ struct Timeline {
     events: Vec<Happened>,
     /// Each events file (its path from the page) and how many events it holds.
     event_files: Vec<(String, u64)>,
+}
+
+/// Latencies (µs), each kept to three significant digits (within 0.1%)
+/// and counted: memory grows with the distinct values, not with the rows,
+/// so a run of ten million rows is drawn from kilobytes a second.
+#[derive(Debug, Default, Clone)]
+struct Latencies {
+    /// (value, how many), by value.
+    counts: Vec<(u64, u64)>,
+    total: u64,
+}
+
+impl Latencies {
+    /// `us` to three significant digits, rounded down.
+    fn rounded(us: u64) -> u64 {
+        let digits = us.checked_ilog10().unwrap_or(0) + 1;
+        let unit = 10u64.pow(digits.saturating_sub(3));
+        us / unit * unit
+    }
+
+    fn record(&mut self, us: u64, count: u64) {
+        let us = Self::rounded(us);
+        match self.counts.binary_search_by_key(&us, |&(value, _)| value) {
+            Ok(at) => self.counts[at].1 += count,
+            Err(at) => self.counts.insert(at, (us, count)),
+        }
+        self.total += count;
+    }
+
+    fn merge(&mut self, other: &Latencies) {
+        for &(us, count) in &other.counts {
+            self.record(us, count);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The value at quantile `q`: the one a sorted list of every latency
+    /// holds at `(n - 1) * q`, rounded.
+    fn quantile(&self, q: f64) -> u64 {
+        let rank = ((self.total.saturating_sub(1)) as f64 * q).round() as u64;
+        let mut seen = 0;
+        for &(us, count) in &self.counts {
+            seen += count;
+            if seen > rank {
+                return us;
+            }
+        }
+        self.counts.last().map_or(0, |&(us, _)| us)
+    }
+}
+
+impl FromIterator<u64> for Latencies {
+    fn from_iter<I: IntoIterator<Item = u64>>(values: I) -> Latencies {
+        let mut latencies = Latencies::default();
+        values.into_iter().for_each(|us| latencies.record(us, 1));
+        latencies
+    }
 }
 
 /// One line of `events.jsonl`.
@@ -211,7 +271,7 @@ fn add_timeline(t: &mut Timeline, dir: &Path) {
             }
             counts[kind] += 1;
             if done.attempts > 0 {
-                t.latency_per_second.entry(done.at_ms / 1000).or_default().push(done.latency_us);
+                t.latency_per_second.entry(done.at_ms / 1000).or_default().record(done.latency_us, 1);
             }
         }
         if done.attempts > 0 {
@@ -622,21 +682,15 @@ fn latency_over_time(t: &Timeline) -> String {
     let Some(axis) = Axis::of(t).filter(|_| !t.latency_per_second.is_empty()) else {
         return String::new();
     };
-    let mut places: Vec<Vec<u64>> = vec![Vec::new(); axis.places];
+    let mut places: Vec<Latencies> = vec![Latencies::default(); axis.places];
     for (s, latencies) in &t.latency_per_second {
-        places[axis.place(*s).expect("every second is on the axis")].extend_from_slice(latencies);
+        places[axis.place(*s).expect("every second is on the axis")].merge(latencies);
     }
     const QUANTILES: [(f64, &str, &str); 3] =
         [(0.5, "p50", "#3b6fd8"), (0.9, "p90", "#e07b39"), (0.99, "p99", "#b3261e")];
     let points: Vec<Option<[f64; 3]>> = places
-        .iter_mut()
-        .map(|l| {
-            if l.is_empty() {
-                return None;
-            }
-            l.sort_unstable();
-            Some(QUANTILES.map(|(q, _, _)| l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0))
-        })
+        .iter()
+        .map(|l| (!l.is_empty()).then(|| QUANTILES.map(|(q, _, _)| l.quantile(q) as f64 / 1000.0)))
         .collect();
     let max = points.iter().flatten().map(|p| p[2]).fold(0.0, f64::max).max(0.001);
     let (w, h, pad) = (760.0, 160.0, 30.0);
@@ -1080,6 +1134,19 @@ mod tests {
     }
 
     #[test]
+    fn latencies_are_counted_to_three_significant_digits() {
+        assert_eq!([7, 999, 1_000, 12_345, 987_654_321].map(Latencies::rounded), [7, 999, 1_000, 12_300, 987_000_000]);
+        // A second's quantiles as a sorted list of its latencies gives them.
+        let mut l: Latencies = [5_000, 1_000, 3_000, 2_000, 4_000].into_iter().collect();
+        assert_eq!([0.0, 0.5, 0.9, 1.0].map(|q| l.quantile(q)), [1_000, 3_000, 5_000, 5_000]);
+        l.merge(&[1_000; 5].into_iter().collect());
+        assert_eq!((l.total, l.counts.len(), l.quantile(0.5)), (10, 5, 1_000));
+        // A million rows of a few distinct latencies hold a few places.
+        let many: Latencies = (0..1_000_000u64).map(|i| 10_000 + i % 50).collect();
+        assert_eq!((many.total, many.counts.len()), (1_000_000, 1));
+    }
+
+    #[test]
     fn failures_differing_only_in_numbers_fall_in_one_group() {
         let mut failures = Failures::default();
         for (row, message) in [
@@ -1117,7 +1184,7 @@ mod tests {
         let ok = t.kind("succeeded");
         for s in 0..10 {
             t.per_second.insert(1_000_000 + s, vec![5; ok + 1]);
-            t.latency_per_second.insert(1_000_000 + s, vec![2_000; 5]);
+            t.latency_per_second.insert(1_000_000 + s, std::iter::repeat_n(2_000, 5).collect());
         }
         t.events = events;
         t
