@@ -65,7 +65,6 @@ pub(super) async fn lane(
         }
     });
 
-    let anchor = tokio::spawn(anchor());
     let lane = Arc::new(Lane { marks: shared.ledger.marks(), client });
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
@@ -94,22 +93,5 @@ pub(super) async fn lane(
         clean &= joined.is_ok();
     }
     feeder.abort();
-    anchor.abort();
     clean
-}
-
-/// How often the lane's [`anchor`] timer fires.
-const ANCHOR: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// A timer always set on the lane, firing every [`ANCHOR`]. tokio's timer
-/// wakes its own thread (a `write` to an eventfd, then a spare turn of the
-/// event loop) whenever a timer is set while it knows of no earlier one:
-/// without this, every call's timeout after the lane slept with no call
-/// in flight, which a claim job's lane does at each sync of its marks
-/// (0.6 of those writes per row measured). With it, a call's timeout is
-/// never the earliest timer the lane knows of.
-async fn anchor() {
-    loop {
-        tokio::time::sleep(ANCHOR).await;
-    }
 }
