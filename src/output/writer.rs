@@ -115,13 +115,32 @@ impl OutcomeFile for Lines {
     }
 }
 
-/// Writes what is pending; true if there was anything.
-fn flush_pending(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> Result<bool, OutputError> {
+/// Writes what is pending; true if there was anything. What a failed
+/// write did hand over (a disk that filled up in the middle of a group)
+/// leaves `pending` all the same, so a later flush goes on after it
+/// instead of writing it twice, which would leave a line cut short in
+/// the middle of the file.
+fn flush_pending(file: &mut impl Write, pending: &mut Vec<u8>, path: &Path) -> Result<bool, OutputError> {
     if pending.is_empty() {
         return Ok(false);
     }
-    file.write_all(pending).map_err(io(path))?;
-    pending.clear();
+    let mut written = 0;
+    let result = loop {
+        match file.write(&pending[written..]) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) if written + n == pending.len() => break Ok(()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(()) => pending.clear(),
+        Err(e) => {
+            pending.drain(..written);
+            return Err(io(path)(e));
+        }
+    }
     Ok(true)
 }
 
@@ -566,4 +585,46 @@ fn aligned(values: &[Vec<u8>], width: usize, delimiter: u8) -> Vec<std::borrow::
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that takes `room` more bytes, then reports the disk full.
+    struct Filling {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            self.room -= n;
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_cut_short_by_a_full_disk_is_not_written_twice() {
+        let lines = b"{\"row\":1}\n{\"row\":2}\n".to_vec();
+        let (mut file, mut pending) = (Filling { taken: Vec::new(), room: 13 }, lines.clone());
+        let path = Path::new("results.jsonl");
+        let full = flush_pending(&mut file, &mut pending, path).unwrap_err();
+        assert!(full.to_string().contains("results.jsonl"), "{full}");
+        assert_eq!(pending, lines[13..], "what reached the file is no longer pending");
+        // Space freed: the next flush goes on where the file stopped.
+        file.room = usize::MAX;
+        assert!(flush_pending(&mut file, &mut pending, path).unwrap());
+        assert_eq!(file.taken, lines, "each byte once, in order");
+        assert!(pending.is_empty());
+    }
 }
