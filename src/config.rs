@@ -460,6 +460,10 @@ fn set_in(
 /// A setting the config file got wrong, named by its line and column there
 /// (figment names the key and the file, not where in it).
 fn placed(e: figment::Error, config_file: Option<&Path>) -> ConfigError {
+    let from_env = e.metadata.as_ref().is_some_and(|m| m.name.contains("environment"));
+    if let (true, figment::error::Kind::UnknownField(field, expected)) = (from_env, &e.kind) {
+        return unknown_variable(&e.path, field, expected);
+    }
     let from_file = e.metadata.as_ref().and_then(|m| m.source.as_ref()).and_then(|s| s.file_path());
     let place = match (config_file, from_file) {
         (Some(file), Some(from)) if std::path::absolute(file).ok().as_deref() == Some(from) || file == from => {
@@ -478,6 +482,30 @@ fn placed(e: figment::Error, config_file: Option<&Path>) -> ConfigError {
         }
         None => ConfigError::Invalid(Box::new(e)),
     }
+}
+
+/// A `BULKCALL_` environment variable that names no setting (a typo, or
+/// one meant for something else): named whole, with the nearest setting.
+fn unknown_variable(path: &[String], field: &str, expected: &[&str]) -> ConfigError {
+    // `BULKCALL_`, or `BULKCALL_AUTH__` for a setting in [auth].
+    let prefix: String = path
+        .iter()
+        .take_while(|p| *p != field)
+        .fold("BULKCALL_".to_string(), |prefix, table| prefix + &table.to_uppercase() + "__");
+    let nearest = expected
+        .iter()
+        .map(|name| (strsim::damerau_levenshtein(field, name), *name))
+        .filter(|(distance, name)| *distance <= 2.max(name.len() / 3))
+        .min();
+    let hint = match nearest {
+        Some((_, name)) => format!(" (did you mean {prefix}{}?)", name.to_uppercase()),
+        None => String::new(),
+    };
+    ConfigError::Value(format!(
+        "the environment variable {prefix}{} names no setting{hint}: unset it, or rename it {prefix}<SETTING> for one of {}",
+        field.to_uppercase(),
+        expected.join(", "),
+    ))
 }
 
 /// Where `keys` (a table path, such as `default`, `auth`, `style`) are set

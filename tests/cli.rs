@@ -132,6 +132,32 @@ async fn a_missing_credential_names_the_profile_and_the_variable() {
     assert_eq!(gw.sandbox.stats().token_requests, 0);
 }
 
+#[tokio::test]
+async fn a_mistyped_environment_variable_is_named_with_the_setting_it_resembles() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eligibility.toml"), ELIGIBILITY_JOB).unwrap();
+    std::fs::write(dir.path().join("rows.csv"), eligibility_csv(1, 2)).unwrap();
+    for (variable, says) in [
+        ("BULKCALL_CONCURENCY", "BULKCALL_CONCURENCY names no setting (did you mean BULKCALL_CONCURRENCY?)"),
+        (
+            "BULKCALL_AUTH__TOKN_URL",
+            "BULKCALL_AUTH__TOKN_URL names no setting (did you mean BULKCALL_AUTH__TOKEN_URL?)",
+        ),
+        ("BULKCALL_NIGHTLY", "BULKCALL_NIGHTLY names no setting: unset it, or rename it BULKCALL_<SETTING> for one of"),
+    ] {
+        let output = common::bulkcall()
+            .args(["run", "eligibility.toml", "rows.csv", "--dry-run"])
+            .current_dir(dir.path())
+            .env(variable, "8")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}");
+        let all = text(&output);
+        assert!(all.contains(says), "{variable}: {all}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_q_an_error_line_says_when_which_job_and_the_exit_code() {
     let gw = Gateway::start(sandbox_config()).await;
