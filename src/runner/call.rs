@@ -35,14 +35,18 @@ pub(super) async fn send(
     request: &Request,
     token: Option<&Token>,
 ) -> Result<Answer, reqwest::Error> {
-    let mut builder = client.request(request.method.clone(), request.url.clone()).headers(request.headers.clone());
+    // Made whole rather than through a `RequestBuilder`, which would insert
+    // the job's headers one by one into an empty map: a clone of the map
+    // is one copy (the same headers, in the same order).
+    let mut call = reqwest::Request::new(request.method.clone(), request.url.clone());
+    *call.headers_mut() = request.headers.clone();
     if let Some(token) = token {
-        builder = builder.header(AUTHORIZATION, token.header().clone());
+        call.headers_mut().append(AUTHORIZATION, token.header().clone());
     }
     if let Some(body) = &request.body {
-        builder = builder.body(body.clone());
+        *call.body_mut() = Some(body.clone().into());
     }
-    let mut response = builder.send().await?;
+    let mut response = client.execute(call).await?;
     let status = response.status();
     let retry_after = response
         .headers()
