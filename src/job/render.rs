@@ -420,8 +420,7 @@ fn write_node<'a>(node: &'a Node, row: &Row, ctx: &Lazy<'_>, out: &mut Vec<u8>) 
                 if i > 0 {
                     out.push(b',');
                 }
-                serde_json::to_writer(&mut *out, key).expect("a string serializes");
-                out.push(b':');
+                out.extend_from_slice(&key.json);
                 write_node(n, row, ctx, out)?;
             }
             out.push(b'}');
@@ -462,7 +461,7 @@ pub(super) fn render_node<'a>(
         Node::Object(fields) => {
             let mut map = Map::with_capacity(fields.len());
             for (k, n) in fields {
-                map.insert(k.clone(), render_node(n, row, ctx, strict)?);
+                map.insert(k.name.clone(), render_node(n, row, ctx, strict)?);
             }
             Value::Object(map)
         }

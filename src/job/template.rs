@@ -84,9 +84,25 @@ pub(super) struct Expr {
     pub(super) place: String,
 }
 
+/// A member's name in an object of a [`Node`] tree, and the same as it
+/// begins the member in a JSON body (`"name":`), serialized once: every
+/// row's body copies it.
+pub(super) struct Key {
+    pub(super) name: String,
+    pub(super) json: Box<[u8]>,
+}
+
+impl Key {
+    fn new(name: &str) -> Key {
+        let mut json = serde_json::to_vec(name).expect("a string serializes");
+        json.push(b':');
+        Key { name: name.to_string(), json: json.into() }
+    }
+}
+
 /// A JSON body (or capture) template: a tree whose string leaves are templates.
 pub(super) enum Node {
-    Object(Vec<(String, Node)>),
+    Object(Vec<(Key, Node)>),
     Array(Vec<Node>),
     Text(Text),
     Expr(Expr),
@@ -225,7 +241,7 @@ impl Compiler<'_> {
         Ok(match value {
             Value::Object(map) => Node::Object(
                 map.iter()
-                    .map(|(k, v)| Ok((k.clone(), self.node(env, &format!("{place}.{k}"), v)?)))
+                    .map(|(k, v)| Ok((Key::new(k), self.node(env, &format!("{place}.{k}"), v)?)))
                     .collect::<Result<_, JobError>>()?,
             ),
             Value::Array(items) => Node::Array(
