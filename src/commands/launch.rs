@@ -161,6 +161,7 @@ async fn run_job(
         // A job that polls has as many polls in flight at most besides.
         let calls = if requests.poll().is_some() { 2 * settings.concurrency } else { settings.concurrency };
         runner::enough_descriptors(calls)?;
+        runner::tune_allocator(calls);
     }
     let dir = options.out.clone().unwrap_or_else(|| default_run_dir(&settings.out_dir, &r.job.name));
     let authorized = settings.auth.style != AuthStyle::None;
