@@ -295,16 +295,23 @@ impl Ledger {
 
     /// The one place that writes a done mark's line.
     fn push_mark(marks: &mut String, input: usize, row: u64, done: &Done) {
-        use std::fmt::Write as _;
-        let _ = write!(marks, "D\t{input}\t{row}\t");
+        let mut number = itoa::Buffer::new();
+        marks.push_str("D\t");
+        marks.push_str(number.format(input));
+        marks.push('\t');
+        marks.push_str(number.format(row));
+        marks.push('\t');
         match done.status {
-            Some(status) => {
-                let _ = write!(marks, "{status}");
-            }
+            Some(status) => marks.push_str(number.format(status)),
             None => marks.push('-'),
         }
-        let error = done.error.as_deref().unwrap_or("ok");
-        let _ = writeln!(marks, "\t{error}\t{}\t{}\t{}", done.attempts, done.latency_us, done.at_ms);
+        marks.push('\t');
+        marks.push_str(done.error.as_deref().unwrap_or("ok"));
+        for n in [u64::from(done.attempts), done.latency_us, done.at_ms] {
+            marks.push('\t');
+            marks.push_str(number.format(n));
+        }
+        marks.push('\n');
     }
 
     /// Marks done, before a resumed run sends anything, the rows whose
@@ -356,32 +363,17 @@ impl Ledger {
             Err(e) => return Err(io(&path)(e)),
         };
         let mut reader = std::io::BufReader::new(file);
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
             line.clear();
-            if reader.read_line(&mut line).map_err(io(&path))? == 0 {
+            if reader.read_until(b'\n', &mut line).map_err(io(&path))? == 0 {
                 break;
             }
             // A line cut by a crash (only ever the last one) is ignored:
             // cut short, its row number could name another row.
-            let Some(line) = line.strip_suffix('\n') else { break };
-            let f: Vec<&str> = line.split('\t').collect();
-            let key = || Some((f.get(1)?.parse::<usize>().ok()?, f.get(2)?.parse::<u64>().ok()?));
-            match (f[0], key()) {
-                ("S", Some((input, row))) => on_mark(Mark::Started(input, row)),
-                ("R", Some((input, row))) => on_mark(Mark::Released(input, row)),
-                ("D", Some((input, row))) if f.len() == 8 => on_mark(Mark::Done(
-                    input,
-                    row,
-                    Done {
-                        status: f[3].parse().ok(),
-                        error: (f[4] != "ok").then(|| f[4].to_string()),
-                        attempts: f[5].parse().unwrap_or(0),
-                        latency_us: f[6].parse().unwrap_or(0),
-                        at_ms: f[7].parse().unwrap_or(0),
-                    },
-                )),
-                _ => {}
+            let Some(line) = line.strip_suffix(b"\n") else { break };
+            if let Some(mark) = Mark::parse(line) {
+                on_mark(mark);
             }
         }
         Ok(())
@@ -394,4 +386,34 @@ pub enum Mark {
     Started(usize, u64),
     Released(usize, u64),
     Done(usize, u64, Done),
+}
+
+impl Mark {
+    /// One line, without its newline; `None` for a line it does not know.
+    fn parse(line: &[u8]) -> Option<Mark> {
+        fn number<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
+            std::str::from_utf8(field).ok()?.parse().ok()
+        }
+        let mut fields = line.split(|&b| b == b'\t');
+        let (kind, input, row) = (fields.next()?, number(fields.next()?)?, number(fields.next()?)?);
+        match kind {
+            b"S" => Some(Mark::Started(input, row)),
+            b"R" => Some(Mark::Released(input, row)),
+            b"D" => {
+                let f: [&[u8]; 5] = [fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?];
+                if fields.next().is_some() {
+                    return None;
+                }
+                let done = Done {
+                    status: number(f[0]),
+                    error: (f[1] != b"ok").then(|| String::from_utf8_lossy(f[1]).into_owned()),
+                    attempts: number(f[2]).unwrap_or(0),
+                    latency_us: number(f[3]).unwrap_or(0),
+                    at_ms: number(f[4]).unwrap_or(0),
+                };
+                Some(Mark::Done(input, row, done))
+            }
+            _ => None,
+        }
+    }
 }

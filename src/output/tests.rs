@@ -203,6 +203,35 @@ fn a_ledger_line_cut_short_is_not_read() {
 }
 
 #[test]
+fn done_marks_read_back_as_they_were_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let dones = [
+        (0, 1, Done { status: Some(200), error: None, attempts: 1, latency_us: 5, at_ms: 9 }),
+        (
+            3,
+            u64::MAX,
+            Done { status: None, error: Some("timeout".into()), attempts: 4, latency_us: u64::MAX, at_ms: 0 },
+        ),
+        (
+            usize::MAX,
+            0,
+            Done { status: Some(503), error: Some("server_error".into()), attempts: 0, latency_us: 0, at_ms: 1 },
+        ),
+    ];
+    Ledger::recovered(dir.path(), &dones).unwrap();
+    let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
+    assert!(journal.starts_with("D\t0\t1\t200\tok\t1\t5\t9\nD\t3\t18446744073709551615\t-\ttimeout\t4\t"), "{journal}");
+    let mut read = Vec::new();
+    Ledger::scan(dir.path(), |mark| {
+        if let Mark::Done(input, row, done) = mark {
+            read.push((input, row, done));
+        }
+    })
+    .unwrap();
+    assert_eq!(read, dones);
+}
+
+#[test]
 fn a_written_line_is_due_for_its_sync_within_sync_every_of_the_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = vec![InputInfo { name: "rows.jsonl".into(), failures: "failures.jsonl".into() }];
