@@ -25,7 +25,6 @@ use axum::http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAG
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use axum::serve::ListenerExt;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::Rng;
@@ -34,6 +33,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+mod arrival;
 
 /// Path of the token endpoint, the same as the real gateway's.
 pub const TOKEN_PATH: &str = "/apip/auth/sntl/v1/token";
@@ -129,6 +130,9 @@ pub struct Faults {
     pub retry_after: Duration,
     pub retry_after_date: bool,
     /// A server-side limit in calls per second; calls over it get 429 (0 = none).
+    /// Counted in whole seconds from the sandbox's start by when each call
+    /// arrived: the kernel's receive time of its bytes where that is known
+    /// (HTTP/1.x on Linux, see `sandbox/arrival.rs`), else the handler's clock.
     pub rate_limit: u32,
     /// Changes which keys get which fault.
     pub seed: u64,
@@ -260,7 +264,9 @@ pub struct RecordedCall {
     /// `Null` if the body was empty or not JSON.
     pub body: Value,
     pub status: u16,
-    /// When the call arrived, measured from the sandbox's start.
+    /// When the call arrived, measured from the sandbox's start: on Linux,
+    /// over HTTP/1.x, when the kernel received its bytes (not when the
+    /// sandbox's runtime got to them); else when its handler ran.
     pub at: Duration,
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
@@ -337,6 +343,7 @@ impl Sandbox {
 
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        enable_timestamps(&listener);
         let shared = Arc::new(Shared::new(config));
         let (stop, mut stopped) = oneshot::channel::<()>();
         let service = hyper_util::service::TowerToHyperService::new(router(shared.clone()).layer(axum::Extension(Tls)));
@@ -348,7 +355,10 @@ impl Sandbox {
                 };
                 let (acceptor, service) = (acceptor.clone(), service.clone());
                 tokio::spawn(async move {
+                    // Stamped under rustls: the TLS records' receive times.
+                    let (tcp, cell) = arrival::Stamped::new(tcp);
                     let Ok(stream) = acceptor.accept(tcp).await else { return };
+                    let service = arrival::Stamp { inner: service, cell };
                     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                     let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
                 });
@@ -430,17 +440,24 @@ pub async fn serve(
     run(listener, Arc::new(Shared::new(config)), shutdown).await
 }
 
+/// Asks the kernel to stamp what the listener's connections receive
+/// (they inherit it), from before the first is accepted: see [`arrival`].
+fn enable_timestamps(listener: &tokio::net::TcpListener) {
+    if let Err(err) = arrival::enable(listener) {
+        tracing::debug!("cannot enable receive timestamps: {err}; arrivals are stamped by the handler");
+    }
+}
+
+/// Serves plain HTTP (1.1, or h2c) as `axum::serve` with graceful shutdown
+/// does, each connection through [`arrival::Stamped`] so that a request
+/// carries when its bytes arrived.
 async fn run(
-    listener: tokio::net::TcpListener,
+    mut listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Small answers to many concurrent keep-alive clients: don't let Nagle hold them back.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::trace!("cannot set TCP_NODELAY: {err}");
-        }
-    });
+    use tokio::sync::watch;
+    enable_timestamps(&listener);
     if let Some(after) = shared.config.revoke_after {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -448,7 +465,64 @@ async fn run(
             shared.revoke_all();
         });
     }
-    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+    let service = hyper_util::service::TowerToHyperService::new(router(shared));
+    // Closed when `shutdown` resolves: stop accepting, and let each
+    // connection finish the call in flight.
+    let (signal_tx, signal_rx) = watch::channel(());
+    tokio::spawn(async move {
+        shutdown.await;
+        drop(signal_rx);
+    });
+    // Closed when every connection task has ended.
+    let (close_tx, close_rx) = watch::channel(());
+    loop {
+        let tcp = tokio::select! {
+            // Retries what accept(2) can fail with, as `axum::serve` does.
+            (tcp, _) = axum::serve::Listener::accept(&mut listener) => tcp,
+            _ = signal_tx.closed() => break,
+        };
+        // Small answers to many concurrent keep-alive clients: don't let Nagle hold them back.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::trace!("cannot set TCP_NODELAY: {err}");
+        }
+        let (tcp, cell) = arrival::Stamped::new(tcp);
+        let service = arrival::Stamp { inner: service.clone(), cell };
+        let (signal_tx, close_rx) = (signal_tx.clone(), close_rx.clone());
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut conn = std::pin::pin!(builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+            let mut signalled = std::pin::pin!(signal_tx.closed());
+            let mut shutting_down = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(err) = result {
+                            tracing::trace!("failed to serve a connection: {err:#}");
+                        }
+                        break;
+                    }
+                    _ = &mut signalled, if !shutting_down => {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(close_rx);
+        });
+    }
+    drop(close_rx);
+    drop(listener);
+    close_tx.closed().await;
+    Ok(())
+}
+
+/// How many seconds back the server-side rate limit counts calls by arrival.
+const RATE_SECONDS: usize = 16;
+
+/// When `req` arrived: the kernel's receive time of its bytes, where the
+/// connection could tell (see [`arrival`]), else now, by the handler's clock.
+fn arrived(req: &Request) -> Instant {
+    req.extensions().get::<arrival::Arrived>().map_or_else(Instant::now, |at| Instant::from_std(at.0))
 }
 
 /// Answers a validated JSON object, or the field errors that made it invalid.
@@ -509,8 +583,11 @@ struct Shared {
     token_times: Mutex<Vec<Duration>>,
     /// Calls seen per row key, for transient faults (only used with faults).
     attempts: Mutex<HashMap<String, u32>>,
-    /// The server-side rate limit's current second and its count of calls.
-    rate_window: Mutex<(u64, u32)>,
+    /// The server-side rate limit's count of calls in each of the last
+    /// [`RATE_SECONDS`] seconds (second, count), at `second % RATE_SECONDS`:
+    /// calls are counted by arrival, and one that arrived in an earlier
+    /// second may be handled after one of a later second.
+    rate_window: Mutex<[(u64, u32); RATE_SECONDS]>,
     /// Every client assertion's `jti` seen, so none is accepted twice.
     jtis: Mutex<std::collections::HashSet<String>>,
     /// Why each refused client assertion was refused, in order.
@@ -744,7 +821,8 @@ fn form_decode(s: &str) -> String {
 
 async fn token(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let number = shared.counters.token_requests.fetch_add(1, Relaxed) + 1;
-    shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).push(shared.started.elapsed());
+    let at = arrived(&req).saturating_duration_since(shared.started);
+    shared.token_times.lock().unwrap_or_else(PoisonError::into_inner).push(at);
     if !shared.config.token_delay.is_zero() {
         tokio::time::sleep(shared.config.token_delay).await;
     }
@@ -905,8 +983,8 @@ async fn api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Response {
 }
 
 async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Response {
-    let arrived = Instant::now();
-    let at = arrived - shared.started;
+    let arrived = arrived(&req);
+    let at = arrived.saturating_duration_since(shared.started);
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }
@@ -924,7 +1002,7 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Resp
         ),
         Ok(_) => match check_call(&shared, &parts, &json, arrived) {
             Err(refused) => refused,
-            Ok(request) => match shared.fault(request["controlNumber"].as_str(), None) {
+            Ok(request) => match shared.fault(request["controlNumber"].as_str(), None, arrived) {
                 Some(Injected::Answer(response)) => response,
                 Some(Injected::Delay(delay)) => {
                     tokio::time::sleep(delay).await;
@@ -940,7 +1018,7 @@ async fn handle_api_call(shared: Arc<Shared>, req: Request, answer: Api) -> Resp
 
 /// A call to a path that is no API: refused, and recorded like any call.
 async fn no_such_api(shared: Arc<Shared>, req: Request) -> Response {
-    let at = shared.started.elapsed();
+    let at = arrived(&req).saturating_duration_since(shared.started);
     let description = format!("no such API: {} {}", req.method(), req.uri().path());
     let response = gateway_errors(StatusCode::NOT_FOUND, vec![json!({ "description": description })]);
     let (parts, _) = req.into_parts();
@@ -1169,8 +1247,8 @@ async fn poll_call(shared: Arc<Shared>, req: Request) -> Response {
 }
 
 async fn handle_poll(shared: Arc<Shared>, req: Request) -> Response {
-    let arrived = Instant::now();
-    let at = arrived - shared.started;
+    let arrived = arrived(&req);
+    let at = arrived.saturating_duration_since(shared.started);
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }
@@ -1198,7 +1276,7 @@ async fn poll_answer(shared: &Shared, parts: &Parts, arrived: Instant) -> Respon
         .filter(|id| id.len() == 16)
         .and_then(|id| u64::from_str_radix(id, 16).ok());
     let key = id.and_then(|id| shared.claim_key(id));
-    match shared.fault(key.as_deref(), id) {
+    match shared.fault(key.as_deref(), id, arrived) {
         Some(Injected::Answer(response)) => return response,
         Some(Injected::Delay(delay)) => tokio::time::sleep(delay).await,
         None => {}
@@ -1220,12 +1298,17 @@ impl Shared {
     /// fault of its row key (transient ones only for its first attempts).
     /// Polls pass `attempts_of` (their claim), so a key's transient fault
     /// meets its submission's first attempts and its claim's first polls alike.
-    fn fault(&self, key: Option<&str>, attempts_of: Option<u64>) -> Option<Injected> {
+    /// The rate limit counts the call in the second it `arrived`.
+    fn fault(&self, key: Option<&str>, attempts_of: Option<u64>, arrived: Instant) -> Option<Injected> {
         let faults = &self.config.faults;
         if faults.rate_limit > 0 {
-            let second = self.started.elapsed().as_secs();
-            let mut window = self.rate_window.lock().unwrap_or_else(PoisonError::into_inner);
-            if window.0 != second {
+            let second = arrived.saturating_duration_since(self.started).as_secs();
+            let mut windows = self.rate_window.lock().unwrap_or_else(PoisonError::into_inner);
+            let window = &mut windows[(second % RATE_SECONDS as u64) as usize];
+            // A slot holding a later second: the call arrived more than
+            // RATE_SECONDS before calls already counted (a runtime stalled
+            // that long) and is counted in that later second.
+            if window.0 < second {
                 *window = (second, 0);
             }
             window.1 += 1;
