@@ -508,3 +508,187 @@ async fn serve_runs_on_a_given_listener_until_shutdown() -> Result {
     server.await??;
     Ok(())
 }
+
+/// How long [`arrival_while_blocked`] blocks the sandbox's only thread.
+#[cfg(target_os = "linux")]
+const BLOCKED: Duration = Duration::from_millis(200);
+
+/// The raw client of [`arrival_while_blocked`]: one connection, a request
+/// written in one `write`, its answer's start waited for.
+#[cfg(target_os = "linux")]
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    pub struct Conn {
+        tcp: TcpStream,
+        http2: bool,
+        next_stream: u32,
+    }
+
+    /// An HTTP/2 frame: its header (length, type, flags, stream) and payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    impl Conn {
+        /// Connected to `addr`; `http2`: h2c with prior knowledge.
+        pub fn connect(addr: std::net::SocketAddr, http2: bool) -> Conn {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_nodelay(true).unwrap();
+            if http2 {
+                let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                hello.extend(frame(0x4, 0, 0, &[])); // SETTINGS, none changed
+                tcp.write_all(&hello).unwrap();
+            }
+            Conn { tcp, http2, next_stream: 1 }
+        }
+
+        /// Writes a request without a body in one `write`.
+        pub fn send(&mut self, method: &str, path: &str) {
+            let bytes = if self.http2 {
+                // HPACK literals without indexing, names and values as they are.
+                let mut block = Vec::new();
+                for (name, value) in
+                    [(":method", method), (":scheme", "http"), (":path", path), (":authority", "sandbox")]
+                {
+                    block.push(0);
+                    block.push(name.len() as u8);
+                    block.extend_from_slice(name.as_bytes());
+                    block.push(value.len() as u8);
+                    block.extend_from_slice(value.as_bytes());
+                }
+                // HEADERS with END_STREAM and END_HEADERS.
+                frame(0x1, 0x5, self.next_stream, &block)
+            } else {
+                format!("{method} {path} HTTP/1.1\r\nhost: sandbox\r\ncontent-length: 0\r\n\r\n").into_bytes()
+            };
+            self.tcp.write_all(&bytes).unwrap();
+        }
+
+        /// Reads until the answer to the last request sent begins (HTTP/1.1:
+        /// its head, and a body of `content-length`, read whole).
+        pub fn answer(&mut self) {
+            if self.http2 {
+                let stream = self.next_stream;
+                self.next_stream += 2;
+                loop {
+                    let mut head = [0u8; 9];
+                    self.tcp.read_exact(&mut head).unwrap();
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0; len];
+                    self.tcp.read_exact(&mut payload).unwrap();
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    if head[3] == 0x4 && head[4] & 1 == 0 {
+                        self.tcp.write_all(&frame(0x4, 1, 0, &[])).unwrap(); // SETTINGS ACK
+                    }
+                    if head[3] == 0x1 && id == stream {
+                        return;
+                    }
+                }
+            }
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8];
+                self.tcp.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+            let len = head
+                .split("content-length: ")
+                .nth(1)
+                .map_or(0, |rest| rest.split("\r\n").next().unwrap().trim().parse().unwrap());
+            self.tcp.read_exact(&mut vec![0; len]).unwrap();
+        }
+    }
+}
+
+/// A call sent while the sandbox's runtime (one thread) is blocked: how
+/// long after its send (ms) the sandbox recorded its arrival (negative if
+/// before), and how long the `write` of its bytes took (ms). The runtime blocks when asked, in a task that waits (blocking
+/// its thread) until the client has written the call and then sleeps
+/// [`BLOCKED`] more: the call's bytes wait in the kernel meanwhile,
+/// whatever the machine's load. The client writes from this thread over a
+/// connection it made, and had a call answered on, before (`http2`: h2c).
+#[cfg(target_os = "linux")]
+fn arrival_while_blocked(http2: bool) -> (f64, f64, bulkcall::sandbox::RecordedCall) {
+    use std::sync::mpsc;
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (block_tx, mut block_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (blocking_tx, blocking_rx) = mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let sandbox = start(SandboxConfig { record: true, ..SandboxConfig::default() }).await.unwrap();
+            addr_tx.send(sandbox.addr()).unwrap();
+            tokio::spawn(async move {
+                block_rx.recv().await;
+                blocking_tx.send(()).unwrap();
+                // The runtime's one thread stops here: nothing reads the call.
+                sent_rx.recv().unwrap();
+                std::thread::sleep(BLOCKED);
+            });
+            done_rx.await.unwrap();
+            (sandbox.recorded(), sandbox.started())
+        })
+    });
+    let mut conn = raw::Conn::connect(addr_rx.recv().unwrap(), http2);
+    conn.send("GET", "/healthz");
+    conn.answer();
+    block_tx.send(()).unwrap();
+    blocking_rx.recv().unwrap();
+    let sent = std::time::Instant::now();
+    // No token: answered 401, and recorded.
+    conn.send("POST", ELIGIBILITY);
+    let written = sent.elapsed();
+    sent_tx.send(()).unwrap();
+    conn.answer();
+    let answered = sent.elapsed();
+    assert!(answered >= BLOCKED, "answered {answered:?} after the send: the sandbox was not blocked");
+    done_tx.send(()).unwrap();
+    let (recorded, started) = server.join().unwrap();
+    let call = recorded.into_iter().find(|c| c.path == ELIGIBILITY).expect("the call was recorded");
+    assert_eq!(call.status, 401);
+    let arrived = started + call.at;
+    let lag = match arrived.checked_duration_since(sent) {
+        Some(after) => after.as_secs_f64(),
+        None => -sent.duration_since(arrived).as_secs_f64(),
+    };
+    (lag * 1e3, written.as_secs_f64() * 1e3, call)
+}
+
+/// Over HTTP/1.1 the call is stamped when the kernel received it, during
+/// the `write` that sent it (loopback delivers within it), not when the
+/// blocked runtime got to it 200 ms later. The clocks' conversion is
+/// allowed 1 ms either side.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_arrival_is_the_kernels_receive_time_not_the_blocked_runtimes() {
+    let (lag_ms, write_ms, call) = arrival_while_blocked(false);
+    eprintln!(
+        "HTTP/1.1: arrival recorded {lag_ms:.3} ms after the send began, its write took {write_ms:.3} ms, \
+         the runtime blocked {BLOCKED:?}"
+    );
+    assert_eq!(call.version, "HTTP/1.1");
+    assert!(
+        (-1.0..=write_ms + 1.0).contains(&lag_ms),
+        "arrival {lag_ms:.3} ms after the send began, not within its write ({write_ms:.3} ms)"
+    );
+}
+
+/// Over HTTP/2 a stream's arrival cannot be told from the connection's last
+/// read, so the handler's clock stamps it: after the runtime woke.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_http2_arrival_falls_back_to_the_handlers_clock() {
+    let (lag_ms, _, call) = arrival_while_blocked(true);
+    eprintln!("HTTP/2: arrival recorded {lag_ms:.3} ms after the send, the runtime blocked {BLOCKED:?}");
+    assert_eq!(call.version, "HTTP/2.0");
+    assert!(lag_ms >= BLOCKED.as_secs_f64() * 1e3, "arrival {lag_ms:.3} ms after the send");
+}
