@@ -1,7 +1,9 @@
 //! When calls were let through by the sender's rate limiter and when they
 //! arrived at the gateway, on one clock: the host's monotonic clock, which
 //! every process on the host shares. The limiter is judged on its own
-//! times; the gateway's arrival times add its own stalls and the hop.
+//! times; the gateway's arrival times add the hop: the sandbox stamps a
+//! call (HTTP/1.1, on Linux) with the kernel's receive time of its bytes,
+//! so a stall of its own runtime does not move them.
 
 use std::time::Duration;
 
