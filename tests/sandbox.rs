@@ -520,8 +520,12 @@ mod raw {
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
+    /// What the client reads and writes: a TCP stream, or TLS over one.
+    pub trait Io: Read + Write {}
+    impl<T: Read + Write> Io for T {}
+
     pub struct Conn {
-        tcp: TcpStream,
+        io: Box<dyn Io>,
         http2: bool,
         next_stream: u32,
     }
@@ -536,16 +540,36 @@ mod raw {
     }
 
     impl Conn {
-        /// Connected to `addr`; `http2`: h2c with prior knowledge.
-        pub fn connect(addr: std::net::SocketAddr, http2: bool) -> Conn {
-            let mut tcp = TcpStream::connect(addr).unwrap();
+        /// Connected to `addr`, over TLS if `tls` has the server's
+        /// certificate (PEM, for 127.0.0.1; no ALPN: HTTP/1.1); `http2`: h2c
+        /// with prior knowledge.
+        pub fn connect(addr: std::net::SocketAddr, http2: bool, tls: Option<&str>) -> Conn {
+            use tokio_rustls::rustls;
+            let tcp = TcpStream::connect(addr).unwrap();
             tcp.set_nodelay(true).unwrap();
+            let mut io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(pem) => {
+                    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+                    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+                    let config = rustls::ClientConfig::builder_with_provider(provider)
+                        .with_safe_default_protocol_versions()
+                        .unwrap()
+                        .with_root_certificates(roots)
+                        .with_no_client_auth();
+                    let name = ServerName::try_from("127.0.0.1").unwrap();
+                    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+                    Box::new(rustls::StreamOwned::new(conn, tcp))
+                }
+            };
             if http2 {
                 let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
                 hello.extend(frame(0x4, 0, 0, &[])); // SETTINGS, none changed
-                tcp.write_all(&hello).unwrap();
+                io.write_all(&hello).unwrap();
             }
-            Conn { tcp, http2, next_stream: 1 }
+            Conn { io, http2, next_stream: 1 }
         }
 
         /// Writes a request without a body in one `write`.
@@ -567,7 +591,8 @@ mod raw {
             } else {
                 format!("{method} {path} HTTP/1.1\r\nhost: sandbox\r\ncontent-length: 0\r\n\r\n").into_bytes()
             };
-            self.tcp.write_all(&bytes).unwrap();
+            self.io.write_all(&bytes).unwrap();
+            self.io.flush().unwrap();
         }
 
         /// Reads until the answer to the last request sent begins (HTTP/1.1:
@@ -578,13 +603,13 @@ mod raw {
                 self.next_stream += 2;
                 loop {
                     let mut head = [0u8; 9];
-                    self.tcp.read_exact(&mut head).unwrap();
+                    self.io.read_exact(&mut head).unwrap();
                     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
                     let mut payload = vec![0; len];
-                    self.tcp.read_exact(&mut payload).unwrap();
+                    self.io.read_exact(&mut payload).unwrap();
                     let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
                     if head[3] == 0x4 && head[4] & 1 == 0 {
-                        self.tcp.write_all(&frame(0x4, 1, 0, &[])).unwrap(); // SETTINGS ACK
+                        self.io.write_all(&frame(0x4, 1, 0, &[])).unwrap(); // SETTINGS ACK
                     }
                     if head[3] == 0x1 && id == stream {
                         return;
@@ -594,7 +619,7 @@ mod raw {
             let mut head = Vec::new();
             while !head.ends_with(b"\r\n\r\n") {
                 let mut byte = [0u8];
-                self.tcp.read_exact(&mut byte).unwrap();
+                self.io.read_exact(&mut byte).unwrap();
                 head.push(byte[0]);
             }
             let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
@@ -602,7 +627,7 @@ mod raw {
                 .split("content-length: ")
                 .nth(1)
                 .map_or(0, |rest| rest.split("\r\n").next().unwrap().trim().parse().unwrap());
-            self.tcp.read_exact(&mut vec![0; len]).unwrap();
+            self.io.read_exact(&mut vec![0; len]).unwrap();
         }
     }
 }
@@ -613,32 +638,42 @@ mod raw {
 /// its thread) until the client has written the call and then sleeps
 /// [`BLOCKED`] more: the call's bytes wait in the kernel meanwhile,
 /// whatever the machine's load. The client writes from this thread over a
-/// connection it made, and had a call answered on, before (`http2`: h2c).
+/// connection it made, and had a call answered on, before (`http2`: h2c;
+/// `tls`: HTTP/1.1 over TLS, the sandbox's stamps read under rustls).
 #[cfg(target_os = "linux")]
-fn arrival_while_blocked(http2: bool) -> (f64, f64, bulkcall::sandbox::RecordedCall) {
+fn arrival_while_blocked(http2: bool, tls: bool) -> (f64, f64, bulkcall::sandbox::RecordedCall) {
     use std::sync::mpsc;
     let (addr_tx, addr_rx) = mpsc::channel();
     let (block_tx, mut block_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (blocking_tx, blocking_rx) = mpsc::channel::<()>();
     let (sent_tx, sent_rx) = mpsc::channel::<()>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (pem, key) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let client_pem = pem.clone();
     let server = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
-            let sandbox = start(SandboxConfig { record: true, ..SandboxConfig::default() }).await.unwrap();
+            let config = SandboxConfig { record: true, ..SandboxConfig::default() };
+            let addr = "127.0.0.1:0".parse().unwrap();
+            let sandbox = if tls {
+                Sandbox::start_tls(config, addr, pem.as_bytes(), key.as_bytes()).await.unwrap()
+            } else {
+                Sandbox::start(config, addr).await.unwrap()
+            };
             addr_tx.send(sandbox.addr()).unwrap();
             tokio::spawn(async move {
                 block_rx.recv().await;
                 blocking_tx.send(()).unwrap();
                 // The runtime's one thread stops here: nothing reads the call.
-                sent_rx.recv().unwrap();
+                sent_rx.recv_timeout(Duration::from_secs(30)).expect("the client wrote the call");
                 std::thread::sleep(BLOCKED);
             });
             done_rx.await.unwrap();
             (sandbox.recorded(), sandbox.started())
         })
     });
-    let mut conn = raw::Conn::connect(addr_rx.recv().unwrap(), http2);
+    let mut conn = raw::Conn::connect(addr_rx.recv().unwrap(), http2, tls.then_some(client_pem.as_str()));
     conn.send("GET", "/healthz");
     conn.answer();
     block_tx.send(()).unwrap();
@@ -663,23 +698,26 @@ fn arrival_while_blocked(http2: bool) -> (f64, f64, bulkcall::sandbox::RecordedC
     (lag * 1e3, written.as_secs_f64() * 1e3, call)
 }
 
-/// Over HTTP/1.1 the call is stamped when the kernel received it, during
-/// the `write` that sent it (loopback delivers within it), not when the
-/// blocked runtime got to it 200 ms later. The clocks' conversion is
-/// allowed 1 ms either side.
+/// Over HTTP/1.1, plain or over TLS, the call is stamped when the kernel
+/// received it, during the `write` that sent it (loopback delivers within
+/// it), not when the blocked runtime got to it 200 ms later. The clocks'
+/// conversion is allowed 1 ms either side.
 #[cfg(target_os = "linux")]
 #[test]
 fn an_arrival_is_the_kernels_receive_time_not_the_blocked_runtimes() {
-    let (lag_ms, write_ms, call) = arrival_while_blocked(false);
-    eprintln!(
-        "HTTP/1.1: arrival recorded {lag_ms:.3} ms after the send began, its write took {write_ms:.3} ms, \
+    for tls in [false, true] {
+        let (lag_ms, write_ms, call) = arrival_while_blocked(false, tls);
+        let over = if tls { "HTTP/1.1 over TLS" } else { "HTTP/1.1" };
+        eprintln!(
+            "{over}: arrival recorded {lag_ms:.3} ms after the send began, its write took {write_ms:.3} ms, \
          the runtime blocked {BLOCKED:?}"
-    );
-    assert_eq!(call.version, "HTTP/1.1");
-    assert!(
-        (-1.0..=write_ms + 1.0).contains(&lag_ms),
-        "arrival {lag_ms:.3} ms after the send began, not within its write ({write_ms:.3} ms)"
-    );
+        );
+        assert_eq!(call.version, "HTTP/1.1");
+        assert!(
+            (-1.0..=write_ms + 1.0).contains(&lag_ms),
+            "{over}: arrival {lag_ms:.3} ms after the send began, not within its write ({write_ms:.3} ms)"
+        );
+    }
 }
 
 /// Over HTTP/2 a stream's arrival cannot be told from the connection's last
@@ -687,7 +725,7 @@ fn an_arrival_is_the_kernels_receive_time_not_the_blocked_runtimes() {
 #[cfg(target_os = "linux")]
 #[test]
 fn an_http2_arrival_falls_back_to_the_handlers_clock() {
-    let (lag_ms, _, call) = arrival_while_blocked(true);
+    let (lag_ms, _, call) = arrival_while_blocked(true, false);
     eprintln!("HTTP/2: arrival recorded {lag_ms:.3} ms after the send, the runtime blocked {BLOCKED:?}");
     assert_eq!(call.version, "HTTP/2.0");
     assert!(lag_ms >= BLOCKED.as_secs_f64() * 1e3, "arrival {lag_ms:.3} ms after the send");
