@@ -341,20 +341,103 @@ pub struct Outage {
 /// Whether the server's TLS certificate was refused: not retried, and a
 /// matter of `ca_file` or the URL, not of the network.
 pub fn untrusted_certificate(e: &reqwest::Error) -> bool {
-    use std::error::Error;
+    untrusted_in(e)
+}
+
+fn untrusted_in(e: &(dyn std::error::Error + 'static)) -> bool {
     use tokio_rustls::rustls::Error as Tls;
-    let mut source: Option<&(dyn Error + 'static)> = Some(e);
-    while let Some(mut s) = source {
-        // An io::Error hides the error it wraps from `source()`.
+    causes(e).any(|s| matches!(s.downcast_ref::<Tls>(), Some(Tls::InvalidCertificate(_))))
+}
+
+/// An error and its causes, each io::Error seen through: it hides the
+/// error it wraps from `source()`.
+pub(crate) fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut source = Some(e);
+    std::iter::from_fn(move || {
+        let mut s = source?;
         while let Some(inner) = s.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
             s = inner;
         }
-        if matches!(s.downcast_ref::<Tls>(), Some(Tls::InvalidCertificate(_))) {
-            return true;
-        }
         source = s.source();
+        Some(s)
+    })
+}
+
+/// A connect timeout (the connecting and the TLS handshake), or the total
+/// one, ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("operation timed out")]
+pub struct TimedOut;
+
+/// Why a call got no answer, as both HTTP clients' errors come to it: what
+/// it means for the row, and how it is told.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{text}")]
+pub struct CallError {
+    /// `NotSent`, `NoAnswer` or `Permanent`.
+    pub verdict: Verdict,
+    /// The server's TLS certificate is not trusted (the verdict is `Permanent`).
+    pub untrusted: bool,
+    /// The TLS alert the server refused this client's certificate with.
+    pub refused: Option<String>,
+    /// The error and its causes, the server named by its origin alone.
+    pub text: String,
+}
+
+impl From<reqwest::Error> for CallError {
+    fn from(e: reqwest::Error) -> CallError {
+        let text = describe(&e);
+        CallError {
+            verdict: classify_error(&e),
+            untrusted: untrusted_certificate(&e),
+            refused: crate::token::refused_alert(&e, &text),
+            text,
+        }
     }
-    false
+}
+
+impl CallError {
+    /// An error of a call sent without reqwest: `connecting` when it came
+    /// before any byte of the request was written (hyper_util's `is_connect`).
+    pub fn direct(e: &(dyn std::error::Error + 'static), connecting: bool, url: &url::Url) -> CallError {
+        let timed_out = causes(e).any(|s| {
+            s.is::<TimedOut>()
+                || s.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout)
+                || s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        });
+        let untrusted = untrusted_in(e);
+        let verdict = if untrusted {
+            Verdict::Permanent(ErrorKind::Connection)
+        } else if connecting {
+            Verdict::NotSent(if timed_out { ErrorKind::Timeout } else { ErrorKind::Connection })
+        } else if timed_out {
+            Verdict::NoAnswer(ErrorKind::Timeout)
+        } else {
+            // It went out, or may have: in doubt.
+            Verdict::NoAnswer(ErrorKind::Connection)
+        };
+        let mut text = format!("error sending request to {}", url.origin().ascii_serialization());
+        let mut source = Some(e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        let text = without_url(text, url);
+        CallError { verdict, untrusted, refused: crate::token::refused_alert(e, &text), text }
+    }
+
+    /// The total timeout ran out: the call may have gone out.
+    pub fn timed_out(url: &url::Url) -> CallError {
+        CallError::direct(&TimedOut, false, url)
+    }
+
+    /// A request that cannot be made (never fixed by retrying).
+    pub fn unsendable(e: &(dyn std::error::Error + 'static), url: &url::Url) -> CallError {
+        CallError { verdict: Verdict::Permanent(ErrorKind::Connection), ..CallError::direct(e, true, url) }
+    }
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date.

@@ -5,16 +5,19 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::Uri;
+use http_body_util::Full;
 use rand::Rng as _;
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, LOCATION, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderMap, LOCATION, RETRY_AFTER};
 
 use crate::error::Error;
 use crate::job::Request;
-use crate::outcome::{self, ErrorKind};
+use crate::outcome::{self, CallError, ErrorKind};
 use crate::token::Token;
 
 use super::Shared;
+use super::http::ApiClient;
 
 /// One attempt's answer, read up to `max_response_bytes`.
 pub(super) struct Answer {
@@ -26,10 +29,43 @@ pub(super) struct Answer {
     /// Where a `3xx` pointed (never followed).
     pub(super) location: Option<String>,
     /// Every header, kept for a job that polls (`first.headers`, `Location`).
-    pub(super) headers: Option<reqwest::header::HeaderMap>,
+    pub(super) headers: Option<HeaderMap>,
 }
 
+/// Sends one call and reads its answer: through hyper_util's client, or
+/// reqwest's when a proxy applies to the call's URL.
 pub(super) async fn send(
+    shared: &Shared,
+    client: &ApiClient,
+    request: &Request,
+    token: Option<&Token>,
+) -> Result<Answer, CallError> {
+    let uri = match Uri::try_from(request.url.as_str()) {
+        Ok(uri) => uri,
+        Err(e) => return Err(CallError::unsendable(&e, &request.url)),
+    };
+    if let Some(proxied) = client.proxied(&uri) {
+        return send_proxied(shared, proxied, request, token).await.map_err(CallError::from);
+    }
+    let mut call = http::Request::new(Full::new(request.body.clone().unwrap_or_default()));
+    *call.method_mut() = request.method.clone();
+    *call.uri_mut() = uri;
+    let headers = call.headers_mut();
+    *headers = request.headers.clone();
+    if let Some(token) = token {
+        headers.append(AUTHORIZATION, token.header().clone());
+    }
+    let cap = shared.settings.max_response_bytes;
+    let exchanged = client.exchange(call, &request.url, cap).await?;
+    let mut answer = answer(exchanged.status, &exchanged.headers, exchanged.body, exchanged.total);
+    if shared.requests.poll().is_some() {
+        answer.headers = Some(exchanged.headers);
+    }
+    Ok(answer)
+}
+
+/// A call through reqwest's client: a proxy applies to it.
+async fn send_proxied(
     shared: &Shared,
     client: &reqwest::Client,
     request: &Request,
@@ -47,26 +83,33 @@ pub(super) async fn send(
         *call.body_mut() = Some(body.clone().into());
     }
     let mut response = client.execute(call).await?;
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| outcome::parse_retry_after(v, SystemTime::now()));
-    let headers = shared.requests.poll().is_some().then(|| response.headers().clone());
     let cap = shared.settings.max_response_bytes;
     let mut body = Vec::new();
     let mut total = 0u64;
+    let (status, headers) = (response.status(), std::mem::take(response.headers_mut()));
     while let Some(chunk) = response.chunk().await? {
         total += chunk.len() as u64;
         let room = cap.saturating_sub(body.len()).min(chunk.len());
         body.extend_from_slice(&chunk[..room]);
     }
+    let mut answer = answer(status, &headers, body, total);
+    if shared.requests.poll().is_some() {
+        answer.headers = Some(headers);
+    }
+    Ok(answer)
+}
+
+/// An answer read whole (up to the cap), its headers not yet kept.
+fn answer(status: StatusCode, headers: &HeaderMap, body: Vec<u8>, total: u64) -> Answer {
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| outcome::parse_retry_after(v, SystemTime::now()));
     let location = status
         .is_redirection()
-        .then(|| response.headers().get(LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .then(|| headers.get(LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .flatten();
-    Ok(Answer { status, retry_after, body, total, location, headers })
+    Answer { status, retry_after, body, total, location, headers: None }
 }
 
 /// A short text of an error answer for the failures file.

@@ -9,6 +9,7 @@ use crate::input::Item;
 use crate::output::Marked;
 
 use super::Shared;
+use super::http::ApiClient;
 use super::reader::BATCH;
 use super::recorder::Outcomes;
 use super::worker::{Lane, process};
@@ -22,7 +23,7 @@ pub(super) fn start_lane(
     shared: Arc<Shared>,
     batches: async_channel::Receiver<Vec<Item>>,
     outcomes: Outcomes,
-    client: reqwest::Client,
+    client: ApiClient,
 ) -> Result<oneshot::Receiver<bool>, Error> {
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
@@ -52,7 +53,7 @@ pub(super) async fn lane(
     batches: async_channel::Receiver<Vec<Item>>,
     outcomes: Outcomes,
     // The lane's own: its connections' I/O stays on this thread.
-    client: reqwest::Client,
+    client: ApiClient,
 ) -> bool {
     let (row_tx, row_rx) = async_channel::bounded::<Item>(BATCH);
     let feeder = tokio::spawn(async move {

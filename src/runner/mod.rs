@@ -352,7 +352,8 @@ pub async fn run(
     let results_csv = plan.requests.results_csv();
     let writer = Writer::open(&plan.dir, input_infos(&plan), append, true, results_csv)?;
     let lanes = lane_count(concurrency);
-    let clients = (0..lanes).map(|_| http_client(&plan.settings)).collect::<Result<Vec<_>, _>>()?;
+    let tls = http::api_tls(&plan.settings)?;
+    let clients = (0..lanes).map(|_| http::api_client(&plan.settings, &tls)).collect::<Result<Vec<_>, _>>()?;
     // A row of a job that is not idempotent must be known as sent even
     // after a power cut: its started mark is durable before it goes out,
     // and the rows a crash can leave in doubt are never more than the calls
@@ -472,7 +473,7 @@ pub async fn run(
             let max_wait = plan.requests.poll().map_or(Duration::ZERO, |p| p.max_wait);
             let rows = resume.accepted.iter().map(|&place| poller::Waiting::resumed(place, max_wait)).collect();
             let preload = poller::Preload { rows, give_up: resume.give_up_pending };
-            let client = http_client(&plan.settings)?;
+            let client = http::api_client(&plan.settings, &tls)?;
             Some(start_poller(shared.clone(), client, waiting, outcome_tx.clone(), lanes_done.clone(), preload)?)
         }
         None => None,

@@ -37,6 +37,7 @@ use crate::output::{AcceptedFile, AcceptedRow, Marked, Place, StoredRecord};
 
 use super::Shared;
 use super::call::{answer_message, backoff, send, take_token};
+use super::http::ApiClient;
 use super::recorder::Outcomes;
 
 /// What workers need to hand an accepted row to the poller.
@@ -252,7 +253,7 @@ pub(super) struct Preload {
 /// every row handed to it has its outcome or is pending.
 pub(super) fn start_poller(
     shared: Arc<Shared>,
-    client: reqwest::Client,
+    client: ApiClient,
     rows: mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>,
     outcomes: Outcomes,
     lanes_done: CancellationToken,
@@ -279,7 +280,7 @@ pub(super) fn start_poller(
 
 async fn poll_all(
     shared: &Shared,
-    client: &reqwest::Client,
+    client: &ApiClient,
     mut rows: mpsc::UnboundedReceiver<(Waiting, Option<Duration>)>,
     outcomes: &Outcomes,
     lanes_done: CancellationToken,
@@ -437,7 +438,7 @@ fn given_up(
 /// One poll of one row.
 async fn poll_once(
     shared: &Shared,
-    client: &reqwest::Client,
+    client: &ApiClient,
     polls: &Polls,
     headers: &RefCell<Vec<Option<Arc<CsvHeaders>>>>,
     every: Duration,

@@ -10,7 +10,7 @@ use crate::answer::Body;
 use crate::error::Error;
 use crate::input::{Item, Row};
 use crate::job::Request;
-use crate::outcome::{self, ErrorKind, Failure, Outcome, Source, Success, Verdict};
+use crate::outcome::{self, CallError, ErrorKind, Failure, Outcome, Source, Success, Verdict};
 use crate::output::{Marked, Marks};
 use crate::retry::{self, Next, Used};
 use crate::token::Token;
@@ -18,11 +18,12 @@ use crate::token::Token;
 use super::Shared;
 use super::breaker::{self, Hold};
 use super::call::{Answer, answer_message, backoff, send, take_token};
+use super::http::ApiClient;
 
 /// What a lane's workers share, on the lane's thread alone.
 pub(super) struct Lane {
     /// The lane's own: its connections' I/O stays on this thread.
-    pub(super) client: reqwest::Client,
+    pub(super) client: ApiClient,
     /// Where its workers wait for their started marks.
     pub(super) marks: Marks,
 }
@@ -87,16 +88,16 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
                 let verdict = outcome::classify_status(answer.status, &shared.settings.retry_on, answer.retry_after);
                 (verdict, Some(answer), String::new())
             }
-            Err(e) if outcome::untrusted_certificate(&e) => {
+            Err(e) if e.untrusted => {
                 // Nothing reached the server: the row stays to be sent once
                 // the certificate is trusted (`resume`).
                 shared.abort(Error::Certificate(outcome::UntrustedCertificate {
                     url: request.url.origin().ascii_serialization(),
-                    detail: outcome::describe(&e),
+                    detail: e.text,
                 }));
                 return unfinished(shared, &row, &used, unprocessed);
             }
-            Err(e) if let Some(alert) = crate::token::refused_certificate(&e) => {
+            Err(CallError { refused: Some(alert), .. }) => {
                 // The API refused this client's certificate in the handshake:
                 // every call would meet the same. Nothing was processed.
                 let cert = shared.settings.tls.client_cert.as_deref();
@@ -109,8 +110,8 @@ pub(super) async fn process(shared: &Shared, lane: &Lane, item: Item, marked: &m
                 return unfinished(shared, &row, &used, unprocessed);
             }
             Err(e) => {
-                let verdict = outcome::classify_error(&e);
-                let mut text = outcome::describe(&e);
+                let verdict = e.verdict;
+                let mut text = e.text;
                 if matches!(verdict, Verdict::NotSent(_)) {
                     text = format!("{text}; {}", outcome::NEVER_REACHED);
                 }
@@ -266,7 +267,7 @@ pub(super) fn render(shared: &Shared, item: Item) -> Result<(Row, Request), Outc
 /// How an attempt went.
 pub(super) enum Tried {
     /// It went out (or failed trying): its result, how long it took, the token it carried.
-    Sent { result: Result<Answer, reqwest::Error>, latency: Duration, token: Option<Arc<Token>> },
+    Sent { result: Result<Answer, CallError>, latency: Duration, token: Option<Arc<Token>> },
     /// The run stopped before it went out.
     Stopped,
     /// The grace period ended while it was in flight.

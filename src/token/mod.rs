@@ -862,14 +862,13 @@ impl TokenError {
 /// The TLS alert a server refused this client's certificate with, if
 /// that is how the request failed.
 pub fn refused_certificate(e: &reqwest::Error) -> Option<String> {
-    use std::error::Error;
+    refused_alert(e, &crate::outcome::describe(e))
+}
+
+/// [`refused_certificate`] of any error, `text` its description.
+pub(crate) fn refused_alert(e: &(dyn std::error::Error + 'static), text: &str) -> Option<String> {
     use tokio_rustls::rustls::{AlertDescription as Alert, Error as Tls};
-    let mut source: Option<&(dyn Error + 'static)> = Some(e);
-    while let Some(mut s) = source {
-        // An io::Error hides the error it wraps from `source()`.
-        while let Some(inner) = s.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            s = inner;
-        }
+    for s in crate::outcome::causes(e) {
         if let Some(Tls::AlertReceived(alert)) = s.downcast_ref::<Tls>()
             && matches!(
                 alert,
@@ -885,10 +884,8 @@ pub fn refused_certificate(e: &reqwest::Error) -> Option<String> {
         {
             return Some(format!("TLS alert {alert:?}"));
         }
-        source = s.source();
     }
     // The alert as its text, when a layer between kept only that.
-    let text = crate::outcome::describe(e);
     let (_, alert) = text.split_once("received fatal alert: ")?;
     let alert: String = alert.chars().take_while(char::is_ascii_alphanumeric).collect();
     [
