@@ -55,15 +55,8 @@ fn builder(settings: &Settings) -> Result<reqwest::ClientBuilder, ConfigError> {
         .pool_max_idle_per_host(settings.concurrency)
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
         .timeout(settings.timeout);
-    if let Some(path) = settings.ca_file() {
-        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", shown.display()));
-        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
-        if certificates.is_empty() {
-            return Err(bad("no PEM certificate in it".into()));
-        }
-        for certificate in certificates {
+    if let Some(ca) = CaFile::read(settings)? {
+        for certificate in ca.certificates {
             builder = builder.add_root_certificate(certificate);
         }
     }
@@ -158,6 +151,33 @@ impl ApiClient {
 #[derive(Clone)]
 pub struct ApiTls(Arc<rustls::ClientConfig>);
 
+/// `ca_file`, read and checked: every PEM certificate in it parses, and
+/// there is one at least. Both clients trust what it holds.
+struct CaFile {
+    /// Where it is, as the errors name it.
+    shown: std::path::PathBuf,
+    pem: Vec<u8>,
+    certificates: Vec<reqwest::Certificate>,
+}
+
+impl CaFile {
+    fn read(settings: &Settings) -> Result<Option<CaFile>, ConfigError> {
+        let Some(path) = settings.ca_file() else { return Ok(None) };
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut ca = CaFile { shown, pem: Vec::new(), certificates: Vec::new() };
+        ca.pem = std::fs::read(path).map_err(|e| ca.bad(e))?;
+        ca.certificates = reqwest::Certificate::from_pem_bundle(&ca.pem).map_err(|e| ca.bad(e))?;
+        if ca.certificates.is_empty() {
+            return Err(ca.bad("no PEM certificate in it"));
+        }
+        Ok(Some(ca))
+    }
+
+    fn bad(&self, why: impl std::fmt::Display) -> ConfigError {
+        ConfigError::Value(format!("ca_file {}: {why}", self.shown.display()))
+    }
+}
+
 /// The variables reqwest's (and hyper_util's) proxy matcher reads a proxy from.
 const PROXY_VARS: [&str; 6] = ["ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"];
 
@@ -168,17 +188,10 @@ pub fn api_tls(settings: &Settings) -> Result<ApiTls, ConfigError> {
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = settings.ca_file() {
-        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let bad = |why: String| ConfigError::Value(format!("ca_file {}: {why}", shown.display()));
-        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
-        if certificates.is_empty() {
-            return Err(bad("no PEM certificate in it".into()));
-        }
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| bad(e.to_string()))?;
-            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    if let Some(ca) = CaFile::read(settings)? {
+        for cert in CertificateDer::pem_slice_iter(&ca.pem) {
+            let cert = cert.map_err(|e| ca.bad(e))?;
+            roots.add(cert).map_err(|e| ca.bad(e))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
