@@ -247,6 +247,12 @@ pub fn api_client(settings: &Settings, tls: &ApiTls) -> Result<ApiClient, Config
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(15)));
     http.set_keepalive_interval(Some(Duration::from_secs(15)));
+    // As reqwest's: a connection whose packets vanish is given up after
+    // three unanswered probes, and on Linux after 30 s of unacknowledged
+    // data, not after the kernel's default of about 15 minutes.
+    http.set_keepalive_retries(Some(3));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    http.set_tcp_user_timeout(Some(Duration::from_secs(30)));
     let https = hyper_rustls::HttpsConnector::from((http, tls.0.clone()));
     let direct = Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
